@@ -1,0 +1,283 @@
+"""Load a before/after model pair and check that their tokenizers agree.
+
+LDA combines the two models' logits token by token, so the pair must share one vocabulary:
+a pair whose token->id maps differ would amplify nonsense, and is refused unless the caller
+says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+TOY_DIR = Path(__file__).parent / "toy"
+TOY_NAMES = {"toy": "after", "toy:after": "after", "toy:before": "before"}
+
+# Legacy LLaMA uploads name a tokenizer class that no longer exists under that spelling.
+_LEGACY_TOKENIZER_CLASSES = {"LLaMATokenizer": "LlamaTokenizer"}
+
+
+class IncompatibleTokenizersError(ValueError):
+    """The two models do not share a vocabulary, so their logits cannot be combined."""
+
+
+@dataclass(frozen=True)
+class CompatibilityReport:
+    compatible: bool
+    vocab_size_1: int
+    vocab_size_2: int
+    vocabs_match: bool
+    warning: str | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "compatible": self.compatible,
+            "vocab_size_1": self.vocab_size_1,
+            "vocab_size_2": self.vocab_size_2,
+            "vocabs_match": self.vocabs_match,
+            "warning": self.warning,
+        }
+
+
+@dataclass
+class ModelPair:
+    """Both models, the tokenizer they share, and the facts the engine needs about them."""
+
+    after: PreTrainedModel
+    before: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    after_id: str
+    before_id: str
+    device: torch.device
+    dtype: torch.dtype
+    compatibility: CompatibilityReport
+    # Ids at or beyond this are never sampled: the common prefix of both logit widths and the
+    # tokenizer's length (resized embeddings often pad the matrix past the real vocabulary).
+    vocab_limit: int
+    max_context: int
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map `toy`, `toy:after`, `toy:before` to the packaged pair; anything else passes through."""
+    if name in TOY_NAMES:
+        path = TOY_DIR / TOY_NAMES[name]
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"the embedded toy pair is missing at {path}; "
+                "build it with `python -m batchserve.toy.train --out batchserve/toy`"
+            )
+        return str(path)
+    return name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in table:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    return table[dtype]
+
+
+def check_tokenizer_compatibility(
+    tok_after: PreTrainedTokenizerBase, tok_before: PreTrainedTokenizerBase
+) -> CompatibilityReport:
+    """Compare the token->id maps; name the first tokens that differ."""
+    vocab_a, vocab_b = tok_after.get_vocab(), tok_before.get_vocab()
+    if vocab_a == vocab_b:
+        return CompatibilityReport(True, len(vocab_a), len(vocab_b), True)
+    differing = sorted(
+        (tok for tok in vocab_a.keys() | vocab_b.keys() if vocab_a.get(tok) != vocab_b.get(tok)),
+        key=lambda tok: min(vocab_a.get(tok, 1 << 62), vocab_b.get(tok, 1 << 62)),
+    )
+    shown = ", ".join(f"{tok!r}: {vocab_a.get(tok)} vs {vocab_b.get(tok)}" for tok in differing[:5])
+    warning = (
+        f"the tokenizers disagree on {len(differing)} tokens (after vs before ids; first: {shown})"
+    )
+    return CompatibilityReport(False, len(vocab_a), len(vocab_b), False, warning)
+
+
+def load_tokenizer(
+    name: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    tokenizer_class: str | None = None,
+) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name)
+    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if tokenizer_class:
+        kwargs["tokenizer_class"] = _LEGACY_TOKENIZER_CLASSES.get(tokenizer_class, tokenizer_class)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        # Left padding needs a pad id; its embedding never matters because the mask hides it.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name),
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+    )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _context_length(model: PreTrainedModel) -> int:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def pair_from_models(
+    after: PreTrainedModel,
+    before: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    tokenizer_before: PreTrainedTokenizerBase | None = None,
+    after_id: str = "after",
+    before_id: str = "before",
+    allow_incompatible: bool = False,
+) -> ModelPair:
+    """Wrap two loaded models; the one place where the pair's invariants are checked."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    report = check_tokenizer_compatibility(tokenizer, tokenizer_before or tokenizer)
+    if not report.compatible:
+        if not allow_incompatible:
+            raise IncompatibleTokenizersError(
+                f"{after_id} and {before_id} do not share a vocabulary: {report.warning}. "
+                "Pass allow_incompatible=True (--allow-incompatible) to load them anyway."
+            )
+        log.warning("loading an incompatible pair: %s", report.warning)
+    width_after = after.get_output_embeddings().weight.shape[0]
+    width_before = before.get_output_embeddings().weight.shape[0]
+    if width_after != width_before:
+        log.warning(
+            "logit widths differ (%d vs %d): using the common prefix", width_after, width_before
+        )
+    vocab_limit = min(width_after, width_before, len(tokenizer))
+    param = next(after.parameters())
+    return ModelPair(
+        after=after,
+        before=before,
+        tokenizer=tokenizer,
+        after_id=after_id,
+        before_id=before_id,
+        device=param.device,
+        dtype=param.dtype,
+        compatibility=report,
+        vocab_limit=vocab_limit,
+        max_context=min(_context_length(after), _context_length(before)),
+        eos_token_ids=_eos_ids(after, tokenizer),
+    )
+
+
+def load_pair(
+    after: str = "toy:after",
+    before: str | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    revision_before: str | None = None,
+    trust_remote_code: bool = False,
+    tokenizer_class: str | None = None,
+    allow_incompatible: bool = False,
+) -> ModelPair:
+    """Load both models onto one device. `before` defaults to the toy base when `after` is toy."""
+    if before is None:
+        if after not in TOY_NAMES:
+            raise ValueError("before model not given (only the toy pair has a default)")
+        before = "toy:before"
+    if after == "toy":
+        after = "toy:after"
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    tok_kwargs = {"trust_remote_code": trust_remote_code, "tokenizer_class": tokenizer_class}
+    tokenizer = load_tokenizer(after, revision=revision, **tok_kwargs)
+    tokenizer_before = load_tokenizer(before, revision=revision_before or revision, **tok_kwargs)
+    # Check before loading weights: a 7B pair takes minutes to load only to be refused.
+    report = check_tokenizer_compatibility(tokenizer, tokenizer_before)
+    if not report.compatible and not allow_incompatible:
+        raise IncompatibleTokenizersError(
+            f"{after} and {before} do not share a vocabulary: {report.warning}. "
+            "Pass allow_incompatible=True (--allow-incompatible) to load them anyway."
+        )
+    model_kwargs = {"trust_remote_code": trust_remote_code}
+    model_after = load_model(after, torch_device, torch_dtype, revision=revision, **model_kwargs)
+    model_before = load_model(
+        before, torch_device, torch_dtype, revision=revision_before or revision, **model_kwargs
+    )
+    return pair_from_models(
+        model_after,
+        model_before,
+        tokenizer,
+        tokenizer_before=tokenizer_before,
+        after_id=after,
+        before_id=before,
+        allow_incompatible=allow_incompatible,
+    )

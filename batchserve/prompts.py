@@ -1,0 +1,40 @@
+"""Prompt formats: how a user's instruction becomes the text the models continue."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase
+
+PromptFormat = Literal["alpaca", "chat", "raw"]
+PROMPT_FORMATS: tuple[str, ...] = ("alpaca", "chat", "raw")
+
+ALPACA = "### Instruction:\n{prompt}\n\n### Response:\n"
+# With a system prompt, it becomes the instruction and the user's text the input: the
+# standard Alpaca layout for a task plus its material.
+ALPACA_WITH_INPUT = "### Instruction:\n{system_prompt}\n\n### Input:\n{prompt}\n\n### Response:\n"
+
+
+def format_prompt(
+    prompt: str,
+    prompt_format: str = "alpaca",
+    *,
+    system_prompt: str | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> str:
+    if prompt_format == "alpaca":
+        if system_prompt:
+            return ALPACA_WITH_INPUT.format(system_prompt=system_prompt, prompt=prompt)
+        return ALPACA.format(prompt=prompt)
+    if prompt_format == "raw":
+        return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
+    if prompt_format == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt format 'chat' needs a tokenizer with a chat template")
+        messages = [{"role": "user", "content": prompt}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ValueError(
+        f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, not {prompt_format!r}"
+    )

