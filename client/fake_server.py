@@ -14,8 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-from dataclasses import dataclass, field
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 
+import httpx
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -223,6 +228,25 @@ async def metrics(request: Request) -> Response:
     )
 
 
+_KNOBS = ("fail_next", "retry_after", "delay_s", "is_loaded", "max_prompts_per_request")
+
+
+async def control(request: Request) -> Response:
+    """Test-only: change the knobs of a running fake (e.g. a uvicorn subprocess)."""
+    state: FakeState = request.app.state.fake
+    body = await request.json()
+    unknown = set(body) - set(_KNOBS)
+    if unknown:
+        return _error(422, f"unknown knobs: {sorted(unknown)}")
+    for name, value in body.items():
+        setattr(state, name, value)
+    return JSONResponse(asdict(state))
+
+
+async def stats(request: Request) -> Response:
+    return JSONResponse(asdict(request.app.state.fake))
+
+
 def create_app(state: FakeState | None = None) -> Starlette:
     app = Starlette(
         routes=[
@@ -233,10 +257,62 @@ def create_app(state: FakeState | None = None) -> Starlette:
             Route("/health", health),
             Route("/info", info),
             Route("/metrics", metrics),
+            Route("/_fake/control", control, methods=["POST"]),
+            Route("/_fake/stats", stats),
         ]
     )
     app.state.fake = state or FakeState()
     return app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FakeServerProcess:
+    """The fake under real uvicorn in a child process on 127.0.0.1, so tests see real sockets:
+    refused connections, a server killed mid-request."""
+
+    def __init__(self, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._args = args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20.0) -> FakeServerProcess:
+        command = [sys.executable, "-m", "client.fake_server", "--port", str(self.port)]
+        self.process = subprocess.Popen([*command, *self._args])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"fake server exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"fake server not up on {self.url} after {timeout_s} s")
+
+    def control(self, **knobs: object) -> dict[str, object]:
+        return httpx.post(self.url + "/_fake/control", json=knobs, timeout=5.0).json()
+
+    def stats(self) -> dict[str, object]:
+        return httpx.get(self.url + "/_fake/stats", timeout=5.0).json()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> FakeServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
 
 
 def main(argv: list[str] | None = None) -> None:
