@@ -59,6 +59,9 @@ class FakeState:
     delay_s: float = 0.0
     is_loaded: bool = True
     max_prompts_per_request: int = 64
+    # "distinct": row i gets seed + i; "per_prompt": every prompt's sample j gets seed + j, so
+    # different prompts of one request share a seed (what a server may legitimately do).
+    row_seeds: str = "distinct"
     num_requests: int = 0
     num_rows: int = 0
     seen_seeds: list[int | None] = field(default_factory=list)
@@ -160,7 +163,11 @@ async def generate_lda_batch(request: Request) -> Response:
     state.num_rows += num_rows
     base = parsed.seed if parsed.seed is not None else random.randrange(2**31)
     rows = [(prompt, sample) for prompt in parsed.prompts for sample in range(parsed.n)]
-    results = [_row(prompt, parsed, base + i) for i, (prompt, _) in enumerate(rows)]
+    per_prompt = state.row_seeds == "per_prompt"
+    results = [
+        _row(prompt, parsed, base + (sample if per_prompt else i))
+        for i, (prompt, sample) in enumerate(rows)
+    ]
     return JSONResponse(
         {
             "results": results,
@@ -228,7 +235,14 @@ async def metrics(request: Request) -> Response:
     )
 
 
-_KNOBS = ("fail_next", "retry_after", "delay_s", "is_loaded", "max_prompts_per_request")
+_KNOBS = (
+    "fail_next",
+    "retry_after",
+    "delay_s",
+    "is_loaded",
+    "max_prompts_per_request",
+    "row_seeds",
+)
 
 
 async def control(request: Request) -> Response:

