@@ -9,10 +9,12 @@ from __future__ import annotations
 import inspect
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from batchserve.batch import DynamicKVCache, KVCache, Row, RunningBatch, SamplingParams
@@ -27,6 +29,7 @@ __all__ = [
     "LDAEngine",
     "SamplingParams",
     "generate",
+    "iter_generate",
     "random_seed",
     "sample_seeds",
 ]
@@ -301,6 +304,39 @@ def sample_seeds(seed: int | None, n: int) -> list[int]:
     return [derive_seed(seed, j) for j in range(n)]
 
 
+def iter_generate(
+    pair: ModelPair,
+    requests: Sequence[GenerationRequest],
+    *,
+    max_batch_size: int = 64,
+    prompt_format: str = "alpaca",
+) -> Iterator[tuple[int, GenerationResult]]:
+    """Run requests with continuous batching; yield (row index, result) as rows finish.
+
+    Row indices count the n samples of each request in order, so a caller can write results
+    as they arrive and still restore input order.
+    """
+    engine = LDAEngine(pair, prompt_format=prompt_format)
+    rows: list[EngineRow] = []
+    meta: list[tuple[str, str]] = []
+    for request in requests:
+        formatted = engine.format(request.prompt, request.system_prompt, request.prompt_format)
+        ids = tuple(engine.encode(formatted, request.prompt_format))
+        for seed in sample_seeds(request.params.seed, request.n):
+            rows.append(EngineRow(len(rows), ids, request.params, seed))
+            meta.append((request.prompt, formatted))
+    queue = deque(rows)
+    while queue or engine.num_running:
+        finished: list[Row] = []
+        room = max_batch_size - engine.num_running
+        if queue and room > 0:
+            finished += engine.admit([queue.popleft() for _ in range(min(room, len(queue)))])
+        finished += engine.step()
+        for row in finished:
+            prompt, formatted = meta[row.row_id]
+            yield row.row_id, engine.build_result(prompt, formatted, row)
+
+
 def generate(
     pair: ModelPair,
     requests: Sequence[GenerationRequest],
@@ -309,39 +345,15 @@ def generate(
     prompt_format: str = "alpaca",
     progress: bool = False,
 ) -> list[GenerationResult]:
-    """Run requests to completion with continuous batching; n results per request, in order."""
-    engine = LDAEngine(pair, prompt_format=prompt_format)
-    pending: list[tuple[int, EngineRow]] = []
-    meta: dict[int, tuple[str, str]] = {}
-    for request in requests:
-        formatted = engine.format(request.prompt, request.system_prompt, request.prompt_format)
-        ids = tuple(engine.encode(formatted, request.prompt_format))
-        for seed in sample_seeds(request.params.seed, request.n):
-            row_id = len(pending)
-            pending.append((row_id, EngineRow(row_id, ids, request.params, seed)))
-            meta[row_id] = (request.prompt, formatted)
+    """Run requests to completion; n results per request, in input order."""
+    num_rows = sum(r.n for r in requests)
     results: dict[int, GenerationResult] = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(pending), desc="rows", unit="row", file=sys.stderr)
-    queue = [row for _, row in pending]
-    queue.reverse()
-
-    def collect(finished: list[Row]) -> None:
-        for row in finished:
-            prompt, formatted = meta[row.row_id]
-            results[row.row_id] = engine.build_result(prompt, formatted, row)
-        if bar is not None and finished:
-            bar.update(len(finished))
-
-    while queue or engine.num_running:
-        room = max_batch_size - engine.num_running
-        if queue and room > 0:
-            admitted = [queue.pop() for _ in range(min(room, len(queue)))]
-            collect(engine.admit(admitted))
-        collect(engine.step())
-    if bar is not None:
-        bar.close()
-    return [results[row_id] for row_id, _ in pending]
+    with tqdm(
+        total=num_rows, desc="rows", unit="row", file=sys.stderr, disable=not progress
+    ) as bar:
+        for index, result in iter_generate(
+            pair, requests, max_batch_size=max_batch_size, prompt_format=prompt_format
+        ):
+            results[index] = result
+            bar.update(1)
+    return [results[i] for i in range(num_rows)]

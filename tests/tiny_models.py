@@ -107,3 +107,19 @@ def build_pair(kind: str = "llama", **kwargs) -> ModelPair:
         before_id=f"tiny-{kind}-before",
         **kwargs,
     )
+
+
+def save_tiny_pair(root, context: int = 1024) -> tuple[str, str]:
+    """Write a tiny Llama pair (and its tokenizer) to disk, for servers started as processes."""
+    from pathlib import Path
+
+    root = Path(root)
+    tok = make_tokenizer()
+    dirs = []
+    for name, seed in (("after", 1), ("before", 2)):
+        model = llama_model(seed)
+        model.config.max_position_embeddings = context
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs.append(str(root / name))
+    return dirs[0], dirs[1]

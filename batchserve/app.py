@@ -1,0 +1,512 @@
+"""The HTTP API: Starlette routes, request validation, JSON errors, lifespan and metrics.
+
+No tensors here. Each generation route turns a validated body into engine requests, queues
+them on the scheduler and awaits the future, watching for the client going away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from batchserve import __version__
+from batchserve.batch import SamplingParams
+from batchserve.engine import GenerationRequest, GenerationResult, LDAEngine
+from batchserve.metrics import Metrics
+from batchserve.models import ModelPair
+from batchserve.scheduler import (
+    Completion,
+    EngineFailedError,
+    PromptTooLongError,
+    QueueFullError,
+    Scheduler,
+    SchedulerClosedError,
+    SchedulerConfig,
+)
+from batchserve.schemas import (
+    GenerateLDABatchRequest,
+    GenerateLDARequest,
+    GenerateRequest,
+    LDAFields,
+    SamplingFields,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    prompt_format: str = "alpaca"
+    max_new_tokens_limit: int = 1024
+    max_prompts_per_request: int = 256
+    max_samples_per_prompt: int = 64
+    request_timeout_s: float = 600.0
+    shutdown_timeout_s: float = 30.0
+
+
+class APIError(Exception):
+    """An error answered as JSON `{"error": ..., "detail": ...}` with a status code."""
+
+    def __init__(
+        self, status: int, error: str, detail: Any = None, headers: dict | None = None
+    ) -> None:
+        super().__init__(error)
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+# --- request parsing --------------------------------------------------------------------------
+
+
+async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
+    content_type = request.headers.get("content-type", "application/json")
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise APIError(
+            415,
+            f"Content-Type must be application/json, not {media_type!r} "
+            "(with curl: -H 'Content-Type: application/json')",
+        )
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise APIError(400, f"malformed JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise APIError(422, f"request body must be a JSON object, not {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        problems = [
+            {
+                "field": ".".join(str(p) for p in e["loc"]) or "body",
+                "message": e["msg"],
+                "type": e["type"],
+            }
+            for e in err.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        raise APIError(422, f"invalid request: {summary}", problems) from None
+
+
+def sampling_params(body: SamplingFields, config: ServerConfig, alpha: float) -> SamplingParams:
+    if body.max_new_tokens > config.max_new_tokens_limit:
+        raise APIError(
+            422,
+            f"invalid request: max_new_tokens: {body.max_new_tokens} exceeds this server's limit "
+            f"of {config.max_new_tokens_limit}",
+            [
+                {
+                    "field": "max_new_tokens",
+                    "message": "above the server's limit",
+                    "type": "less_than_equal",
+                }
+            ],
+        )
+    return SamplingParams(
+        alpha=alpha,
+        temperature=body.temperature if body.do_sample else 0.0,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        max_new_tokens=body.max_new_tokens,
+        ignore_eos=getattr(body, "ignore_eos", False),
+        seed=body.seed,
+    )
+
+
+def prompt_format(body: SamplingFields, config: ServerConfig) -> str:
+    return config.prompt_format if body.apply_chat_template else "raw"
+
+
+# --- generation plumbing ------------------------------------------------------------------------
+
+
+def _ready_scheduler(request: Request) -> Scheduler:
+    state = request.app.state
+    if getattr(state, "is_draining", False):
+        raise APIError(503, "server is shutting down", headers={"Retry-After": "5"})
+    scheduler: Scheduler | None = getattr(state, "scheduler", None)
+    if scheduler is None:
+        raise APIError(503, "models are still loading", headers={"Retry-After": "5"})
+    return scheduler
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_requests(request: Request, requests: list[GenerationRequest]) -> Completion:
+    """Queue, then await the result, the client's disconnect or the timeout, whichever is first."""
+    scheduler = _ready_scheduler(request)
+    config: ServerConfig = request.app.state.config
+    try:
+        prepared = [scheduler.prepare(r, i) for i, r in enumerate(requests)]
+    except PromptTooLongError as err:
+        raise APIError(413, str(err), {"prompt_index": err.index}) from None
+    try:
+        request_id, future = scheduler.submit(requests, prepared)
+    except QueueFullError as err:
+        raise APIError(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
+    except SchedulerClosedError as err:
+        raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+    disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait(
+            {future, disconnect},
+            timeout=config.request_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        disconnect.cancel()
+        if not future.done():
+            scheduler.cancel(request_id)
+    if future in done:
+        try:
+            return future.result()
+        except SchedulerClosedError as err:
+            raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+        except EngineFailedError as err:
+            raise APIError(500, str(err)) from None
+    if disconnect in done:
+        scheduler.metrics.errors.labels(kind="client_disconnected").inc()
+        raise APIError(499, "client disconnected")
+    scheduler.metrics.errors.labels(kind="timeout").inc()
+    raise APIError(
+        504, f"request timed out after {config.request_timeout_s:g} s; its rows were dropped"
+    )
+
+
+def debug_headers(completion: Completion) -> dict[str, str]:
+    """Where the request sat in the engine's step clock: timing-free evidence of scheduling."""
+    return {
+        "x-batchserve-admitted-step": str(completion.admitted_step),
+        "x-batchserve-finished-step": str(completion.finished_step),
+        "x-batchserve-queue-wait-ms": f"{completion.queue_wait_s * 1000:.1f}",
+    }
+
+
+def row_fields(result: GenerationResult) -> dict[str, Any]:
+    return {
+        "prompt": result.prompt,
+        "formatted_prompt": result.formatted_prompt,
+        "completion": result.completion,
+        "text": result.text,
+        "tokens_generated": result.tokens_generated,
+        "stopped_early": result.stopped_early,
+        "finish_reason": result.finish_reason,
+        "seed": result.seed,
+    }
+
+
+def _lda_requests(
+    body: LDAFields, prompts: list[str], n: int, config: ServerConfig
+) -> list[GenerationRequest]:
+    params = sampling_params(body, config, body.alpha)
+    fmt = prompt_format(body, config)
+    return [
+        GenerationRequest(p, params, n=n, system_prompt=body.system_prompt, prompt_format=fmt)
+        for p in prompts
+    ]
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+async def generate_lda(request: Request) -> Response:
+    body = await parse_body(request, GenerateLDARequest)
+    config: ServerConfig = request.app.state.config
+    completion = await run_requests(request, _lda_requests(body, [body.prompt], 1, config))
+    result = completion.results[0]
+    pair: ModelPair = request.app.state.pair
+    payload = row_fields(result) | {
+        "alpha": body.alpha,
+        "model_after": pair.after_id,
+        "model_before": pair.before_id,
+    }
+    return JSONResponse(payload, headers=debug_headers(completion))
+
+
+async def generate_lda_batch(request: Request) -> Response:
+    body = await parse_body(request, GenerateLDABatchRequest)
+    config: ServerConfig = request.app.state.config
+    if len(body.prompts) > config.max_prompts_per_request:
+        raise APIError(
+            413,
+            f"too many prompts: {len(body.prompts)} in one request, this server takes at most "
+            f"{config.max_prompts_per_request}; split them over several requests",
+        )
+    if body.n > config.max_samples_per_prompt:
+        raise APIError(
+            422,
+            f"invalid request: n: {body.n} exceeds this server's limit of {config.max_samples_per_prompt}",
+        )
+    num_rows = len(body.prompts) * body.n
+    if num_rows > config.scheduler.max_queue_rows:
+        raise APIError(
+            413,
+            f"{num_rows} rows (prompts x n) exceed the queue's {config.scheduler.max_queue_rows}",
+        )
+    completion = await run_requests(request, _lda_requests(body, body.prompts, body.n, config))
+    pair: ModelPair = request.app.state.pair
+    payload = {
+        "results": [row_fields(r) for r in completion.results],
+        "alpha": body.alpha,
+        "model_after": pair.after_id,
+        "model_before": pair.before_id,
+        "batch_size": len(body.prompts),
+        "n": body.n,
+    }
+    return JSONResponse(payload, headers=debug_headers(completion))
+
+
+async def generate_plain(request: Request) -> Response:
+    """Each model alone (alpha 0 is `after`, alpha -1 is `before`), through the same engine."""
+    body = await parse_body(request, GenerateRequest)
+    config: ServerConfig = request.app.state.config
+    fmt = prompt_format(body, config)
+    requests = [
+        GenerationRequest(
+            body.prompt,
+            sampling_params(body, config, alpha),
+            system_prompt=body.system_prompt,
+            prompt_format=fmt,
+        )
+        for alpha in (0.0, -1.0)
+    ]
+    completion = await run_requests(request, requests)
+    pair: ModelPair = request.app.state.pair
+    after, before = completion.results
+    payload = {
+        "prompt": body.prompt,
+        "model_1": {"model_id": pair.after_id, "completion": after.completion, "text": after.text},
+        "model_2": {
+            "model_id": pair.before_id,
+            "completion": before.completion,
+            "text": before.text,
+        },
+    }
+    return JSONResponse(payload, headers=debug_headers(completion))
+
+
+async def tokenizer_compatibility(request: Request) -> Response:
+    pair = _loaded_pair(request)
+    return JSONResponse(pair.compatibility.as_dict())
+
+
+async def health(request: Request) -> Response:
+    state = request.app.state
+    if getattr(state, "load_error", None):
+        return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+    if getattr(state, "scheduler", None) is None:
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+    if getattr(state, "is_draining", False):
+        return JSONResponse({"status": "shutting down"}, status_code=503)
+    if not state.scheduler.is_alive:
+        return JSONResponse({"status": "error", "error": "worker thread stopped"}, status_code=500)
+    return JSONResponse({"status": "ok"})
+
+
+async def info(request: Request) -> Response:
+    pair = _loaded_pair(request)
+    config: ServerConfig = request.app.state.config
+    return JSONResponse(
+        {
+            "version": __version__,
+            "models": {"after": pair.after_id, "before": pair.before_id},
+            "device": str(pair.device),
+            "dtype": str(pair.dtype).removeprefix("torch."),
+            "vocab": {
+                "tokenizer_size": len(pair.tokenizer),
+                "vocab_limit": pair.vocab_limit,
+                "max_context": pair.max_context,
+            },
+            "prompt_format": config.prompt_format,
+            "scheduler": asdict(config.scheduler),
+            "limits": {
+                "max_new_tokens_limit": config.max_new_tokens_limit,
+                "max_prompts_per_request": config.max_prompts_per_request,
+                "max_samples_per_prompt": config.max_samples_per_prompt,
+                "request_timeout_s": config.request_timeout_s,
+            },
+            "tokenizer_compatibility": pair.compatibility.as_dict(),
+        }
+    )
+
+
+async def metrics(request: Request) -> Response:
+    return Response(
+        request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
+
+
+def _loaded_pair(request: Request) -> ModelPair:
+    pair = getattr(request.app.state, "pair", None)
+    if pair is None:
+        raise APIError(503, "models are still loading", headers={"Retry-After": "5"})
+    return pair
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return JSONResponse(
+        {"error": exc.error, "detail": exc.detail}, status_code=exc.status, headers=exc.headers
+    )
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"error": exc.detail, "detail": None}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    request.app.state.metrics.errors.labels(kind="internal").inc()
+    return JSONResponse({"error": "internal server error", "detail": str(exc)}, status_code=500)
+
+
+# --- app --------------------------------------------------------------------------------------
+
+
+class MetricsMiddleware:
+    """Counts requests by route and status, and times the generation routes."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTE_PATHS else "other"
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
+            if route.startswith("/generate"):
+                self.metrics.request_latency.labels(route=route).observe(
+                    time.perf_counter() - started
+                )
+
+
+ROUTES = [
+    Route("/generate_lda", generate_lda, methods=["POST"]),
+    Route("/generate_lda_batch", generate_lda_batch, methods=["POST"]),
+    Route("/generate", generate_plain, methods=["POST"]),
+    Route("/tokenizer_compatibility", tokenizer_compatibility, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/info", info, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]
+ROUTE_PATHS = {r.path for r in ROUTES}
+
+
+def create_app(
+    config: ServerConfig | None = None,
+    *,
+    pair: ModelPair | None = None,
+    load_pair: Callable[[], ModelPair] | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> Starlette:
+    """An app serving `pair`, or the pair `load_pair()` returns (loaded in the background, so
+    /health answers 503 until it is ready)."""
+    if (pair is None) == (load_pair is None):
+        raise ValueError("give exactly one of pair and load_pair")
+    config = config or ServerConfig()
+    app_metrics = Metrics()
+
+    def start_serving(app: Starlette, loaded: ModelPair) -> None:
+        engine = LDAEngine(loaded, prompt_format=config.prompt_format)
+        scheduler = Scheduler(engine, config.scheduler, app_metrics)
+        scheduler.start()
+        app.state.pair = loaded
+        app.state.scheduler = scheduler
+        log.info(
+            "serving %s (after) vs %s (before) on %s in %s; scheduler %s; tokenizers: %s",
+            loaded.after_id,
+            loaded.before_id,
+            loaded.device,
+            loaded.dtype,
+            asdict(config.scheduler),
+            loaded.compatibility.as_dict(),
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        app.state.config = config
+        app.state.metrics = app_metrics
+        app.state.pair = None
+        app.state.scheduler = None
+        app.state.load_error = None
+        app.state.is_draining = False
+        loader: threading.Thread | None = None
+        if pair is not None:
+            start_serving(app, pair)
+        else:
+
+            def load() -> None:
+                try:
+                    start_serving(app, load_pair())
+                except BaseException as err:  # noqa: BLE001 - reported on /health and to the CLI
+                    log.error("could not load the models: %s", err)
+                    app.state.load_error = str(err)
+                    if on_load_error is not None:
+                        on_load_error(err)
+
+            loader = threading.Thread(target=load, name="batchserve-loader", daemon=True)
+            loader.start()
+        try:
+            yield
+        finally:
+            app.state.is_draining = True
+            if loader is not None:
+                loader.join(timeout=1)
+            if app.state.scheduler is not None:
+                await asyncio.to_thread(app.state.scheduler.shutdown, config.shutdown_timeout_s)
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={
+            APIError: api_error,
+            HTTPException: http_error,
+            Exception: unexpected_error,
+        },
+    )
+    app.add_middleware(MetricsMiddleware, metrics=app_metrics)
+    app.state.config = config
+    app.state.metrics = app_metrics
+    return app

@@ -1,0 +1,455 @@
+"""`batchserve serve` (the HTTP server) and `batchserve generate` (offline, no HTTP).
+
+Every `serve` option can also come from an environment variable `BATCHSERVE_<NAME>` (for
+containers); `MODEL_AFTER_ID` / `MODEL_BEFORE_ID` are honoured as the original server read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from batchserve import __version__
+from batchserve.prompts import PROMPT_FORMATS
+from batchserve.scheduler import SCHEDULER_MODES
+
+log = logging.getLogger("batchserve")
+
+ENV_PREFIX = "BATCHSERVE_"
+
+
+def _env(name: str, default: Any, cast: Callable[[str], Any] = str, *aliases: str) -> Any:
+    for key in (ENV_PREFIX + name, *aliases):
+        if key in os.environ and os.environ[key] != "":
+            try:
+                return cast(os.environ[key])
+            except ValueError:
+                raise SystemExit(
+                    f"error: environment variable {key}={os.environ[key]!r} is not a valid value"
+                ) from None
+    return default
+
+
+def _env_flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> None:
+    env = _env if from_env else (lambda name, default, cast=str, *aliases: default)
+    group = parser.add_argument_group("models")
+    group.add_argument(
+        "--after",
+        default=env("AFTER", None, str, "MODEL_AFTER_ID"),
+        help="fine-tuned model: local dir, hub id, or toy (default: the embedded toy pair)",
+    )
+    group.add_argument(
+        "--before",
+        default=env("BEFORE", None, str, "MODEL_BEFORE_ID"),
+        help="base model: local dir or hub id (default: the toy base when --after is the toy)",
+    )
+    group.add_argument(
+        "--revision", default=env("REVISION", None), help="hub revision of both models"
+    )
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=env("TRUST_REMOTE_CODE", False, _env_flag),
+        help="allow model code from the hub repository",
+    )
+    group.add_argument(
+        "--tokenizer-class",
+        default=env("TOKENIZER_CLASS", None),
+        help="override the tokenizer class (e.g. LlamaTokenizer for uploads naming LLaMATokenizer)",
+    )
+    group.add_argument(
+        "--device",
+        default=env("DEVICE", "auto"),
+        help="auto, cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    group.add_argument(
+        "--dtype",
+        default=env("DTYPE", "auto"),
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto = bfloat16 on CUDA where supported (else float16), float32 on CPU",
+    )
+    group.add_argument(
+        "--allow-incompatible",
+        action="store_true",
+        default=env("ALLOW_INCOMPATIBLE", False, _env_flag),
+        help="load a pair whose tokenizers disagree (results are then meaningless)",
+    )
+    group.add_argument(
+        "--prompt-format",
+        default=env("PROMPT_FORMAT", "alpaca"),
+        choices=PROMPT_FORMATS,
+        help="how prompts are wrapped: alpaca, chat (the tokenizer's template) or raw (default: %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchserve",
+        description="Logit Diff Amplification: sample from after + alpha * (after - before), batched.",
+    )
+    parser.add_argument("--version", action="version", version=f"batchserve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Serve LDA over HTTP with iteration-level batching. Every option also reads "
+        "BATCHSERVE_<OPTION> from the environment (e.g. BATCHSERVE_MAX_BATCH_SIZE=32).",
+    )
+    _add_model_options(serve, from_env=True)
+    http = serve.add_argument_group("http")
+    http.add_argument(
+        "--host", default=_env("HOST", "127.0.0.1"), help="bind address (default: %(default)s)"
+    )
+    http.add_argument(
+        "--port", type=int, default=_env("PORT", 8000, int), help="(default: %(default)s)"
+    )
+    http.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="(default: %(default)s)",
+    )
+    sched = serve.add_argument_group("scheduling")
+    sched.add_argument(
+        "--scheduler",
+        default=_env("SCHEDULER", "continuous"),
+        choices=SCHEDULER_MODES,
+        help="continuous: join the running batch at the next step; static: collect a window and "
+        "run it to completion; serial: one request at a time (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=_env("MAX_BATCH_SIZE", 64, int),
+        help="running rows at most (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=_env("MAX_WAIT_MS", 10.0, float),
+        help="when idle, how long to gather a first group (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--max-queue-rows",
+        type=int,
+        default=_env("MAX_QUEUE_ROWS", 4096, int),
+        help="waiting rows before answering 503 (default: %(default)s)",
+    )
+    sched.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=_env("MAX_PREFILL_TOKENS", 8192, int),
+        help="prompt tokens admitted per step, so a huge prompt cannot stall decoding (default: %(default)s)",
+    )
+    limits = serve.add_argument_group("limits")
+    limits.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=_env("MAX_NEW_TOKENS_LIMIT", 1024, int),
+        help="(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=_env("MAX_PROMPTS_PER_REQUEST", 256, int),
+        help="(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-samples-per-prompt",
+        type=int,
+        default=_env("MAX_SAMPLES_PER_PROMPT", 64, int),
+        help="largest n (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=_env("REQUEST_TIMEOUT_S", 600.0, float),
+        help="a request still unfinished after this is dropped with 504 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=_env("SHUTDOWN_TIMEOUT_S", 30.0, float),
+        help="on SIGINT/SIGTERM, time given to in-flight requests (default: %(default)s)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    gen = commands.add_parser(
+        "generate",
+        help="offline batch generation to JSONL, no HTTP",
+        description="Generate for every prompt of a file; one JSONL line per sample, in input order.",
+    )
+    gen.add_argument(
+        "--prompts", required=True, type=Path, help=".txt (one prompt per line) or .jsonl"
+    )
+    gen.add_argument(
+        "--output", "-o", type=Path, default=None, help="JSONL output (default: stdout)"
+    )
+    _add_model_options(gen, from_env=False)
+    sampling = gen.add_argument_group("sampling defaults (a .jsonl row may override each)")
+    sampling.add_argument("--alpha", type=float, default=1.0, help="(default: %(default)s)")
+    sampling.add_argument(
+        "--n", type=int, default=1, help="samples per prompt (default: %(default)s)"
+    )
+    sampling.add_argument(
+        "--seed", type=int, default=None, help="seed of every prompt's first sample"
+    )
+    sampling.add_argument("--max-new-tokens", type=int, default=80, help="(default: %(default)s)")
+    sampling.add_argument(
+        "--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)"
+    )
+    sampling.add_argument("--top-p", type=float, default=0.95, help="(default: %(default)s)")
+    sampling.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
+    sampling.add_argument(
+        "--ignore-eos", action="store_true", help="always generate max-new-tokens"
+    )
+    sampling.add_argument("--system-prompt", default=None)
+    gen.add_argument("--max-batch-size", type=int, default=64, help="(default: %(default)s)")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from batchserve.app import ServerConfig, create_app
+    from batchserve.models import load_pair
+    from batchserve.scheduler import SchedulerConfig
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        scheduler = SchedulerConfig(
+            mode=args.scheduler,
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+            max_queue_rows=args.max_queue_rows,
+            max_prefill_tokens=args.max_prefill_tokens,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    config = ServerConfig(
+        scheduler=scheduler,
+        prompt_format=args.prompt_format,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        max_prompts_per_request=args.max_prompts_per_request,
+        max_samples_per_prompt=args.max_samples_per_prompt,
+        request_timeout_s=args.request_timeout_s,
+        shutdown_timeout_s=args.shutdown_timeout_s,
+    )
+    log.info("batchserve %s: %s", __version__, {k: v for k, v in vars(args).items() if k != "func"})
+    after = args.after or "toy:after"
+
+    def load():
+        return load_pair(
+            after,
+            args.before,
+            device=args.device,
+            dtype=args.dtype,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+            tokenizer_class=args.tokenizer_class,
+            allow_incompatible=args.allow_incompatible,
+        )
+
+    holder: dict[str, uvicorn.Server] = {}
+
+    def stop_on_load_error(err: BaseException) -> None:
+        holder["server"].should_exit = True
+
+    app = create_app(config, load_pair=load, on_load_error=stop_on_load_error)
+
+    class DrainingServer(uvicorn.Server):
+        """Answer 503 to new requests from the first signal on, while in-flight ones finish."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.is_draining = True
+            if getattr(app.state, "scheduler", None) is not None:
+                app.state.scheduler.drain()
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after its graceful shutdown, so the process would die
+            # by SIGTERM; a clean drain is a normal exit, status 0.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_timeout_s,
+        )
+    )
+    holder["server"] = server
+    server.run()
+    if app.state.load_error:
+        print(f"error: could not load the models: {app.state.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+
+class PromptRow(BaseModel):
+    """One line of a .jsonl prompts file; missing fields take the command-line defaults."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    prompt: str = Field(min_length=1)
+    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    alpha: float | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    ignore_eos: bool | None = None
+    system_prompt: str | None = None
+
+
+def read_prompt_rows(path: Path) -> list[PromptRow]:
+    if not path.exists():
+        raise SystemExit(f"error: prompts file {path} does not exist")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(PromptRow.model_validate_json(line))
+            except ValidationError as err:
+                problems = "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}"
+                    for e in err.errors(include_url=False)
+                )
+                raise SystemExit(f"error: {path}:{number}: {problems}") from None
+    else:
+        rows = [PromptRow(prompt=line) for line in lines if line.strip()]
+    if not rows:
+        raise SystemExit(f"error: no prompts in {path}")
+    return rows
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from batchserve.batch import SamplingParams
+    from batchserve.engine import GenerationRequest, iter_generate
+    from batchserve.models import IncompatibleTokenizersError, load_pair
+
+    rows = read_prompt_rows(args.prompts)
+    defaults = SamplingParams(
+        alpha=args.alpha,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        ignore_eos=args.ignore_eos,
+        seed=args.seed,
+    )
+    requests = []
+    for row in rows:
+        overrides = {
+            k: v
+            for k, v in row.model_dump(exclude={"prompt", "n", "system_prompt"}).items()
+            if v is not None
+        }
+        params = dataclasses.replace(defaults, **overrides)
+        requests.append(
+            GenerationRequest(
+                row.prompt,
+                params,
+                n=row.n or args.n,
+                system_prompt=row.system_prompt or args.system_prompt,
+            )
+        )
+    if args.after is None and args.before is not None:
+        raise SystemExit("error: --before given without --after")
+    try:
+        pair = load_pair(
+            args.after or "toy:after",
+            args.before,
+            device=args.device,
+            dtype=args.dtype,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+            tokenizer_class=args.tokenizer_class,
+            allow_incompatible=args.allow_incompatible,
+        )
+    except (IncompatibleTokenizersError, ValueError, FileNotFoundError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+    out: TextIO = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    # Rows finish out of order; hold each until those before it are written, so the file is
+    # in input order and a crash loses only rows not yet reachable in order.
+    request_of_row = [i for i, r in enumerate(requests) for _ in range(r.n)]
+    held: dict[int, dict] = {}
+    next_to_write = 0
+    total = len(request_of_row)
+    try:
+        with tqdm(
+            total=total, desc="generate", unit="row", file=sys.stderr, disable=args.no_progress
+        ) as bar:
+            for index, result in iter_generate(
+                pair, requests, max_batch_size=args.max_batch_size, prompt_format=args.prompt_format
+            ):
+                request = requests[request_of_row[index]]
+                held[index] = {
+                    "index": index,
+                    "prompt": result.prompt,
+                    "alpha": result.alpha,
+                    "formatted_prompt": result.formatted_prompt,
+                    "completion": result.completion,
+                    "text": result.text,
+                    "tokens_generated": result.tokens_generated,
+                    "stopped_early": result.stopped_early,
+                    "finish_reason": result.finish_reason,
+                    "seed": result.seed,
+                    "prompt_index": request_of_row[index],
+                    "temperature": request.params.temperature,
+                    "top_p": request.params.top_p,
+                }
+                bar.update(1)
+                while next_to_write in held:
+                    out.write(json.dumps(held.pop(next_to_write), ensure_ascii=False) + "\n")
+                    next_to_write += 1
+                out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Request bodies of the HTTP API (field names and defaults from DESIGN.md's contract).
+
+Strict types and no unknown fields: a typo such as `temprature` would otherwise be ignored
+silently and a study run with the wrong parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+NonEmptyPrompt = Annotated[str, StringConstraints(min_length=1)]
+SEED_MAX = (1 << 63) - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class SamplingFields(_Strict):
+    max_new_tokens: int = Field(80, ge=1)
+    temperature: float = Field(0.8, ge=0.0, le=100.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    apply_chat_template: bool = True
+    system_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    do_sample: bool = True
+
+
+class LDAFields(SamplingFields):
+    alpha: float = Field(1.0, ge=-1000.0, le=1000.0)
+    ignore_eos: bool = False
+
+
+class GenerateLDARequest(LDAFields):
+    prompt: NonEmptyPrompt
+
+
+class GenerateLDABatchRequest(LDAFields):
+    prompts: list[NonEmptyPrompt] = Field(min_length=1)
+    n: int = Field(1, ge=1)
+
+
+class GenerateRequest(SamplingFields):
+    prompt: NonEmptyPrompt

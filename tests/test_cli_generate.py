@@ -1,0 +1,155 @@
+"""`batchserve generate`: offline generation from a prompts file to JSONL, in input order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_pair
+
+from batchserve.cli import build_parser, main
+
+RESULT_FIELDS = {
+    "index",
+    "prompt",
+    "alpha",
+    "formatted_prompt",
+    "completion",
+    "text",
+    "tokens_generated",
+    "stopped_early",
+    "finish_reason",
+    "seed",
+    "prompt_index",
+    "temperature",
+    "top_p",
+}
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return save_tiny_pair(tmp_path_factory.mktemp("tiny-pair"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_generate_jsonl_end_to_end_in_input_order(
+    tmp_path: Path, pair_dirs: tuple[str, str]
+) -> None:
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": "tell me a long story about the cat", "max_new_tokens": 12, "seed": 3},
+            {"prompt": "hi", "max_new_tokens": 2, "alpha": 0.0, "n": 3, "seed": 4},
+            {"prompt": "the dog ran", "temperature": 0.0, "ignore_eos": True},
+        ],
+    )
+    out = tmp_path / "out.jsonl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "batchserve.cli",
+        "generate",
+        "--after",
+        pair_dirs[0],
+        "--before",
+        pair_dirs[1],
+        "--prompts",
+        str(prompts),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "7",
+        "--alpha",
+        "2",
+        "--max-batch-size",
+        "2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(5))
+    assert [r["prompt_index"] for r in rows] == [0, 1, 1, 1, 2]
+    assert all(set(r) == RESULT_FIELDS for r in rows)
+    assert [r["alpha"] for r in rows] == [2.0, 0.0, 0.0, 0.0, 2.0]
+    assert rows[0]["tokens_generated"] <= 12 and rows[0]["seed"] == 3
+    assert rows[1]["seed"] == 4 and len({r["seed"] for r in rows[1:4]}) == 3
+    assert all(r["tokens_generated"] <= 2 for r in rows[1:4])
+    assert rows[4]["tokens_generated"] == 7 and rows[4]["temperature"] == 0.0
+    assert all(r["text"] == r["formatted_prompt"] + r["completion"] for r in rows)
+    assert "generate" in proc.stderr  # the progress bar
+
+
+def test_generate_txt_to_stdout_is_reproducible_with_a_seed(
+    tmp_path: Path, pair_dirs: tuple[str, str], capsys
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n")
+    argv = [
+        "generate",
+        "--after",
+        pair_dirs[0],
+        "--before",
+        pair_dirs[1],
+        "--prompts",
+        str(prompts),
+        "--seed",
+        "11",
+        "--max-new-tokens",
+        "5",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == first
+    assert [json.loads(line)["prompt"] for line in first] == ["first prompt", "second prompt"]
+
+
+def test_bad_prompt_rows_name_the_line_and_field(
+    tmp_path: Path, pair_dirs: tuple[str, str]
+) -> None:
+    prompts = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"prompt": "x", "top_p": 3}])
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: top_p"):
+        main(
+            [
+                "generate",
+                "--after",
+                pair_dirs[0],
+                "--before",
+                pair_dirs[1],
+                "--prompts",
+                str(prompts),
+            ]
+        )
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["generate", "--prompts", str(tmp_path / "missing.txt")])
+
+
+def test_help_lists_every_serve_option() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for option in (
+        "--after",
+        "--before",
+        "--host",
+        "--port",
+        "--device",
+        "--dtype",
+        "--scheduler",
+        "--max-batch-size",
+        "--max-wait-ms",
+        "--max-queue-rows",
+        "--max-prefill-tokens",
+        "--max-new-tokens-limit",
+        "--max-prompts-per-request",
+        "--prompt-format",
+        "--allow-incompatible",
+        "--log-level",
+    ):
+        assert option in help_text
