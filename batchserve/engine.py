@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import secrets
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ class LDAEngine:
         # reference only, for tests and debugging; costs nothing.
         self.last_logits: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         self._cache_kwargs = (_cache_kwarg(pair.after), _cache_kwarg(pair.before))
+        # The server encodes on the event loop while the worker decodes; a Rust tokenizer
+        # borrowed by two threads at once can raise "Already borrowed".
+        self._tokenizer_lock = threading.Lock()
 
     # --- prompts ---------------------------------------------------------------------------
 
@@ -119,10 +123,12 @@ class LDAEngine:
     def encode(self, formatted_prompt: str, prompt_format: str | None = None) -> list[int]:
         # A chat template already writes BOS; adding it again would shift the distribution.
         add_special = (prompt_format or self.prompt_format) != "chat"
-        return self.tokenizer.encode(formatted_prompt, add_special_tokens=add_special)
+        with self._tokenizer_lock:
+            return self.tokenizer.encode(formatted_prompt, add_special_tokens=add_special)
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     # --- batch control -----------------------------------------------------------------------
 

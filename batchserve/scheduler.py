@@ -120,6 +120,7 @@ class Scheduler:
         self._waiting: deque[_Request] = deque()  # requests with rows not yet admitted
         self._active: dict[int, _Request] = {}  # every unfinished request by id
         self._row_owner: dict[int, _Request] = {}
+        self._cancelled: set[int] = set()  # request ids to drop before the next step
         self._ids = itertools.count()
         self._row_ids = itertools.count()
         self._num_waiting_rows = 0
@@ -183,6 +184,7 @@ class Scheduler:
             state = self._active.get(request_id)
             if state is not None and not state.is_cancelled:
                 state.is_cancelled = True
+                self._cancelled.add(request_id)
                 self._cond.notify()
 
     @property
@@ -214,6 +216,7 @@ class Scheduler:
             leftovers = list(self._active.values())
             for state in leftovers:
                 state.is_cancelled = True
+                self._cancelled.add(state.request_id)
             self._cond.notify_all()
         for state in leftovers:
             self._fail(state, SchedulerClosedError("server shut down before the request finished"))
@@ -302,9 +305,10 @@ class Scheduler:
         return taken
 
     def _drop_cancelled(self) -> None:
-        cancelled = [s for s in self._active.values() if s.is_cancelled]
-        if not cancelled:
+        if not self._cancelled:
             return
+        cancelled = [self._active[i] for i in self._cancelled if i in self._active]
+        self._cancelled.clear()
         running = set(self.engine.running_row_ids)
         for state in cancelled:
             num_pending = len(state.pending)
