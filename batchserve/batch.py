@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,91 @@ class KVCache(ABC):
         """Left-pad self and other by the given widths, then append other's rows."""
 
 
+class _SpareCapacity:
+    """A [B, H, T, D] tensor kept inside a larger buffer, so appends need no full copy.
+
+    The visible part is buffer[:, :, start:end]; trimming on the left moves `start`, and an
+    append that does not fit doubles the capacity (amortised O(1) per token, where a plain
+    torch.cat copies the whole cache at every step).
+    """
+
+    __slots__ = ("buffer", "start", "end")
+
+    def __init__(self, tensor: torch.Tensor | None) -> None:
+        self.buffer, self.start = tensor, 0
+        self.end = 0 if tensor is None else tensor.shape[-2]
+
+    def view(self) -> torch.Tensor | None:
+        if self.buffer is None:
+            return None
+        return self.buffer[:, :, self.start : self.end]
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        num_new = new.shape[-2]
+        if self.buffer is None:
+            self.buffer, self.start, self.end = (
+                new.new_empty(*new.shape[:2], 0, new.shape[-1]),
+                0,
+                0,
+            )
+        if self.end + num_new > self.buffer.shape[-2]:
+            length = self.end - self.start
+            capacity = max(2 * (length + num_new), 16)
+            grown = self.buffer.new_empty(*self.buffer.shape[:2], capacity, self.buffer.shape[-1])
+            grown[:, :, :length] = self.buffer[:, :, self.start : self.end]
+            self.buffer, self.start, self.end = grown, 0, length
+        self.buffer[:, :, self.end : self.end + num_new] = new
+        self.end += num_new
+        return self.view()
+
+
+class GrowableLayer(DynamicLayer):
+    """A DynamicLayer that appends in place into spare capacity instead of concatenating."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._k = _SpareCapacity(None)
+        self._v = _SpareCapacity(None)
+        super().__init__(**kwargs)
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self._k.view()
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._k = _SpareCapacity(value)
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self._v.view()
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._v = _SpareCapacity(value)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ):
+        if not self.is_initialized:
+            self.device = key_states.device
+            self.is_initialized = True
+        return self._k.append(key_states), self._v.append(value_states)
+
+    def trim_left(self, num_columns: int) -> None:
+        self._k.start += num_columns
+        self._v.start += num_columns
+
+
 class DynamicKVCache(KVCache):
-    """transformers' DynamicCache, edited layer by layer."""
+    """transformers' DynamicCache with growable layers, edited layer by layer."""
 
     def __init__(self, cache: DynamicCache | None = None) -> None:
-        self.cache = cache if cache is not None else DynamicCache()
+        if cache is None:
+            cache = DynamicCache()
+            # Layers are created lazily by the model's first update; make them growable.
+            if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+                cache.layer_class_to_replicate = GrowableLayer
+        self.cache = cache
 
     @property
     def length(self) -> int:
@@ -97,8 +178,11 @@ class DynamicKVCache(KVCache):
         if num_columns <= 0:
             return
         for layer in self._layers():
-            layer.keys = layer.keys[:, :, num_columns:].contiguous()
-            layer.values = layer.values[:, :, num_columns:].contiguous()
+            if isinstance(layer, GrowableLayer):
+                layer.trim_left(num_columns)
+            else:
+                layer.keys = layer.keys[:, :, num_columns:].contiguous()
+                layer.values = layer.values[:, :, num_columns:].contiguous()
 
     def zero_columns(self, mask: torch.Tensor) -> None:
         keep = mask[:, None, :, None].to(dtype=torch.bool)
