@@ -238,7 +238,7 @@ async def test_full_queue_answers_503_with_retry_after_then_recovers(llama_pair:
         first = asyncio.create_task(
             client.post(
                 "/generate_lda_batch",
-                json={"prompts": ["a", "b", "c", "d"], "max_new_tokens": 200, "ignore_eos": True},
+                json={"prompts": ["a", "b", "c", "d"], "max_new_tokens": 80, "ignore_eos": True},
             )
         )
         await wait_until(lambda: scheduler.engine.num_running > 0)
