@@ -1,0 +1,169 @@
+"""The scheduler's admission policy, against a fake engine (no tensors, no models)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from batchserve.batch import Row, SamplingParams
+from batchserve.engine import EngineRow, GenerationRequest, GenerationResult
+from batchserve.metrics import Metrics
+from batchserve.scheduler import PromptTooLongError, QueueFullError, Scheduler, SchedulerConfig
+
+
+class FakeEngine:
+    """Each row finishes after max_new_tokens steps; records every admission."""
+
+    def __init__(self, max_context: int = 100) -> None:
+        self.pair = SimpleNamespace(max_context=max_context)
+        self.rows: dict[int, Row] = {}
+        self.admissions: list[tuple[int, list[int]]] = []  # (step, row ids)
+        self.num_steps = 0
+
+    def format(self, prompt, system_prompt=None, prompt_format=None) -> str:
+        return prompt
+
+    def encode(self, formatted, prompt_format=None) -> list[int]:
+        return [ord(c) for c in formatted]
+
+    @property
+    def num_running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def running_row_ids(self) -> list[int]:
+        return list(self.rows)
+
+    def admit(self, rows: list[EngineRow]) -> list[Row]:
+        self.admissions.append((self.num_steps, [r.row_id for r in rows]))
+        for r in rows:
+            self.rows[r.row_id] = Row(r.row_id, r.params, r.seed, len(r.prompt_ids), [1])
+        return self._finished()
+
+    def step(self) -> list[Row]:
+        self.num_steps += 1
+        for row in self.rows.values():
+            row.token_ids.append(1)
+        return self._finished()
+
+    def _finished(self) -> list[Row]:
+        done = [r for r in self.rows.values() if len(r.token_ids) >= r.params.max_new_tokens]
+        for r in done:
+            r.finish_reason = "length"
+            del self.rows[r.row_id]
+        return done
+
+    def cancel(self, row_ids) -> list[Row]:
+        return [self.rows.pop(i) for i in list(row_ids) if i in self.rows]
+
+    def build_result(self, prompt, formatted, row) -> GenerationResult:
+        return GenerationResult(
+            prompt,
+            formatted,
+            "x" * len(row.token_ids),
+            formatted,
+            len(row.token_ids),
+            False,
+            "length",
+            row.seed,
+            row.params.alpha,
+        )
+
+
+def request(prompt: str, max_new_tokens: int = 5, n: int = 1) -> GenerationRequest:
+    return GenerationRequest(prompt, SamplingParams(max_new_tokens=max_new_tokens, seed=1), n=n)
+
+
+async def run(scheduler: Scheduler, batches: list[list[GenerationRequest]]) -> list:
+    scheduler.start()
+    try:
+        futures = [scheduler.submit(b)[1] for b in batches]
+        return await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+    finally:
+        await asyncio.to_thread(scheduler.shutdown, 5)
+
+
+async def test_admission_respects_max_batch_size_and_fifo() -> None:
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=3, max_wait_ms=50))
+    done = await run(
+        scheduler, [[request("a", 4)], [request("b", 4), request("c", 4)], [request("d", 4)]]
+    )
+    assert [len(c.results) for c in done] == [1, 2, 1]
+    admitted = [rid for _, ids in engine.admissions for rid in ids]
+    assert admitted == [0, 1, 2, 3]  # FIFO
+    assert engine.admissions[0][1] == [0, 1, 2]  # the batch filled up to max_batch_size
+    assert max(len(ids) for _, ids in engine.admissions) <= 3
+
+
+async def test_a_request_larger_than_the_batch_is_admitted_over_several_steps() -> None:
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=2, max_wait_ms=0))
+    (done,) = await run(scheduler, [[request("p", 3, n=5)]])
+    assert len(done.results) == 5
+    assert [ids for _, ids in engine.admissions] == [[0, 1], [2, 3], [4]]
+
+
+async def test_prefill_tokens_are_capped_per_admission_but_one_prompt_always_goes() -> None:
+    engine = FakeEngine()
+    scheduler = Scheduler(
+        engine, SchedulerConfig(max_batch_size=8, max_prefill_tokens=10, max_wait_ms=50)
+    )
+    await run(scheduler, [[request("x" * 6, 3), request("y" * 6, 3), request("z" * 30, 3, n=2)]])
+    sizes = [ids for _, ids in engine.admissions]
+    assert sizes[0] == [0]  # 6 + 6 tokens would exceed 10
+    assert [2, 3] in sizes  # a 30-token prompt goes alone; its two samples share one prefill
+
+
+async def test_static_mode_never_joins_a_running_batch() -> None:
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, SchedulerConfig(mode="static", max_batch_size=8, max_wait_ms=0))
+    scheduler.start()
+    try:
+        _, first = scheduler.submit([request("a", 30)])
+        while not engine.admissions:
+            await asyncio.sleep(0.001)
+        _, second = scheduler.submit([request("b", 2)])
+        await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+    finally:
+        await asyncio.to_thread(scheduler.shutdown, 5)
+    (step_a, _), (step_b, _) = engine.admissions
+    assert step_b >= 29  # after the first batch ran to completion
+
+
+async def test_serial_mode_admits_one_request_at_a_time() -> None:
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, SchedulerConfig(mode="serial", max_batch_size=8))
+    await run(scheduler, [[request("a", 3), request("b", 3)], [request("c", 3)]])
+    assert [ids for _, ids in engine.admissions] == [[0, 1], [2]]
+
+
+async def test_full_queue_and_too_long_prompts_are_refused() -> None:
+    engine = FakeEngine(max_context=10)
+    metrics = Metrics()
+    scheduler = Scheduler(engine, SchedulerConfig(max_queue_rows=2), metrics)
+    with pytest.raises(PromptTooLongError, match="beyond the models' context of 10"):
+        scheduler.prepare(request("x" * 8, 5))
+    scheduler.submit([request("a"), request("b")])  # not started: rows stay queued
+    with pytest.raises(QueueFullError, match="queue full"):
+        scheduler.submit([request("c")])
+    assert scheduler.num_waiting_rows == 2
+
+
+async def test_cancelled_waiting_rows_never_reach_the_engine() -> None:
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=1, max_wait_ms=0))
+    request_id, future = scheduler.submit([request("gone", 3, n=3)])
+    scheduler.cancel(request_id)
+    scheduler.start()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(future, timeout=10)
+        _, ok = scheduler.submit([request("kept", 2)])
+        await asyncio.wait_for(ok, timeout=10)
+    finally:
+        await asyncio.to_thread(scheduler.shutdown, 5)
+    assert [ids for _, ids in engine.admissions] == [[3]]
+    assert scheduler.num_waiting_rows == 0
