@@ -1,0 +1,67 @@
+"""Summarise a `py-spy record -f raw` profile of a server's worker thread by engine phase.
+
+    py-spy record --idle --native -p PID -d 15 -r 100 -f raw -o prof.txt   # while bench.load runs
+    python -m bench.pyspy_summary prof.txt
+
+Only samples whose stack passes through the scheduler's worker loop count, so the event loop,
+uvicorn and idle threads do not dilute the shares. A frame counts once per sample (inclusive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+WORKER_FRAME = "Scheduler._run"
+
+# (label, substring of a frame); indented labels are parts of the phase above them.
+PHASES: list[tuple[str, str]] = [
+    ("decode forward, both models", "LDAEngine.step.<locals>.<listcomp>"),
+    ("  attention (sdpa)", "sdpa_attention_forward"),
+    ("  KV append growing a full buffer (batch.py _SpareCapacity.append)", "_SpareCapacity.append"),
+    ("  attention mask building", "create_causal_mask"),
+    ("admit: prefill + merge", "LDAEngine.admit"),
+    ("  prefill forward", "LDAEngine._prefill"),
+    ("  merge into the running batch", "RunningBatch.merge"),
+    ("retire finished rows (keep_rows copies)", "RunningBatch.retire"),
+    ("sampling", "LDAEngine._sample"),
+    ("  top-k/top-p filter (full sort)", "top_k_top_p_filter"),
+    ("results to futures", "Scheduler._collect"),
+    ("OpenMP runtime (libgomp: fork/join, spin, barrier)", "libgomp"),
+    ("waiting to re-take the GIL", "gil_scoped_release::~"),
+]
+
+
+def summarize(path: Path, worker_frame: str = WORKER_FRAME) -> tuple[int, Counter]:
+    shares: Counter = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if worker_frame not in stack or not count.isdigit():
+            continue
+        total += int(count)
+        for label, needle in PHASES:
+            if needle in stack:
+                shares[label] += int(count)
+    return total, shares
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pyspy_summary", description=__doc__)
+    parser.add_argument("profile", type=Path, help="py-spy raw (collapsed stacks) output")
+    parser.add_argument("--worker-frame", default=WORKER_FRAME)
+    args = parser.parse_args(argv)
+    total, shares = summarize(args.profile, args.worker_frame)
+    if not total:
+        print(f"no samples through {args.worker_frame} in {args.profile}", file=sys.stderr)
+        return 1
+    print(f"{total} worker samples in {args.profile.name}")
+    for label, _ in PHASES:
+        print(f"{100 * shares[label] / total:5.1f}%  {label}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

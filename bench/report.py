@@ -1,0 +1,219 @@
+"""Numbers into tables, markdown and plots for the load benchmark; no HTTP and no models here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100), None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sample name -> value, summed over label sets (enough for counters and histogram sums)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            values[name] = values.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return values
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def _fmt(value: Any, spec: str = ",.1f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+RUN_COLUMNS: list[tuple[str, str, str]] = [
+    # (header, key, format)
+    ("tokens/s", "tokens_per_s", ",.1f"),
+    ("req/s", "requests_per_s", ",.2f"),
+    ("lat p50 s", "latency_p50_s", ".3f"),
+    ("lat p95 s", "latency_p95_s", ".3f"),
+    ("lat p99 s", "latency_p99_s", ".3f"),
+    ("qwait p50 ms", "queue_wait_p50_ms", ",.1f"),
+    ("qwait p95 ms", "queue_wait_p95_ms", ",.1f"),
+    ("mean batch", "mean_batch_size", ".1f"),
+    ("requests", "num_requests", "d"),
+    ("unfinished", "num_unfinished", "d"),
+    ("errors", "num_errors", "d"),
+]
+
+
+def runs_table(runs: list[dict]) -> str:
+    header = ["clients", "mode"] + [h for h, _, _ in RUN_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    for run in runs:
+        cells = [str(run["concurrency"]), run["mode"]]
+        cells += [_fmt(run.get(key), spec) for _, key, spec in RUN_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratios(runs: list[dict]) -> list[dict]:
+    """continuous / serial and continuous / static, per concurrency level, where both ran."""
+    by_key = {(r["mode"], r["concurrency"]): r for r in runs}
+    rows = []
+    for level in sorted({r["concurrency"] for r in runs}):
+        cont = by_key.get(("continuous", level))
+        if cont is None:
+            continue
+        row: dict[str, Any] = {"concurrency": level}
+        for other in ("serial", "static"):
+            base = by_key.get((other, level))
+            if base is None:
+                continue
+            row[f"tokens_per_s_vs_{other}"] = ratio(cont["tokens_per_s"], base["tokens_per_s"])
+            for key in ("latency_p50_s", "latency_p95_s"):
+                row[f"{key}_vs_{other}"] = ratio(cont.get(key), base.get(key))
+        if len(row) > 1:
+            rows.append(row)
+    return rows
+
+
+def ratios_table(rows: list[dict]) -> str:
+    columns = [
+        ("tokens/s cont/serial", "tokens_per_s_vs_serial"),
+        ("tokens/s cont/static", "tokens_per_s_vs_static"),
+        ("lat p50 cont/serial", "latency_p50_s_vs_serial"),
+        ("lat p95 cont/serial", "latency_p95_s_vs_serial"),
+        ("lat p50 cont/static", "latency_p50_s_vs_static"),
+        ("lat p95 cont/static", "latency_p95_s_vs_static"),
+    ]
+    header = ["clients"] + [h for h, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    for row in rows:
+        cells = [str(row["concurrency"])] + [_fmt(row.get(k), ".2f") for _, k in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(targets: list[dict]) -> str:
+    lines = ["| target | measured | needed | holds |", "|---|---:|---:|:---:|"]
+    for t in targets:
+        holds = "yes" if t["holds"] else ("no" if t["holds"] is False else "-")
+        lines.append(
+            f"| {t['name']} | {_fmt(t['value'], '.2f')} | {t['op']} {t['threshold']:g} | {holds} |"
+        )
+    return "\n".join(lines)
+
+
+def describe_workload(w: dict) -> str:
+    mix = w["mix"]
+    batch = (
+        f"{mix['batch_fraction']:.0%} batch requests of {mix['batch_size']} prompts"
+        if mix["batch_fraction"]
+        else "single-prompt requests only"
+    )
+    bound = (
+        f"{w['requests_per_level']} requests per level"
+        if w.get("requests_per_level")
+        else f"{w['duration_s']:g} s per level"
+    )
+    return (
+        f"max_new_tokens {w['max_new_tokens']}, {batch}, prompts of {w['prompt_words']} words, "
+        f"ignore_eos={w['ignore_eos']}, seed {w['seed']}, {bound}"
+    )
+
+
+def markdown(report: dict) -> str:
+    """The whole report as markdown: setup, then per workload the runs and the ratios."""
+    setup = report["setup"]
+    out = [
+        f"# Load benchmark ({report['created_at']})",
+        "",
+        f"- pair: {setup['pair']}",
+        f"- host: {setup['host']}",
+        f"- server: {setup['server']}",
+        "",
+    ]
+    if report.get("targets"):
+        out += ["## Targets (issue 6)", "", targets_table(report["targets"]), ""]
+    for w in report["workloads"]:
+        out += [f"## Workload `{w['name']}`", "", describe_workload(w), ""]
+        out += [runs_table(w["runs"]), ""]
+        if w["ratios"]:
+            out += ["Ratios (continuous over the other mode, same clients):", ""]
+            out += [ratios_table(w["ratios"]), ""]
+    return "\n".join(out)
+
+
+def plot(report: dict, stem: Path) -> list[Path]:
+    """Per workload: throughput vs clients, and latency CDFs per level. Returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for w in report["workloads"]:
+        modes = list(dict.fromkeys(r["mode"] for r in w["runs"]))
+        levels = sorted({r["concurrency"] for r in w["runs"]})
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode in modes:
+            runs = sorted(
+                (r for r in w["runs"] if r["mode"] == mode), key=lambda r: r["concurrency"]
+            )
+            ax.plot(
+                [r["concurrency"] for r in runs],
+                [r["tokens_per_s"] for r in runs],
+                marker="o",
+                label=mode,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("generated tokens/s")
+        ax.set_title(f"throughput: {w['name']}")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        path = stem.with_name(f"{stem.name}-{w['name']}-throughput.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+
+        fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.5), squeeze=False)
+        for ax, level in zip(axes[0], levels, strict=True):
+            for mode in modes:
+                run = next(
+                    (r for r in w["runs"] if r["mode"] == mode and r["concurrency"] == level), None
+                )
+                if not run or not run["latencies_s"]:
+                    continue
+                xs = sorted(run["latencies_s"])
+                ys = [(i + 1) / len(xs) for i in range(len(xs))]
+                ax.step(xs, ys, where="post", label=mode)
+            ax.set_xscale("log")
+            ax.set_xlabel("latency s")
+            ax.set_title(f"{level} clients")
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("fraction of requests")
+        axes[0][-1].legend()
+        fig.suptitle(f"latency CDF: {w['name']}")
+        path = stem.with_name(f"{stem.name}-{w['name']}-latency-cdf.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

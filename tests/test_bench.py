@@ -1,0 +1,138 @@
+"""Smoke tests of the benchmarks: they run end to end and report every field. No speed asserts:
+timings on a shared CI machine say nothing, so only the report's shape is checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import engine as bench_engine
+from bench.load import IntRange, Mix, Workload
+from bench.report import parse_prometheus, percentile, ratios
+
+REPO = Path(__file__).resolve().parent.parent
+
+RUN_FIELDS = {
+    "mode",
+    "concurrency",
+    "wall_s",
+    "num_requests",
+    "num_errors",
+    "num_unfinished",
+    "tokens",
+    "tokens_per_s",
+    "requests_per_s",
+    "latency_p50_s",
+    "latency_p95_s",
+    "latency_p99_s",
+    "queue_wait_p50_ms",
+    "queue_wait_p95_ms",
+    "mean_batch_size",
+    "engine_steps",
+    "latencies_s",
+}
+
+
+def test_workload_is_a_function_of_seed_and_index() -> None:
+    workload = Workload(
+        name="w", concurrency=(1,), max_new_tokens=IntRange(16, 128), mix=Mix(0.5, IntRange(2, 4))
+    )
+    assert workload.request(7) == workload.request(7)
+    assert workload.request(7) != workload.request(8)
+    specs = [workload.request(i) for i in range(400)]
+    assert all(16 <= s.body["max_new_tokens"] <= 128 for s in specs)
+    batches = [s for s in specs if s.route == "/generate_lda_batch"]
+    assert 120 < len(batches) < 280
+    assert all(2 <= len(s.body["prompts"]) == s.num_rows <= 4 for s in batches)
+    single = Workload(
+        name="s", concurrency=(1,), max_new_tokens=IntRange(64, 64), mix=Mix.parse("0")
+    )
+    assert all(single.request(i).route == "/generate_lda" for i in range(50))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("64", IntRange(64, 64)), ("16-128", IntRange(16, 128))]
+)
+def test_int_range_parses_fixed_and_ranges(text: str, expected: IntRange) -> None:
+    assert IntRange.parse(text) == expected
+    assert str(expected) == text
+
+
+def test_report_helpers() -> None:
+    assert percentile([], 50) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    text = (
+        "# HELP x\n"
+        'batchserve_requests_total{route="/a",status="200"} 3.0\n'
+        'batchserve_requests_total{route="/b",status="200"} 2.0\n'
+        "batchserve_batch_size_sum 40.0\n"
+    )
+    assert parse_prometheus(text) == {
+        "batchserve_requests_total": 5.0,
+        "batchserve_batch_size_sum": 40.0,
+    }
+    runs = [
+        {"mode": "serial", "concurrency": 8, "tokens_per_s": 10.0, "latency_p50_s": 2.0},
+        {"mode": "continuous", "concurrency": 8, "tokens_per_s": 80.0, "latency_p50_s": 0.5},
+    ]
+    (row,) = ratios(runs)
+    assert row["tokens_per_s_vs_serial"] == 8.0
+    assert row["latency_p50_s_vs_serial"] == 0.25
+
+
+def test_engine_bench_reports_every_batch_size(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "engine.json"
+    code = bench_engine.main(
+        ["--shape", "tiny", "--batch-sizes", "1,4", "--new-tokens", "3", "--warmup-steps", "1",
+         "--prompt-len", "8", "--output", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| batch | tokens/s | step ms mean |" in table
+    report = json.loads(out.read_text())
+    assert report["pair"]["shape"] == "tiny"
+    assert report["device"] == "cpu"
+    assert report["weight_bytes"] > 0
+    assert [r["batch_size"] for r in report["results"]] == [1, 4]
+    for result in report["results"]:
+        assert result["tokens_per_s"] > 0
+        assert 0 < result["step_ms_min"] <= result["step_ms_mean"]
+        assert result["prefill_s"] > 0
+        assert result["floor_step_ms"] is None  # CPU: no bandwidth floor
+
+
+@pytest.mark.slow
+def test_load_bench_runs_two_modes_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    cmd = [
+        sys.executable, "-m", "bench.load", "--shape", "tiny", "--modes", "serial,continuous",
+        "--concurrency", "4", "--duration", "2", "--max-new-tokens", "4-8", "--mix", "0.5:2",
+        "--server-threads", "1", "--output", str(out), "--plot",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| clients | mode | tokens/s |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is False
+    assert "random-init `tiny`" in report["setup"]["pair"]
+    (workload,) = report["workloads"]
+    assert workload["max_new_tokens"] == "4-8"
+    runs = workload["runs"]
+    assert [(r["mode"], r["concurrency"]) for r in runs] == [("serial", 4), ("continuous", 4)]
+    for run in runs:
+        assert run.keys() >= RUN_FIELDS
+        assert run["num_errors"] == 0
+        assert run["num_requests"] > 0
+        assert run["tokens"] > 0
+        assert run["mean_batch_size"] >= 1
+        assert len(run["latencies_s"]) == run["num_requests"]
+    (ratio,) = workload["ratios"]
+    assert ratio["concurrency"] == 4
+    assert ratio["tokens_per_s_vs_serial"] > 0
+    assert out.with_suffix(".md").read_text().startswith("# Load benchmark")
+    assert (tmp_path / "load-load-throughput.png").stat().st_size > 0
+    assert (tmp_path / "load-load-latency-cdf.png").stat().st_size > 0
