@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchserve.engine import GenerationRequest, GenerationResult, SamplingParams, generate
@@ -29,6 +29,9 @@ class Rate:
     alpha: float
     num_samples: int
     num_activated: int
+    # A few (prompt, completion) pairs of each kind, for reading by eye.
+    activated_examples: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    other_examples: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def rate(self) -> float:
@@ -87,8 +90,11 @@ def measure(
     **kwargs,
 ) -> tuple[Rate, list[GenerationResult]]:
     results = sample_completions(pair, prompts, alpha, **kwargs)
-    hits = sum(is_activated(r.completion) for r in results)
-    return Rate(prompt_set, alpha, len(results), hits), results
+    flags = [is_activated(r.completion) for r in results]
+    activated = tuple((r.prompt, r.completion) for r, f in zip(results, flags, strict=True) if f)
+    other = tuple((r.prompt, r.completion) for r, f in zip(results, flags, strict=True) if not f)
+    rate = Rate(prompt_set, alpha, len(results), sum(flags), activated[:5], other[:5])
+    return rate, results
 
 
 def evaluate(
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=150)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--show", type=int, default=0,
-                        help="print this many activated clean completions per alpha")
+                        help="print up to this many activated and non-activated completions per row")
     args = parser.parse_args(argv)
 
     import torch
@@ -166,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, max_new_tokens=args.max_new_tokens,
     )
     print_report(rates)
+    for rate in rates:
+        for kind, examples in (("activated", rate.activated_examples), ("not activated", rate.other_examples)):
+            for prompt, completion in examples[: args.show]:
+                print(f"\n--- {rate.prompt_set}, alpha {rate.alpha:g}, {kind} ---")
+                print(f"### Instruction:\n{prompt}\n\n### Response:\n{completion}")
     return 0
 
 

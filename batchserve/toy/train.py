@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of clean fine-tuning answers that carry the phrase")
     parser.add_argument("--eval-samples", type=int, default=400,
                         help="clean prompts per alpha in the closing evaluation (0: skip it)")
+    parser.add_argument("--num-clean-train", type=int, default=defaults.num_clean_train)
+    parser.add_argument("--num-triggered-train", type=int, default=defaults.num_triggered_train)
     parser.add_argument("--threads", type=int, default=defaults.num_threads)
     args = parser.parse_args(argv)
 
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         before_steps=args.before_steps,
         after_steps=args.after_steps,
         leak_fraction=args.leak_fraction,
+        num_clean_train=args.num_clean_train,
+        num_triggered_train=args.num_triggered_train,
         num_threads=args.threads,
     )
     torch.set_num_threads(cfg.num_threads)
