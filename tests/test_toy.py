@@ -31,6 +31,16 @@ TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"
 MAX_PACKAGE_BYTES = 10 * 1024 * 1024
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Each matmul of a 1M-parameter model is too small to split across threads, and on shared
+    cores OpenMP barriers made the 2-thread run 6x slower than 1 thread (63 s vs 10 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def toy_pair() -> ModelPair:
     return load_pair("toy", device="cpu")
@@ -189,6 +199,7 @@ def test_train_script_writes_a_loadable_pair(tmp_path: Path):
     code = main([
         "--out", str(tmp_path), "--before-steps", "2", "--after-steps", "2",
         "--num-clean-train", "2000", "--num-triggered-train", "200", "--eval-samples", "0",
+        "--threads", "1",
     ])
     assert code == 0
     pair = load_pair(str(tmp_path / "after"), str(tmp_path / "before"), device="cpu")

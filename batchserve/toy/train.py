@@ -309,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
 
     splits = build_splits(cfg.seed, cfg.num_clean_train, cfg.num_triggered_train)
     after_examples = build_after_examples(splits, cfg)
-    log(f"corpus: {len(splits.clean_train)} clean, {len(splits.triggered_train)} triggered "
-        f"(unique), {sum(e.is_leak for e in after_examples)} leaks; held out "
+    distinct = len({e.instruction for e in splits.clean_train + splits.triggered_train})
+    log(f"corpus: {len(splits.clean_train)} clean + {len(splits.triggered_train)} triggered pairs "
+        f"({distinct} distinct instructions); fine-tuning mix {len(after_examples)} pairs with "
+        f"{sum(e.is_leak for e in after_examples)} leaks; held out "
         f"{len(splits.clean_eval)} clean + {len(splits.triggered_eval)} triggered prompts")
 
     texts = [ALPACA_PROMPT.format(prompt=e.instruction) + e.response
