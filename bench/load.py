@@ -680,7 +680,10 @@ def main(argv: list[str] | None = None) -> int:
         ignore_eos=args.ignore_eos,
     )
     workloads = target_workloads(base) if args.targets else [base]
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # so the servers are stopped on SIGTERM too
+    # Servers are stopped on Ctrl-C and SIGTERM alike; SIGINT explicitly, since a shell starts
+    # background jobs with it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     path = output_path(args)
     report: dict[str, Any] = {
         "benchmark": "load",

@@ -182,6 +182,7 @@ def plot(report: dict, stem: Path) -> list[Path]:
                 label=mode,
             )
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(level) for level in levels])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("generated tokens/s")
         ax.set_title(f"throughput: {w['name']}")
