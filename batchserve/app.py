@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from batchserve import __version__
 from batchserve.batch import SamplingParams
-from batchserve.engine import GenerationRequest, GenerationResult, LDAEngine
+from batchserve.engine import GenerationRequest, GenerationResult, LDAEngine, prompt_seed
 from batchserve.metrics import Metrics
 from batchserve.models import ModelPair
 from batchserve.scheduler import (
@@ -225,8 +225,10 @@ def _lda_requests(
     params = sampling_params(body, config, body.alpha)
     fmt = prompt_format(body, config)
     return [
-        GenerationRequest(p, params, n=n, system_prompt=body.system_prompt, prompt_format=fmt)
-        for p in prompts
+        GenerationRequest(
+            p, prompt_seed(params, i * n), n=n, system_prompt=body.system_prompt, prompt_format=fmt
+        )
+        for i, p in enumerate(prompts)
     ]
 
 

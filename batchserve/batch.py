@@ -92,6 +92,33 @@ class _SpareCapacity:
             return None
         return self.buffer[:, :, self.start : self.end]
 
+    @staticmethod
+    def _room(length: int) -> int:
+        return max(2 * length, 16)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows by index, copying only the visible columns into a buffer with headroom."""
+        view = self.view()
+        length = view.shape[-2]
+        grown = view.new_empty(index.shape[0], view.shape[1], self._room(length), view.shape[-1])
+        grown[:, :, :length] = view.index_select(0, index)
+        self.buffer, self.start, self.end = grown, 0, length
+
+    def concat(self, other: torch.Tensor, pad_self: int, pad_other: int) -> None:
+        """Left-pad self and other to one length and stack them, into a buffer with headroom."""
+        mine = self.view()
+        length = mine.shape[-2] + pad_self
+        rows = mine.shape[0]
+        grown = mine.new_empty(
+            rows + other.shape[0], mine.shape[1], self._room(length), mine.shape[-1]
+        )
+        # Padding must be zeros, not whatever the allocator left: 0 * NaN would poison attention.
+        grown[:rows, :, :pad_self] = 0
+        grown[:rows, :, pad_self:length] = mine
+        grown[rows:, :, :pad_other] = 0
+        grown[rows:, :, pad_other:length] = other
+        self.buffer, self.start, self.end = grown, 0, length
+
     def append(self, new: torch.Tensor) -> torch.Tensor:
         num_new = new.shape[-2]
         if self.buffer is None:
@@ -102,7 +129,7 @@ class _SpareCapacity:
             )
         if self.end + num_new > self.buffer.shape[-2]:
             length = self.end - self.start
-            capacity = max(2 * (length + num_new), 16)
+            capacity = self._room(length + num_new)
             grown = self.buffer.new_empty(*self.buffer.shape[:2], capacity, self.buffer.shape[-1])
             grown[:, :, :length] = self.buffer[:, :, self.start : self.end]
             self.buffer, self.start, self.end = grown, 0, length
@@ -147,6 +174,14 @@ class GrowableLayer(DynamicLayer):
         self._k.start += num_columns
         self._v.start += num_columns
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        self._k.select(index)
+        self._v.select(index)
+
+    def concat(self, other: DynamicLayer, pad_self: int, pad_other: int) -> None:
+        self._k.concat(other.keys, pad_self, pad_other)
+        self._v.concat(other.values, pad_self, pad_other)
+
 
 class DynamicKVCache(KVCache):
     """transformers' DynamicCache with growable layers, edited layer by layer."""
@@ -171,8 +206,11 @@ class DynamicKVCache(KVCache):
 
     def select_rows(self, index: torch.Tensor) -> None:
         for layer in self._layers():
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
+            if isinstance(layer, GrowableLayer):
+                layer.select_rows(index)
+            else:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
 
     def trim_left(self, num_columns: int) -> None:
         if num_columns <= 0:
@@ -185,10 +223,11 @@ class DynamicKVCache(KVCache):
                 layer.values = layer.values[:, :, num_columns:].contiguous()
 
     def zero_columns(self, mask: torch.Tensor) -> None:
-        keep = mask[:, None, :, None].to(dtype=torch.bool)
+        padding = ~mask[:, None, :, None].to(dtype=torch.bool)
         for layer in self._layers():
-            layer.keys = layer.keys.masked_fill(~keep, 0)
-            layer.values = layer.values.masked_fill(~keep, 0)
+            # In place: the views share the growable buffers, whose headroom stays.
+            layer.keys.masked_fill_(padding, 0)
+            layer.values.masked_fill_(padding, 0)
 
     def concat(self, other: KVCache, pad_self: int, pad_other: int) -> None:
         assert isinstance(other, DynamicKVCache)

@@ -360,7 +360,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from batchserve.batch import SamplingParams
-    from batchserve.engine import GenerationRequest, iter_generate
+    from batchserve.engine import GenerationRequest, iter_generate, prompt_seed
     from batchserve.models import IncompatibleTokenizersError, load_pair
 
     rows = read_prompt_rows(args.prompts)
@@ -374,13 +374,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     requests = []
+    first_row = 0
     for row in rows:
         overrides = {
             k: v
             for k, v in row.model_dump(exclude={"prompt", "n", "system_prompt"}).items()
             if v is not None
         }
-        params = dataclasses.replace(defaults, **overrides)
+        # --seed seeds the whole file; each prompt derives its own (see engine.prompt_seed).
+        params = dataclasses.replace(prompt_seed(defaults, first_row), **overrides)
+        first_row += row.n or args.n
         requests.append(
             GenerationRequest(
                 row.prompt,

@@ -6,6 +6,7 @@ thread, and `generate` runs a list of requests to completion for library and off
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import secrets
 import sys
@@ -32,6 +33,7 @@ __all__ = [
     "generate",
     "iter_generate",
     "random_seed",
+    "prompt_seed",
     "sample_seeds",
 ]
 
@@ -301,6 +303,18 @@ class LDAEngine:
             alpha=row.params.alpha,
             token_ids=tuple(row.token_ids),
         )
+
+
+def prompt_seed(params: SamplingParams, first_row: int) -> SamplingParams:
+    """Seed of a prompt whose first row is row `first_row` of a seeded multi-prompt request.
+
+    One shared seed would give every prompt the same random draws, correlating their outcomes
+    and making a study's intervals too narrow; so the prompt starting at row r samples from
+    derive_seed(seed, r) (row 0 keeps the seed), and its samples j > 0 derive from that in turn.
+    """
+    if params.seed is None or first_row == 0:
+        return params
+    return dataclasses.replace(params, seed=derive_seed(params.seed, first_row))
 
 
 def sample_seeds(seed: int | None, n: int) -> list[int]:

@@ -78,8 +78,21 @@ async def test_batch_request_returns_one_result_per_prompt_and_sample(
         body = resp.json()
         assert body["batch_size"] == 2 and body["alpha"] == 2.0
         assert [r["prompt"] for r in body["results"]] == ["a dog"] * 3 + ["the cat sat"] * 3
-        assert [r["seed"] for r in body["results"]][:1] == [5]
+        seeds = [r["seed"] for r in body["results"]]
+        assert seeds[0] == 5 and len(set(seeds)) == 6  # no two rows share their random draws
         assert all(r["tokens_generated"] <= 4 for r in body["results"])
+        # Every row replays alone from the seed it reports.
+        for row in body["results"]:
+            alone = await client.post(
+                "/generate_lda",
+                json={
+                    "prompt": row["prompt"],
+                    "max_new_tokens": 4,
+                    "seed": row["seed"],
+                    "alpha": 2.0,
+                },
+            )
+            assert alone.json()["completion"] == row["completion"]
 
 
 async def test_generate_returns_both_models_plain_samples(llama_pair: ModelPair) -> None:
