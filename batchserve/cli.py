@@ -86,6 +86,12 @@ def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
         help="auto = bfloat16 on CUDA where supported (else float16), float32 on CPU",
     )
     group.add_argument(
+        "--threads",
+        default=env("THREADS", "auto"),
+        help="torch CPU threads; auto = half the cores on a CPU device (a second thread "
+        "spin-waits against the HTTP side on small machines), torch's default on CUDA",
+    )
+    group.add_argument(
         "--allow-incompatible",
         action="store_true",
         default=env("ALLOW_INCOMPATIBLE", False, _env_flag),
@@ -97,6 +103,25 @@ def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
         choices=PROMPT_FORMATS,
         help="how prompts are wrapped: alpaca, chat (the tokenizer's template) or raw (default: %(default)s)",
     )
+
+
+def configure_threads(threads: str, device: str) -> None:
+    import torch
+
+    if threads == "auto":
+        if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+            return
+        count = max(1, (os.cpu_count() or 2) // 2)
+    else:
+        try:
+            count = int(threads)
+        except ValueError:
+            raise SystemExit(
+                f"error: --threads must be auto or a positive integer, not {threads!r}"
+            ) from None
+        if count < 1:
+            raise SystemExit("error: --threads must be at least 1")
+    torch.set_num_threads(count)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
     log.info("batchserve %s: %s", __version__, {k: v for k, v in vars(args).items() if k != "func"})
+    configure_threads(args.threads, args.device)
     after = args.after or "toy:after"
 
     def load():
@@ -392,6 +418,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 system_prompt=row.system_prompt or args.system_prompt,
             )
         )
+    configure_threads(args.threads, args.device)
     if args.after is None and args.before is not None:
         raise SystemExit("error: --before given without --after")
     try:

@@ -262,6 +262,16 @@ class Scheduler:
                 return []
             self._cond.wait(timeout=0.1)
             return None
+        if running:
+            # Each admission costs a prefill and a merge of the whole cache; a lone newcomer
+            # waits up to max_wait_ms for company unless enough rows are waiting already.
+            # (Profile at 64 clients: admitting 1-2 rows every step took 11-24% of the worker.)
+            oldest_wait_s = time.monotonic() - self._waiting[0].enqueued_at
+            if (
+                self._num_waiting_rows < max(1, running // 8)
+                and oldest_wait_s < self.config.max_wait_ms / 1000
+            ):
+                return []
         if not running and mode != "serial":
             # Idle: give a first group max_wait_ms to gather, unless the batch is already full.
             first = self._waiting[0].enqueued_at
