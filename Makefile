@@ -20,6 +20,10 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
+# Serial vs static vs continuous on the toy pair, issue 6's three target workloads side by side.
+bench: setup
+	$(PY) -m bench.load --targets --plot
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
