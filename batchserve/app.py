@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from batchserve import __version__
 from batchserve.batch import SamplingParams
-from batchserve.engine import GenerationRequest, GenerationResult, LDAEngine, prompt_seed
+from batchserve.engine import GenerationRequest, LDAEngine, prompt_seed
 from batchserve.metrics import Metrics
 from batchserve.models import ModelPair
 from batchserve.scheduler import (
@@ -206,19 +206,6 @@ def debug_headers(completion: Completion) -> dict[str, str]:
     }
 
 
-def row_fields(result: GenerationResult) -> dict[str, Any]:
-    return {
-        "prompt": result.prompt,
-        "formatted_prompt": result.formatted_prompt,
-        "completion": result.completion,
-        "text": result.text,
-        "tokens_generated": result.tokens_generated,
-        "stopped_early": result.stopped_early,
-        "finish_reason": result.finish_reason,
-        "seed": result.seed,
-    }
-
-
 def _lda_requests(
     body: LDAFields, prompts: list[str], n: int, config: ServerConfig
 ) -> list[GenerationRequest]:
@@ -241,7 +228,7 @@ async def generate_lda(request: Request) -> Response:
     completion = await run_requests(request, _lda_requests(body, [body.prompt], 1, config))
     result = completion.results[0]
     pair: ModelPair = request.app.state.pair
-    payload = row_fields(result) | {
+    payload = result.row_fields() | {
         "alpha": body.alpha,
         "model_after": pair.after_id,
         "model_before": pair.before_id,
@@ -272,7 +259,7 @@ async def generate_lda_batch(request: Request) -> Response:
     completion = await run_requests(request, _lda_requests(body, body.prompts, body.n, config))
     pair: ModelPair = request.app.state.pair
     payload = {
-        "results": [row_fields(r) for r in completion.results],
+        "results": [r.row_fields() for r in completion.results],
         "alpha": body.alpha,
         "model_after": pair.after_id,
         "model_before": pair.before_id,

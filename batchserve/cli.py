@@ -451,15 +451,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 request = requests[request_of_row[index]]
                 held[index] = {
                     "index": index,
-                    "prompt": result.prompt,
                     "alpha": result.alpha,
-                    "formatted_prompt": result.formatted_prompt,
-                    "completion": result.completion,
-                    "text": result.text,
-                    "tokens_generated": result.tokens_generated,
-                    "stopped_early": result.stopped_early,
-                    "finish_reason": result.finish_reason,
-                    "seed": result.seed,
+                    **result.row_fields(),
                     "prompt_index": request_of_row[index],
                     "temperature": request.params.temperature,
                     "top_p": request.params.top_p,

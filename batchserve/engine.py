@@ -79,6 +79,19 @@ class GenerationResult:
     alpha: float
     token_ids: tuple[int, ...] = ()
 
+    def row_fields(self) -> dict[str, object]:
+        """The per-row fields of the HTTP contract (and of `batchserve generate`'s JSONL)."""
+        return {
+            "prompt": self.prompt,
+            "formatted_prompt": self.formatted_prompt,
+            "completion": self.completion,
+            "text": self.text,
+            "tokens_generated": self.tokens_generated,
+            "stopped_early": self.stopped_early,
+            "finish_reason": self.finish_reason,
+            "seed": self.seed,
+        }
+
 
 def _cache_kwarg(model: PreTrainedModel) -> str:
     # transformers 5.2x renamed `past_key_values` to `cache`; older 5.x only knows the former.
