@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from tiny_models import SAMPLE_WORDS
 
 from batchserve.app import ServerConfig, create_app
 from batchserve.models import ModelPair
@@ -148,24 +149,7 @@ async def wait_until(condition, timeout_s: float = 20.0) -> None:
 
 
 def _random_request(rng: random.Random, i: int) -> tuple[str, dict]:
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "the",
-        "mat",
-        "and",
-        "ran",
-        "far",
-        "away",
-        "hello",
-        "world",
-        "tell",
-        "me",
-        "a",
-        "story",
-    ]
+    words = SAMPLE_WORDS
     prompt = " ".join(rng.choices(words, k=rng.randint(1, 12)))
     params = {
         "alpha": rng.choice([0.0, 1.0, 2.0, -1.0, 4.0]),

