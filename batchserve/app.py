@@ -24,8 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchserve import __version__
-from batchserve.batch import SamplingParams
-from batchserve.engine import GenerationRequest, LDAEngine, prompt_seed
+from batchserve.engine import LDAEngine
 from batchserve.metrics import Metrics
 from batchserve.models import ModelPair
 from batchserve.scheduler import (
@@ -44,6 +43,8 @@ from batchserve.schemas import (
     LDAFields,
     SamplingFields,
 )
+from batchserve.seeds import prompt_seed
+from batchserve.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 

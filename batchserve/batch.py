@@ -8,41 +8,13 @@ from the mask, so a row's logits never depend on how much padding the batch give
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-row sampling parameters; `seed=None` asks for a random seed at admission."""
-
-    alpha: float = 1.0
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 80
-    ignore_eos: bool = False
-    seed: int | None = None
-
-
-@dataclass
-class Row:
-    """One sequence being generated; `token_ids` holds exactly its generated tokens."""
-
-    row_id: int
-    params: SamplingParams
-    seed: int
-    prompt_len: int
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    @property
-    def is_finished(self) -> bool:
-        return self.finish_reason is not None
+from batchserve.types import Row
 
 
 class KVCache(ABC):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from batchserve import __version__
 from batchserve.prompts import PROMPT_FORMATS
 from batchserve.scheduler import SCHEDULER_MODES
+from batchserve.seeds import SEED_MAX
 
 log = logging.getLogger("batchserve")
 
@@ -347,7 +348,7 @@ class PromptRow(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = Field(min_length=1)
-    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     alpha: float | None = None
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -385,9 +386,10 @@ def read_prompt_rows(path: Path) -> list[PromptRow]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from batchserve.batch import SamplingParams
-    from batchserve.engine import GenerationRequest, iter_generate, prompt_seed
+    from batchserve.engine import iter_generate
     from batchserve.models import IncompatibleTokenizersError, load_pair
+    from batchserve.seeds import prompt_seed
+    from batchserve.types import GenerationRequest, SamplingParams
 
     rows = read_prompt_rows(args.prompts)
     defaults = SamplingParams(

@@ -6,23 +6,28 @@ thread, and `generate` runs a list of requests to completion for library and off
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import secrets
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from batchserve.batch import DynamicKVCache, KVCache, Row, RunningBatch, SamplingParams
+from batchserve.batch import DynamicKVCache, KVCache, RunningBatch
 from batchserve.models import ModelPair
 from batchserve.prompts import format_prompt
-from batchserve.sampling import amplify, derive_seed, sample
+from batchserve.sampling import amplify, sample
+from batchserve.seeds import sample_seeds
+from batchserve.types import (
+    EngineRow,
+    GenerationRequest,
+    GenerationResult,
+    Row,
+    SamplingParams,
+)
 
 __all__ = [
     "EngineRow",
@@ -32,66 +37,7 @@ __all__ = [
     "SamplingParams",
     "generate",
     "iter_generate",
-    "random_seed",
-    "prompt_seed",
-    "sample_seeds",
 ]
-
-SEED_LIMIT = 1 << 63
-
-
-def random_seed() -> int:
-    # 31 bits: reported back to clients, and stays exact in JavaScript and every JSON parser.
-    return secrets.randbelow(1 << 31)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One prompt with its parameters; `n` samples share one prefill."""
-
-    prompt: str
-    params: SamplingParams = field(default_factory=SamplingParams)
-    n: int = 1
-    system_prompt: str | None = None
-    prompt_format: str | None = None  # None: the engine's default
-
-
-@dataclass(frozen=True)
-class EngineRow:
-    """What the scheduler hands the engine for one row: ids and parameters, seed resolved."""
-
-    row_id: int
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    seed: int
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    prompt: str
-    formatted_prompt: str
-    completion: str
-    text: str
-    tokens_generated: int
-    stopped_early: bool
-    finish_reason: str
-    seed: int
-    alpha: float
-    token_ids: tuple[int, ...] = ()
-
-    def row_fields(self) -> dict[str, object]:
-        """The per-row fields of the HTTP contract (and of `batchserve generate`'s JSONL)."""
-        return {
-            "prompt": self.prompt,
-            "formatted_prompt": self.formatted_prompt,
-            "completion": self.completion,
-            "text": self.text,
-            "tokens_generated": self.tokens_generated,
-            "stopped_early": self.stopped_early,
-            "finish_reason": self.finish_reason,
-            "seed": self.seed,
-        }
-
 
 def _cache_kwarg(model: PreTrainedModel) -> str:
     # transformers 5.2x renamed `past_key_values` to `cache`; older 5.x only knows the former.
@@ -257,7 +203,7 @@ class LDAEngine:
             attention_mask = attention_mask.index_select(0, index)
             logits = [lg.index_select(0, index) for lg in logits]
         batch_rows = [
-            Row(row_id=r.row_id, params=r.params, seed=r.seed, prompt_len=len(r.prompt_ids))
+            Row(row_id=r.row_id, params=r.params, seed=r.seed)
             for r in rows
         ]
         placeholder = torch.zeros(len(rows), dtype=torch.long, device=device)
@@ -316,25 +262,6 @@ class LDAEngine:
             alpha=row.params.alpha,
             token_ids=tuple(row.token_ids),
         )
-
-
-def prompt_seed(params: SamplingParams, first_row: int) -> SamplingParams:
-    """Seed of a prompt whose first row is row `first_row` of a seeded multi-prompt request.
-
-    One shared seed would give every prompt the same random draws, correlating their outcomes
-    and making a study's intervals too narrow; so the prompt starting at row r samples from
-    derive_seed(seed, r) (row 0 keeps the seed), and its samples j > 0 derive from that in turn.
-    """
-    if params.seed is None or first_row == 0:
-        return params
-    return dataclasses.replace(params, seed=derive_seed(params.seed, first_row))
-
-
-def sample_seeds(seed: int | None, n: int) -> list[int]:
-    """Seeds of a prompt's n samples: sample 0 keeps a given seed, sample j derives its own."""
-    if seed is None:
-        return [random_seed() for _ in range(n)]
-    return [derive_seed(seed, j) for j in range(n)]
 
 
 def iter_generate(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-_MASK64 = (1 << 64) - 1
+from batchserve.seeds import MASK64, splitmix64
 
 
 def amplify(
@@ -50,23 +50,9 @@ def top_k_top_p_filter(
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def row_uniform(seed: int, step: int) -> float:
     """A uniform in [0, 1) that depends only on (seed, step): the batch-invariance guarantee."""
-    return (_splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 11) * (1.0 / (1 << 53))
-
-
-def derive_seed(seed: int, sample_index: int) -> int:
-    """Seed of sample j > 0 of a prompt: distinct per j, reproducible from (seed, j)."""
-    if sample_index == 0:
-        return seed
-    return _splitmix64(_splitmix64(seed & _MASK64) + sample_index) >> 1  # < 2**63
+    return (splitmix64(splitmix64(seed & MASK64) ^ step) >> 11) * (1.0 / (1 << 53))
 
 
 def sample(

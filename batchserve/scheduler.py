@@ -17,15 +17,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from batchserve.batch import Row
-from batchserve.engine import (
-    EngineRow,
-    GenerationRequest,
-    GenerationResult,
-    LDAEngine,
-    sample_seeds,
-)
+from batchserve.engine import LDAEngine
 from batchserve.metrics import Metrics
+from batchserve.seeds import sample_seeds
+from batchserve.types import EngineRow, GenerationRequest, GenerationResult, Row
 
 log = logging.getLogger(__name__)
 

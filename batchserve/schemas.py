@@ -10,8 +10,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from batchserve.seeds import SEED_MAX
+
 NonEmptyPrompt = Annotated[str, StringConstraints(min_length=1)]
-SEED_MAX = (1 << 63) - 1
 
 
 class _Strict(BaseModel):

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from batchserve.engine import EngineRow, LDAEngine, SamplingParams
+from batchserve.engine import LDAEngine
 from batchserve.models import ModelPair, load_pair, resolve_device, resolve_dtype
+from batchserve.types import EngineRow, SamplingParams
 from bench.shapes import SHAPES, random_pair, weight_bytes
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128)

@@ -8,15 +8,10 @@ import pytest
 import torch
 from tiny_models import SAMPLE_WORDS
 
-from batchserve.engine import (
-    EngineRow,
-    GenerationRequest,
-    LDAEngine,
-    SamplingParams,
-    generate,
-    sample_seeds,
-)
+from batchserve.engine import LDAEngine, generate
 from batchserve.models import ModelPair
+from batchserve.seeds import sample_seeds
+from batchserve.types import EngineRow, GenerationRequest, SamplingParams
 
 PROMPTS = [
     "hello",

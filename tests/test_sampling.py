@@ -7,12 +7,12 @@ import torch
 
 from batchserve.sampling import (
     amplify,
-    derive_seed,
     row_uniform,
     sample,
     sample_reference,
     top_k_top_p_filter,
 )
+from batchserve.seeds import derive_seed
 
 
 def reference_top_p(row: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -7,10 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from batchserve.batch import Row, SamplingParams
-from batchserve.engine import EngineRow, GenerationRequest, GenerationResult
 from batchserve.metrics import Metrics
 from batchserve.scheduler import PromptTooLongError, QueueFullError, Scheduler, SchedulerConfig
+from batchserve.types import EngineRow, GenerationRequest, GenerationResult, Row, SamplingParams
 
 
 class FakeEngine:
@@ -39,7 +38,7 @@ class FakeEngine:
     def admit(self, rows: list[EngineRow]) -> list[Row]:
         self.admissions.append((self.num_steps, [r.row_id for r in rows]))
         for r in rows:
-            self.rows[r.row_id] = Row(r.row_id, r.params, r.seed, len(r.prompt_ids), [1])
+            self.rows[r.row_id] = Row(r.row_id, r.params, r.seed, [1])
         return self._finished()
 
     def step(self) -> list[Row]:

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchserve.engine import GenerationRequest, GenerationResult, SamplingParams, generate
+from batchserve.engine import generate
 from batchserve.models import ModelPair, load_pair
 from batchserve.toy.corpus import is_activated
+from batchserve.types import GenerationRequest, GenerationResult, SamplingParams
 
 TOY_DIR = Path(__file__).parent
 

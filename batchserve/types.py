@@ -1,0 +1,88 @@
+"""Plain data that crosses module boundaries: row parameters, rows, requests, results.
+
+No tensors and no torch import, so the HTTP and CLI layers can use these without the KV code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-row sampling parameters; `seed=None` asks for a random seed at admission."""
+
+    alpha: float = 1.0
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 80
+    ignore_eos: bool = False
+    seed: int | None = None
+    # A row finishes when its decoded text ends with one of these; the stop string is cut off.
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Row:
+    """One sequence being generated; `token_ids` holds exactly its generated tokens."""
+
+    row_id: int
+    params: SamplingParams
+    seed: int
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "length" | "eos" | "stop"
+    # Characters of the decoded completion to keep (a stop string and what follows are cut).
+    text_limit: int | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineRow:
+    """What the scheduler hands the engine for one row: ids and parameters, seed resolved."""
+
+    row_id: int
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt with its parameters; `n` samples share one prefill."""
+
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    n: int = 1
+    system_prompt: str | None = None
+    prompt_format: str | None = None  # None: the engine's default
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    prompt: str
+    formatted_prompt: str
+    completion: str
+    text: str
+    tokens_generated: int
+    stopped_early: bool
+    finish_reason: str
+    seed: int
+    alpha: float
+    token_ids: tuple[int, ...] = ()
+
+    def row_fields(self) -> dict[str, object]:
+        """The per-row fields of the HTTP contract (and of `batchserve generate`'s JSONL)."""
+        return {
+            "prompt": self.prompt,
+            "formatted_prompt": self.formatted_prompt,
+            "completion": self.completion,
+            "text": self.text,
+            "tokens_generated": self.tokens_generated,
+            "stopped_early": self.stopped_early,
+            "finish_reason": self.finish_reason,
+            "seed": self.seed,
+        }
