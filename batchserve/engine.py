@@ -98,6 +98,11 @@ class LDAEngine:
         return len(self.batch) if self.batch is not None else 0
 
     @property
+    def running_rows(self) -> list[Row]:
+        """The rows in the batch now; their `token_ids` grow by one per step (for streaming)."""
+        return list(self.batch.rows) if self.batch is not None else []
+
+    @property
     def running_row_ids(self) -> list[int]:
         return [r.row_id for r in self.batch.rows] if self.batch is not None else []
 
@@ -232,11 +237,21 @@ class LDAEngine:
         eos = self.pair.eos_token_ids
         for row, token in zip(rows, tokens.tolist(), strict=True):
             row.token_ids.append(token)
-            if token in eos and not row.params.ignore_eos:
-                row.finish_reason = "eos"
-            elif len(row.token_ids) >= row.params.max_new_tokens:
-                row.finish_reason = "length"
+            self._check_finished(row, eos)
         return tokens
+
+    def _check_finished(self, row: Row, eos: frozenset[int]) -> None:
+        """EOS, then stop strings, then length: the host-side stop checks after each token."""
+        if row.token_ids[-1] in eos and not row.params.ignore_eos:
+            row.finish_reason = "eos"
+            return
+        if row.params.stop:
+            cut = find_stop(self.decode(row.token_ids), row.params.stop)
+            if cut is not None:
+                row.finish_reason, row.text_limit = "stop", cut
+                return
+        if len(row.token_ids) >= row.params.max_new_tokens:
+            row.finish_reason = "length"
 
     def _retire(self) -> list[Row]:
         if self.batch is None:
@@ -249,19 +264,25 @@ class LDAEngine:
     # --- results ----------------------------------------------------------------------------
 
     def build_result(self, prompt: str, formatted_prompt: str, row: Row) -> GenerationResult:
-        completion = self.decode(row.token_ids)
+        completion = self.decode(row.token_ids)[: row.text_limit]
         return GenerationResult(
             prompt=prompt,
             formatted_prompt=formatted_prompt,
             completion=completion,
             text=formatted_prompt + completion,
             tokens_generated=len(row.token_ids),
-            stopped_early=row.finish_reason == "eos",
+            stopped_early=row.finish_reason in ("eos", "stop"),
             finish_reason=row.finish_reason or "length",
             seed=row.seed,
             alpha=row.params.alpha,
             token_ids=tuple(row.token_ids),
         )
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string starts in text (the completion is cut there), or None."""
+    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
+    return min(hits) if hits else None
 
 
 def iter_generate(

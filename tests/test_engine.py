@@ -245,3 +245,17 @@ def test_cancelled_rows_leave_the_batch(llama_pair: ModelPair) -> None:
     assert engine.running_row_ids == [0, 2]
     engine.cancel([0, 2])
     assert engine.num_running == 0 and engine.batch is None
+
+
+def test_a_stop_string_ends_the_row_and_is_cut_from_the_completion(llama_pair: ModelPair) -> None:
+    probe = generate(llama_pair, [GenerationRequest(PROMPTS[0], GREEDY)])[0]
+    words = probe.completion.split()
+    assert len(words) >= 4
+    stop = words[2]
+    params = dataclasses.replace(GREEDY, stop=(stop,))
+    result = generate(llama_pair, [GenerationRequest(PROMPTS[0], params)])[0]
+    assert result.finish_reason == "stop" and result.stopped_early
+    assert stop not in result.completion
+    assert probe.completion.startswith(result.completion)
+    assert result.completion == probe.completion[: probe.completion.find(stop)]
+    assert result.tokens_generated < probe.tokens_generated
