@@ -17,6 +17,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from batchserve.batch import DynamicKVCache, KVCache, RunningBatch
+from batchserve.logprobs import pad_score_alphas, step_logprobs
 from batchserve.models import ModelPair
 from batchserve.prompts import format_prompt
 from batchserve.sampling import amplify, sample
@@ -27,6 +28,7 @@ from batchserve.types import (
     GenerationResult,
     Row,
     SamplingParams,
+    TokenLogprobs,
 )
 
 __all__ = [
@@ -234,6 +236,8 @@ class LDAEngine:
             seeds=[r.seed for r in rows],
             steps=[len(r.token_ids) for r in rows],
         )
+        if any(r.params.wants_logprobs for r in rows):
+            record_logprobs(rows, logits_after, logits_before, batch, tokens)
         eos = self.pair.eos_token_ids
         for row, token in zip(rows, tokens.tolist(), strict=True):
             row.token_ids.append(token)
@@ -265,6 +269,18 @@ class LDAEngine:
 
     def build_result(self, prompt: str, formatted_prompt: str, row: Row) -> GenerationResult:
         completion = self.decode(row.token_ids)[: row.text_limit]
+        logprobs = None
+        if row.params.wants_logprobs and row.logprob_steps:
+            # The row's only device-to-host copy of its log-probabilities: [tokens, 3 + A].
+            table = torch.stack(row.logprob_steps).double().tolist()
+            num_scores = len(row.params.score_alphas)
+            logprobs = TokenLogprobs(
+                after=tuple(t[0] for t in table),
+                before=tuple(t[1] for t in table),
+                sampled=tuple(t[2] for t in table),
+                score_alphas=row.params.score_alphas,
+                score_sums=tuple(sum(t[3 + j] for t in table) for j in range(num_scores)),
+            )
         return GenerationResult(
             prompt=prompt,
             formatted_prompt=formatted_prompt,
@@ -276,7 +292,51 @@ class LDAEngine:
             seed=row.seed,
             alpha=row.params.alpha,
             token_ids=tuple(row.token_ids),
+            logprobs=logprobs,
         )
+
+
+def record_logprobs(
+    rows: Sequence[Row],
+    logits_after: torch.Tensor,
+    logits_before: torch.Tensor,
+    batch: RunningBatch,
+    tokens: torch.Tensor,
+) -> None:
+    """Append this step's log-probabilities to each asking row, as device tensors.
+
+    Everything here is decided from the rows' host-side parameters or stays on the device, so a
+    step adds no host synchronisation; `build_result` copies a row's steps once, when it is done.
+    """
+    asking = [i for i, r in enumerate(rows) if r.params.wants_logprobs]
+    device = logits_after.device
+    index = torch.tensor(asking, dtype=torch.long).to(device)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if len(asking) == len(rows) else t.index_select(0, index)
+
+    score_alphas, score_mask = pad_score_alphas(
+        [rows[i].params.score_alphas for i in asking], device
+    )
+    out = step_logprobs(
+        pick(logits_after),
+        pick(logits_before),
+        pick(batch.alpha),
+        pick(batch.temperature),
+        pick(batch.top_p),
+        pick(batch.top_k),
+        pick(tokens),
+        score_alphas,
+        score_mask,
+        may_truncate=any(
+            rows[i].params.top_p < 1 or rows[i].params.top_k > 0 for i in asking
+        ),
+    )
+    packed = torch.cat(
+        [out.after[:, None], out.before[:, None], out.sampled[:, None], out.scored], dim=1
+    )
+    for j, i in enumerate(asking):
+        rows[i].logprob_steps.append(packed[j, : 3 + len(rows[i].params.score_alphas)])
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
