@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from batchserve.engine import LDAEngine
+from batchserve.engine import LDAEngine, RowError
 from batchserve.metrics import Metrics
 from batchserve.seeds import sample_seeds
 from batchserve.types import EngineRow, GenerationRequest, GenerationResult, Row
@@ -37,10 +37,11 @@ class QueueFullError(RuntimeError):
 
 
 class PromptTooLongError(ValueError):
-    def __init__(self, index: int, num_tokens: int, max_new_tokens: int, context: int) -> None:
+    def __init__(self, index: int, num_tokens: int, max_new_tokens: int, limit: int) -> None:
         super().__init__(
             f"prompt {index} has {num_tokens} tokens; with max_new_tokens={max_new_tokens} that is "
-            f"{num_tokens + max_new_tokens}, beyond the models' context of {context} tokens"
+            f"{num_tokens + max_new_tokens}, beyond the {limit} tokens a row can hold "
+            "(the models' context and the KV store)"
         )
         self.index = index
 
@@ -129,9 +130,9 @@ class Scheduler:
         """Format and tokenize on the caller's thread (no model involved); checks the context."""
         formatted = self.engine.format(request.prompt, request.system_prompt, request.prompt_format)
         ids = tuple(self.engine.encode(formatted, request.prompt_format))
-        context = self.engine.pair.max_context
-        if len(ids) + request.params.max_new_tokens > context:
-            raise PromptTooLongError(index, len(ids), request.params.max_new_tokens, context)
+        limit = self.engine.max_row_tokens
+        if len(ids) + request.params.max_new_tokens > limit:
+            raise PromptTooLongError(index, len(ids), request.params.max_new_tokens, limit)
         return PreparedPrompt(request.prompt, formatted, ids)
 
     def submit(
@@ -234,17 +235,54 @@ class Scheduler:
                 if batch is None:
                     continue
             try:
-                finished = self.engine.admit(batch) if batch else []
-                self.metrics.rows_admitted.inc(len(batch))
+                finished = self._admit(batch) if batch else []
                 if self.engine.num_running:
                     self.metrics.batch_size.observe(self.engine.num_running)
-                    finished += self.engine.step()
+                    finished += self._step()
                     self.metrics.steps.inc()
             except Exception as err:  # noqa: BLE001 - one bad batch must not kill the server
-                log.exception("engine failed; failing the requests in the batch")
+                log.exception("engine failed twice in a row; failing the requests in the batch")
                 self._fail_running(err)
                 continue
             self._collect(finished)
+
+    def _admit(self, rows: list[EngineRow]) -> list[Row]:
+        """Admit rows; a row that fails alone fails its own request, never its neighbours'.
+
+        The engine changes nothing when admission raises, so on an unattributed failure each
+        row is retried alone to find the culprit.
+        """
+        if not rows:
+            return []
+        try:
+            finished = self.engine.admit(rows)
+        except RowError as err:
+            log.warning("refusing rows %s: %s", err.row_ids, err)
+            self._fail_rows(err.row_ids, err)
+            return self._admit(self._still_owned(rows))
+        except Exception as err:  # noqa: BLE001 - isolate the row that caused it
+            if len(rows) == 1:
+                log.exception("admitting row %d failed", rows[0].row_id)
+                self._fail_rows([rows[0].row_id], err)
+                return []
+            log.warning("admitting %d rows failed (%s); admitting them one by one", len(rows), err)
+            # A failed row fails its whole request, so its siblings are skipped.
+            return [row for r in rows for row in self._admit(self._still_owned([r]))]
+        self.metrics.rows_admitted.inc(len(rows))
+        return finished
+
+    def _still_owned(self, rows: list[EngineRow]) -> list[EngineRow]:
+        """Rows whose request has not failed or been cancelled meanwhile."""
+        with self._cond:
+            return [r for r in rows if r.row_id in self._row_owner]
+
+    def _step(self) -> list[Row]:
+        """One decode step, retried once: a failed step changed nothing in the engine."""
+        try:
+            return self.engine.step()
+        except Exception as err:  # noqa: BLE001
+            log.warning("decode step failed (%s: %s); retrying it once", type(err).__name__, err)
+            return self.engine.step()
 
     def _next_admission(self) -> list[EngineRow] | None:
         """Rows to admit now (maybe none, with rows running); None after waiting for work."""
@@ -284,9 +322,16 @@ class Scheduler:
         step = self.engine.num_steps
         now = time.monotonic()
         limit_prefill = self.config.mode == "continuous"
+        room = min(room, self.engine.num_free_slots)
+        free_blocks = self.engine.num_free_blocks
         while self._waiting and len(taken) < room:
             state = self._waiting[0]
             row = state.pending[0]
+            # KV blocks are reserved for a row's whole length at admission; a row that does not
+            # fit now waits, and so does everything behind it (first in, first admitted).
+            blocks = self.engine.blocks_needed(len(row.prompt_ids), row.params.max_new_tokens)
+            if blocks > free_blocks:
+                break
             if row.prompt_ids not in prompts_seen:
                 cost = len(row.prompt_ids)
                 if (
@@ -297,6 +342,7 @@ class Scheduler:
                     break
                 prompts_seen.add(row.prompt_ids)
                 prefill_tokens += cost
+            free_blocks -= blocks
             taken.append(state.pending.popleft())
             if state.admitted_step is None:
                 state.admitted_step, state.admitted_at = step, now
@@ -337,6 +383,11 @@ class Scheduler:
         self._cond.notify_all()
 
     def _collect(self, finished: list[Row]) -> None:
+        failed = [row for row in finished if row.error]
+        if failed:
+            for row in failed:
+                self._fail_rows([row.row_id], RuntimeError(row.error))
+            finished = [row for row in finished if not row.error]
         done: list[_Request] = []
         with self._cond:
             for row in finished:
@@ -373,6 +424,28 @@ class Scheduler:
     def _fail(self, state: _Request, err: Exception) -> None:
         if not state.loop.is_closed():
             state.loop.call_soon_threadsafe(_set_exception, state.future, err)
+
+    def _fail_rows(self, row_ids: list[int], err: Exception) -> None:
+        """Fail the requests that own these rows; their other rows leave the batch or queue."""
+        with self._cond:
+            owners = {
+                self._row_owner[rid].request_id: self._row_owner[rid]
+                for rid in row_ids
+                if rid in self._row_owner
+            }
+            for state in owners.values():
+                if state.pending:
+                    self._num_waiting_rows -= len(state.pending)
+                    state.pending.clear()
+                    if state in self._waiting:
+                        self._waiting.remove(state)
+                self.engine.cancel(state.row_prompt)
+                self._forget(state)
+            self.metrics.errors.labels(kind="row").inc(len(owners))
+            self.metrics.queue_rows.set(self._num_waiting_rows)
+            self.metrics.running_rows.set(self.engine.num_running)
+        for state in owners.values():
+            self._fail(state, EngineFailedError(f"generation failed for this request: {err}"))
 
     def _fail_running(self, err: Exception) -> None:
         with self._cond:

@@ -31,9 +31,10 @@ class Row:
     params: SamplingParams
     seed: int
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "length" | "eos" | "stop"
+    finish_reason: str | None = None  # "length" | "eos" | "stop" | "error"
     # Characters of the decoded completion to keep (a stop string and what follows are cut).
     text_limit: int | None = None
+    error: str | None = None  # why the row failed (finish_reason "error"); its request fails
 
     @property
     def is_finished(self) -> bool:
