@@ -248,6 +248,7 @@ class LDAEngine:
             [min(p.top_k, self.pair.vocab_limit) for p in params],
             vocab=self.pair.vocab_limit,
             cap=self.runner.config.top_k_cap,
+            sync_free=self.runner.sync_free,
         )
 
     def _append(self, row: Row, token: int) -> None:

@@ -49,6 +49,8 @@ class RunnerConfig:
     gpu_memory_fraction: float = 0.9
     block_size: int = DEFAULT_BLOCK_SIZE
     top_k_cap: int = DEFAULT_TOP_K_CAP
+    # Sampling never reads the device back (see SamplingPlan.sync_free); None: on CUDA only.
+    sync_free: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_slots < 1 or self.block_size < 1 or self.top_k_cap < 1:
@@ -172,8 +174,12 @@ def slot_attention(
     else:
         key_store.index_copy_(0, layout.write_index, key[:, :, 0])
         value_store.index_copy_(0, layout.write_index, value[:, :, 0])
-        keys = key_store[layout.read_index].transpose(1, 2)  # [B, heads, L, dim]
-        values = value_store[layout.read_index].transpose(1, 2)
+        # index_select of the flattened index: 3x faster than advanced indexing on the CPU.
+        rows, length = layout.read_index.shape
+        flat = layout.read_index.view(-1)
+        keys = key_store.index_select(0, flat).view(rows, length, *key_store.shape[1:])
+        values = value_store.index_select(0, flat).view(rows, length, *value_store.shape[1:])
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, heads, L, dim]
     out = F.scaled_dot_product_attention(
         query,
         keys,
@@ -241,6 +247,8 @@ class ModelRunner:
         self.config = config or RunnerConfig()
         self.device = pair.device
         self.vocab = pair.vocab_limit
+        sync_free = self.config.sync_free
+        self.sync_free = self.device.type == "cuda" if sync_free is None else sync_free
         self.num_host_transfers = 0  # device-to-host copies made by `to_host` (tests count them)
         models = (pair.after, pair.before)
         shapes = [self._probe_shapes(m) for m in models]
@@ -323,6 +331,7 @@ class ModelRunner:
             "max_slots": self.config.max_slots,
             "max_row_tokens": self.max_row_tokens,
             "top_k_cap": self.config.top_k_cap,
+            "sync_free_sampling": self.sync_free,
             "attention": ATTENTION_NAME,
         }
 

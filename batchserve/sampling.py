@@ -77,14 +77,22 @@ class SamplingPlan:
 
     `any_greedy`: some row is greedy; `all_greedy`: every row is (argmax only); `needs_filter`:
     some row has top_p < 1 or a top-k; `needs_fallback`: some row's top-k or nucleus may exceed
-    the cap (top_p < 1 without a top-k within the cap, or a top-k above the cap).
+    the cap (top_p < 1 without a top-k within the cap, or a top-k above the cap);
+    `needs_top_k_search`: some row's top-k is above the cap (its cut-off must be searched too).
+
+    `sync_free`: the fallback runs for every row whenever it may be needed (a radix search, no
+    sort, nothing read back), as a GPU step must. Without it (on the CPU, where reading a flag
+    costs nothing and sorting a small vocabulary is cheap) the fallback runs only when some row
+    needs it, and only on those rows, by a full sort.
     """
 
     any_greedy: bool = False
     all_greedy: bool = False
     needs_filter: bool = True
     needs_fallback: bool = True
+    needs_top_k_search: bool = True
     cap: int = DEFAULT_TOP_K_CAP
+    sync_free: bool = True
 
     @classmethod
     def for_rows(
@@ -94,6 +102,7 @@ class SamplingPlan:
         top_ks: list[int],
         vocab: int,
         cap: int = DEFAULT_TOP_K_CAP,
+        sync_free: bool = True,
     ) -> SamplingPlan:
         cap = max(1, min(cap, vocab))
         greedy = [t < GREEDY_TEMPERATURE for t in temperatures]
@@ -110,7 +119,11 @@ class SamplingPlan:
             all_greedy=bool(greedy) and all(greedy),
             needs_filter=any(filtering),
             needs_fallback=any(fallback),
+            needs_top_k_search=any(
+                f and cap < k < vocab for f, k in zip(filtering, top_ks, strict=True)
+            ),
             cap=cap,
+            sync_free=sync_free,
         )
 
 
@@ -134,19 +147,25 @@ def _smallest_true(
     return (lo + 1).clamp_(0, _MAX_FLOAT_BITS).to(torch.int32).view(torch.float32)
 
 
-def exact_keep_mask(probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def exact_keep_mask(
+    probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor, search_top_k: bool = True
+) -> torch.Tensor:
     """The kept set of the full-sort definition for any row, without a sort or a cap.
 
     Top-k keeps the tokens with p >= the k-th largest p (the smallest t with fewer than k
     tokens above it). The nucleus keeps a token iff the mass of strictly more likely tokens in
     the top-k set is below top_p of that set's mass: again a threshold, found the same way.
+    `search_top_k=False` when no row's top-k is above the cap (rows within it are exact already).
     """
     rows = probs.unsqueeze(1)  # [B, 1, V] against [B, 3, 1] candidates
 
     def fewer_than_k_above(t: torch.Tensor) -> torch.Tensor:
         return (rows > t.unsqueeze(-1)).sum(-1) < k.unsqueeze(-1)
 
-    in_k = probs >= _smallest_true(probs, fewer_than_k_above).unsqueeze(-1)
+    if search_top_k:
+        in_k = probs >= _smallest_true(probs, fewer_than_k_above).unsqueeze(-1)
+    else:
+        in_k = torch.ones_like(probs, dtype=torch.bool)
     in_k_probs = (probs * in_k).unsqueeze(1)
     target = (top_p * (probs * in_k).sum(-1)).unsqueeze(-1)  # [B, 1]
 
@@ -155,6 +174,18 @@ def exact_keep_mask(probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor) -
         return above < target
 
     return in_k & (probs >= _smallest_true(probs, mass_above_below_target).unsqueeze(-1))
+
+
+def sorted_keep_mask(probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The kept set by a full sort of each row (the CPU fallback, for the rows that need it)."""
+    values, index = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1], device=probs.device)
+    in_k = ranks < k.unsqueeze(-1)
+    values = values * in_k
+    normed = values / values.sum(-1, keepdim=True)
+    keep_ranks = in_k & ((normed.cumsum(-1) - normed) < top_p.unsqueeze(-1))
+    keep_ranks[:, 0] = True
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, keep_ranks)
 
 
 def capped_keep_mask(
@@ -200,8 +231,12 @@ def sample(
     if plan.needs_filter:
         k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
         keep, is_exact = capped_keep_mask(probs, top_p, k, plan.cap)
-        if plan.needs_fallback:
-            keep = torch.where(is_exact.unsqueeze(-1), keep, exact_keep_mask(probs, top_p, k))
+        if plan.needs_fallback and plan.sync_free:
+            exact = exact_keep_mask(probs, top_p, k, plan.needs_top_k_search)
+            keep = torch.where(is_exact.unsqueeze(-1), keep, exact)
+        elif plan.needs_fallback and not bool(is_exact.all()):
+            rows = (~is_exact).nonzero().squeeze(-1)
+            keep[rows] = sorted_keep_mask(probs[rows], top_p[rows], k[rows])
         keeps_all = (top_p >= 1.0) & (k >= vocab)
         probs = torch.where(keep | keeps_all.unsqueeze(-1), probs, torch.zeros_like(probs))
     # float64 CDF so the last bucket's edge does not round below the uniform draw.

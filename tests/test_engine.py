@@ -339,7 +339,8 @@ class _SyncCounter(TorchDispatchMode):
     ],
 )
 def test_a_decode_step_reads_the_device_back_exactly_once(llama_pair, params) -> None:
-    engine = LDAEngine(llama_pair, runner_config=RunnerConfig(top_k_cap=4))  # fallback runs too
+    # The GPU's sampling path (sync_free) on the CPU, with a cap so small the fallback runs.
+    engine = LDAEngine(llama_pair, runner_config=RunnerConfig(top_k_cap=4, sync_free=True))
     engine.admit(rows_for(engine, PROMPTS, params))
     engine.admit(rows_for(engine, PROMPTS[:2], dataclasses.replace(params, alpha=-0.5), start=10))
     for _ in range(3):

@@ -72,8 +72,11 @@ def test_a_nucleus_larger_than_the_cap_is_flagged_for_the_fallback() -> None:
     assert bool(is_exact[0])
 
 
+@pytest.mark.parametrize("sync_free", [True, False], ids=["radix-fallback", "sorted-fallback"])
 @pytest.mark.parametrize("cap", [4, 32, 200])
-def test_capped_sampling_draws_exactly_the_full_sort_references_tokens(cap: int) -> None:
+def test_capped_sampling_draws_exactly_the_full_sort_references_tokens(
+    cap: int, sync_free: bool
+) -> None:
     """Mixed rows, small caps: many rows take the exact fallback; every draw must match."""
     rng = random.Random(cap)
     torch.manual_seed(cap)
@@ -86,7 +89,7 @@ def test_capped_sampling_draws_exactly_the_full_sort_references_tokens(cap: int)
         top_k = [rng.choice([0, 0, 5, 50, 150, 199, 200]) for _ in range(rows)]
         seeds = [rng.randrange(SEED_MAX) for _ in range(rows)]
         steps = [rng.randrange(500) for _ in range(rows)]
-        plan = SamplingPlan.for_rows(temperature, top_p, top_k, vocab, cap=cap)
+        plan = SamplingPlan.for_rows(temperature, top_p, top_k, vocab, cap, sync_free)
         tokens = sample(
             logits,
             torch.tensor(temperature),
