@@ -251,6 +251,11 @@ class ModelRunner:
         self.sync_free = self.device.type == "cuda" if sync_free is None else sync_free
         self.num_host_transfers = 0  # device-to-host copies made by `to_host` (tests count them)
         models = (pair.after, pair.before)
+        if self.device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+            # cuDNN's SDPA re-plans for every new KV length: 2 ms of host time per call was
+            # measured on an H200, more than a whole 7B decode step's weight streaming.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            log.info("cuDNN attention disabled: it re-plans for every KV length")
         shapes = [self._probe_shapes(m) for m in models]
         for model in models:
             model.set_attn_implementation(ATTENTION_NAME)
