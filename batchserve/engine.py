@@ -6,11 +6,11 @@ thread, and `generate` runs a list of requests to completion for library and off
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
 import threading
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -20,12 +20,15 @@ from batchserve.models import ModelPair
 from batchserve.prompts import format_prompt
 from batchserve.runner import ModelRunner, RunnerConfig, SlotParams
 from batchserve.sampling import SamplingPlan
-from batchserve.seeds import SEED_MAX, sample_seeds
+from batchserve.scheduler import SchedulerConfig, SchedulerCore, engine_rows, prepare_prompt
+from batchserve.seeds import SEED_MAX
 from batchserve.types import (
+    Capacity,
     EngineRow,
     GenerationRequest,
     GenerationResult,
     Row,
+    RowError,
     SamplingParams,
 )
 
@@ -42,14 +45,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class RowError(RuntimeError):
-    """A failure that belongs to particular rows: their requests fail, the others go on."""
-
-    def __init__(self, row_ids: Sequence[int], message: str) -> None:
-        super().__init__(message)
-        self.row_ids = list(row_ids)
 
 
 class LDAEngine:
@@ -123,9 +118,17 @@ class LDAEngine:
         """Prompt + max_new_tokens of one row can never exceed this (context and KV store)."""
         return self.runner.max_row_tokens
 
+    def capacity(self) -> Capacity:
+        return Capacity(
+            num_running=len(self.slots),
+            num_free_slots=self.num_free_slots,
+            num_free_blocks=self.num_free_blocks,
+            block_size=self.runner.blocks.block_size,
+            step=self.num_steps,
+        )
+
     def blocks_needed(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
-        """KV blocks a row reserves at admission (its whole length, so it never runs out)."""
-        return self.runner.blocks.blocks_for(num_prompt_tokens + max_new_tokens)
+        return self.capacity().blocks_needed(num_prompt_tokens, max_new_tokens)
 
     def info(self) -> dict[str, object]:
         return self.runner.info()
@@ -328,47 +331,43 @@ def iter_generate(
     max_batch_size: int = 64,
     prompt_format: str = "alpaca",
     runner_config: RunnerConfig | None = None,
+    max_prefill_tokens: int = 8192,
 ) -> Iterator[tuple[int, GenerationResult]]:
     """Run requests with continuous batching; yield (row index, result) as rows finish.
 
     Row indices count the n samples of each request in order, so a caller can write results
-    as they arrive and still restore input order. Rows are admitted in order as slots and KV
-    blocks free up; a row that could never fit raises ValueError before anything runs.
+    as they arrive and still restore input order. The server's scheduler core plans the
+    admissions (slots, KV blocks, prefill cap, first in first admitted), and a prompt that
+    could never fit raises `PromptTooLongError` (a ValueError) before anything runs.
     """
     config = runner_config or RunnerConfig(max_slots=max_batch_size)
     engine = LDAEngine(pair, prompt_format=prompt_format, runner_config=config)
-    rows: list[EngineRow] = []
-    meta: list[tuple[str, str]] = []
+    core = SchedulerCore(
+        SchedulerConfig(
+            max_batch_size=config.max_slots,
+            max_wait_ms=0,
+            max_queue_rows=max(1, sum(r.n for r in requests)),
+            max_prefill_tokens=max_prefill_tokens,
+        )
+    )
+    row_ids = itertools.count()
+    meta: dict[int, tuple[str, str]] = {}
     for index, request in enumerate(requests):
-        formatted = engine.format(request.prompt, request.system_prompt, request.prompt_format)
-        ids = tuple(engine.encode(formatted, request.prompt_format))
-        if len(ids) + request.params.max_new_tokens > engine.max_row_tokens:
-            raise ValueError(
-                f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
-                f"{request.params.max_new_tokens} that is beyond the {engine.max_row_tokens} "
-                "tokens a row can hold (context and KV store)"
-            )
-        for seed in sample_seeds(request.params.seed, request.n):
-            rows.append(EngineRow(len(rows), ids, request.params, seed))
-            meta.append((request.prompt, formatted))
-    queue = deque(rows)
-    while queue or engine.num_running:
-        finished: list[Row] = []
-        admit: list[EngineRow] = []
-        free_blocks = engine.num_free_blocks
-        while queue and len(admit) < engine.num_free_slots:
-            need = engine.blocks_needed(len(queue[0].prompt_ids), queue[0].params.max_new_tokens)
-            if need > free_blocks:
-                break
-            free_blocks -= need
-            admit.append(queue.popleft())
-        finished += engine.admit(admit)
+        prompt = prepare_prompt(engine, request, index)
+        rows, _ = engine_rows([request], [prompt], row_ids)
+        core.add(index, rows, now=0.0)
+        meta.update((row.row_id, (prompt.prompt, prompt.formatted_prompt)) for row in rows)
+    while core.has_requests:
+        plan = core.schedule(engine.capacity(), now=0.0)
+        finished = engine.admit(plan.admit)
         finished += engine.step()
         for row in finished:
             if row.error:
                 raise RuntimeError(f"row {row.row_id} failed: {row.error}")
-            prompt, formatted = meta[row.row_id]
-            yield row.row_id, engine.build_result(prompt, formatted, row)
+        for done in core.update(finished):
+            for row in done.rows:
+                prompt, formatted = meta[row.row_id]
+                yield row.row_id, engine.build_result(prompt, formatted, row)
 
 
 def generate(

@@ -30,6 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from batchserve.models import ModelPair
 from batchserve.sampling import DEFAULT_TOP_K_CAP, SamplingPlan, amplify, sample
+from batchserve.types import kv_blocks
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ class BlockPool:
         return (self.num_blocks - 1) * self.block_size
 
     def blocks_for(self, num_tokens: int) -> int:
-        return max(1, math.ceil(num_tokens / self.block_size))
+        return kv_blocks(num_tokens, self.block_size)
 
     def allocate(self, num_blocks: int) -> list[int]:
         if num_blocks > len(self._free):

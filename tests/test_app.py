@@ -267,7 +267,7 @@ async def test_cancelled_request_frees_its_rows(llama_pair: ModelPair) -> None:
             )
         )
         await wait_until(lambda: scheduler.engine.num_running == 4)
-        request_id = next(iter(scheduler._active))
+        (request_id,) = scheduler.request_ids
         scheduler.cancel(request_id)
         await wait_until(lambda: scheduler.engine.num_running == 0)
         task.cancel()

@@ -1,4 +1,4 @@
-"""The scheduler's admission policy, against a fake engine (no tensors, no models)."""
+"""The scheduler: its core by hand (no thread, no clock), its shell against a fake engine."""
 
 from __future__ import annotations
 
@@ -14,8 +14,16 @@ from batchserve.scheduler import (
     QueueFullError,
     Scheduler,
     SchedulerConfig,
+    SchedulerCore,
 )
-from batchserve.types import EngineRow, GenerationRequest, GenerationResult, Row, SamplingParams
+from batchserve.types import (
+    Capacity,
+    EngineRow,
+    GenerationRequest,
+    GenerationResult,
+    Row,
+    SamplingParams,
+)
 
 
 class FakeEngine:
@@ -33,6 +41,11 @@ class FakeEngine:
     @property
     def num_free_slots(self) -> int:
         return self.slots - len(self.rows)
+
+    def capacity(self) -> Capacity:
+        return Capacity(
+            len(self.rows), self.num_free_slots, self.num_free_blocks, 1, self.num_steps
+        )
 
     @property
     def num_free_blocks(self) -> int:
@@ -278,3 +291,89 @@ async def test_a_row_that_errors_in_a_step_fails_only_its_own_request() -> None:
         await asyncio.to_thread(scheduler.shutdown, 5)
     assert isinstance(results[1], EngineFailedError) and "stop check raised" in str(results[1])
     assert [r.results[0].tokens_generated for r in (results[0], results[2])] == [6, 6]
+
+
+# --- the core, by hand: no thread, no clock, no engine --------------------------------------
+
+
+def rows_of(start: int, prompt: str, n: int = 1, max_new_tokens: int = 4) -> list[EngineRow]:
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    ids = tuple(ord(c) for c in prompt)
+    return [EngineRow(start + j, ids, params, seed=start + j) for j in range(n)]
+
+
+def finish(rows: list[EngineRow]) -> list[Row]:
+    return [Row(r.row_id, r.params, r.seed, [1] * r.params.max_new_tokens, "length") for r in rows]
+
+
+def capacity(running: int = 0, slots: int = 8, blocks: int = 1000, step: int = 0) -> Capacity:
+    return Capacity(running, slots - running, blocks, block_size=4, step=step)
+
+
+def test_core_admits_first_in_first_out_up_to_the_batch_and_the_free_slots() -> None:
+    core = SchedulerCore(SchedulerConfig(max_batch_size=3, max_wait_ms=0))
+    core.add(0, rows_of(0, "a"), now=0)
+    core.add(1, rows_of(1, "b", n=2), now=0)
+    core.add(2, rows_of(3, "c"), now=0)
+    plan = core.schedule(capacity(), now=0)
+    assert [r.row_id for r in plan.admit] == [0, 1, 2] and plan.wait_s is None
+    assert core.num_waiting_rows == 1
+    assert core.schedule(capacity(running=3, slots=3), now=0).admit == []  # no free slot
+    done = core.update(finish(plan.admit))
+    assert [(d.request_id, [r.row_id for r in d.rows]) for d in done] == [(0, [0]), (1, [1, 2])]
+    assert [r.row_id for r in core.schedule(capacity(), now=1).admit] == [3]
+
+
+def test_core_waits_for_kv_blocks_in_order() -> None:
+    core = SchedulerCore(SchedulerConfig(max_batch_size=8, max_wait_ms=0))
+    core.add(0, rows_of(0, "x" * 8, max_new_tokens=8), now=0)  # 16 tokens = 4 blocks
+    core.add(1, rows_of(1, "y"), now=0)  # small, but behind a row that does not fit
+    assert core.schedule(capacity(running=1, blocks=3), now=0).admit == []
+    assert [r.row_id for r in core.schedule(capacity(running=1, blocks=5), now=0).admit] == [0]
+    assert [r.row_id for r in core.schedule(capacity(running=1, blocks=2), now=0).admit] == [1]
+
+
+def test_core_gives_an_idle_first_group_max_wait_ms_to_gather() -> None:
+    core = SchedulerCore(SchedulerConfig(max_batch_size=4, max_wait_ms=50))
+    assert core.schedule(capacity(), now=0).wait_s == pytest.approx(0.1)  # nothing at all
+    core.add(0, rows_of(0, "a"), now=10.0)
+    plan = core.schedule(capacity(), now=10.02)
+    assert plan.admit == [] and plan.wait_s == pytest.approx(0.03)
+    plan = core.schedule(capacity(), now=10.06)
+    assert [r.row_id for r in plan.admit] == [0] and plan.queue_waits_s == [pytest.approx(0.06)]
+
+
+def test_core_static_and_serial_modes_never_join_a_running_batch() -> None:
+    for mode in ("static", "serial"):
+        core = SchedulerCore(SchedulerConfig(mode=mode, max_batch_size=8, max_wait_ms=0))
+        core.add(0, rows_of(0, "a", n=2), now=0)
+        core.add(1, rows_of(2, "b"), now=0)
+        first = core.schedule(capacity(), now=0).admit
+        assert [r.row_id for r in first] == ([0, 1] if mode == "serial" else [0, 1, 2])
+        assert core.schedule(capacity(running=len(first)), now=0).admit == []
+
+
+def test_core_caps_prefill_tokens_but_one_prompt_always_goes() -> None:
+    core = SchedulerCore(SchedulerConfig(max_batch_size=8, max_prefill_tokens=10, max_wait_ms=0))
+    core.add(0, rows_of(0, "x" * 6), now=0)
+    core.add(1, rows_of(1, "y" * 6), now=0)
+    core.add(2, rows_of(2, "z" * 30, n=2), now=0)
+    assert [r.row_id for r in core.schedule(capacity(), now=0).admit] == [0]
+    assert [r.row_id for r in core.schedule(capacity(running=1), now=0).admit] == [1]
+    assert [r.row_id for r in core.schedule(capacity(running=2), now=0).admit] == [2, 3]
+
+
+def test_core_abort_forgets_waiting_and_running_rows() -> None:
+    core = SchedulerCore(SchedulerConfig(max_batch_size=1, max_wait_ms=0))
+    core.add(0, rows_of(0, "a", n=3), now=0)
+    admitted = core.schedule(capacity(), now=0).admit
+    assert core.abort(0) == (2, [0, 1, 2])
+    assert core.num_waiting_rows == 0 and not core.has_requests
+    assert core.update(finish(admitted)) == []  # a late finished row of an aborted request
+
+
+def test_core_refuses_rows_beyond_the_queue_limit() -> None:
+    core = SchedulerCore(SchedulerConfig(max_queue_rows=2))
+    core.add(0, rows_of(0, "a", n=2), now=0)
+    with pytest.raises(QueueFullError):
+        core.add(1, rows_of(2, "b"), now=0)
