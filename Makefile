@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-gpu lint demo bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
+
+# The GPU tests alone (skipped without CUDA); PY=python3 uses an existing environment.
+PY_GPU ?= $(PY)
+test-gpu:
+	$(PY_GPU) -m pytest -q -m gpu -rs tests/test_gpu.py
 
 # Serial vs static vs continuous on the toy pair, issue 6's three target workloads side by side.
 bench: setup

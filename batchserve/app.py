@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchserve import __version__
-from batchserve.engine import LDAEngine
+from batchserve.engine import LDAEngine, RunnerConfig
 from batchserve.metrics import Metrics
 from batchserve.models import ModelPair
 from batchserve.scheduler import (
@@ -61,6 +61,13 @@ class ServerConfig:
     max_samples_per_prompt: int = 64
     request_timeout_s: float = 600.0
     shutdown_timeout_s: float = 30.0
+    # KV store and slots; None: one slot per scheduler batch row, default KV sizing.
+    runner: RunnerConfig | None = None
+
+    def runner_config(self) -> RunnerConfig:
+        if self.runner is not None:
+            return dataclasses.replace(self.runner, max_slots=self.scheduler.max_batch_size)
+        return RunnerConfig(max_slots=self.scheduler.max_batch_size)
 
 
 class APIError(Exception):
@@ -338,6 +345,7 @@ async def info(request: Request) -> Response:
             },
             "prompt_format": config.prompt_format,
             "scheduler": asdict(config.scheduler),
+            "engine": request.app.state.engine_info,
             "limits": {
                 "max_new_tokens_limit": config.max_new_tokens_limit,
                 "max_prompts_per_request": config.max_prompts_per_request,
@@ -444,10 +452,13 @@ def create_app(
     app_metrics = Metrics()
 
     def start_serving(app: Starlette, loaded: ModelPair) -> None:
-        engine = LDAEngine(loaded, prompt_format=config.prompt_format)
+        engine = LDAEngine(
+            loaded, prompt_format=config.prompt_format, runner_config=config.runner_config()
+        )
         scheduler = Scheduler(engine, config.scheduler, app_metrics)
         scheduler.start()
         app.state.pair = loaded
+        app.state.engine_info = engine.info()
         app.state.scheduler = scheduler
         log.info(
             "serving %s (after) vs %s (before) on %s in %s; scheduler %s; tokenizers: %s",

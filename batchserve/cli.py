@@ -104,6 +104,36 @@ def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
         choices=PROMPT_FORMATS,
         help="how prompts are wrapped: alpaca, chat (the tokenizer's template) or raw (default: %(default)s)",
     )
+    kv = parser.add_argument_group("KV store (allocated once at start-up; /info reports it)")
+    kv.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=env("KV_CACHE_TOKENS", None, int),
+        help="tokens the KV store holds for all running rows together; a row reserves its "
+        "prompt + max_new_tokens at admission and waits while they do not fit (default: on "
+        "CUDA from --gpu-memory-fraction, on the CPU max batch size x min(context, 2048))",
+    )
+    kv.add_argument(
+        "--gpu-memory-fraction",
+        type=float,
+        default=env("GPU_MEMORY_FRACTION", 0.9, float),
+        help="share of the GPU's memory the server may use, weights included; the KV store "
+        "takes what the weights and 1 GiB of activations leave (default: %(default)s)",
+    )
+
+
+def runner_config(args: argparse.Namespace):
+    """The runner's sizes from the command line (slots = the batch size)."""
+    from batchserve.runner import RunnerConfig
+
+    try:
+        return RunnerConfig(
+            max_slots=args.max_batch_size,
+            kv_cache_tokens=args.kv_cache_tokens,
+            gpu_memory_fraction=args.gpu_memory_fraction,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def configure_threads(threads: str, device: str) -> None:
@@ -298,6 +328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_samples_per_prompt=args.max_samples_per_prompt,
         request_timeout_s=args.request_timeout_s,
         shutdown_timeout_s=args.shutdown_timeout_s,
+        runner=runner_config(args),
     )
     log.info("batchserve %s: %s", __version__, {k: v for k, v in vars(args).items() if k != "func"})
     configure_threads(args.threads, args.device)
@@ -473,7 +504,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             total=total, desc="generate", unit="row", file=sys.stderr, disable=args.no_progress
         ) as bar:
             for index, result in iter_generate(
-                pair, requests, max_batch_size=args.max_batch_size, prompt_format=args.prompt_format
+                pair,
+                requests,
+                prompt_format=args.prompt_format,
+                runner_config=runner_config(args),
             ):
                 request = requests[request_of_row[index]]
                 held[index] = {

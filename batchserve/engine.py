@@ -6,27 +6,30 @@ thread, and `generate` runs a list of requests to completion for library and off
 
 from __future__ import annotations
 
-import inspect
+import itertools
+import logging
+import math
 import sys
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel
 
-from batchserve.batch import DynamicKVCache, KVCache, RunningBatch
 from batchserve.logprobs import pad_score_alphas, step_logprobs
 from batchserve.models import ModelPair
 from batchserve.prompts import format_prompt
-from batchserve.sampling import amplify, sample
-from batchserve.seeds import sample_seeds
+from batchserve.runner import ModelRunner, RunnerConfig, SlotParams
+from batchserve.sampling import SamplingPlan
+from batchserve.scheduler import SchedulerConfig, SchedulerCore, engine_rows, prepare_prompt
+from batchserve.seeds import SEED_MAX
 from batchserve.types import (
+    Capacity,
     EngineRow,
     GenerationRequest,
     GenerationResult,
     Row,
+    RowError,
     SamplingParams,
     TokenLogprobs,
 )
@@ -36,37 +39,44 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "LDAEngine",
+    "RowError",
+    "RunnerConfig",
     "SamplingParams",
     "generate",
     "iter_generate",
 ]
 
-def _cache_kwarg(model: PreTrainedModel) -> str:
-    # transformers 5.2x renamed `past_key_values` to `cache`; older 5.x only knows the former.
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+log = logging.getLogger(__name__)
 
 
 class LDAEngine:
-    """Owns the running batch. Only one thread may call it (the scheduler's worker)."""
+    """Rows in slots, stop checks and results; drives the runner. One thread only (the worker).
+
+    The occupied slots are always the prefix 0..B-1: a finished row's slot takes the last row,
+    so the runner steps `slots[:B]` and never sees a gap.
+    """
 
     def __init__(
         self,
         pair: ModelPair,
         *,
         prompt_format: str = "alpaca",
-        kv_cache_factory: Callable[[], KVCache] = DynamicKVCache,
+        runner_config: RunnerConfig | None = None,
     ) -> None:
         self.pair = pair
         self.tokenizer = pair.tokenizer
         self.prompt_format = prompt_format
-        self.kv_cache_factory = kv_cache_factory
-        self.batch: RunningBatch | None = None
+        self.runner = ModelRunner(pair, runner_config)
+        self.slots: list[Row] = []  # slots[i] is the row in slot i
+        self._lengths: list[int] = []  # tokens in the KV store per slot (the next position)
+        self._blocks: list[list[int]] = []  # KV blocks per slot
+        self._plan: SamplingPlan | None = None  # of the rows in slots; None after a change
+        # The slots' padded score_alphas, valid for the plan object they were built with.
+        self._scores: tuple[SamplingPlan, torch.Tensor, torch.Tensor] | None = None
         self.num_steps = 0  # decode steps run so far (admission order evidence for tests)
         # The logits behind the latest draw: (row ids, after [B, V], before [B, V]). Kept by
         # reference only, for tests and debugging; costs nothing.
         self.last_logits: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
-        self._cache_kwargs = (_cache_kwarg(pair.after), _cache_kwarg(pair.before))
         # The server encodes on the event loop while the worker decodes; a Rust tokenizer
         # borrowed by two threads at once can raise "Already borrowed".
         self._tokenizer_lock = threading.Lock()
@@ -93,156 +103,213 @@ class LDAEngine:
         with self._tokenizer_lock:
             return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
+    # --- capacity (the scheduler plans admissions with these) --------------------------------
+
+    @property
+    def max_slots(self) -> int:
+        return self.runner.config.max_slots
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.max_slots - len(self.slots)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.runner.blocks.num_free
+
+    @property
+    def max_row_tokens(self) -> int:
+        """Prompt + max_new_tokens of one row can never exceed this (context and KV store)."""
+        return self.runner.max_row_tokens
+
+    def capacity(self) -> Capacity:
+        return Capacity(
+            num_running=len(self.slots),
+            num_free_slots=self.num_free_slots,
+            num_free_blocks=self.num_free_blocks,
+            block_size=self.runner.blocks.block_size,
+            step=self.num_steps,
+        )
+
+    def blocks_needed(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
+        return self.capacity().blocks_needed(num_prompt_tokens, max_new_tokens)
+
+    def info(self) -> dict[str, object]:
+        return self.runner.info()
+
     # --- batch control -----------------------------------------------------------------------
 
     @property
     def num_running(self) -> int:
-        return len(self.batch) if self.batch is not None else 0
+        return len(self.slots)
 
     @property
     def running_rows(self) -> list[Row]:
         """The rows in the batch now; their `token_ids` grow by one per step (for streaming)."""
-        return list(self.batch.rows) if self.batch is not None else []
+        return list(self.slots)
 
     @property
     def running_row_ids(self) -> list[int]:
-        return [r.row_id for r in self.batch.rows] if self.batch is not None else []
+        return [r.row_id for r in self.slots]
 
-    @torch.inference_mode()
     def admit(self, rows: Sequence[EngineRow]) -> list[Row]:
-        """Prefill newcomers together, sample their first token, merge them into the batch.
+        """Prefill newcomers together into free slots and sample their first token.
 
-        Returns rows already finished by that first token (max_new_tokens 1, or EOS).
+        Returns rows already finished by that first token (max_new_tokens 1, EOS, a stop
+        string). A row that cannot be admitted raises `RowError` naming it, before anything
+        changes; any other failure leaves the engine as it was.
         """
         if not rows:
             return []
-        newcomers = self._prefill(rows)
-        if self.batch is None:
-            self.batch = newcomers
-        else:
-            self.batch.merge(newcomers)
+        for row in rows:
+            self._validate(row)
+        if len(rows) > self.num_free_slots:
+            raise ValueError(f"{len(rows)} rows asked, {self.num_free_slots} slots free")
+        needed = [self.blocks_needed(len(r.prompt_ids), r.params.max_new_tokens) for r in rows]
+        if sum(needed) > self.num_free_blocks:
+            raise ValueError(f"{sum(needed)} KV blocks asked, {self.num_free_blocks} free")
+        first = len(self.slots)
+        slots = list(range(first, first + len(rows)))
+        blocks = [self.runner.blocks.allocate(n) for n in needed]
+        try:
+            self.runner.write_slots(slots, [self._slot_params(r) for r in rows], blocks)
+            plan = self._plan_for([r.params for r in rows])
+            tokens = self.runner.prefill(slots, [r.prompt_ids for r in rows], plan)
+            logprobs = self._logprobs([r.params for r in rows], slots, tokens, plan)
+            host_tokens = self.runner.to_host(tokens)
+        except BaseException:
+            for row_blocks in blocks:
+                self.runner.blocks.free(row_blocks)
+            raise
+        after, before = self.runner.last_logits
+        self.last_logits = ([r.row_id for r in rows], after, before)
+        for row, row_blocks, token in zip(rows, blocks, host_tokens, strict=True):
+            state = Row(row_id=row.row_id, params=row.params, seed=row.seed)
+            self.slots.append(state)
+            self._lengths.append(len(row.prompt_ids))
+            self._blocks.append(row_blocks)
+            self._append(state, token, logprobs, len(self.slots) - 1 - first)
+        self._plan = None
         return self._retire()
 
-    @torch.inference_mode()
     def step(self) -> list[Row]:
-        """One decode step for every running row; returns the rows that finished on it."""
-        batch = self.batch
-        if batch is None:
+        """One decode step for every running row; returns the rows that finished on it.
+
+        A row whose host-side checks fail finishes with reason "error" (and `Row.error`); the
+        others are unaffected. A step that raises changed nothing and can be retried.
+        """
+        if not self.slots:
             return []
-        ones = torch.ones((len(batch), 1), dtype=batch.attention_mask.dtype, device=batch.device)
-        position_ids = batch.attention_mask.sum(dim=1, keepdim=True)
-        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
-        input_ids = batch.next_tokens.unsqueeze(1)
-        logits = [
-            self._forward(model, kwarg, cache, input_ids, batch.attention_mask, position_ids)
-            for model, kwarg, cache in zip(
-                (self.pair.after, self.pair.before), self._cache_kwargs, batch.caches, strict=True
-            )
-        ]
+        if self._plan is None:
+            self._plan = self._plan_for([r.params for r in self.slots])
+        tokens = self.runner.decode(len(self.slots), max(self._lengths) + 1, self._plan)
+        logprobs = self._logprobs(None, slice(0, len(self.slots)), tokens, self._plan)
+        host_tokens = self.runner.to_host(tokens)
         self.num_steps += 1
-        tokens = self._sample(batch.rows, logits[0], logits[1], batch)
-        batch.next_tokens = tokens
+        after, before = self.runner.last_logits
+        self.last_logits = (self.running_row_ids, after, before)
+        for i, (row, token) in enumerate(zip(self.slots, host_tokens, strict=True)):
+            self._lengths[i] += 1
+            self._append(row, token, logprobs, i)
         return self._retire()
 
     def cancel(self, row_ids: Iterable[int]) -> list[Row]:
         """Drop rows now; nothing more is computed for them."""
         ids = set(row_ids)
-        if self.batch is None or not ids:
-            return []
-        removed = self.batch.remove(ids)
-        if len(self.batch) == 0:
-            self.batch = None
-        return removed
+        return self._remove([i for i, r in enumerate(self.slots) if r.row_id in ids])
 
     # --- internals --------------------------------------------------------------------------
 
-    def _forward(
-        self,
-        model: PreTrainedModel,
-        cache_kwarg: str,
-        cache: KVCache,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_kwarg: cache.model_input()},
-        )
-        return out.logits[:, -1, : self.pair.vocab_limit]
-
-    def _prefill(self, rows: Sequence[EngineRow]) -> RunningBatch:
-        device = self.pair.device
-        # Rows that share a prompt (n samples, or one prompt at several alphas) share a prefill.
-        unique: dict[tuple[int, ...], int] = {}
-        for row in rows:
-            unique.setdefault(row.prompt_ids, len(unique))
-        prompts = list(unique)
-        width = max(len(p) for p in prompts)
-        pad_id = self.pair.pad_token_id
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, ids in enumerate(prompts):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, width - len(ids) :] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_(min=0)
-        caches = (self.kv_cache_factory(), self.kv_cache_factory())
-        logits = []
-        for model, kwarg, cache in zip(
-            (self.pair.after, self.pair.before), self._cache_kwargs, caches, strict=True
-        ):
-            logits.append(
-                self._forward(model, kwarg, cache, input_ids, attention_mask, position_ids)
+    def _validate(self, row: EngineRow) -> None:
+        p = row.params
+        problems = []
+        if not row.prompt_ids:
+            problems.append("the prompt encodes to no tokens")
+        if len(row.prompt_ids) + p.max_new_tokens > self.max_row_tokens:
+            problems.append(
+                f"prompt ({len(row.prompt_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) "
+                f"exceeds {self.max_row_tokens} tokens (context and KV store)"
             )
-            # Padding queries attend to nothing; whatever they wrote must not reach real rows.
-            cache.zero_columns(attention_mask)
-        index = torch.tensor([unique[r.prompt_ids] for r in rows], dtype=torch.long, device=device)
-        if len(prompts) != len(rows) or bool(
-            (index != torch.arange(len(rows), device=device)).any()
-        ):
-            for cache in caches:
-                cache.select_rows(index)
-            attention_mask = attention_mask.index_select(0, index)
-            logits = [lg.index_select(0, index) for lg in logits]
-        batch_rows = [
-            Row(row_id=r.row_id, params=r.params, seed=r.seed)
-            for r in rows
-        ]
-        placeholder = torch.zeros(len(rows), dtype=torch.long, device=device)
-        newcomers = RunningBatch(batch_rows, attention_mask, placeholder, caches)
-        newcomers.next_tokens = self._sample(batch_rows, logits[0], logits[1], newcomers)
-        newcomers.compact()
-        return newcomers
+        if not 0 <= row.seed <= SEED_MAX:
+            problems.append(f"seed {row.seed} outside [0, {SEED_MAX}]")
+        if p.top_k < 0:
+            problems.append(f"top_k {p.top_k} is negative")
+        if not (math.isfinite(p.temperature) and p.temperature >= 0):
+            problems.append(f"temperature {p.temperature} is not a finite value >= 0")
+        if not 0 < p.top_p <= 1:
+            problems.append(f"top_p {p.top_p} outside (0, 1]")
+        if not math.isfinite(p.alpha):
+            problems.append(f"alpha {p.alpha} is not finite")
+        if problems:
+            raise RowError([row.row_id], f"row {row.row_id}: " + "; ".join(problems))
 
-    def _sample(
-        self,
-        rows: list[Row],
-        logits_after: torch.Tensor,
-        logits_before: torch.Tensor,
-        batch: RunningBatch,
-    ) -> torch.Tensor:
-        self.last_logits = ([r.row_id for r in rows], logits_after, logits_before)
-        logits = amplify(logits_after, logits_before, batch.alpha)
-        tokens = sample(
-            logits,
-            batch.temperature,
-            batch.top_p,
-            batch.top_k,
-            seeds=[r.seed for r in rows],
-            steps=[len(r.token_ids) for r in rows],
+    def _slot_params(self, row: EngineRow) -> SlotParams:
+        p = row.params
+        # A top-k at or beyond the vocabulary keeps everything: store it as the vocabulary.
+        return SlotParams(
+            p.alpha, p.temperature, p.top_p, min(p.top_k, self.pair.vocab_limit), row.seed
         )
-        if any(r.params.wants_logprobs for r in rows):
-            record_logprobs(rows, logits_after, logits_before, batch, tokens)
-        eos = self.pair.eos_token_ids
-        for row, token in zip(rows, tokens.tolist(), strict=True):
-            row.token_ids.append(token)
-            self._check_finished(row, eos)
-        return tokens
+
+    def _plan_for(self, params: Sequence[SamplingParams]) -> SamplingPlan:
+        return SamplingPlan.for_rows(
+            [p.temperature for p in params],
+            [p.top_p for p in params],
+            [min(p.top_k, self.pair.vocab_limit) for p in params],
+            vocab=self.pair.vocab_limit,
+            cap=self.runner.config.top_k_cap,
+            sync_free=self.runner.sync_free,
+        )
+
+    def _logprobs(
+        self,
+        params: Sequence[SamplingParams] | None,
+        index: Sequence[int] | slice,
+        tokens: torch.Tensor,
+        plan: SamplingPlan,
+    ) -> torch.Tensor | None:
+        """[B, 3 + A] log-probabilities of the tokens just sampled (after, before, sampled,
+        then the score alphas), on the device; None when no row asks, which costs nothing.
+
+        `params` None means the rows in slots (a decode step); their padded score alphas are
+        built once per plan, so a step adds no host-to-device copy and no synchronisation.
+        """
+        if params is None:
+            params = [r.params for r in self.slots]
+            if not any(p.wants_logprobs for p in params):
+                return None
+            if self._scores is None or self._scores[0] is not plan:
+                scores = pad_score_alphas([p.score_alphas for p in params], self.runner.device)
+                self._scores = (plan, *scores)
+            _, score_alphas, score_mask = self._scores
+        else:
+            if not any(p.wants_logprobs for p in params):
+                return None
+            score_alphas, score_mask = pad_score_alphas(
+                [p.score_alphas for p in params], self.runner.device
+            )
+        r = self.runner
+        if not isinstance(index, slice):
+            index = torch.tensor(list(index), dtype=torch.long, device=r.device)
+        after, before = r.last_logits
+        out = step_logprobs(
+            after, before, r.alpha[index], r.temperature[index], r.top_p[index],
+            r.top_k[index], tokens, score_alphas, score_mask, plan,
+        )  # fmt: skip
+        return torch.cat(
+            [out.after[:, None], out.before[:, None], out.sampled[:, None], out.scored], dim=1
+        )
+
+    def _append(
+        self, row: Row, token: int, logprobs: torch.Tensor | None = None, i: int = 0
+    ) -> None:
+        if logprobs is not None and row.params.wants_logprobs:
+            row.logprob_steps.append(logprobs[i, : 3 + len(row.params.score_alphas)])
+        row.token_ids.append(token)
+        try:
+            self._check_finished(row, self.pair.eos_token_ids)
+        except Exception as err:  # noqa: BLE001 - one row's failure must not reach the others
+            log.exception("row %d failed its stop checks", row.row_id)
+            row.finish_reason, row.error = "error", f"{type(err).__name__}: {err}"
 
     def _check_finished(self, row: Row, eos: frozenset[int]) -> None:
         """EOS, then stop strings, then length: the host-side stop checks after each token."""
@@ -258,12 +325,29 @@ class LDAEngine:
             row.finish_reason = "length"
 
     def _retire(self) -> list[Row]:
-        if self.batch is None:
+        return self._remove([i for i, r in enumerate(self.slots) if r.is_finished])
+
+    def _remove(self, indices: list[int]) -> list[Row]:
+        """Free these slots; the last rows move into the gaps so the occupied slots stay 0..B-1."""
+        if not indices:
             return []
-        finished = self.batch.retire()
-        if len(self.batch) == 0:
-            self.batch = None
-        return finished
+        gone = set(indices)
+        removed = [self.slots[i] for i in indices]
+        for i in indices:
+            self.runner.blocks.free(self._blocks[i])
+        size = len(self.slots) - len(gone)
+        holes = [i for i in indices if i < size]
+        movers = [i for i in range(size, len(self.slots)) if i not in gone]
+        self.runner.move_slots(movers, holes)
+        for src, dst in zip(movers, holes, strict=True):
+            self.slots[dst], self._lengths[dst], self._blocks[dst] = (
+                self.slots[src],
+                self._lengths[src],
+                self._blocks[src],
+            )
+        del self.slots[size:], self._lengths[size:], self._blocks[size:]
+        self._plan = None
+        return removed
 
     # --- results ----------------------------------------------------------------------------
 
@@ -271,15 +355,16 @@ class LDAEngine:
         completion = self.decode(row.token_ids)[: row.text_limit]
         logprobs = None
         if row.params.wants_logprobs and row.logprob_steps:
-            # The row's only device-to-host copy of its log-probabilities: [tokens, 3 + A].
+            # The row's one device-to-host copy of its log-probabilities: [tokens, 3 + A].
             table = torch.stack(row.logprob_steps).double().tolist()
-            num_scores = len(row.params.score_alphas)
             logprobs = TokenLogprobs(
                 after=tuple(t[0] for t in table),
                 before=tuple(t[1] for t in table),
                 sampled=tuple(t[2] for t in table),
                 score_alphas=row.params.score_alphas,
-                score_sums=tuple(sum(t[3 + j] for t in table) for j in range(num_scores)),
+                score_sums=tuple(
+                    sum(t[3 + j] for t in table) for j in range(len(row.params.score_alphas))
+                ),
             )
         return GenerationResult(
             prompt=prompt,
@@ -296,49 +381,6 @@ class LDAEngine:
         )
 
 
-def record_logprobs(
-    rows: Sequence[Row],
-    logits_after: torch.Tensor,
-    logits_before: torch.Tensor,
-    batch: RunningBatch,
-    tokens: torch.Tensor,
-) -> None:
-    """Append this step's log-probabilities to each asking row, as device tensors.
-
-    Everything here is decided from the rows' host-side parameters or stays on the device, so a
-    step adds no host synchronisation; `build_result` copies a row's steps once, when it is done.
-    """
-    asking = [i for i, r in enumerate(rows) if r.params.wants_logprobs]
-    device = logits_after.device
-    index = torch.tensor(asking, dtype=torch.long).to(device)
-
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        return t if len(asking) == len(rows) else t.index_select(0, index)
-
-    score_alphas, score_mask = pad_score_alphas(
-        [rows[i].params.score_alphas for i in asking], device
-    )
-    out = step_logprobs(
-        pick(logits_after),
-        pick(logits_before),
-        pick(batch.alpha),
-        pick(batch.temperature),
-        pick(batch.top_p),
-        pick(batch.top_k),
-        pick(tokens),
-        score_alphas,
-        score_mask,
-        may_truncate=any(
-            rows[i].params.top_p < 1 or rows[i].params.top_k > 0 for i in asking
-        ),
-    )
-    packed = torch.cat(
-        [out.after[:, None], out.before[:, None], out.sampled[:, None], out.scored], dim=1
-    )
-    for j, i in enumerate(asking):
-        rows[i].logprob_steps.append(packed[j, : 3 + len(rows[i].params.score_alphas)])
-
-
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
     """Where the first stop string starts in text (the completion is cut there), or None."""
     hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
@@ -351,31 +393,44 @@ def iter_generate(
     *,
     max_batch_size: int = 64,
     prompt_format: str = "alpaca",
+    runner_config: RunnerConfig | None = None,
+    max_prefill_tokens: int = 8192,
 ) -> Iterator[tuple[int, GenerationResult]]:
     """Run requests with continuous batching; yield (row index, result) as rows finish.
 
     Row indices count the n samples of each request in order, so a caller can write results
-    as they arrive and still restore input order.
+    as they arrive and still restore input order. The server's scheduler core plans the
+    admissions (slots, KV blocks, prefill cap, first in first admitted), and a prompt that
+    could never fit raises `PromptTooLongError` (a ValueError) before anything runs.
     """
-    engine = LDAEngine(pair, prompt_format=prompt_format)
-    rows: list[EngineRow] = []
-    meta: list[tuple[str, str]] = []
-    for request in requests:
-        formatted = engine.format(request.prompt, request.system_prompt, request.prompt_format)
-        ids = tuple(engine.encode(formatted, request.prompt_format))
-        for seed in sample_seeds(request.params.seed, request.n):
-            rows.append(EngineRow(len(rows), ids, request.params, seed))
-            meta.append((request.prompt, formatted))
-    queue = deque(rows)
-    while queue or engine.num_running:
-        finished: list[Row] = []
-        room = max_batch_size - engine.num_running
-        if queue and room > 0:
-            finished += engine.admit([queue.popleft() for _ in range(min(room, len(queue)))])
+    config = runner_config or RunnerConfig(max_slots=max_batch_size)
+    engine = LDAEngine(pair, prompt_format=prompt_format, runner_config=config)
+    core = SchedulerCore(
+        SchedulerConfig(
+            max_batch_size=config.max_slots,
+            max_wait_ms=0,
+            max_queue_rows=max(1, sum(r.n for r in requests)),
+            max_prefill_tokens=max_prefill_tokens,
+        )
+    )
+    row_ids = itertools.count()
+    meta: dict[int, tuple[str, str]] = {}
+    for index, request in enumerate(requests):
+        prompt = prepare_prompt(engine, request, index)
+        rows, _ = engine_rows([request], [prompt], row_ids)
+        core.add(index, rows, now=0.0)
+        meta.update((row.row_id, (prompt.prompt, prompt.formatted_prompt)) for row in rows)
+    while core.has_requests:
+        plan = core.schedule(engine.capacity(), now=0.0)
+        finished = engine.admit(plan.admit)
         finished += engine.step()
         for row in finished:
-            prompt, formatted = meta[row.row_id]
-            yield row.row_id, engine.build_result(prompt, formatted, row)
+            if row.error:
+                raise RuntimeError(f"row {row.row_id} failed: {row.error}")
+        for done in core.update(finished):
+            for row in done.rows:
+                prompt, formatted = meta[row.row_id]
+                yield row.row_id, engine.build_result(prompt, formatted, row)
 
 
 def generate(
@@ -385,6 +440,7 @@ def generate(
     max_batch_size: int = 64,
     prompt_format: str = "alpaca",
     progress: bool = False,
+    runner_config: RunnerConfig | None = None,
 ) -> list[GenerationResult]:
     """Run requests to completion; n results per request, in input order."""
     num_rows = sum(r.n for r in requests)
@@ -393,7 +449,11 @@ def generate(
         total=num_rows, desc="rows", unit="row", file=sys.stderr, disable=not progress
     ) as bar:
         for index, result in iter_generate(
-            pair, requests, max_batch_size=max_batch_size, prompt_format=prompt_format
+            pair,
+            requests,
+            max_batch_size=max_batch_size,
+            prompt_format=prompt_format,
+            runner_config=runner_config,
         ):
             results[index] = result
             bar.update(1)

@@ -5,8 +5,9 @@ For each row of a decode step this gives, for the token the row just sampled:
 - `after`, `before`: log p(x_t) under each model alone, at temperature 1 (the models' own
   distributions, whatever the row's sampling parameters);
 - `sampled`: log q(x_t) under the distribution the token was actually drawn from: amplified,
-  divided by the row's temperature, then top-k and top-p filtered (the sampler's rules). A
-  greedy row (temperature 0) draws from a point mass, so its `sampled` is 0;
+  divided by the row's temperature, then top-k and top-p filtered by the sampler's own kept set
+  (`sampling.kept_probs`). A greedy row (temperature 0) draws from a point mass, so its
+  `sampled` is 0;
 - `scored`: log q_alpha'(x_t) for each alpha' the row lists in `score_alphas`: the full softmax
   of after + alpha' * (after - before) at the row's temperature (1 for a greedy row), with no
   top-k or top-p truncation. No truncation on purpose: these feed importance and mixture
@@ -17,8 +18,10 @@ For each row of a decode step this gives, for the token the row just sampled:
 Summed over a row's tokens these give sequence log-probabilities: log p_after(x) - log q(x) is
 the log importance weight of a sample drawn from q for the after model's (alpha 0) rate.
 
-No `.item()`, `bool(tensor)` or `nonzero` here: everything stays on the device, so an engine
-can call this inside its step and copy the per-row results once, when the row finishes.
+No `.item()`, `bool(tensor)` or `nonzero` here when the plan is sync-free (always on CUDA):
+everything stays on the device, so an engine can call this inside its step and copy the per-row
+results once, when the row finishes. (On the CPU the sampler's plan may sort the few rows whose
+nucleus exceeds its cap, reading a flag back; a read-back costs nothing there.)
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from batchserve.sampling import amplify
+from batchserve.sampling import GREEDY_TEMPERATURE, SamplingPlan, amplify, kept_probs
 
 
 class StepLogprobs(NamedTuple):
@@ -43,25 +46,6 @@ def _token_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def truncate(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """The sampler's top-k then top-p filter (sampling.top_k_top_p_filter), without the host-side
-    shortcut: rows that keep everything come back unchanged, but every row is sorted."""
-    vocab = logits.shape[-1]
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
-    needs_filter = (top_p < 1.0) | (k < vocab)
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    sorted_logits = sorted_logits.masked_fill(ranks >= k.unsqueeze(-1), float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    remove = mass_before >= top_p.unsqueeze(-1)
-    remove[:, 0] = False
-    remove &= needs_filter.unsqueeze(-1)
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    filtered = torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
-    return torch.where(needs_filter.unsqueeze(-1), filtered, logits)
-
-
 def step_logprobs(
     logits_after: torch.Tensor,
     logits_before: torch.Tensor,
@@ -72,26 +56,34 @@ def step_logprobs(
     tokens: torch.Tensor,
     score_alphas: torch.Tensor,
     score_mask: torch.Tensor,
-    *,
-    may_truncate: bool = True,
+    plan: SamplingPlan | None = None,
 ) -> StepLogprobs:
     """Log-probabilities of `tokens` [B] under each distribution (see the module docstring).
 
     `score_alphas` [B, A] float with `score_mask` [B, A] bool: each row's listed alphas, padded.
-    `may_truncate` is a host-side hint from the rows' parameters (known without looking at the
-    device): False when no row has top_p < 1 or top_k > 0, which skips the sort.
+    `plan` is the sampler's host-side plan for these rows (sampling.SamplingPlan): the kept set
+    comes from `sampling.kept_probs`, the very function the draw uses. Without a plan this
+    derives one from the tensors, which reads them back (library use only).
     """
     after = logits_after.float()
     before = logits_before.float()
     tokens = tokens.long()
-    greedy = temperature <= 0
-    # A greedy row's `sampled` is overwritten below; scoring it at temperature 1 is the choice
+    if plan is None:
+        plan = SamplingPlan.for_rows(
+            temperature.tolist(), top_p.tolist(), top_k.tolist(), vocab=after.shape[-1]
+        )
+    greedy = temperature < GREEDY_TEMPERATURE
+    # A greedy row's `sampled` is 0 (a point mass); its scores use temperature 1, the choice
     # documented above (a softmax at temperature 0 does not exist).
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature).float().unsqueeze(-1)
-    scaled = amplify(after, before, alpha) / safe_t
-    if may_truncate:
-        scaled = truncate(scaled, top_p, top_k)
-    sampled = torch.where(greedy, torch.zeros_like(safe_t[:, 0]), _token_logprob(scaled, tokens))
+    amplified = amplify(after, before, alpha)
+    sampled = _token_logprob(amplified / safe_t, tokens)
+    if plan.needs_filter:
+        # log q = log softmax(token) - log(mass of the kept set): exact for the kept tokens,
+        # without taking the log of a float32 probability.
+        kept = kept_probs(amplified, temperature, top_p, top_k, plan)
+        sampled = sampled - kept.sum(-1).log()
+    sampled = torch.where(greedy, torch.zeros_like(sampled), sampled)
     num_scores = score_alphas.shape[-1]
     scored = torch.zeros((after.shape[0], num_scores), dtype=torch.float32, device=after.device)
     diff = after - before

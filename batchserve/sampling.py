@@ -1,18 +1,65 @@
-"""Batched LDA sampling: pure tensor functions over [B, V] logits with per-row parameters.
+"""LDA sampling as one tensor program over all slots: amplify, temperature, top-k/top-p, draw.
 
-Seeded draws are batch-invariant: a row's random number at a step comes from a hash of
-(row seed, step index) alone, so a seeded request samples the same tokens alone, inside any
-batch, and whenever it was admitted. Sampling uses the inverse CDF in vocabulary order, which
-needs one uniform per row and no sort unless top-p or top-k filtering is asked for.
+Nothing here reads a tensor back to the host: every branch is decided by `SamplingPlan`, which
+the engine derives from the rows' parameters (known on the host since admission). That keeps a
+decode step at one device-to-host copy and makes the whole program capturable in a CUDA graph.
+
+Seeded draws are batch-invariant: a row's uniform at a step is a hash of (row seed, step)
+computed with int64 tensor ops, so a seeded row samples the same tokens alone, inside any batch
+and whenever it was admitted. The draw is an inverse CDF in vocabulary order over the kept
+tokens' probabilities, the same arithmetic whatever filter chose the kept set.
+
+Filtering avoids sorting the vocabulary: `torch.topk` with a fixed cap finds each row's top-k
+set and nucleus when they fit in the cap; a row whose nucleus (or top-k) is larger than the cap
+takes an exact fallback that finds the cut-off probability by a radix search over float32 bit
+patterns (a few passes over the row, no sort).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from batchserve.seeds import MASK64, splitmix64
+
+GREEDY_TEMPERATURE = 1e-5  # below this a row is greedy (vLLM's rule); never divide into overflow
+DEFAULT_TOP_K_CAP = 128
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_MAX_FLOAT_BITS = 0x7F7FFFFF  # the largest finite float32
+
+
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 value that has it (tensor constants must fit int64)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: mask off the sign copies)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
+    """seeds.splitmix64 on int64 tensors; multiplication wraps modulo 2**64 as in C."""
+    x = x + _signed(_GOLDEN)
+    x = (x ^ _shr(x, 30)) * _signed(_MIX1)
+    x = (x ^ _shr(x, 27)) * _signed(_MIX2)
+    return x ^ _shr(x, 31)
+
+
+def seeded_uniforms(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) (float64), one per row, each a function of (seed, step) alone."""
+    bits = _shr(splitmix64_tensor(splitmix64_tensor(seeds) ^ steps), 11)
+    return bits.double() * (1.0 / (1 << 53))
+
+
+def row_uniform(seed: int, step: int) -> float:
+    """The host reference of `seeded_uniforms` for one row."""
+    return (splitmix64(splitmix64(seed & MASK64) ^ step) >> 11) * (1.0 / (1 << 53))
 
 
 def amplify(
@@ -24,35 +71,141 @@ def amplify(
     return after + alpha.float().unsqueeze(-1) * (after - before)
 
 
-def top_k_top_p_filter(
-    logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
-) -> torch.Tensor:
-    """Set to -inf every token outside a row's top-k and its nucleus; the best token always stays.
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Which parts of the program the current rows need; decided on the host, never read back.
 
-    The nucleus is the smallest set of most likely tokens whose mass reaches top_p. Rows with
-    top_p = 1 and top_k = 0 are unchanged; when every row is like that, nothing is sorted.
+    `any_greedy`: some row is greedy; `all_greedy`: every row is (argmax only); `needs_filter`:
+    some row has top_p < 1 or a top-k; `needs_fallback`: some row's top-k or nucleus may exceed
+    the cap (top_p < 1 without a top-k within the cap, or a top-k above the cap);
+    `needs_top_k_search`: some row's top-k is above the cap (its cut-off must be searched too).
+
+    `sync_free`: the fallback runs for every row whenever it may be needed (a radix search, no
+    sort, nothing read back), as a GPU step must. Without it (on the CPU, where reading a flag
+    costs nothing and sorting a small vocabulary is cheap) the fallback runs only when some row
+    needs it, and only on those rows, by a full sort.
     """
-    vocab = logits.shape[-1]
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
-    needs_filter = (top_p < 1.0) | (k < vocab)
-    if not bool(needs_filter.any()):
-        return logits
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    # top-k first, then the nucleus of what is left, as HF and vLLM order them.
-    sorted_logits = sorted_logits.masked_fill(ranks >= k.unsqueeze(-1), float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    remove = mass_before >= top_p.unsqueeze(-1)
-    remove[:, 0] = False
-    remove &= needs_filter.unsqueeze(-1)
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+
+    any_greedy: bool = False
+    all_greedy: bool = False
+    needs_filter: bool = True
+    needs_fallback: bool = True
+    needs_top_k_search: bool = True
+    cap: int = DEFAULT_TOP_K_CAP
+    sync_free: bool = True
+
+    @classmethod
+    def for_rows(
+        cls,
+        temperatures: list[float],
+        top_ps: list[float],
+        top_ks: list[int],
+        vocab: int,
+        cap: int = DEFAULT_TOP_K_CAP,
+        sync_free: bool = True,
+    ) -> SamplingPlan:
+        cap = max(1, min(cap, vocab))
+        greedy = [t < GREEDY_TEMPERATURE for t in temperatures]
+        filtering = [
+            not g and (p < 1.0 or 0 < k < vocab)
+            for g, p, k in zip(greedy, top_ps, top_ks, strict=True)
+        ]
+        fallback = [
+            f and ((cap < k < vocab) or (p < 1.0 and not 0 < k <= cap))
+            for f, p, k in zip(filtering, top_ps, top_ks, strict=True)
+        ]
+        return cls(
+            any_greedy=any(greedy),
+            all_greedy=bool(greedy) and all(greedy),
+            needs_filter=any(filtering),
+            needs_fallback=any(fallback),
+            needs_top_k_search=any(
+                f and cap < k < vocab for f, k in zip(filtering, top_ks, strict=True)
+            ),
+            cap=cap,
+            sync_free=sync_free,
+        )
 
 
-def row_uniform(seed: int, step: int) -> float:
-    """A uniform in [0, 1) that depends only on (seed, step): the batch-invariance guarantee."""
-    return (splitmix64(splitmix64(seed & MASK64) ^ step) >> 11) * (1.0 / (1 << 53))
+def _smallest_true(
+    probs: torch.Tensor, predicate: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Per row, the smallest float32 t >= 0 where predicate(t) holds (false below, true above).
+
+    A radix-4 search over the bit patterns of non-negative float32s, which order like the
+    floats: each pass tries 3 cut-offs per row at once ([B, 3] candidates), 16 passes decide
+    all 32 bits. `predicate` maps [B, 3] candidates to [B, 3] booleans.
+    """
+    lo = torch.full((probs.shape[0],), -1, dtype=torch.int64, device=probs.device)
+    offsets = torch.arange(1, 4, dtype=torch.int64, device=probs.device)
+    width = 1 << 32
+    for _ in range(16):
+        width //= 4
+        candidates = (lo.unsqueeze(-1) + offsets * width).clamp_(0, _MAX_FLOAT_BITS)
+        holds = predicate(candidates.to(torch.int32).view(torch.float32))
+        lo = lo + (~holds).sum(-1) * width
+    return (lo + 1).clamp_(0, _MAX_FLOAT_BITS).to(torch.int32).view(torch.float32)
+
+
+def exact_keep_mask(
+    probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor, search_top_k: bool = True
+) -> torch.Tensor:
+    """The kept set of the full-sort definition for any row, without a sort or a cap.
+
+    Top-k keeps the tokens with p >= the k-th largest p (the smallest t with fewer than k
+    tokens above it). The nucleus keeps a token iff the mass of strictly more likely tokens in
+    the top-k set is below top_p of that set's mass: again a threshold, found the same way.
+    `search_top_k=False` when no row's top-k is above the cap (rows within it are exact already).
+    """
+    rows = probs.unsqueeze(1)  # [B, 1, V] against [B, 3, 1] candidates
+
+    def fewer_than_k_above(t: torch.Tensor) -> torch.Tensor:
+        return (rows > t.unsqueeze(-1)).sum(-1) < k.unsqueeze(-1)
+
+    if search_top_k:
+        in_k = probs >= _smallest_true(probs, fewer_than_k_above).unsqueeze(-1)
+    else:
+        in_k = torch.ones_like(probs, dtype=torch.bool)
+    in_k_probs = (probs * in_k).unsqueeze(1)
+    target = (top_p * (probs * in_k).sum(-1)).unsqueeze(-1)  # [B, 1]
+
+    def mass_above_below_target(t: torch.Tensor) -> torch.Tensor:
+        above = torch.where(in_k_probs > t.unsqueeze(-1), in_k_probs, 0.0).sum(-1)
+        return above < target
+
+    return in_k & (probs >= _smallest_true(probs, mass_above_below_target).unsqueeze(-1))
+
+
+def sorted_keep_mask(probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The kept set by a full sort of each row (the CPU fallback, for the rows that need it)."""
+    values, index = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1], device=probs.device)
+    in_k = ranks < k.unsqueeze(-1)
+    values = values * in_k
+    normed = values / values.sum(-1, keepdim=True)
+    keep_ranks = in_k & ((normed.cumsum(-1) - normed) < top_p.unsqueeze(-1))
+    keep_ranks[:, 0] = True
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, keep_ranks)
+
+
+def capped_keep_mask(
+    probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor, cap: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept set from the top `cap` tokens alone, and whether it is exact for each row."""
+    values, index = probs.topk(cap, dim=-1)  # sorted, descending
+    ranks = torch.arange(cap, device=probs.device)
+    in_k = ranks < k.unsqueeze(-1)
+    values = values * in_k
+    # Renormalise over the top-k set when it fits in the cap; else the nucleus is over all.
+    mass = torch.where(k <= cap, values.sum(-1), torch.ones_like(top_p))
+    normed = values / mass.unsqueeze(-1)
+    cumulative = normed.cumsum(-1)
+    keep_ranks = in_k & ((cumulative - normed) < top_p.unsqueeze(-1))
+    keep_ranks[:, 0] = True
+    # Exact when the top-k set fits, or with no top-k when the nucleus closes inside the cap.
+    is_exact = (k <= cap) | ((k >= probs.shape[-1]) & (cumulative[:, -1] >= top_p))
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, keep_ranks)
+    return keep, is_exact
 
 
 def sample(
@@ -60,38 +213,64 @@ def sample(
     temperature: torch.Tensor,
     top_p: torch.Tensor,
     top_k: torch.Tensor,
-    seeds: Sequence[int],
-    steps: Sequence[int],
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    plan: SamplingPlan | None = None,
 ) -> torch.Tensor:
-    """Draw one token per row of float32 logits [B, V]; temperature 0 means greedy."""
-    greedy = temperature <= 0
-    if bool(greedy.all()):
+    """Draw one token per row of float32 logits [B, V]; every parameter is a [B] tensor."""
+    vocab = logits.shape[-1]
+    if plan is None:  # library use: decide on the host from the tensors themselves
+        plan = SamplingPlan.for_rows(
+            temperature.tolist(), top_p.tolist(), top_k.tolist(), vocab=vocab
+        )
+    greedy = temperature < GREEDY_TEMPERATURE
+    if plan.all_greedy:
         return logits.argmax(dim=-1)
-    safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
-    scaled = logits / safe_temperature.unsqueeze(-1)
-    filtered = top_k_top_p_filter(scaled, top_p, top_k)
-    probs = filtered.softmax(dim=-1)
+    probs = kept_probs(logits, temperature, top_p, top_k, plan)
     # float64 CDF so the last bucket's edge does not round below the uniform draw.
     cdf = probs.double().cumsum(dim=-1)
-    uniforms = torch.tensor(
-        [row_uniform(s, t) for s, t in zip(seeds, steps, strict=True)],
-        dtype=torch.float64,
-        device=logits.device,
-    )
-    targets = (uniforms * cdf[:, -1]).unsqueeze(-1)
+    targets = (seeded_uniforms(seeds, steps) * cdf[:, -1]).unsqueeze(-1)
     tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
-    tokens = tokens.clamp_(max=logits.shape[-1] - 1)
-    if bool(greedy.any()):
+    tokens = tokens.clamp_(max=vocab - 1)
+    if plan.any_greedy:
         tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     return tokens
+
+
+def kept_probs(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    plan: SamplingPlan,
+) -> torch.Tensor:
+    """Softmax at each row's temperature with the tokens outside its top-k / nucleus zeroed
+    (not renormalised): the distribution `sample` draws from, up to its row sum. Greedy rows
+    are scored at temperature 1 (their draw is the argmax, whatever this says)."""
+    vocab = logits.shape[-1]
+    greedy = temperature < GREEDY_TEMPERATURE
+    safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
+    probs = (logits / safe_temperature.unsqueeze(-1)).softmax(dim=-1)
+    if plan.needs_filter:
+        k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
+        keep, is_exact = capped_keep_mask(probs, top_p, k, plan.cap)
+        if plan.needs_fallback and plan.sync_free:
+            exact = exact_keep_mask(probs, top_p, k, plan.needs_top_k_search)
+            keep = torch.where(is_exact.unsqueeze(-1), keep, exact)
+        elif plan.needs_fallback and not bool(is_exact.all()):
+            rows = (~is_exact).nonzero().squeeze(-1)
+            keep[rows] = sorted_keep_mask(probs[rows], top_p[rows], k[rows])
+        keeps_all = (top_p >= 1.0) & (k >= vocab)
+        probs = torch.where(keep | keeps_all.unsqueeze(-1), probs, torch.zeros_like(probs))
+    return probs
 
 
 def sample_reference(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int, seed: int, step: int
 ) -> int:
-    """A plain one-row implementation of the same draw, for tests and readers."""
+    """A plain one-row implementation with a full sort, for tests and readers."""
     row = logits.double()
-    if temperature <= 0:
+    if temperature < GREEDY_TEMPERATURE:
         return int(row.argmax())
     row = row / temperature
     order = sorted(range(row.shape[0]), key=lambda i: -float(row[i]))

@@ -5,6 +5,8 @@ No tensors and no torch import, so the HTTP and CLI layers can use these without
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -39,9 +41,10 @@ class Row:
     params: SamplingParams
     seed: int
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "length" | "eos" | "stop"
+    finish_reason: str | None = None  # "length" | "eos" | "stop" | "error"
     # Characters of the decoded completion to keep (a stop string and what follows are cut).
     text_limit: int | None = None
+    error: str | None = None  # why the row failed (finish_reason "error"); its request fails
     # One device tensor per generated token when params ask for log-probabilities (engine-owned).
     logprob_steps: list = field(default_factory=list, repr=False)
 
@@ -123,3 +126,31 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "seed": self.seed,
         } | extra
+
+
+class RowError(RuntimeError):
+    """A failure that belongs to particular rows: their requests fail, the others go on."""
+
+    def __init__(self, row_ids: Sequence[int], message: str) -> None:
+        super().__init__(message)
+        self.row_ids = list(row_ids)
+
+
+def kv_blocks(num_tokens: int, block_size: int) -> int:
+    """KV blocks a row of num_tokens reserves (at least one)."""
+    return max(1, math.ceil(num_tokens / block_size))
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the engine can take now, in plain numbers: the scheduler plans with these."""
+
+    num_running: int
+    num_free_slots: int
+    num_free_blocks: int
+    block_size: int
+    step: int  # decode steps run so far
+
+    def blocks_needed(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
+        """A row reserves its whole length at admission, so it never runs out mid-generation."""
+        return kv_blocks(num_prompt_tokens + max_new_tokens, self.block_size)

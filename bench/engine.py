@@ -5,9 +5,10 @@
         --output bench/results/engine-llama-7b-h200.json      # the GPU reference run
     python -m bench.engine --after DIR --before DIR           # a real pair
 
-For each batch size B it admits B distinct prompts of --prompt-len tokens into a fresh
-LDAEngine, runs --warmup-steps, then times --new-tokens decode steps (both models, amplify,
-top-p sampling: exactly what the server's worker does per step). On CUDA it also measures the
+For each batch size B it admits B distinct prompts of --prompt-len tokens into one LDAEngine
+(its KV store allocated once, sized for the largest batch), runs --warmup-steps, then times
+--new-tokens decode steps (both models, amplify, top-p 0.95 sampling at mixed alphas: exactly
+what the server's worker does per step), and counts the device-to-host copies per step. On CUDA it also measures the
 device-copy bandwidth and reports the memory-bandwidth floor of a step: both models' weights
 must be read once per step, so no decode step can be faster than weight bytes / bandwidth.
 """
@@ -26,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from batchserve.engine import LDAEngine
+from batchserve.engine import LDAEngine, RunnerConfig
 from batchserve.models import ModelPair, load_pair, resolve_device, resolve_dtype
 from batchserve.types import EngineRow, SamplingParams
 from bench.shapes import SHAPES, random_pair, weight_bytes
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128)
+MIXED_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -45,6 +47,7 @@ class BatchResult:
     tokens_per_s: float  # batch_size / mean step time: decode throughput of the running batch
     floor_step_ms: float | None = None  # CUDA only: weight bytes / device-copy bandwidth
     floor_fraction: float | None = None  # floor_step_ms / step_ms_mean (1.0 = at the floor)
+    host_syncs_per_step: float | None = None  # device-to-host copies per decode step
 
 
 def log(message: str) -> None:
@@ -75,29 +78,36 @@ def copy_bandwidth_bytes_per_s(device: torch.device, num_bytes: int = 1 << 30) -
 def make_rows(
     batch_size: int, prompt_len: int, vocab_limit: int, max_new_tokens: int, seed: int
 ) -> list[EngineRow]:
-    """Distinct random prompts (so the engine's shared-prefill shortcut does not apply)."""
+    """Distinct random prompts (so the engine's shared-prefill shortcut does not apply), at the
+    mixed alphas of a sweep."""
     rng = random.Random(seed)
-    params = SamplingParams(
-        alpha=1.0, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens, ignore_eos=True
-    )
     rows = []
     for i in range(batch_size):
+        params = SamplingParams(
+            alpha=MIXED_ALPHAS[i % len(MIXED_ALPHAS)],
+            temperature=0.8,
+            top_p=0.95,
+            max_new_tokens=max_new_tokens,
+            ignore_eos=True,
+        )
         ids = tuple(rng.randrange(4, vocab_limit) for _ in range(prompt_len))
         rows.append(EngineRow(i, ids, params, seed=seed * 100_003 + i))
     return rows
 
 
 def bench_batch(
-    pair: ModelPair,
+    engine: LDAEngine,
     batch_size: int,
     *,
     prompt_len: int,
     new_tokens: int,
     warmup_steps: int,
     seed: int,
-) -> tuple[float, list[float]]:
-    """Admit batch_size rows, warm up, time new_tokens decode steps; (prefill s, step times s)."""
-    engine = LDAEngine(pair)
+) -> tuple[float, list[float], float]:
+    """Admit batch_size rows, warm up, time new_tokens decode steps, then drop the rows.
+
+    Returns (prefill s, step times s, device-to-host copies per timed step)."""
+    pair = engine.pair
     rows = make_rows(batch_size, prompt_len, pair.vocab_limit, warmup_steps + new_tokens + 2, seed)
     device = pair.device
     synchronize(device)
@@ -108,6 +118,7 @@ def bench_batch(
     for _ in range(warmup_steps):
         engine.step()
     step_s = []
+    transfers = engine.runner.num_host_transfers
     for _ in range(new_tokens):
         synchronize(device)
         start = time.perf_counter()
@@ -116,7 +127,9 @@ def bench_batch(
         step_s.append(time.perf_counter() - start)
         if finished:
             raise RuntimeError("a row finished early; the timed batch must stay full")
-    return prefill_s, step_s
+    syncs = (engine.runner.num_host_transfers - transfers) / new_tokens
+    engine.cancel(engine.running_row_ids)
+    return prefill_s, step_s, syncs
 
 
 def run(
@@ -130,10 +143,18 @@ def run(
     floor_step_ms: float | None,
 ) -> list[BatchResult]:
     results = []
+    row_tokens = prompt_len + warmup_steps + new_tokens + 2
+    engine = LDAEngine(
+        pair,
+        runner_config=RunnerConfig(
+            max_slots=max(batch_sizes), kv_cache_tokens=max(batch_sizes) * (row_tokens + 16)
+        ),
+    )
+    log(f"engine ready: {engine.info()}")
     for batch_size in batch_sizes:
         log(f"batch {batch_size}: prefill {prompt_len} tokens/row, then {new_tokens} steps")
-        prefill_s, step_s = bench_batch(
-            pair,
+        prefill_s, step_s, syncs = bench_batch(
+            engine,
             batch_size,
             prompt_len=prompt_len,
             new_tokens=new_tokens,
@@ -151,6 +172,7 @@ def run(
                 tokens_per_s=batch_size / mean_s,
                 floor_step_ms=floor_step_ms,
                 floor_fraction=floor_step_ms / (mean_s * 1e3) if floor_step_ms else None,
+                host_syncs_per_step=syncs,
             )
         )
         if pair.device.type == "cuda":
@@ -160,7 +182,10 @@ def run(
 
 def format_table(results: list[BatchResult]) -> str:
     has_floor = any(r.floor_step_ms for r in results)
-    header = ["batch", "tokens/s", "step ms mean", "step ms p50", "step ms min", "prefill s"]
+    header = [
+        "batch", "tokens/s", "step ms mean", "step ms p50", "step ms min", "prefill s",
+        "host syncs/step",
+    ]  # fmt: skip
     if has_floor:
         header += ["floor ms", "of floor"]
     lines = [
@@ -175,6 +200,7 @@ def format_table(results: list[BatchResult]) -> str:
             f"{r.step_ms_p50:.2f}",
             f"{r.step_ms_min:.2f}",
             f"{r.prefill_s:.3f}",
+            f"{r.host_syncs_per_step:.2f}",
         ]
         if has_floor:
             cells += [f"{r.floor_step_ms:.2f}", f"{r.floor_fraction:.0%}"]
@@ -227,12 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--attn-implementation",
-        default=None,
-        choices=["sdpa", "eager", "flash_attention_2"],
-        help="switch both models' attention kernel (default: what the models load with, sdpa)",
-    )
-    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
     )
     parser.add_argument(
@@ -266,9 +286,6 @@ def main(argv: list[str] | None = None) -> int:
         log(f"building a random-init {shape} pair on {device} in {dtype}")
         pair = random_pair(shape, device, dtype)
         source = {"shape": shape, **SHAPES[shape]}
-    if args.attn_implementation:
-        for model in (pair.after, pair.before):
-            model.set_attn_implementation(args.attn_implementation)
     pair_bytes = weight_bytes(pair.after) + weight_bytes(pair.before)
     log(f"pair ready in {time.perf_counter() - started:.1f} s: {pair_bytes / 2**30:.2f} GiB")
     floor_step_ms = bandwidth = None
@@ -296,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "device_name": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "attn_implementation": pair.after.config._attn_implementation,
+        "attn_implementation": "batchserve runner (slot store)",
+        "mixed_alphas": list(MIXED_ALPHAS),
+        "top_p": 0.95,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "weight_bytes": pair_bytes,

@@ -13,6 +13,7 @@ import pytest
 from tiny_models import SAMPLE_WORDS
 
 from batchserve.app import ServerConfig, create_app
+from batchserve.engine import RunnerConfig
 from batchserve.models import ModelPair
 from batchserve.scheduler import SchedulerConfig
 
@@ -22,7 +23,7 @@ async def serving(pair: ModelPair, **scheduler: object) -> AsyncIterator[httpx.A
     limits = {
         k: scheduler.pop(k)
         for k in list(scheduler)
-        if k in ("max_prompts_per_request", "max_new_tokens_limit")
+        if k in ("max_prompts_per_request", "max_new_tokens_limit", "runner")
     }
     config = ServerConfig(scheduler=SchedulerConfig(**scheduler), **limits)
     app = create_app(config, pair=pair)
@@ -117,6 +118,8 @@ async def test_info_health_compatibility_and_metrics(llama_pair: ModelPair) -> N
         assert (await client.get("/health")).json() == {"status": "ok"}
         info = (await client.get("/info")).json()
         assert info["scheduler"]["max_batch_size"] == 8 and info["dtype"] == "float32"
+        assert info["engine"]["max_slots"] == 8
+        assert info["engine"]["kv_cache_tokens"] >= 8 * 256  # 8 slots x the tiny context
         compat = (await client.get("/tokenizer_compatibility")).json()
         assert compat == {
             "compatible": True,
@@ -264,7 +267,7 @@ async def test_cancelled_request_frees_its_rows(llama_pair: ModelPair) -> None:
             )
         )
         await wait_until(lambda: scheduler.engine.num_running == 4)
-        request_id = next(iter(scheduler._active))
+        (request_id,) = scheduler.request_ids
         scheduler.cancel(request_id)
         await wait_until(lambda: scheduler.engine.num_running == 0)
         task.cancel()
@@ -359,3 +362,20 @@ async def test_bad_inputs_get_a_4xx_naming_the_problem_and_the_server_keeps_serv
             assert ok.status_code == 200
         assert (await client.get("/nope")).status_code == 404
         assert (await client.get("/generate_lda")).status_code == 405
+
+
+async def test_a_prompt_beyond_the_kv_store_gets_413_and_a_burst_beyond_it_is_served(
+    llama_pair: ModelPair,
+) -> None:
+    runner = RunnerConfig(kv_cache_tokens=64, block_size=8)
+    async with serving(llama_pair, max_batch_size=8, runner=runner) as client:
+        info = (await client.get("/info")).json()["engine"]
+        assert info["kv_cache_tokens"] == 64 and info["max_row_tokens"] == 64
+        resp = await client.post("/generate_lda", json={"prompt": "hi", "max_new_tokens": 80})
+        assert resp.status_code == 413 and "64 tokens a row can hold" in resp.json()["error"]
+        # Twelve rows of about 30 tokens each, two at a time in the store: all are served.
+        body = {"prompts": ["the cat sat"] * 6, "n": 2, "max_new_tokens": 20, "seed": 3}
+        body["ignore_eos"] = True
+        resp = await client.post("/generate_lda_batch", json=body)
+        assert resp.status_code == 200, resp.text
+        assert [r["tokens_generated"] for r in resp.json()["results"]] == [20] * 12

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+from test_logprobs import reference_keep
 
 from batchserve.engine import LDAEngine, generate
 from batchserve.models import ModelPair
-from batchserve.sampling import top_k_top_p_filter
 from batchserve.types import GenerationRequest, SamplingParams
 
 PROMPTS = ["hello", "the cat sat on the mat", "write me a poem about mango pudding", "the dog ran"]
@@ -53,9 +53,11 @@ def recompute(pair: ModelPair, engine: LDAEngine, result, params: SamplingParams
         a, b = after[pos], before[pos]
         rows["after"].append(float(a.log_softmax(-1)[token]))
         rows["before"].append(float(b.log_softmax(-1)[token]))
-        z = (a + params.alpha * (a - b)) / t
-        z = top_k_top_p_filter(z[None], torch.tensor([params.top_p]), torch.tensor([params.top_k]))[0]
-        rows["sampled"].append(0.0 if params.temperature <= 0 else float(z.log_softmax(-1)[token]))
+        z = ((a + params.alpha * (a - b)) / t).double()
+        kept = torch.full_like(z, float("-inf"))
+        nucleus = reference_keep(z, params.top_p, params.top_k)
+        kept[nucleus] = z[nucleus]
+        rows["sampled"].append(0.0 if params.temperature <= 0 else float(kept.log_softmax(-1)[token]))
         rows["scores"].append(
             [float(((a + s * (a - b)) / t).log_softmax(-1)[token]) for s in params.score_alphas]
         )
@@ -100,3 +102,30 @@ def test_untruncated_sampled_logprob_at_alpha_zero_is_the_after_models(llama_pai
     lp = result.logprobs
     assert lp.sampled == pytest.approx(lp.after, abs=1e-5)
     assert lp.score_sums[0] == pytest.approx(sum(lp.after), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0.7, top_p=0.5, top_k=3, max_new_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True),
+    ],
+)
+def test_asking_for_logprobs_adds_no_host_sync_to_a_step(llama_pair, params) -> None:
+    from test_engine import _SyncCounter, rows_for
+
+    from batchserve.runner import RunnerConfig
+
+    engine = LDAEngine(llama_pair, runner_config=RunnerConfig(top_k_cap=4, sync_free=True))
+    asking = dataclasses.replace(params, logprobs=True, score_alphas=(0.0, 0.5, 2.0))
+    engine.admit(rows_for(engine, PROMPTS, asking))
+    engine.admit(rows_for(engine, PROMPTS[:2], params, start=10))  # and rows that do not ask
+    for _ in range(3):
+        transfers = engine.runner.num_host_transfers
+        with _SyncCounter() as counter:
+            engine.step()
+        assert counter.syncs == []
+        assert engine.runner.num_host_transfers == transfers + 1
+    assert all(len(r.logprob_steps) == len(r.token_ids) for r in engine.slots[: len(PROMPTS)])
+    assert all(not r.logprob_steps for r in engine.slots[len(PROMPTS) :])

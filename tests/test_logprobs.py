@@ -5,17 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchserve.logprobs import pad_score_alphas, step_logprobs, truncate
-from batchserve.sampling import top_k_top_p_filter
+from batchserve.logprobs import pad_score_alphas, step_logprobs
+from batchserve.sampling import SamplingPlan
 
 
-def reference_row(after, before, alpha, temperature, top_p, top_k, token, score_alphas):
-    """One row in float64, written out from the definitions."""
-    after, before = after.double(), before.double()
-    lp_after = torch.log_softmax(after, -1)[token]
-    lp_before = torch.log_softmax(before, -1)[token]
-    t = temperature if temperature > 0 else 1.0
-    amplified = (after + alpha * (after - before)) / t
+def reference_keep(amplified: torch.Tensor, top_p: float, top_k: int) -> list[int]:
+    """Top-k, then the nucleus of the top-k set (renormalised), by a plain sort."""
     order = torch.argsort(amplified, descending=True).tolist()
     kept = order[: top_k if top_k > 0 else len(order)]
     probs = torch.softmax(amplified[kept], -1)
@@ -25,6 +20,17 @@ def reference_row(after, before, alpha, temperature, top_p, top_k, token, score_
             break
         nucleus.append(i)
         mass += float(probs[rank])
+    return nucleus
+
+
+def reference_row(after, before, alpha, temperature, top_p, top_k, token, score_alphas):
+    """One row in float64, written out from the definitions."""
+    after, before = after.double(), before.double()
+    lp_after = torch.log_softmax(after, -1)[token]
+    lp_before = torch.log_softmax(before, -1)[token]
+    t = temperature if temperature > 0 else 1.0
+    amplified = (after + alpha * (after - before)) / t
+    nucleus = reference_keep(amplified, top_p, top_k)
     masked = torch.full_like(amplified, float("-inf"))
     masked[nucleus] = amplified[nucleus]
     sampled = 0.0 if temperature <= 0 else float(torch.log_softmax(masked, -1)[token])
@@ -52,18 +58,26 @@ def _sampled_tokens(after, before, alpha, temperature, top_p, top_k) -> torch.Te
     """A token from each row's kept set (any kept token will do for the check)."""
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = (after + alpha[:, None] * (after - before)) / t[:, None]
-    kept = torch.isfinite(top_k_top_p_filter(scaled, top_p, top_k))
-    return torch.stack([row.float().multinomial(1, generator=torch.Generator().manual_seed(i))[0]
-                        for i, row in enumerate(kept)])
+    tokens = []
+    for i, row in enumerate(scaled.double()):
+        kept = reference_keep(row, float(top_p[i]), int(top_k[i]))
+        tokens.append(kept[torch.randint(len(kept), (1,), generator=torch.Generator().manual_seed(i))])
+    return torch.tensor(tokens)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_logprobs_match_one_row_recomputation(seed: int) -> None:
+@pytest.mark.parametrize("cap", [3, 128])  # a small cap sends rows to the exact fallback
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_logprobs_match_one_row_recomputation(seed: int, cap: int, sync_free: bool) -> None:
     after, before, alpha, temperature, top_p, top_k, score_lists = _batch(seed)
     tokens = _sampled_tokens(after, before, alpha, temperature, top_p, top_k)
     score_alphas, mask = pad_score_alphas(score_lists, "cpu")
+    plan = SamplingPlan.for_rows(
+        temperature.tolist(), top_p.tolist(), top_k.tolist(), vocab=after.shape[-1], cap=cap,
+        sync_free=sync_free,
+    )
     out = step_logprobs(
-        after, before, alpha, temperature, top_p, top_k, tokens, score_alphas, mask
+        after, before, alpha, temperature, top_p, top_k, tokens, score_alphas, mask, plan
     )
     for b in range(after.shape[0]):
         ref = reference_row(
@@ -85,17 +99,11 @@ def test_untruncated_temperature_one_sampled_equals_own_alpha_score() -> None:
     tokens = torch.arange(6) * 7
     out = step_logprobs(
         after, before, alpha, ones, ones, torch.zeros(6, dtype=torch.long), tokens,
-        alpha[:, None], torch.ones(6, 1, dtype=torch.bool), may_truncate=False,
+        alpha[:, None], torch.ones(6, 1, dtype=torch.bool),
+        SamplingPlan.for_rows([1.0] * 6, [1.0] * 6, [0] * 6, vocab=64),
     )
     assert torch.allclose(out.sampled, out.scored[:, 0], atol=1e-5)
     assert torch.allclose(out.sampled[0], out.after[0], atol=1e-5)
-
-
-def test_truncate_matches_the_sampler_filter() -> None:
-    after, _, _, _, top_p, top_k, _ = _batch(4)
-    assert torch.equal(truncate(after, top_p, top_k), top_k_top_p_filter(after, top_p, top_k))
-    ones, zeros = torch.ones(6), torch.zeros(6, dtype=torch.long)
-    assert torch.equal(truncate(after, ones, zeros), after)
 
 
 def test_no_host_synchronisation() -> None:
@@ -105,7 +113,7 @@ def test_no_host_synchronisation() -> None:
     meta = [t.to("meta") for t in (after, before, alpha, temperature, top_p, top_k)]
     out = step_logprobs(
         *meta, torch.zeros(6, dtype=torch.long, device="meta"),
-        score_alphas.to("meta"), mask.to("meta"),
+        score_alphas.to("meta"), mask.to("meta"), SamplingPlan(cap=8, sync_free=True),
     )
     assert out.scored.shape == (6, 3) and out.sampled.shape == (6,)
 

@@ -1,59 +1,114 @@
-"""Per-row sampling matches a plain one-row reference, and seeded draws are batch-invariant."""
+"""Device sampling matches a full-sort one-row reference, draws are batch-invariant, and the
+capped top-k/top-p pre-pass falls back exactly when a nucleus is larger than its cap."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
 
 from batchserve.sampling import (
+    SamplingPlan,
     amplify,
+    capped_keep_mask,
+    exact_keep_mask,
     row_uniform,
     sample,
     sample_reference,
-    top_k_top_p_filter,
+    seeded_uniforms,
 )
-from batchserve.seeds import derive_seed
+from batchserve.seeds import SEED_MAX, derive_seed
 
 
-def reference_top_p(row: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Straightforward nucleus filter of one row: keep the smallest head with mass >= top_p."""
-    probs = row.softmax(-1)
-    order = torch.argsort(row, descending=True).tolist()
-    kept, mass = [], 0.0
-    for i in order:
-        kept.append(i)
-        mass += float(probs[i])
-        if mass >= top_p:
+def reference_keep(row: torch.Tensor, top_p: float, top_k: int) -> set[int]:
+    """The kept set by a full sort: top-k first, then the nucleus of what is left."""
+    probs = row.double().softmax(-1)
+    order = sorted(range(row.shape[0]), key=lambda i: -float(probs[i]))
+    top = order[: top_k if top_k > 0 else len(order)]
+    mass_k = sum(float(probs[i]) for i in top)
+    kept, mass = set(), 0.0
+    for i in top:
+        if mass >= top_p and kept:
             break
-    out = torch.full_like(row, float("-inf"))
-    out[kept] = row[kept]
-    return out
+        kept.add(i)
+        mass += float(probs[i]) / mass_k
+    return kept
+
+
+def seeds_and_steps(seeds: list[int], steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(seeds), torch.tensor(steps)
+
+
+def test_device_uniforms_equal_the_host_hash_for_any_seed() -> None:
+    seeds = [0, 1, 5, 2**31 - 1, 2**62 + 12345, SEED_MAX, 987654321]
+    steps = [0, 1, 7, 1000, 3, 150, 2**20]
+    got = seeded_uniforms(*seeds_and_steps(seeds, steps)).tolist()
+    assert got == [row_uniform(s, t) for s, t in zip(seeds, steps, strict=True)]
+    assert all(0.0 <= u < 1.0 for u in got)
 
 
 @pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
-def test_top_p_matches_one_row_reference(top_p: float) -> None:
+@pytest.mark.parametrize("top_k", [0, 3, 20])
+def test_capped_and_exact_keep_sets_match_the_full_sort(top_p: float, top_k: int) -> None:
     torch.manual_seed(0)
-    logits = torch.randn(8, 50) * 3
-    filtered = top_k_top_p_filter(logits, torch.full((8,), top_p), torch.zeros(8, dtype=torch.long))
+    logits = torch.randn(8, 50) * 2
+    probs = logits.softmax(-1)
+    k = torch.full((8,), top_k if top_k else 50)
+    exact = exact_keep_mask(probs, torch.full((8,), top_p), k)
+    capped, is_exact = capped_keep_mask(probs, torch.full((8,), top_p), k, cap=50)
+    assert bool(is_exact.all())  # a cap as wide as the vocabulary is always exact
     for b in range(8):
-        assert torch.equal(filtered[b], reference_top_p(logits[b], top_p))
+        expected = reference_keep(logits[b], top_p, top_k)
+        assert set(exact[b].nonzero().flatten().tolist()) == expected
+        assert set(capped[b].nonzero().flatten().tolist()) == expected
 
 
-def test_top_p_keeps_at_least_one_token() -> None:
-    logits = torch.tensor([[5.0, 1.0, 0.0]])
-    filtered = top_k_top_p_filter(logits, torch.tensor([1e-9]), torch.tensor([0]))
-    assert torch.isfinite(filtered).tolist() == [[True, False, False]]
+def test_a_nucleus_larger_than_the_cap_is_flagged_for_the_fallback() -> None:
+    probs = torch.full((1, 100), 0.01)  # flat: the 0.9 nucleus holds 90 tokens
+    _, is_exact = capped_keep_mask(probs, torch.tensor([0.9]), torch.tensor([100]), cap=8)
+    assert not bool(is_exact[0])
+    _, is_exact = capped_keep_mask(probs, torch.tensor([0.05]), torch.tensor([100]), cap=8)
+    assert bool(is_exact[0])
 
 
-def test_top_k_keeps_the_k_best() -> None:
-    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0]])
-    filtered = top_k_top_p_filter(logits, torch.ones(2), torch.tensor([2, 0]))
-    assert torch.isfinite(filtered).tolist() == [[False, True, True, False], [True] * 4]
-
-
-def test_no_filter_when_every_row_keeps_everything() -> None:
-    logits = torch.randn(4, 10)
-    assert top_k_top_p_filter(logits, torch.ones(4), torch.zeros(4, dtype=torch.long)) is logits
+@pytest.mark.parametrize("sync_free", [True, False], ids=["radix-fallback", "sorted-fallback"])
+@pytest.mark.parametrize("cap", [4, 32, 200])
+def test_capped_sampling_draws_exactly_the_full_sort_references_tokens(
+    cap: int, sync_free: bool
+) -> None:
+    """Mixed rows, small caps: many rows take the exact fallback; every draw must match."""
+    rng = random.Random(cap)
+    torch.manual_seed(cap)
+    vocab, rows = 200, 24
+    fallbacks = 0
+    for _ in range(6):
+        logits = torch.randn(rows, vocab) * rng.choice([0.3, 1.0, 3.0])
+        temperature = [rng.choice([0.0, 0.5, 1.0, 1.3, 1e-45]) for _ in range(rows)]
+        top_p = [rng.choice([1.0, 0.99, 0.95, 0.9, 0.5]) for _ in range(rows)]
+        top_k = [rng.choice([0, 0, 5, 50, 150, 199, 200]) for _ in range(rows)]
+        seeds = [rng.randrange(SEED_MAX) for _ in range(rows)]
+        steps = [rng.randrange(500) for _ in range(rows)]
+        plan = SamplingPlan.for_rows(temperature, top_p, top_k, vocab, cap, sync_free)
+        tokens = sample(
+            logits,
+            torch.tensor(temperature),
+            torch.tensor(top_p),
+            torch.tensor(top_k),
+            *seeds_and_steps(seeds, steps),
+            plan,
+        ).tolist()
+        k = torch.tensor([t if 0 < t < vocab else vocab for t in top_k])
+        scaled = logits / torch.tensor([t if t >= 1e-5 else 1.0 for t in temperature])[:, None]
+        _, is_exact = capped_keep_mask(scaled.softmax(-1), torch.tensor(top_p), k, plan.cap)
+        fallbacks += int((~is_exact).sum())
+        for b in range(rows):
+            expected = sample_reference(
+                logits[b], temperature[b], top_p[b], top_k[b], seeds[b], steps[b]
+            )
+            assert tokens[b] == expected, (b, temperature[b], top_p[b], top_k[b])
+    if cap < vocab:
+        assert fallbacks > 0  # the exact fallback really ran
 
 
 def test_mixed_rows_each_match_their_own_reference() -> None:
@@ -66,7 +121,7 @@ def test_mixed_rows_each_match_their_own_reference() -> None:
     seeds = [11, 12, 13, 14, 15, 16]
     for step in range(20):
         logits = amplify(after, before, alpha)
-        tokens = sample(logits, temperature, top_p, top_k, seeds, [step] * 6)
+        tokens = sample(logits, temperature, top_p, top_k, *seeds_and_steps(seeds, [step] * 6))
         for b in range(6):
             ref_logits = after[b] + float(alpha[b]) * (after[b] - before[b])
             expected = sample_reference(
@@ -79,9 +134,11 @@ def test_seeded_draw_does_not_depend_on_the_batch() -> None:
     torch.manual_seed(2)
     logits = torch.randn(5, 30)
     ones, zeros = torch.ones(5), torch.zeros(5, dtype=torch.long)
-    together = sample(logits, ones, ones * 0.9, zeros, [1, 2, 3, 4, 5], [7, 7, 7, 7, 7])
+    seeds, steps = seeds_and_steps([1, 2, 3, 4, 5], [7] * 5)
+    together = sample(logits, ones, ones * 0.9, zeros, seeds, steps)
     for b in range(5):
-        alone = sample(logits[b : b + 1], ones[:1], ones[:1] * 0.9, zeros[:1], [b + 1], [7])
+        one = slice(b, b + 1)
+        alone = sample(logits[one], ones[one], ones[one] * 0.9, zeros[one], seeds[one], steps[one])
         assert int(alone[0]) == int(together[b])
 
 
@@ -89,23 +146,41 @@ def test_sampling_follows_the_distribution() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(4000, 1)
     ones = torch.ones(4000)
     tokens = sample(
-        logits, ones, ones, torch.zeros(4000, dtype=torch.long), list(range(4000)), [0] * 4000
+        logits,
+        ones,
+        ones,
+        torch.zeros(4000, dtype=torch.long),
+        *seeds_and_steps(list(range(4000)), [0] * 4000),
     )
     freq = torch.bincount(tokens, minlength=3).float() / 4000
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
 
 
-def test_greedy_rows_take_the_argmax() -> None:
+@pytest.mark.parametrize("temperature", [0.0, 1e-45, 1e-38, 1e-6])
+def test_temperatures_below_the_epsilon_are_greedy(temperature: float) -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(16, 64) * 5
+    tokens = sample(
+        logits,
+        torch.full((16,), temperature),
+        torch.full((16,), 0.95),
+        torch.zeros(16, dtype=torch.long),
+        *seeds_and_steps(list(range(16)), [0] * 16),
+    )
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_greedy_and_sampled_rows_mix() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
     tokens = sample(
         logits,
         torch.tensor([0.0, 1.0]),
         torch.ones(2),
         torch.zeros(2, dtype=torch.long),
-        [1, 2],
-        [0, 0],
+        *seeds_and_steps([1, 2], [0, 0]),
     )
     assert int(tokens[0]) == 1
+    assert int(tokens[1]) == sample_reference(logits[1], 1.0, 1.0, 0, 2, 0)
 
 
 def test_uniforms_and_derived_seeds_are_stable_and_distinct() -> None:

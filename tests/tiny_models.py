@@ -118,11 +118,52 @@ def gpt2_model(seed: int, vocab_size: int = 64) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
+# Tiny configs of the families the runner serves (random init, built in code). Mistral gets a
+# sliding window shorter than the test prompts, so the windowed mask is exercised.
+_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=2,
+    eos_token_id=3,
+    pad_token_id=1,
+)
+ARCHITECTURES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+}
+
+
+def make_model(kind: str, seed: int, vocab_size: int = 64):
+    if kind == "llama":
+        return llama_model(seed, vocab_size)
+    if kind == "gpt2":
+        return gpt2_model(seed, vocab_size)
+    import transformers
+
+    config_name, model_name, extra = ARCHITECTURES[kind]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(vocab_size=vocab_size, **_DECODER, **extra)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def reference_models(kind: str):
+    """Copies of a pair's two models with transformers' own eager attention, for references."""
+    models = (make_model(kind, 1), make_model(kind, 2))
+    for model in models:
+        model.set_attn_implementation("eager")
+    return models
+
+
 def build_pair(kind: str = "llama", **kwargs) -> ModelPair:
-    factory = llama_model if kind == "llama" else gpt2_model
     return pair_from_models(
-        factory(1),
-        factory(2),
+        make_model(kind, 1),
+        make_model(kind, 2),
         make_tokenizer(),
         after_id=f"tiny-{kind}-after",
         before_id=f"tiny-{kind}-before",

@@ -1,0 +1,496 @@
+"""The model runner: both models, a paged KV store per model, and per-slot state on the device.
+
+Rows live in slots. The engine keeps the occupied slots a dense prefix 0..B-1 (a freed slot
+takes the last row, which moves a dozen numbers, never KV), so a decode step runs over
+`slots[:B]` views: nothing is concatenated, padded or rebuilt when rows come and go.
+
+KV lives in blocks of `block_size` token rows of a store allocated once per model; a block
+table per slot maps a row's positions to store rows, so admission is bounded by free blocks
+(the token budget), not by a fixed per-slot length. Block 0 is never handed out: padding and
+unused table entries point at it and attention masks them.
+
+The models stay stock Hugging Face models: attention is a function registered with
+transformers' `AttentionInterface`. Each forward passes `batchserve=_Call(store, layout)`, which
+the models hand through to that function with the rotary-embedded query/key/value; positions
+reach the model as `position_ids`. Called without it (a plain forward in a test), the
+function is ordinary causal SDPA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from batchserve.models import ModelPair
+from batchserve.sampling import DEFAULT_TOP_K_CAP, SamplingPlan, amplify, sample
+from batchserve.types import kv_blocks
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "batchserve_slots"
+DEFAULT_BLOCK_SIZE = 16
+_CPU_DEFAULT_TOKENS_PER_SLOT = 2048
+_CPU_MAX_KV_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Sizes fixed at start-up. `kv_cache_tokens=None`: on CUDA from `gpu_memory_fraction`,
+    on the CPU `max_slots` x min(context, 2048) tokens (at most 4 GiB)."""
+
+    max_slots: int = 64
+    kv_cache_tokens: int | None = None
+    gpu_memory_fraction: float = 0.9
+    block_size: int = DEFAULT_BLOCK_SIZE
+    top_k_cap: int = DEFAULT_TOP_K_CAP
+    # Sampling never reads the device back (see SamplingPlan.sync_free); None: on CUDA only.
+    sync_free: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_slots < 1 or self.block_size < 1 or self.top_k_cap < 1:
+            raise ValueError("max_slots, block_size and top_k_cap must be >= 1")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size})")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")
+
+
+# --- the attention function -----------------------------------------------------------------
+
+
+@dataclass
+class KVLayout:
+    """Where this forward's keys go and which store rows each query reads; shared by both
+    models (their stores differ in shape, not in layout)."""
+
+    is_prefill: bool
+    write_index: torch.Tensor  # [N] store rows for the new keys
+    # Prefill: tokens are packed into one sequence [1, S]; `write_source` [N] picks the packed
+    # token for each written row (a prompt shared by n rows is written n times), `seq_ids` [S]
+    # and `positions` [S] build the block-diagonal causal mask.
+    write_source: torch.Tensor | None = None
+    seq_ids: torch.Tensor | None = None
+    # Decode: `read_index` [B, L] store rows of each row's keys, `positions` [B] the query's.
+    read_index: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """Boolean attention mask (True = attend), built once per step per window size."""
+        if sliding_window not in self._masks:
+            pos = self.positions
+            if self.is_prefill:
+                allowed = (self.seq_ids[:, None] == self.seq_ids[None, :]) & (
+                    pos[None, :] <= pos[:, None]
+                )
+                distance = pos[:, None] - pos[None, :]
+                shape = (1, 1, *allowed.shape)
+            else:
+                keys = torch.arange(self.read_index.shape[1], device=pos.device)
+                allowed = keys[None, :] <= pos[:, None]
+                distance = pos[:, None] - keys[None, :]
+                shape = (allowed.shape[0], 1, 1, allowed.shape[1])
+            if sliding_window:
+                allowed &= distance < sliding_window
+            self._masks[sliding_window] = allowed.view(shape)
+        return self._masks[sliding_window]
+
+
+class KVStore:
+    """One model's KV: per layer a key and a value tensor [num_tokens, kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        shapes: dict[int, tuple[int, int]],
+        num_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        # Zeros, not empty: attention multiplies masked entries by 0, and 0 * NaN is NaN.
+        self.keys = {
+            i: torch.zeros(num_tokens, h, d, dtype=dtype, device=device)
+            for i, (h, d) in shapes.items()
+        }
+        self.values = {i: torch.zeros_like(k) for i, k in self.keys.items()}
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(2 * k.numel() * k.element_size() for k in self.keys.values())
+
+
+@dataclass
+class _Call:
+    store: KVStore
+    layout: KVLayout
+
+
+@dataclass
+class _ShapeProbe:
+    """Passed instead of a `_Call` once at start-up: records each layer's KV shape."""
+
+    shapes: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+def slot_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    batchserve: _Call | _ShapeProbe | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the slot store (query/key/value [B, heads, T, head_dim], rotary applied)."""
+    if not isinstance(batchserve, _Call):
+        if isinstance(batchserve, _ShapeProbe):
+            batchserve.shapes[module.layer_idx] = (key.shape[1], key.shape[3])
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            sliding_window=sliding_window, **kwargs,
+        )  # fmt: skip
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported by the runner")
+    window = sliding_window or getattr(module, "sliding_window", None)
+    store, layout = batchserve.store, batchserve.layout
+    key_store, value_store = store.keys[module.layer_idx], store.values[module.layer_idx]
+    if layout.is_prefill:
+        # [1, heads, S, dim] -> [S, heads, dim] rows, picked per written row.
+        key_store.index_copy_(
+            0, layout.write_index, key[0].transpose(0, 1).index_select(0, layout.write_source)
+        )
+        value_store.index_copy_(
+            0, layout.write_index, value[0].transpose(0, 1).index_select(0, layout.write_source)
+        )
+        keys, values = key, value
+    else:
+        key_store.index_copy_(0, layout.write_index, key[:, :, 0])
+        value_store.index_copy_(0, layout.write_index, value[:, :, 0])
+        # index_select of the flattened index: 3x faster than advanced indexing on the CPU.
+        rows, length = layout.read_index.shape
+        flat = layout.read_index.view(-1)
+        keys = key_store.index_select(0, flat).view(rows, length, *key_store.shape[1:])
+        values = value_store.index_select(0, flat).view(rows, length, *value_store.shape[1:])
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, heads, L, dim]
+    out = F.scaled_dot_product_attention(
+        query,
+        keys,
+        values,
+        attn_mask=layout.mask(window),
+        scale=scaling,
+        enable_gqa=query.shape[1] != keys.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, slot_attention)
+
+
+# --- blocks ---------------------------------------------------------------------------------
+
+
+class BlockPool:
+    """Free KV blocks. Block 0 is reserved: padding and unused table entries point at it."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens one row can ever hold: every block but the reserved one."""
+        return (self.num_blocks - 1) * self.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return kv_blocks(num_tokens, self.block_size)
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        if num_blocks > len(self._free):
+            raise MemoryError(f"{num_blocks} KV blocks asked, {len(self._free)} free")
+        return [self._free.pop() for _ in range(num_blocks)]
+
+    def free(self, blocks: Sequence[int]) -> None:
+        self._free.extend(blocks)
+
+
+# --- the runner -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotParams:
+    """What a slot's sampling needs, written once at admission."""
+
+    alpha: float
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+
+class ModelRunner:
+    """Prefill into slots and decode the occupied prefix; knows rows only as slots."""
+
+    def __init__(self, pair: ModelPair, config: RunnerConfig | None = None) -> None:
+        self.pair = pair
+        self.config = config or RunnerConfig()
+        self.device = pair.device
+        self.vocab = pair.vocab_limit
+        sync_free = self.config.sync_free
+        self.sync_free = self.device.type == "cuda" if sync_free is None else sync_free
+        self.num_host_transfers = 0  # device-to-host copies made by `to_host` (tests count them)
+        models = (pair.after, pair.before)
+        if self.device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+            # cuDNN's SDPA re-plans for every new KV length: 2 ms of host time per call was
+            # measured on an H200, more than a whole 7B decode step's weight streaming.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            log.info("cuDNN attention disabled: it re-plans for every KV length")
+        shapes = [self._probe_shapes(m) for m in models]
+        for model in models:
+            model.set_attn_implementation(ATTENTION_NAME)
+        dtype = pair.dtype
+        bytes_per_token = sum(
+            2 * h * d * torch.tensor([], dtype=dtype).element_size()
+            for s in shapes
+            for h, d in s.values()
+        )
+        num_tokens = self._kv_tokens(bytes_per_token)
+        bs = self.config.block_size
+        num_blocks = max(2, num_tokens // bs + 1)  # + the reserved block 0
+        self.blocks = BlockPool(num_blocks, bs)
+        self.stores = tuple(KVStore(s, num_blocks * bs, dtype, self.device) for s in shapes)
+        self.kv_bytes = sum(s.num_bytes for s in self.stores)
+        slots = self.config.max_slots
+        max_blocks_per_row = math.ceil(min(pair.max_context, self.blocks.capacity_tokens) / bs)
+        self.max_row_tokens = min(pair.max_context, max_blocks_per_row * bs)
+        dev = self.device
+        self.block_table = torch.zeros(slots, max_blocks_per_row, dtype=torch.long, device=dev)
+        self.next_token = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.position = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.step = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.seed = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.alpha = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self.temperature = torch.ones(slots, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(slots, dtype=torch.float32, device=dev)
+        self._slot_tensors = (
+            self.block_table, self.next_token, self.position, self.step, self.seed,
+            self.top_k, self.alpha, self.temperature, self.top_p,
+        )  # fmt: skip
+        log.info(
+            "KV store: %d tokens in %d blocks of %d (%.1f MiB for both models), %d slots",
+            (num_blocks - 1) * bs, num_blocks - 1, bs, self.kv_bytes / 2**20, slots,
+        )  # fmt: skip
+
+    # --- sizing ---------------------------------------------------------------------------
+
+    def _probe_shapes(self, model: PreTrainedModel) -> dict[int, tuple[int, int]]:
+        probe = _ShapeProbe()
+        model.set_attn_implementation(ATTENTION_NAME)
+        with torch.inference_mode():
+            ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            model(input_ids=ids, use_cache=False, logits_to_keep=1, batchserve=probe)
+        if not probe.shapes:
+            raise ValueError(
+                f"{type(model).__name__} does not route attention through transformers' "
+                "AttentionInterface, so the runner cannot serve it"
+            )
+        return probe.shapes
+
+    def _kv_tokens(self, bytes_per_token: int) -> int:
+        config = self.config
+        if config.kv_cache_tokens is not None:
+            return config.kv_cache_tokens
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            # Headroom for activations: prefill hidden states and the two models' logits.
+            reserve = 1 << 30
+            budget = int(total * config.gpu_memory_fraction) - used - reserve
+            if budget < bytes_per_token * config.block_size:
+                raise MemoryError(
+                    f"no GPU memory left for the KV store at --gpu-memory-fraction "
+                    f"{config.gpu_memory_fraction} ({used / 2**30:.1f} GiB in use of "
+                    f"{total / 2**30:.1f} GiB)"
+                )
+            return budget // bytes_per_token
+        tokens = config.max_slots * min(self.pair.max_context, _CPU_DEFAULT_TOKENS_PER_SLOT)
+        return max(config.block_size, min(tokens, _CPU_MAX_KV_BYTES // bytes_per_token))
+
+    def info(self) -> dict[str, object]:
+        return {
+            "kv_cache_tokens": self.blocks.capacity_tokens,
+            "kv_block_size": self.blocks.block_size,
+            "kv_cache_bytes": self.kv_bytes,
+            "max_slots": self.config.max_slots,
+            "max_row_tokens": self.max_row_tokens,
+            "top_k_cap": self.config.top_k_cap,
+            "sync_free_sampling": self.sync_free,
+            "attention": ATTENTION_NAME,
+        }
+
+    # --- slots ----------------------------------------------------------------------------
+
+    def write_slots(
+        self, slots: Sequence[int], params: Sequence[SlotParams], blocks: Sequence[list[int]]
+    ) -> None:
+        """Admission: a slot's sampling parameters and block table, written once."""
+        dev = self.device
+        index = torch.tensor(slots, dtype=torch.long, device=dev)
+        table = torch.zeros((len(slots), self.block_table.shape[1]), dtype=torch.long)
+        for i, row_blocks in enumerate(blocks):
+            table[i, : len(row_blocks)] = torch.tensor(row_blocks, dtype=torch.long)
+        self.block_table.index_copy_(0, index, table.to(dev))
+        for tensor, values in (
+            (self.alpha, [p.alpha for p in params]),
+            (self.temperature, [p.temperature for p in params]),
+            (self.top_p, [p.top_p for p in params]),
+            (self.top_k, [p.top_k for p in params]),
+            (self.seed, [p.seed for p in params]),
+        ):
+            tensor.index_copy_(0, index, torch.tensor(values, dtype=tensor.dtype, device=dev))
+        self.step.index_fill_(0, index, 0)
+
+    def move_slots(self, sources: Sequence[int], targets: Sequence[int]) -> None:
+        """Move rows between slots (the engine closes gaps left by finished rows)."""
+        if not sources:
+            return
+        src = torch.tensor(sources, dtype=torch.long, device=self.device)
+        dst = torch.tensor(targets, dtype=torch.long, device=self.device)
+        for tensor in self._slot_tensors:
+            tensor.index_copy_(0, dst, tensor.index_select(0, src))
+
+    def to_host(self, tokens: torch.Tensor) -> list[int]:
+        """The one device-to-host copy of a step."""
+        self.num_host_transfers += 1
+        return tokens.tolist()
+
+    # --- forward passes -------------------------------------------------------------------
+
+    def _forward(
+        self, model: PreTrainedModel, store: KVStore, layout: KVLayout, **inputs
+    ) -> torch.Tensor:
+        out = model(use_cache=False, batchserve=_Call(store, layout), **inputs)
+        return out.logits[0 if layout.is_prefill else slice(None), ..., : self.vocab]
+
+    def _store_rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Store row of each (slot, position) pair, via the block table."""
+        bs = self.config.block_size
+        blocks = self.block_table[slots, positions // bs]
+        return blocks * bs + positions % bs
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        plan: SamplingPlan,
+    ) -> torch.Tensor:
+        """Prefill each slot's prompt (rows sharing a prompt share its forward), write its KV,
+        sample its first token; returns the tokens [len(slots)] on the device."""
+        dev = self.device
+        unique: dict[tuple[int, ...], int] = {}
+        for ids in prompts:
+            unique.setdefault(tuple(ids), len(unique))
+        packed = [t for ids in unique for t in ids]
+        lengths = [len(ids) for ids in unique]
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(dev)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(dev)
+        prompt_of_row = [unique[tuple(ids)] for ids in prompts]
+        row_lengths = torch.tensor([lengths[p] for p in prompt_of_row])
+        row_slots = torch.repeat_interleave(torch.tensor(list(slots)), row_lengths).to(dev)
+        row_positions = torch.cat([torch.arange(int(n)) for n in row_lengths]).to(dev)
+        write_source = torch.cat(
+            [torch.arange(starts[p], starts[p] + lengths[p]) for p in prompt_of_row]
+        ).to(dev)
+        layout = KVLayout(
+            is_prefill=True,
+            write_index=self._store_rows(row_slots, row_positions),
+            write_source=write_source,
+            seq_ids=seq_ids,
+            positions=positions,
+        )
+        last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=dev)
+        inputs = {
+            "input_ids": torch.tensor([packed], dtype=torch.long, device=dev),
+            "position_ids": positions.unsqueeze(0),
+            "logits_to_keep": last,
+        }
+        pick = torch.tensor(prompt_of_row, dtype=torch.long, device=dev)
+        after, before = (
+            self._forward(model, store, layout, **inputs).index_select(0, pick)
+            for model, store in zip((self.pair.after, self.pair.before), self.stores, strict=True)
+        )
+        index = torch.tensor(list(slots), dtype=torch.long, device=dev)
+        tokens = self._sample(after, before, index, plan)
+        self.next_token.index_copy_(0, index, tokens)
+        self.position.index_copy_(0, index, row_lengths.to(dev))
+        self.step.index_fill_(0, index, 1)
+        self.last_logits = (after, before)
+        return tokens
+
+    @torch.inference_mode()
+    def decode(self, num_rows: int, num_keys: int, plan: SamplingPlan) -> torch.Tensor:
+        """One step for slots [0, num_rows); `num_keys` = the longest row's length + 1.
+
+        Position and step counters advance only after both forwards, so a step that raises
+        can be retried: it rewrites the same store rows.
+        """
+        rows = slice(0, num_rows)
+        positions = self.position[rows]
+        slots = torch.arange(num_rows, device=self.device)
+        keys = torch.arange(num_keys, device=self.device)
+        layout = KVLayout(
+            is_prefill=False,
+            write_index=self._store_rows(slots, positions),
+            read_index=self._store_rows(slots[:, None], keys[None, :]),
+            positions=positions,
+        )
+        inputs = {
+            "input_ids": self.next_token[rows].unsqueeze(1),
+            "position_ids": positions.unsqueeze(1),
+            "logits_to_keep": 1,
+        }
+        after, before = (
+            self._forward(model, store, layout, **inputs)[:, -1]
+            for model, store in zip((self.pair.after, self.pair.before), self.stores, strict=True)
+        )
+        tokens = self._sample(after, before, rows, plan)
+        self.next_token[rows] = tokens
+        self.position[rows] += 1
+        self.step[rows] += 1
+        self.last_logits = (after, before)
+        return tokens
+
+    def _sample(
+        self,
+        after: torch.Tensor,
+        before: torch.Tensor,
+        index: torch.Tensor | slice,
+        plan: SamplingPlan,
+    ) -> torch.Tensor:
+        logits = amplify(after, before, self.alpha[index])
+        return sample(
+            logits,
+            self.temperature[index],
+            self.top_p[index],
+            self.top_k[index],
+            self.seed[index],
+            self.step[index],
+            plan,
+        )

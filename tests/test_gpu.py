@@ -1,0 +1,70 @@
+"""GPU checks of the runner (skipped without CUDA; CI is CPU-only). Run with `make test-gpu`.
+
+Not yet run on a GPU in this repository's history: see bench/results/README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tiny_models import build_pair
+
+from batchserve.engine import LDAEngine, RunnerConfig, generate
+from batchserve.models import pair_from_models
+from batchserve.types import EngineRow, GenerationRequest, SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+PROMPTS = ["hello", "the cat sat on the mat", "tell me a story about the dog", "a poem"]
+
+
+def cuda_pair(kind: str = "llama", dtype: torch.dtype = torch.float32):
+    cpu = build_pair(kind)
+    after, before = (m.to("cuda", dtype) for m in (cpu.after, cpu.before))
+    return pair_from_models(after, before, cpu.tokenizer)
+
+
+def test_cuda_runner_matches_the_cpu_runner_in_float32() -> None:
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=24, ignore_eos=True, seed=1)
+    requests = [
+        GenerationRequest(p, dataclasses.replace(params, seed=i)) for i, p in enumerate(PROMPTS)
+    ]
+    on_cpu = generate(build_pair("llama"), requests)
+    on_gpu = generate(cuda_pair(), requests)
+    assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
+
+
+def test_a_cuda_decode_step_never_synchronises_before_its_one_copy() -> None:
+    pair = cuda_pair(dtype=torch.bfloat16)
+    engine = LDAEngine(pair, runner_config=RunnerConfig(top_k_cap=4))  # the fallback runs too
+    assert engine.runner.sync_free
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=40, ignore_eos=True)
+    engine.admit(
+        [
+            EngineRow(i, tuple(engine.encode(engine.format(p))), params, i)
+            for i, p in enumerate(PROMPTS)
+        ]
+    )
+    engine.step()
+    runner = engine.runner
+    for _ in range(3):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            tokens = runner.decode(engine.num_running, max(engine._lengths) + 1, engine._plan)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        host = runner.to_host(tokens)  # the one copy
+        for i, token in enumerate(host):
+            engine._lengths[i] += 1
+            engine.slots[i].token_ids.append(token)
+
+
+def test_cudnn_attention_is_off_on_the_decode_path() -> None:
+    LDAEngine(cuda_pair())
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
