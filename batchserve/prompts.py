@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from transformers import PreTrainedTokenizerBase
 
-PromptFormat = Literal["alpaca", "chat", "raw"]
 PROMPT_FORMATS: tuple[str, ...] = ("alpaca", "chat", "raw")
 
 ALPACA = "### Instruction:\n{prompt}\n\n### Response:\n"
