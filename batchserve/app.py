@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -25,9 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchserve import __version__
-from batchserve.engine import LDAEngine, RunnerConfig
 from batchserve.metrics import Metrics
-from batchserve.models import ModelPair
 from batchserve.scheduler import (
     Completion,
     EngineFailedError,
@@ -45,7 +43,10 @@ from batchserve.schemas import (
     SamplingFields,
 )
 from batchserve.seeds import prompt_seed
-from batchserve.types import GenerationRequest, SamplingParams
+from batchserve.types import GenerationRequest, RunnerConfig, SamplingParams
+
+if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in with the models
+    from batchserve.models import ModelPair
 
 log = logging.getLogger(__name__)
 
@@ -452,6 +453,8 @@ def create_app(
     app_metrics = Metrics()
 
     def start_serving(app: Starlette, loaded: ModelPair) -> None:
+        from batchserve.engine import LDAEngine
+
         engine = LDAEngine(
             loaded, prompt_format=config.prompt_format, runner_config=config.runner_config()
         )

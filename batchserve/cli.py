@@ -124,7 +124,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
 
 def runner_config(args: argparse.Namespace):
     """The runner's sizes from the command line (slots = the batch size)."""
-    from batchserve.runner import RunnerConfig
+    from batchserve.types import RunnerConfig
 
     try:
         return RunnerConfig(

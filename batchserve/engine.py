@@ -19,7 +19,7 @@ from tqdm import tqdm
 from batchserve.logprobs import pad_score_alphas, step_logprobs
 from batchserve.models import ModelPair
 from batchserve.prompts import format_prompt
-from batchserve.runner import ModelRunner, RunnerConfig, SlotParams
+from batchserve.runner import ModelRunner, SlotParams
 from batchserve.sampling import SamplingPlan
 from batchserve.scheduler import SchedulerConfig, SchedulerCore, engine_rows, prepare_prompt
 from batchserve.seeds import SEED_MAX
@@ -30,6 +30,7 @@ from batchserve.types import (
     GenerationResult,
     Row,
     RowError,
+    RunnerConfig,
     SamplingParams,
     TokenLogprobs,
 )

@@ -68,10 +68,6 @@ class ModelPair:
     max_context: int
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
 
-    @property
-    def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
 
 def resolve_model_path(name: str) -> str:
     """Map `toy`, `toy:after`, `toy:before` to the packaged pair; anything else passes through."""
@@ -114,6 +110,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def require_compatible(
+    report: CompatibilityReport, after_id: str, before_id: str, allow_incompatible: bool
+) -> None:
+    """The pair's one vocabulary rule: refuse (or, when allowed, warn about) a mismatch."""
+    if report.compatible:
+        return
+    if not allow_incompatible:
+        raise IncompatibleTokenizersError(
+            f"{after_id} and {before_id} do not share a vocabulary: {report.warning}. "
+            "Pass allow_incompatible=True (--allow-incompatible) to load them anyway."
+        )
+    log.warning("loading an incompatible pair: %s", report.warning)
+
+
 def check_tokenizer_compatibility(
     tok_after: PreTrainedTokenizerBase, tok_before: PreTrainedTokenizerBase
 ) -> CompatibilityReport:
@@ -143,12 +153,9 @@ def load_tokenizer(
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
     if tokenizer_class:
         kwargs["tokenizer_class"] = _LEGACY_TOKENIZER_CLASSES.get(tokenizer_class, tokenizer_class)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    if tokenizer.pad_token_id is None:
-        # Left padding needs a pad id; its embedding never matters because the mask hides it.
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
+    # No pad token is set up: rows live in their own KV slots and prompts are packed, so
+    # nothing is ever padded.
+    return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 def load_model(
@@ -200,19 +207,16 @@ def pair_from_models(
     after_id: str = "after",
     before_id: str = "before",
     allow_incompatible: bool = False,
+    compatibility: CompatibilityReport | None = None,
 ) -> ModelPair:
-    """Wrap two loaded models; the one place where the pair's invariants are checked."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    report = check_tokenizer_compatibility(tokenizer, tokenizer_before or tokenizer)
-    if not report.compatible:
-        if not allow_incompatible:
-            raise IncompatibleTokenizersError(
-                f"{after_id} and {before_id} do not share a vocabulary: {report.warning}. "
-                "Pass allow_incompatible=True (--allow-incompatible) to load them anyway."
-            )
-        log.warning("loading an incompatible pair: %s", report.warning)
+    """Wrap two loaded models; the one place where the pair's invariants are checked.
+
+    `compatibility`: a report already checked (load_pair checks before loading weights)."""
+    report = compatibility or check_tokenizer_compatibility(
+        tokenizer, tokenizer_before or tokenizer
+    )
+    if compatibility is None:
+        require_compatible(report, after_id, before_id, allow_incompatible)
     width_after = after.get_output_embeddings().weight.shape[0]
     width_before = before.get_output_embeddings().weight.shape[0]
     if width_after != width_before:
@@ -262,11 +266,7 @@ def load_pair(
     tokenizer_before = load_tokenizer(before, revision=revision_before or revision, **tok_kwargs)
     # Check before loading weights: a 7B pair takes minutes to load only to be refused.
     report = check_tokenizer_compatibility(tokenizer, tokenizer_before)
-    if not report.compatible and not allow_incompatible:
-        raise IncompatibleTokenizersError(
-            f"{after} and {before} do not share a vocabulary: {report.warning}. "
-            "Pass allow_incompatible=True (--allow-incompatible) to load them anyway."
-        )
+    require_compatible(report, after, before, allow_incompatible)
     model_kwargs = {"trust_remote_code": trust_remote_code}
     model_after = load_model(after, torch_device, torch_dtype, revision=revision, **model_kwargs)
     model_before = load_model(
@@ -279,5 +279,5 @@ def load_pair(
         tokenizer_before=tokenizer_before,
         after_id=after,
         before_id=before,
-        allow_incompatible=allow_incompatible,
+        compatibility=report,
     )

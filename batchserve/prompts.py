@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-PromptFormat = Literal["alpaca", "chat", "raw"]
 PROMPT_FORMATS: tuple[str, ...] = ("alpaca", "chat", "raw")
 
 ALPACA = "### Instruction:\n{prompt}\n\n### Response:\n"

