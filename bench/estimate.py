@@ -262,11 +262,13 @@ def markdown(result: dict) -> str:
         "EOS ignored, prompts drawn uniformly from the 600 clean prompts.",
         "",
         "naive equiv. = naive alpha-0 samples that give the same accuracy (from RMSE) or the "
-        "same interval width; > samples means the estimator beats naive sampling at its budget.",
+        "same interval width. Efficiency = naive equiv. (RMSE) / samples: above 1 the estimator "
+        "beats naive sampling, and it matches naive sampling's accuracy with "
+        "1/efficiency of naive's budget; below 1 it needs 1/efficiency times more.",
         "",
         "| method | alpha | samples | mean rate | RMSE | naive RMSE | coverage | mean width "
-        "| naive width | mean ESS | naive equiv. (RMSE) | naive equiv. (width) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| naive width | mean ESS | naive equiv. (RMSE) | naive equiv. (width) | efficiency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["table"]:
         ess = "-" if r["mean_ess"] is None else f"{r['mean_ess']:.1f}"
@@ -277,7 +279,8 @@ def markdown(result: dict) -> str:
             f"| {100 * r['rmse']:.3f}% | {100 * r['naive_rmse_same_n']:.3f}% "
             f"| {r['coverage']:.2f} | {100 * r['mean_width']:.3f}% "
             f"| {100 * r['naive_width_same_n']:.3f}% | {ess} "
-            f"| {r['naive_equivalent_by_rmse']:.0f} | {r['naive_equivalent_by_width']:.0f} |"
+            f"| {r['naive_equivalent_by_rmse']:.0f} | {r['naive_equivalent_by_width']:.0f} "
+            f"| {r['naive_equivalent_by_rmse'] / r['num_samples']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
