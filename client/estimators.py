@@ -14,7 +14,9 @@
   weights alone, because a sample likely under small alphas keeps a bounded weight.
 - **Logit-path extrapolation** (Pernice & Aranguri 2026): fit the activation rate against alpha
   where it is common, as log-odds linear or quadratic in alpha (binomial maximum likelihood),
-  choose the form by leave-one-alpha-out held-out deviance, and read the fit at alpha 0.
+  on all alphas or only those below saturation; choose among these by how well each, fitted
+  without the smallest alpha, predicts it (the extrapolation it will be trusted with); read the
+  fit at alpha 0.
   A parametric bootstrap (refit on counts redrawn per alpha) gives the interval. Its error is a
   modelling error as much as a sampling one: the interval covers the truth only if the form holds
   down to alpha 0.
@@ -39,7 +41,6 @@ from client.stats import Z_95, wilson_interval
 
 # Below this ESS an importance-weighted interval is flagged as unreliable.
 MIN_RELIABLE_ESS = 30.0
-PATH_FORMS = ("linear", "quadratic")
 
 
 @dataclass(frozen=True)
@@ -231,31 +232,41 @@ def _binomial_deviance(k: float, n: float, p: float) -> float:
     return -2.0 * (k * math.log(p) + (n - k) * math.log(1 - p))
 
 
+# Candidate fits: a form, and the highest observed rate a point may have to take part. Near
+# saturation the pooled rate is an average of per-prompt curves that have flattened at different
+# alphas, so its log-odds bend away from the low-alpha trend that extrapolation needs.
+PATH_CANDIDATES = (("linear", 1.0), ("quadratic", 1.0), ("linear", 0.5), ("quadratic", 0.5))
+
+
+def _candidate_name(form: str, max_rate: float) -> str:
+    return form if max_rate >= 1.0 else f"{form}, rates <= {max_rate:g}"
+
+
 def validate_forms(
     alphas: Sequence[float], successes: Sequence[int], totals: Sequence[int]
 ) -> dict[str, float]:
-    """Leave-one-alpha-out held-out binomial deviance of each form (lower is better).
+    """Extrapolation check of each candidate fit (lower is better): fit it without the smallest
+    alpha, predict that alpha's count, score the binomial deviance of the prediction.
 
-    A form takes part only when every held-out fit keeps more points than it has parameters.
+    The held-out point is the one nearest the target (alpha 0), so this measures what the
+    estimate does: extrapolate downwards. A candidate takes part only when its points without
+    the held-out one are at least as many as its parameters.
     """
+    order = sorted(range(len(alphas)), key=lambda i: alphas[i])
+    held = order[0]
     scores: dict[str, float] = {}
-    points = len(alphas)
-    for form in PATH_FORMS:
+    for form, max_rate in PATH_CANDIDATES:
         num_params = 2 if form == "linear" else 3
-        if points - 1 < num_params:
+        keep = [i for i in order[1:] if successes[i] <= max_rate * totals[i]]
+        if len(keep) < num_params or successes[held] > max_rate * totals[held]:
             continue
-        total = 0.0
-        for held in range(points):
-            keep = [i for i in range(points) if i != held]
-            beta = fit_logit_path(
-                [alphas[i] for i in keep],
-                [successes[i] for i in keep],
-                [totals[i] for i in keep],
-                form,
-            )
-            p = predict_rate(beta, alphas[held], form)
-            total += _binomial_deviance(successes[held], totals[held], p)
-        scores[form] = total
+        beta = fit_logit_path(
+            [alphas[i] for i in keep], [successes[i] for i in keep], [totals[i] for i in keep], form
+        )
+        p = predict_rate(beta, alphas[held], form)
+        scores[_candidate_name(form, max_rate)] = _binomial_deviance(
+            successes[held], totals[held], p
+        )
     return scores
 
 
@@ -271,45 +282,58 @@ def logit_path_estimate(
 ) -> Estimate:
     """Extrapolate the rate to `target_alpha` along the fitted logit path (see the module doc).
 
-    The form is chosen by `validate_forms` unless given (with 2 points only `linear` fits).
-    The bootstrap redraws each alpha's count from Binomial(n_j, k_j / n_j), refits the chosen
-    form and reads it at the target; the interval is the 2.5 and 97.5 percentiles.
+    The candidate (form and which points) is chosen by `validate_forms` unless `form` is given
+    (then every point is used); with too few points for any check, the line through all of
+    them. The bootstrap redraws each used alpha's count from Binomial(n_j, k_j / n_j), refits
+    and reads the fit at the target; the interval is the 2.5 and 97.5 percentiles.
     """
     alphas = [float(a) for a in alphas]
     if len(alphas) < 2:
         raise ValueError("logit-path extrapolation needs rates at two alphas at least")
     scores = validate_forms(alphas, successes, totals)
-    chosen = form or (min(scores, key=lambda f: scores[f]) if scores else "linear")
-    beta = fit_logit_path(alphas, successes, totals, chosen)
+    if form is not None:
+        candidate = (form, 1.0)
+    elif scores:
+        best = min(scores, key=lambda name: scores[name])
+        candidate = next(c for c in PATH_CANDIDATES if _candidate_name(*c) == best)
+    else:
+        candidate = ("linear", 1.0)
+    chosen, max_rate = candidate
+    used = [i for i in range(len(alphas)) if successes[i] <= max_rate * totals[i]]
+    if len(used) < 2:
+        used = list(range(len(alphas)))
+    fit_alphas = [alphas[i] for i in used]
+    n = np.asarray([totals[i] for i in used], int)
+    k = np.asarray([successes[i] for i in used], int)
+    beta = fit_logit_path(fit_alphas, k, n, chosen)
     rate = predict_rate(beta, target_alpha, chosen)
     rng = np.random.default_rng(seed)
-    n = np.asarray(totals, int)
-    p = np.asarray(successes, float) / np.maximum(n, 1)
-    draws = []
-    for _ in range(num_bootstrap):
-        k_star = rng.binomial(n, p)
-        draws.append(
-            predict_rate(fit_logit_path(alphas, k_star, n, chosen), target_alpha, chosen)
-        )
+    p = k / np.maximum(n, 1)
+    draws = [
+        predict_rate(fit_logit_path(fit_alphas, rng.binomial(n, p), n, chosen), target_alpha, chosen)
+        for _ in range(num_bootstrap)
+    ]
     low, high = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
     detail = {
-        "form": chosen,
+        "form": _candidate_name(chosen, max_rate),
+        "fit_form": chosen,
         "validation_deviance": scores,
         "coefficients": [float(b) for b in beta],
         "alphas": alphas,
-        "successes": [int(k) for k in successes],
+        "fit_alphas": fit_alphas,
+        "successes": [int(v) for v in successes],
         "totals": [int(t) for t in totals],
         "num_bootstrap": num_bootstrap,
     }
     return Estimate(
-        "logit_path", rate, min(low, rate), max(high, rate), int(n.sum()), detail=detail
+        "logit_path", rate, min(low, rate), max(high, rate), int(np.sum(totals)), detail=detail
     )
 
 
 def path_curve(estimate: Estimate, alphas: Sequence[float]) -> list[float]:
     """The fitted path of a logit_path estimate at `alphas` (for plots)."""
     beta = np.asarray(estimate.detail["coefficients"], float)
-    return [predict_rate(beta, a, estimate.detail["form"]) for a in alphas]
+    return [predict_rate(beta, a, estimate.detail["fit_form"]) for a in alphas]
 
 
 # --- sample counts: the budget at which an estimator matches naive sampling -----------------

@@ -193,3 +193,20 @@ def test_naive_helpers() -> None:
     est = naive_estimate([True] * 2 + [False] * 998)
     assert est.rate == pytest.approx(0.002) and est.ci_low < 0.002 < est.ci_high
     assert naive_equivalent_samples(0.01, 0.01) == pytest.approx(4 * 1.96**2 * 0.0099 / 1e-4, rel=1e-3)
+
+
+def test_validated_path_extrapolates_a_heterogeneous_population_better_than_a_line() -> None:
+    # Per-prompt log-odds linear in alpha with spread intercepts: the pooled rate's log-odds
+    # bend, and a line through every alpha (saturated ones included) overshoots at alpha 0.
+    intercepts = np.random.default_rng(0).normal(-5, 1.5, size=2000)
+    alphas = [0.125, 0.25, 0.5, 1.0]
+
+    def pooled(a: float) -> float:
+        return float(np.mean(logistic(intercepts + 8 * a)))
+
+    successes = [int(pooled(a) * 10**5) for a in alphas]
+    totals = [10**5] * 4
+    chosen = logit_path_estimate(alphas, successes, totals, num_bootstrap=20)
+    line = logit_path_estimate(alphas, successes, totals, num_bootstrap=20, form="linear")
+    assert abs(chosen.rate - pooled(0)) < abs(line.rate - pooled(0))
+    assert set(chosen.detail["validation_deviance"]) >= {"linear", "linear, rates <= 0.5"}
