@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from client.estimators import (
+    PATH_CANDIDATES,
     importance_estimates,
     logit_path_estimate,
     mixture_estimate,
@@ -209,6 +210,17 @@ def analyse(sweep: list[dict], truth: float, alphas: list[float]) -> dict:
         totals = [sum(1 for r in recs if r["alpha"] == a) for a in alphas]
         path = logit_path_estimate(alphas, counts, totals, num_bootstrap=500, seed=replicate)
         rows.append(dict(path.to_dict(), replicate=replicate))
+        # Each candidate forced, to show what the validated choice chose between.
+        for form, max_rate in PATH_CANDIDATES:
+            try:
+                forced = logit_path_estimate(
+                    alphas, counts, totals, num_bootstrap=500, seed=replicate, form=form,
+                    max_rate=max_rate,
+                )
+            except np.linalg.LinAlgError:
+                continue
+            name = forced.detail["form"]
+            rows.append(dict(forced.to_dict(), replicate=replicate, method=f"path [{name}]"))
     return {"truth": truth, "alphas": alphas, "rows": rows}
 
 
@@ -273,7 +285,7 @@ def markdown(result: dict) -> str:
     for r in result["table"]:
         ess = "-" if r["mean_ess"] is None else f"{r['mean_ess']:.1f}"
         alpha = "all" if r["alpha"] is None else f"{r['alpha']:g}"
-        form = f" ({', '.join(r['forms'])})" if r["forms"] else ""
+        form = f" ({', '.join(r['forms'])})" if r["method"] == "logit_path" else ""
         lines.append(
             f"| {r['method']}{form} | {alpha} | {r['num_samples']} | {100 * r['mean_rate']:.3f}% "
             f"| {100 * r['rmse']:.3f}% | {100 * r['naive_rmse_same_n']:.3f}% "

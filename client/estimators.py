@@ -279,12 +279,13 @@ def logit_path_estimate(
     num_bootstrap: int = 1000,
     seed: int = 0,
     form: str | None = None,
+    max_rate: float = 1.0,
 ) -> Estimate:
     """Extrapolate the rate to `target_alpha` along the fitted logit path (see the module doc).
 
     The candidate (form and which points) is chosen by `validate_forms` unless `form` is given
-    (then every point is used); with too few points for any check, the line through all of
-    them. The bootstrap redraws each used alpha's count from Binomial(n_j, k_j / n_j), refits
+    (then the points with rates <= `max_rate`); with too few points for any check, the line
+    through all of them. The bootstrap redraws each used alpha's count from Binomial(n_j, k_j / n_j), refits
     and reads the fit at the target; the interval is the 2.5 and 97.5 percentiles.
     """
     alphas = [float(a) for a in alphas]
@@ -292,7 +293,7 @@ def logit_path_estimate(
         raise ValueError("logit-path extrapolation needs rates at two alphas at least")
     scores = validate_forms(alphas, successes, totals)
     if form is not None:
-        candidate = (form, 1.0)
+        candidate = (form, max_rate)
     elif scores:
         best = min(scores, key=lambda name: scores[name])
         candidate = next(c for c in PATH_CANDIDATES if _candidate_name(*c) == best)
