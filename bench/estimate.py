@@ -270,7 +270,9 @@ def markdown(result: dict) -> str:
         f"= {100 * t:.3f}% (Wilson 95% [{100 * result['truth_ci'][0]:.3f}%, "
         f"{100 * result['truth_ci'][1]:.3f}%]).",
         f"Sweep: alphas {result['alphas']}, {result['samples_per_alpha']} samples each, "
-        f"{result['replicates']} independent replicates; protocol 150 tokens, T=1, top_p=1, "
+        f"{result['replicates']} independent replicates"
+        + (f" (each 1,000-sample cell cut into {result['split']})" if result["split"] > 1 else "")
+        + "; protocol 150 tokens, T=1, top_p=1, "
         "EOS ignored, prompts drawn uniformly from the 600 clean prompts.",
         "",
         "naive equiv. = naive alpha-0 samples that give the same accuracy (from RMSE) or the "
@@ -297,8 +299,28 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_cells(sweep: list[dict], parts: int) -> list[dict]:
+    """Each (replicate, alpha) cell cut into `parts` disjoint chunks, each its own replicate:
+    more, smaller replicates for coverage (a cell's samples are independent draws)."""
+    position: dict[tuple[int, float], int] = {}
+    size: dict[tuple[int, float], int] = {}
+    for rec in sweep:
+        key = (rec["replicate"], rec["alpha"])
+        size[key] = size.get(key, 0) + 1
+    out = []
+    for rec in sweep:
+        key = (rec["replicate"], rec["alpha"])
+        i = position.get(key, 0)
+        position[key] = i + 1
+        chunk = i * parts // size[key]
+        out.append(rec | {"replicate": rec["replicate"] * parts + chunk})
+    return out
+
+
 def cmd_analyse(args: argparse.Namespace) -> int:
     sweep = [json.loads(line) for line in args.sweep.open()]
+    if args.split > 1:
+        sweep = split_cells(sweep, args.split)
     k, n = read_naive(args.naive)
     truth = k / n
     alphas = sorted({r["alpha"] for r in sweep})
@@ -309,6 +331,7 @@ def cmd_analyse(args: argparse.Namespace) -> int:
         truth_ci=list(wilson_interval(k, n)),
         samples_per_alpha=max(r["num_samples"] for r in result["rows"] if r["alpha"] is not None),
         replicates=len({r["replicate"] for r in result["rows"]}),
+        split=args.split,
         rate_by_alpha={
             str(a): float(np.mean([r["activated"] for r in sweep if r["alpha"] == a]))
             for a in alphas
@@ -341,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--sweep", type=Path, required=True)
     a.add_argument("--naive", type=Path, required=True)
     a.add_argument("--output", type=Path, default=Path("bench/results/estimate-toy"))
+    a.add_argument("--split", type=int, default=1, help="cut each cell into this many replicates")
     a.set_defaults(func=cmd_analyse)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
