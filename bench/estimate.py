@@ -49,10 +49,11 @@ def score_rows(pair, prompt_ids, completion_ids, alpha: float, score_alphas) -> 
     import torch
 
     from batchserve.logprobs import step_logprobs
+    from batchserve.sampling import SamplingPlan
 
     seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
     width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pair.pad_token_id, dtype=torch.long)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)  # right pads: never attended
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
     # Right padding: causal attention keeps every real position blind to the pads after it.
@@ -74,7 +75,7 @@ def score_rows(pair, prompt_ids, completion_ids, alpha: float, score_alphas) -> 
         torch.zeros(n, dtype=torch.long), torch.tensor(tokens),
         torch.tensor([list(score_alphas)] * n, dtype=torch.float32),
         torch.ones((n, len(score_alphas)), dtype=torch.bool),
-        may_truncate=False,
+        SamplingPlan(needs_filter=False, needs_fallback=False, needs_top_k_search=False),
     )
     sums = torch.zeros((len(seqs), 3 + len(score_alphas)), dtype=torch.float64)
     stacked = torch.cat(
