@@ -48,12 +48,14 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel_header_deadline()
 
     def on_response_complete(self) -> None:
+        # Answered before the body was read (401, 413, 404...): a client still sending it would
+        # hold the connection, since uvicorn drops such data unread and its keep-alive timer
+        # restarts with every byte. (Checked first: the call below may start a pipelined request.)
+        is_body_unread = self.conn.their_state is h11.SEND_BODY
         super().on_response_complete()
         if self.transport.is_closing():
             return
-        if self.conn.their_state is h11.SEND_BODY:
-            # Answered before the body was read (401, 413, 404...): a client still sending it
-            # would otherwise hold the connection, since uvicorn drops such data unread.
+        if is_body_unread:
             self.transport.close()
             return
         self._arm_header_deadline()
