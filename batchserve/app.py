@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -20,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchserve import __version__
+from batchserve.bodies import BodyError, max_prompt_chars, parse_json_off_loop
 from batchserve.metrics import Metrics
 from batchserve.scheduler import (
     Completion,
@@ -36,12 +36,14 @@ from batchserve.scheduler import (
     SchedulerConfig,
 )
 from batchserve.schemas import (
+    GREEDY_TEMPERATURE_EPS,
     GenerateLDABatchRequest,
     GenerateLDARequest,
     GenerateRequest,
     LDAFields,
     SamplingFields,
 )
+from batchserve.security import LOOPBACK_HOSTS, guard_middleware
 from batchserve.seeds import prompt_seed
 from batchserve.types import GenerationRequest, RunnerConfig, SamplingParams
 
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in wit
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+RETRY_5 = {"Retry-After": "5"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class ServerConfig:
         if self.runner is not None:
             return dataclasses.replace(self.runner, max_slots=self.scheduler.max_batch_size)
         return RunnerConfig(max_slots=self.scheduler.max_batch_size)
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout_s: float = 30.0
+    api_key: str | None = field(default=None, repr=False)
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
 
 
 class APIError(Exception):
@@ -85,21 +92,13 @@ class APIError(Exception):
 
 
 async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
-    content_type = request.headers.get("content-type", "application/json")
-    media_type = content_type.split(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise APIError(
-            415,
-            f"Content-Type must be application/json, not {media_type!r} "
-            "(with curl: -H 'Content-Type: application/json')",
-        )
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    # Content-Type, size and read time are enforced for every route by security.py.
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise APIError(400, f"malformed JSON: {err}") from None
+        data = await parse_json_off_loop(await request.body())
+    except BodyError as err:
+        raise APIError(400, str(err)) from None
+    except ClientDisconnect:
+        raise APIError(499, "client disconnected") from None
     if not isinstance(data, dict):
         raise APIError(422, f"request body must be a JSON object, not {type(data).__name__}")
     try:
@@ -131,9 +130,10 @@ def sampling_params(body: SamplingFields, config: ServerConfig, alpha: float) ->
                 }
             ],
         )
+    is_greedy = not body.do_sample or body.temperature < GREEDY_TEMPERATURE_EPS
     return SamplingParams(
         alpha=alpha,
-        temperature=body.temperature if body.do_sample else 0.0,
+        temperature=0.0 if is_greedy else body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         max_new_tokens=body.max_new_tokens,
@@ -170,8 +170,21 @@ async def run_requests(request: Request, requests: list[GenerationRequest]) -> C
     """Queue, then await the result, the client's disconnect or the timeout, whichever is first."""
     scheduler = _ready_scheduler(request)
     config: ServerConfig = request.app.state.config
+    context = request.app.state.pair.max_context
+    for index, r in enumerate(requests):
+        num_chars = len(r.prompt) + len(r.system_prompt or "")
+        if num_chars > max_prompt_chars(context):
+            raise APIError(
+                413,
+                f"prompt {index} has {num_chars} characters, more than this server tokenizes "
+                f"for the models' context of {context} tokens ({max_prompt_chars(context)})",
+                {"prompt_index": index},
+            )
     try:
-        prepared = [scheduler.prepare(r, i) for i, r in enumerate(requests)]
+        # Tokenizing a long prompt takes a while: off the event loop, so others are served.
+        prepared = await asyncio.to_thread(
+            lambda: [scheduler.prepare(r, i) for i, r in enumerate(requests)]
+        )
     except PromptTooLongError as err:
         raise APIError(413, str(err), {"prompt_index": err.index}) from None
     try:
@@ -192,10 +205,12 @@ async def run_requests(request: Request, requests: list[GenerationRequest]) -> C
         if not future.done():
             scheduler.cancel(request_id)
     if future in done:
+        if future.cancelled():  # the scheduler dropped it: only a shutdown does that
+            raise APIError(503, "server shut down before the request finished", headers=RETRY_5)
         try:
             return future.result()
         except SchedulerClosedError as err:
-            raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+            raise APIError(503, str(err), headers=RETRY_5) from None
         except EngineFailedError as err:
             raise APIError(500, str(err)) from None
     if disconnect in done:
@@ -496,14 +511,18 @@ def create_app(
         try:
             yield
         finally:
-            app.state.is_draining = True
             if loader is not None:
                 loader.join(timeout=1)
-            if app.state.scheduler is not None:
-                await asyncio.to_thread(app.state.scheduler.shutdown, config.shutdown_timeout_s)
+            await drain(app, config.shutdown_timeout_s)
 
     app = Starlette(
         routes=ROUTES,
+        middleware=guard_middleware(
+            api_key=config.api_key,
+            allowed_hosts=config.allowed_hosts,
+            max_body_bytes=config.max_body_bytes,
+            body_timeout_s=config.body_timeout_s,
+        ),
         lifespan=lifespan,
         exception_handlers={
             APIError: api_error,
@@ -515,3 +534,15 @@ def create_app(
     app.state.config = config
     app.state.metrics = app_metrics
     return app
+
+
+async def drain(app: Starlette, timeout_s: float) -> None:
+    """Answer 503 to newcomers, give in-flight requests timeout_s, then fail the rest with 503.
+
+    The server calls this before it stops listening (batchserve.server), and the lifespan
+    again at exit (then a no-op), so no request is left for uvicorn to cancel into a text 500.
+    """
+    app.state.is_draining = True
+    scheduler: Scheduler | None = getattr(app.state, "scheduler", None)
+    if scheduler is not None:
+        await asyncio.to_thread(scheduler.shutdown, timeout_s)

