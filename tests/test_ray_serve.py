@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -124,10 +125,15 @@ def ray_address() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_address: str) -> Iterator[str]:
+def endpoint_process(ray_address: str) -> Iterator[tuple[str, subprocess.Popen]]:
     args = ["--ray", "--ray-address", ray_address, "--replicas", "2", "--threads", "1"]
-    with running_server([*args, "--log-level", "warning"], timeout_s=240) as (url, _):
-        yield url
+    with running_server([*args, "--log-level", "warning"], timeout_s=240) as (url, proc):
+        yield url, proc
+
+
+@pytest.fixture(scope="module")
+def endpoint(endpoint_process: tuple[str, subprocess.Popen]) -> str:
+    return endpoint_process[0]
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +282,61 @@ def test_killing_a_replica_mid_run_loses_no_trial(endpoint: str, tmp_path: Path)
         time.sleep(0.5)
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     assert victim["name"] not in names
+
+
+@needs_ray
+@pytest.mark.parametrize(
+    ("behaviour", "status", "retry_after"),
+    [
+        ("raises", 503, "1"),
+        ("plain-500", 503, "1"),
+        ("json-500", 500, None),
+        ("ok", 200, None),
+    ],
+)
+def test_proxy_turns_a_dead_replicas_bare_500_into_a_retryable_503(
+    behaviour: str, status: int, retry_after: str | None
+):
+    from batchserve.ray_serve import ReplicaFailureMiddleware
+
+    async def app(scope, receive, send) -> None:
+        if behaviour == "raises":
+            raise RuntimeError("actor died")
+        code = 200 if behaviour == "ok" else 500
+        kind = b"text/plain" if behaviour == "plain-500" else b"application/json"
+        await send(
+            {"type": "http.response.start", "status": code, "headers": [(b"content-type", kind)]}
+        )
+        await send({"type": "http.response.body", "body": b'{"error": "x"}'})
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=ReplicaFailureMiddleware(app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            return await client.post("/generate_lda", json={})
+
+    response = asyncio.run(call())
+    assert response.status_code == status
+    assert response.headers.get("retry-after") == retry_after
+    assert "error" in response.json()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_then_exits_0(
+    endpoint_process: tuple[str, subprocess.Popen],
+):
+    """Last: it stops the module's endpoint."""
+    url, proc = endpoint_process
+
+    async def run() -> list[httpx.Response]:
+        pending = asyncio.ensure_future(
+            _post_all(url, [b | {"max_new_tokens": 80} for b in _bodies(8)])
+        )
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        return await pending
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 8
+    assert all(r.json()["tokens_generated"] == 80 for r in responses)
+    assert proc.wait(timeout=120) == 0
