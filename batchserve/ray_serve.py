@@ -169,10 +169,19 @@ PROXY_CALLBACK = "batchserve.ray_serve:proxy_middlewares"
 
 
 def _load_replica_pair(spec: ReplicaSpec):
+    import torch
+
     from batchserve.cli import configure_threads
     from batchserve.models import load_pair
 
-    configure_threads(spec.threads, spec.device)
+    on_gpu = spec.device.startswith("cuda") or (spec.device == "auto" and torch.cuda.is_available())
+    threads = spec.threads
+    if threads == "auto" and not on_gpu:
+        # On CPU, as many torch threads as the CPUs Ray reserved for this replica: more would
+        # spin against the other replicas on the same machine.
+        assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        threads = str(max(1, int(assigned)))
+    configure_threads(threads, spec.device)
     return load_pair(
         spec.after,
         spec.before,
