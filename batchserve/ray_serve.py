@@ -249,6 +249,8 @@ def build_application(spec: ReplicaSpec, options: DeploymentOptions) -> serve.Ap
             "target_ongoing_requests": options.target_ongoing_requests
             or max(1.0, spec.config.scheduler.max_batch_size / 2),
         }
+    elif options.replicas < 1:
+        raise ValueError(f"replicas must be at least 1, not {options.replicas}")
     else:
         deployment_options["num_replicas"] = options.replicas
     deployment = serve.deployment(BatchServeReplica).options(**deployment_options)

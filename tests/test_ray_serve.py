@@ -75,6 +75,31 @@ def test_max_ongoing_requests_follows_the_scheduler_limits():
 
 
 @needs_ray
+def test_cli_options_become_the_deployments_settings():
+    from batchserve.cli import server_config_from_args
+    from batchserve.ray_serve import build_application, options_from_args, spec_from_args
+
+    def deployment(*flags: str):
+        args = build_parser().parse_args(["serve", "--ray", "--max-batch-size", "16", *flags])
+        spec = spec_from_args(args, server_config_from_args(args))
+        built = build_application(spec, options_from_args(args))
+        assert built._bound_deployment.init_args == (spec,)
+        return built._bound_deployment
+
+    fixed = deployment("--replicas", "3", "--threads", "2", "--device", "cpu")
+    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 32
+    assert fixed.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0}
+    scaled = deployment("--min-replicas", "1", "--max-replicas", "4", "--replicas", "2")
+    autoscaling = scaled._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.initial_replicas) == (1, 2)
+    assert (autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (4, 8.0)
+    assert deployment("--device", "cuda").ray_actor_options["num_gpus"] == 1.0
+    assert deployment("--max-ongoing-requests", "5").max_ongoing_requests == 5
+    with pytest.raises(ValueError, match="min_replicas <= replicas"):
+        deployment("--min-replicas", "3", "--replicas", "2")
+
+
+@needs_ray
 def test_serve_deploy_config_takes_exactly_the_serve_options():
     from ray import serve
 
