@@ -47,9 +47,52 @@ def _busy_processes() -> list[str]:
     return [line.strip() for line in out[:6]]
 
 
-def _measure(url: str, name: str, workload: Workload, runs: list[dict]) -> None:
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds_by_role(direct_pid: int) -> dict[str, float]:
+    """CPU time so far of the serving processes: where the run's CPU went, and how much of the
+    machine they got while others' work competed for it."""
+    roles: dict[str, float] = {"replicas": 0.0, "proxy": 0.0, "direct": 0.0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        if b"ServeReplica" in cmdline:
+            roles["replicas"] += seconds
+        elif b"ProxyActor" in cmdline:
+            roles["proxy"] += seconds
+        elif int(entry.name) == direct_pid:
+            roles["direct"] += seconds
+    roles["bench_client"] = time.process_time()
+    return roles
+
+
+def _machine_busy() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def _measure(url: str, name: str, workload: Workload, runs: list[dict], direct_pid: int) -> None:
     load_before = _loadavg()
+    cpu_before, busy_before = _cpu_seconds_by_role(direct_pid), _machine_busy()
     run = asyncio.run(run_level(url, name, workload, workload.concurrency[0], 120.0))
+    cpu_after, busy_after = _cpu_seconds_by_role(direct_pid), _machine_busy()
+    cores_used = {
+        role: round((cpu_after[role] - cpu_before[role]) / run["wall_s"], 3) for role in cpu_after
+    }
+    run["cores_used"] = cores_used
+    run["machine_busy_fraction"] = round(
+        (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1]), 3
+    )
+    serving = cores_used["direct"] if name == "direct" else cores_used["replicas"]
+    run["tokens_per_serving_cpu_s"] = run["tokens_per_s"] / serving if serving else None
     for key in ("mean_batch_size", "engine_steps", "server_decode_tokens_per_s", "step_ms_mean"):
         run.pop(key, None)
     run.pop("latencies_s", None)
@@ -93,13 +136,21 @@ def markdown(report: dict) -> str:
         f"- ray {report['ray_version']}; the bench client, Serve's proxy and the replicas share "
         "the machine's 2 cores",
         "",
-        "| config | tokens/s | req/s | lat p50 s | lat p95 s | errors | load 1m before -> after |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "Cores used = CPU seconds per wall second of the server (direct) or all replicas, of "
+        "Serve's proxy and of the bench client; machine busy = both cores, everyone's work.",
+        "",
+        "| config | tokens/s | req/s | lat p50 s | lat p95 s | errors | cores: server(s) / proxy "
+        "/ client | tokens per server CPU s | machine busy | load 1m before -> after |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in report["runs"]:
+        cores = r["cores_used"]
+        server = cores["direct"] if r["mode"] == "direct" else cores["replicas"]
         lines.append(
             f"| {r['mode']} | {r['tokens_per_s']:,.1f} | {r['requests_per_s']:.2f} | "
             f"{r['latency_p50_s']:.3f} | {r['latency_p95_s']:.3f} | {r['num_errors']} | "
+            f"{server:.2f} / {cores['proxy']:.2f} / {cores['bench_client']:.2f} | "
+            f"{r['tokens_per_serving_cpu_s'] or 0:,.0f} | {r['machine_busy_fraction']:.0%} | "
             f"{r['loadavg_1m_before']} -> {r['loadavg_1m_after']} |"
         )
     lines += [
@@ -163,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         ray_url = f"http://127.0.0.1:{port}"
         with start_servers(["continuous"], ["--after", "toy"], server_args=["--threads", "1"]) as s:
-            direct_url = s["continuous"].url
+            direct_url, direct_pid = s["continuous"].url, s["continuous"].pid
             asyncio.run(warm_up(direct_url))
             deployed = 0
             for name in order:
                 if name == "direct":
-                    _measure(direct_url, name, workload, runs)
+                    _measure(direct_url, name, workload, runs, direct_pid)
                     continue
                 replicas = int(name.split("-")[1])
                 if replicas != deployed:
@@ -177,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                     serve.run(app, name=APP_NAME, route_prefix="/")
                     deployed = replicas
                     asyncio.run(warm_up(ray_url))
-                _measure(ray_url, name, workload, runs)
+                _measure(ray_url, name, workload, runs, direct_pid)
     finally:
         serve.shutdown()
         ray.shutdown()
