@@ -79,6 +79,16 @@ def _machine_busy() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def _add_cpu_metrics(run: dict) -> None:
+    cores = run["cores_used"]
+    serving = cores["direct"] if run["mode"] == "direct" else cores["replicas"]
+    run["tokens_per_serving_cpu_s"] = run["tokens_per_s"] / serving if serving else None
+    # CPU the serving side spends per generated token, proxy included: unlike tokens/s, this
+    # does not depend on how much of the machine other people's work left us.
+    run["serving_cpu_ms_per_token"] = (serving + cores["proxy"]) / run["tokens_per_s"] * 1e3
+    run["proxy_cpu_ms_per_request"] = cores["proxy"] / run["requests_per_s"] * 1e3
+
+
 def _measure(url: str, name: str, workload: Workload, runs: list[dict], direct_pid: int) -> None:
     load_before = _loadavg()
     cpu_before, busy_before = _cpu_seconds_by_role(direct_pid), _machine_busy()
@@ -91,8 +101,7 @@ def _measure(url: str, name: str, workload: Workload, runs: list[dict], direct_p
     run["machine_busy_fraction"] = round(
         (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1]), 3
     )
-    serving = cores_used["direct"] if name == "direct" else cores_used["replicas"]
-    run["tokens_per_serving_cpu_s"] = run["tokens_per_s"] / serving if serving else None
+    _add_cpu_metrics(run)
     for key in ("mean_batch_size", "engine_steps", "server_decode_tokens_per_s", "step_ms_mean"):
         run.pop(key, None)
     run.pop("latencies_s", None)
@@ -113,7 +122,11 @@ def _mean(runs: list[dict], name: str, key: str) -> float | None:
 def summarize(runs: list[dict]) -> dict:
     tps = {name: _mean(runs, name, "tokens_per_s") for name in ("direct", "ray-1", "ray-2")}
     p50 = {name: _mean(runs, name, "latency_p50_s") for name in ("direct", "ray-1", "ray-2")}
+    cpu = {name: _mean(runs, name, "serving_cpu_ms_per_token") for name in ("direct", "ray-1")}
     return {
+        "serving_cpu_ms_per_token": cpu,
+        "proxy_cpu_ms_per_request": _mean(runs, "ray-1", "proxy_cpu_ms_per_request"),
+        "ray1_over_direct_cpu_per_token": ratio(cpu["ray-1"], cpu["direct"]),
         "tokens_per_s": tps,
         "latency_p50_s": p50,
         "ray2_over_ray1_tokens_per_s": ratio(tps["ray-2"], tps["ray-1"]),
@@ -159,7 +172,11 @@ def markdown(report: dict) -> str:
         f"(target >= {s['target_ray2_over_ray1']}x)",
         f"- 2 replicas / direct server, tokens/s: {s['ray2_over_direct_tokens_per_s']:.2f}x",
         f"- proxy overhead (1 replica vs direct): {s['proxy_overhead_tokens_per_s']:.1%} "
-        f"tokens/s, {s['proxy_overhead_latency_p50_s'] * 1000:+.0f} ms p50 latency",
+        f"tokens/s, {s['proxy_overhead_latency_p50_s'] * 1000:+.0f} ms p50 latency; in CPU: "
+        f"{s['serving_cpu_ms_per_token']['ray-1']:.3f} vs "
+        f"{s['serving_cpu_ms_per_token']['direct']:.3f} ms per token "
+        f"({s['ray1_over_direct_cpu_per_token']:.2f}x), of which the proxy "
+        f"{s['proxy_cpu_ms_per_request']:.1f} ms per request",
         "",
     ]
     return "\n".join(lines)
@@ -172,7 +189,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=1, help="2 runs A B C C B A")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "ray-replicas-toy.json")
+    parser.add_argument(
+        "--render", type=Path, default=None, help="rewrite the .md of a saved JSON, run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        for run in report["runs"]:
+            _add_cpu_metrics(run)
+        report["summary"] = summarize(report["runs"])
+        args.render.write_text(json.dumps(report, indent=2) + "\n")
+        args.render.with_suffix(".md").write_text(markdown(report))
+        print(markdown(report))
+        return 0
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
