@@ -76,6 +76,8 @@ class ServerConfig:
     body_timeout_s: float = 30.0
     api_key: str | None = field(default=None, repr=False)
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    # Set by each Ray Serve replica (batchserve.ray_serve); /info then names the replica.
+    replica_id: str | None = None
 
 
 class APIError(Exception):
@@ -344,8 +346,10 @@ async def health(request: Request) -> Response:
 async def info(request: Request) -> Response:
     pair = _loaded_pair(request)
     config: ServerConfig = request.app.state.config
+    replica = {} if config.replica_id is None else {"replica_id": config.replica_id}
     return JSONResponse(
         {
+            **replica,
             "version": __version__,
             "models": {"after": pair.after_id, "before": pair.before_id},
             "device": str(pair.device),

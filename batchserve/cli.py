@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +22,9 @@ from batchserve import __version__
 from batchserve.prompts import PROMPT_FORMATS
 from batchserve.scheduler import SCHEDULER_MODES
 from batchserve.seeds import SEED_MAX
+
+if TYPE_CHECKING:
+    from batchserve.app import ServerConfig
 
 log = logging.getLogger("batchserve")
 
@@ -294,6 +297,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("SHUTDOWN_TIMEOUT_S", 30.0, float),
         help="on SIGINT/SIGTERM, time given to in-flight requests (default: %(default)s)",
     )
+    replicas = serve.add_argument_group(
+        "replicas on Ray Serve (pip install 'batchserve[ray]')",
+        "--ray deploys this server as a Ray Serve application: every option above goes to each "
+        "replica (one pair and scheduler each; one GPU each on CUDA); --host/--port are Serve's "
+        "HTTP endpoint.",
+    )
+    replicas.add_argument(
+        "--ray",
+        action="store_true",
+        default=_env("RAY", False, _env_flag),
+        help="serve replicas behind one endpoint on Ray Serve",
+    )
+    replicas.add_argument(
+        "--ray-address",
+        default=_env("RAY_ADDRESS", None),
+        help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local one",
+    )
+    replicas.add_argument(
+        "--replicas",
+        type=int,
+        default=_env("REPLICAS", 1, int),
+        help="replicas (initial replicas when autoscaling) (default: %(default)s)",
+    )
+    replicas.add_argument(
+        "--min-replicas",
+        type=int,
+        default=_env("MIN_REPLICAS", None, int),
+        help="autoscale between --min-replicas and --max-replicas (default: no autoscaling)",
+    )
+    replicas.add_argument("--max-replicas", type=int, default=_env("MAX_REPLICAS", None, int))
+    replicas.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=_env("TARGET_ONGOING_REQUESTS", None, float),
+        help="autoscaling target of requests per replica (default: half of --max-batch-size)",
+    )
+    replicas.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=_env("MAX_ONGOING_REQUESTS", None, int),
+        help="requests one replica takes before Serve queues the rest for the next free replica "
+        "(default: 2 x --max-batch-size, at most --max-queue-rows)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     gen = commands.add_parser(
@@ -335,16 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
 # --- serve ------------------------------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from batchserve.app import ServerConfig, create_app
-    from batchserve.models import load_pair
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from batchserve.app import ServerConfig
     from batchserve.scheduler import SchedulerConfig
-    from batchserve.security import default_allowed_hosts, parse_allowed_hosts, startup_warnings
-    from batchserve.server import ConnectionLimits, build_server
+    from batchserve.security import default_allowed_hosts, parse_allowed_hosts
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         scheduler = SchedulerConfig(
             mode=args.scheduler,
@@ -372,11 +413,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         allowed_hosts=allowed_hosts,
     )
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from batchserve.app import create_app
+    from batchserve.models import load_pair
+    from batchserve.security import startup_warnings
+    from batchserve.server import ConnectionLimits, build_server
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = server_config_from_args(args)
     shown = {k: v for k, v in vars(args).items() if k != "func"}
     shown["api_key"] = "(set)" if args.api_key else None
     log.info("batchserve %s: %s", __version__, shown)
-    for warning in startup_warnings(args.host, config.api_key, allowed_hosts):
+    for warning in startup_warnings(args.host, config.api_key, config.allowed_hosts):
         log.warning(warning)
+    if args.ray:
+        # Imported only here: a plain install never imports ray.
+        from batchserve.ray_serve import serve_on_ray
+
+        return serve_on_ray(args, config)
+    if args.replicas != 1 or args.ray_address:
+        raise SystemExit("error: --replicas and --ray-address need --ray")
     configure_threads(args.threads, args.device)
     after = args.after or "toy:after"
 
