@@ -432,29 +432,58 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                self._drop_cancelled()
-                if self._is_closed:
-                    return
-                plan = self.core.schedule(self.engine.capacity(), time.monotonic())
-                if plan.wait_s is not None:
-                    self._cond.wait(timeout=plan.wait_s)
-                    continue
-                for wait_s in plan.queue_waits_s:
-                    self.metrics.queue_wait.observe(wait_s)
-                self.metrics.queue_rows.set(self.core.num_waiting_rows)
             try:
-                finished = self._admit(plan.admit)
-                if self.engine.num_running:
-                    self.metrics.batch_size.observe(self.engine.num_running)
-                    finished += self._step()
-                    self.metrics.steps.inc()
-            except Exception as err:  # noqa: BLE001 - one bad batch must not kill the server
-                log.exception("engine failed twice in a row; failing the requests in the batch")
-                self._fail_rows(self.engine.running_row_ids, err)
-                self.metrics.errors.labels(kind="engine").inc()
-                continue
-            self._collect(finished)
+                if not self._iterate():
+                    return
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any bug
+                log.exception("the worker loop failed; failing every request in flight")
+                self._fail_all(err)
+
+    def _iterate(self) -> bool:
+        """One pass: drop cancelled requests, plan, admit, step, collect. False when closed."""
+        with self._cond:
+            self._drop_cancelled()
+            if self._is_closed:
+                return False
+            plan = self.core.schedule(self.engine.capacity(), time.monotonic())
+            if plan.wait_s is not None:
+                self._cond.wait(timeout=plan.wait_s)
+                return True
+            for wait_s in plan.queue_waits_s:
+                self.metrics.queue_wait.observe(wait_s)
+            self.metrics.queue_rows.set(self.core.num_waiting_rows)
+        finished: list[Row] = []
+        try:
+            finished += self._admit(plan.admit)
+            if self.engine.num_running:
+                self.metrics.batch_size.observe(self.engine.num_running)
+                finished += self._step()
+                self.metrics.steps.inc()
+        except Exception as err:  # noqa: BLE001 - one bad batch must not kill the server
+            log.exception("the decode step failed twice in a row; failing the running requests")
+            self.metrics.errors.labels(kind="engine").inc()
+            self._fail_rows(self.engine.running_row_ids, err, count=False)
+        self._collect(finished)  # rows admitted and finished before a failure still resolve
+        return True
+
+    def _fail_all(self, err: Exception) -> None:
+        with self._cond:
+            request_ids = list(self._waiters)
+        rows = self.engine.running_row_ids
+        for request_id in request_ids:
+            with self._cond:
+                _, request_rows = self.core.abort(request_id)
+            rows.extend(request_rows)
+        try:
+            self.engine.cancel(rows)
+        except Exception:  # noqa: BLE001
+            log.exception("could not drop the rows of the failed requests")
+        with self._cond:
+            failed = [self._waiters.pop(i) for i in request_ids if i in self._waiters]
+            self.metrics.errors.labels(kind="worker").inc()
+            self._cond.notify_all()
+        for waiter in failed:
+            _resolve(waiter, EngineFailedError(f"generation failed: {err}"))
 
     def _admit(self, rows: list[EngineRow]) -> list[Row]:
         """Admit rows; a row that fails alone fails its own request, never its neighbours'.
@@ -510,17 +539,18 @@ class Scheduler:
         self.metrics.running_rows.set(self.engine.num_running)
 
     def _collect(self, finished: list[Row]) -> None:
-        failed = [row for row in finished if row.error]
-        for row in failed:
-            self._fail_rows([row.row_id], RuntimeError(row.error))
+        for row in finished:
+            if row.error:
+                self._fail_rows([row.row_id], RuntimeError(row.error))
         with self._cond:
-            for row in finished:
-                if not row.error:
-                    self.metrics.rows_finished.labels(reason=row.finish_reason or "length").inc()
-                    self.metrics.tokens_generated.inc(len(row.token_ids))
+            # Rows of requests that failed or were cancelled meanwhile count nowhere.
+            live = [row for row in finished if not row.error and self.core.is_live(row.row_id)]
+            for row in live:
+                self.metrics.rows_finished.labels(reason=row.finish_reason or "length").inc()
+                self.metrics.tokens_generated.inc(len(row.token_ids))
             done = [
                 (request, self._waiters.pop(request.request_id, None))
-                for request in self.core.update(row for row in finished if not row.error)
+                for request in self.core.update(live)
             ]
             self.metrics.running_rows.set(self.engine.num_running)
             self._cond.notify_all()
@@ -541,7 +571,7 @@ class Scheduler:
         )
         _resolve(waiter, completion)
 
-    def _fail_rows(self, row_ids: list[int], err: Exception) -> None:
+    def _fail_rows(self, row_ids: list[int], err: Exception, count: bool = True) -> None:
         """Fail the requests that own these rows; their other rows leave the batch or queue."""
         with self._cond:
             failed = []
@@ -551,7 +581,8 @@ class Scheduler:
                 waiter = self._waiters.pop(request_id, None)
                 if waiter is not None:
                     failed.append(waiter)
-            self.metrics.errors.labels(kind="row").inc(len(failed))
+            if count:
+                self.metrics.errors.labels(kind="row").inc(len(failed))
             self.metrics.queue_rows.set(self.core.num_waiting_rows)
             self.metrics.running_rows.set(self.engine.num_running)
             self._cond.notify_all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -377,3 +378,32 @@ def test_core_refuses_rows_beyond_the_queue_limit() -> None:
     core.add(0, rows_of(0, "a", n=2), now=0)
     with pytest.raises(QueueFullError):
         core.add(1, rows_of(2, "b"), now=0)
+
+
+async def test_a_request_finished_at_admission_resolves_even_when_that_steps_fails_twice() -> None:
+    class DoubleFault(FakeEngine):
+        faults = 0
+
+        def step(self):
+            if len(self.admissions) >= 2 and self.faults < 2:
+                self.faults += 1
+                raise RuntimeError("injected double fault")
+            time.sleep(0.001)  # so b is still running when a arrives
+            return super().step()
+
+    engine = DoubleFault(max_context=10_000)
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=0))
+    scheduler.start()
+    try:
+        _, running = scheduler.submit([request("b", 5000)])
+        while not engine.admissions:
+            await asyncio.sleep(0.001)
+        _, quick = scheduler.submit([request("a", 1)])
+        results = await asyncio.wait_for(
+            asyncio.gather(running, quick, return_exceptions=True), timeout=30
+        )
+    finally:
+        await asyncio.to_thread(scheduler.shutdown, 5)
+    assert isinstance(results[0], EngineFailedError)
+    assert results[1].results[0].tokens_generated == 1
+    assert scheduler.request_ids == []
