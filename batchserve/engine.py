@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from batchserve.models import ModelPair
 from batchserve.prompts import format_prompt
-from batchserve.runner import ModelRunner, SlotParams
+from batchserve.runner import INVALID_TOKEN, ModelRunner, SlotParams
 from batchserve.sampling import SamplingPlan
 from batchserve.scheduler import SchedulerConfig, SchedulerCore, engine_rows, prepare_prompt
 from batchserve.seeds import SEED_MAX
@@ -220,6 +220,8 @@ class LDAEngine:
         problems = []
         if not row.prompt_ids:
             problems.append("the prompt encodes to no tokens")
+        if p.max_new_tokens < 1:
+            problems.append(f"max_new_tokens {p.max_new_tokens} is below 1")
         if len(row.prompt_ids) + p.max_new_tokens > self.max_row_tokens:
             problems.append(
                 f"prompt ({len(row.prompt_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) "
@@ -256,6 +258,10 @@ class LDAEngine:
         )
 
     def _append(self, row: Row, token: int) -> None:
+        if token == INVALID_TOKEN:
+            row.finish_reason = "error"
+            row.error = "the models' logits for this row were not finite (NaN or inf)"
+            return
         row.token_ids.append(token)
         try:
             self._check_finished(row, self.pair.eos_token_ids)
