@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchserve import __version__
+from batchserve import __version__, openai_api
 from batchserve.metrics import Metrics
 from batchserve.scheduler import (
     Completion,
@@ -485,6 +485,7 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/info", info, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    *openai_api.ROUTES,
 ]
 ROUTE_PATHS = {r.path for r in ROUTES}
 

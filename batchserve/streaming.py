@@ -178,6 +178,7 @@ def sse_response(
     """
 
     async def events() -> AsyncIterator[dict]:
+        why = "client_disconnected"
         try:
             async for item in streams.deltas(future, timeout_s):
                 if isinstance(item, Delta):
@@ -185,15 +186,16 @@ def sse_response(
                 else:
                     yield {"event": "result", "data": json.dumps(render_result(item))}
         except (SchedulerClosedError, EngineFailedError, RequestTimeoutError) as err:
+            why = "timeout"
             yield {"event": "error", "data": json.dumps({"error": str(err), "detail": None})}
         finally:
-            close_request(scheduler, request_id, future)
+            close_request(scheduler, request_id, future, why)
 
     return EventSourceResponse(events())
 
 
-def close_request(scheduler: Scheduler, request_id: int, future: asyncio.Future) -> None:
-    """Drop what is left of a request whose stream ended early (disconnect, timeout)."""
+def close_request(scheduler: Scheduler, request_id: int, future: asyncio.Future, why: str) -> None:
+    """Drop what is left of a request that ended early; `why` is the errors metric's kind."""
     if not future.done():
         scheduler.cancel(request_id)
-        scheduler.metrics.errors.labels(kind="stream_closed").inc()
+        scheduler.metrics.errors.labels(kind=why).inc()
