@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchserve import __version__, openai_api
+from batchserve import __version__, openai_api, playground
 from batchserve.metrics import Metrics
 from batchserve.scheduler import (
     Completion,
@@ -478,6 +478,7 @@ class MetricsMiddleware:
 
 
 ROUTES = [
+    Route("/", playground.page, methods=["GET"]),
     Route("/generate_lda", generate_lda, methods=["POST"]),
     Route("/generate_lda_batch", generate_lda_batch, methods=["POST"]),
     Route("/generate", generate_plain, methods=["POST"]),
