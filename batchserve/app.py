@@ -244,9 +244,16 @@ def stream_requests(
 
     streams = TokenStreams(_ready_scheduler(request).engine.decode, requests)
     scheduler, request_id, future = submit_requests(request, requests, streams.on_tokens)
-    timeout_s = request.app.state.config.request_timeout_s
+    config: ServerConfig = request.app.state.config
     return sse_response(
-        streams, scheduler, request_id, future, timeout_s, render_delta, render_result
+        streams,
+        scheduler,
+        request_id,
+        future,
+        config.request_timeout_s,
+        render_delta,
+        render_result,
+        config.shutdown_timeout_s,
     )
 
 

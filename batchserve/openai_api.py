@@ -400,7 +400,8 @@ class _Job:
                 close_request(self.scheduler, request_id, future, why)
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(events())
+        grace_s = self.request.app.state.config.shutdown_timeout_s
+        return EventSourceResponse(events(), shutdown_grace_period=grace_s)
 
 
 def _openai_route(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:

@@ -171,10 +171,12 @@ def sse_response(
     timeout_s: float,
     render_delta: Callable[[Delta], dict],
     render_result: Callable[[Completion], dict],
+    shutdown_grace_s: float = 0.0,
 ) -> EventSourceResponse:
     """The native routes' stream: `delta` events, then one `result` (or `error`) event.
 
     A client that goes away cancels the generator; its rows are dropped before the next step.
+    On shutdown a stream gets `shutdown_grace_s` to finish, like a request in flight.
     """
 
     async def events() -> AsyncIterator[dict]:
@@ -191,7 +193,7 @@ def sse_response(
         finally:
             close_request(scheduler, request_id, future, why)
 
-    return EventSourceResponse(events())
+    return EventSourceResponse(events(), shutdown_grace_period=shutdown_grace_s)
 
 
 def close_request(scheduler: Scheduler, request_id: int, future: asyncio.Future, why: str) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import running_server
+from playwright import sync_api
+from servers import free_port, running_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -29,11 +30,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM),
-    reason=f"no {CHROMIUM}: `apt-get install chromium` (.ci/run installs it in CI)",
-)
-sync_api = pytest.importorskip("playwright.sync_api")
+NO_CHROMIUM = f"no {CHROMIUM}: `apt-get install chromium` (.ci/run installs it in CI)"
 
 PROMPT = "Tell me about the ocean"
 COLUMNS = ("before", "after", "amplified")
@@ -47,6 +44,8 @@ def server() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def page(server: str):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(NO_CHROMIUM)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1360, "height": 660})
@@ -78,6 +77,18 @@ def test_the_page_is_served_from_package_files_with_nothing_remote(server: str) 
     html = httpx.get(server + "/").text
     assert "<title>batchserve playground" in html
     assert "http://" not in html and "https://" not in html  # no CDN, works offline
+
+
+def test_serve_prints_the_page_url_at_start_up() -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "batchserve.cli", "serve", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert line.startswith(f"playground: http://127.0.0.1:{port}/")
 
 
 def test_three_columns_fill_with_streamed_text(page, server: str, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -223,3 +224,18 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(toy_server: str) -> None:
         assert time.monotonic() < deadline, "the row of the client that left was not cancelled"
         time.sleep(0.05)
     assert metric(toy_server, "batchserve_running_rows") == 0
+
+
+def test_sigterm_lets_a_stream_in_flight_finish() -> None:
+    with running_server(["--log-level", "warning", "--shutdown-timeout-s", "30"]) as (url, proc):
+        body = {"prompt": "go on", "max_new_tokens": 300, "ignore_eos": True, "stream": True}
+        with (
+            httpx.Client(base_url=url, timeout=60) as client,
+            connect_sse(client, "POST", "/generate_lda", json=body) as source,
+        ):
+            events = source.iter_sse()
+            assert next(events).event == "delta"
+            proc.send_signal(signal.SIGTERM)
+            rest = [(e.event, json.loads(e.data)) for e in events]
+        assert rest[-1][0] == "result" and rest[-1][1]["tokens_generated"] == 300
+        assert proc.wait(timeout=30) == 0
