@@ -115,10 +115,12 @@ class _OpenAIFields(BaseModel):
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompts = Annotated[list[str], Field(min_length=1)]
+TokenPrompts = Annotated[list[TokenIds], Field(min_length=1)]
 
 
 class CompletionRequest(_OpenAIFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: str | Prompts | TokenIds | TokenPrompts
     max_tokens: int = Field(16, ge=1)
     echo: bool = False
     logprobs: None = None  # not yet: the logprobs issue adds them
@@ -173,9 +175,8 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         return schema.model_validate(data)
     except ValidationError as err:
         errors = err.errors(include_url=False, include_input=False)
-        # A union reports each branch; the shortest location names the field best.
-        first = min(errors, key=lambda e: len(e["loc"]))
-        param = ".".join(str(p) for p in first["loc"]) or None
+        # OpenAI names the top-level field; deeper locations also carry pydantic's union tags.
+        param = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
         message = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:4]
         )

@@ -10,6 +10,7 @@ import pytest
 from servers import running_server
 
 from batchserve.models import load_tokenizer
+from batchserve.prompts import format_messages
 
 MODEL = "toy:after"
 PROMPT = "### Instruction:\nWrite a poem about the sea\n\n### Response:\n"
@@ -163,3 +164,37 @@ def test_a_long_prompt_is_refused_with_context_length_exceeded(server: str) -> N
     )
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("prompt", [[], [[]], ""])
+def test_an_empty_prompt_is_refused_not_left_hanging(server: str, prompt: object) -> None:
+    resp = httpx.post(
+        server + "/v1/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 4},
+        timeout=10,
+    )
+    if prompt == "":  # the toy tokenizer writes BOS, so "" is a one-token prompt
+        assert resp.status_code == 200
+    else:
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+
+
+def test_chat_without_a_template_uses_the_server_prompt_format() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a fruit"},
+        {"role": "assistant", "content": "Mango."},
+        {"role": "user", "content": "Another"},
+    ]
+    text, fmt = format_messages(messages, "alpaca")
+    assert fmt == "alpaca"
+    assert text == (
+        "### Instruction:\nBe brief.\n\n### Input:\nName a fruit\n\n### Response:\n"
+        "Mango.\n\n### Instruction:\nAnother\n\n### Response:\n"
+    )
+    assert format_messages(messages[:2], "raw") == ("Be brief.\n\nName a fruit", "raw")
+    with pytest.raises(ValueError, match="chat template"):
+        format_messages(messages, "chat")
+    # A tokenizer with a template wins (the toy's is the alpaca layout, with BOS).
+    text, fmt = format_messages(messages[:2], "raw", tokenizer=load_tokenizer("toy:after"))
+    assert fmt == "chat" and text.startswith("<s>### Instruction:\nBe brief.")
