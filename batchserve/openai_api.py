@@ -306,7 +306,15 @@ class _Job:
         self.scheduler, self.pair = _scheduler(request)
         self.id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.timeout_s: float = request.app.state.config.request_timeout_s
+        config = request.app.state.config
+        self.timeout_s: float = config.request_timeout_s
+        num_rows = len(prepared) * body.n
+        if num_rows > config.scheduler.max_queue_rows:  # would be refused however long one waits
+            raise OpenAIError(
+                400,
+                f"{num_rows} rows (prompts x n) exceed the queue's {config.scheduler.max_queue_rows}",
+                param="n",
+            )
 
     def envelope(self, obj: str, choices: list[dict]) -> dict:
         return {

@@ -9,8 +9,10 @@ import openai
 import pytest
 from servers import running_server
 
-from batchserve.models import load_tokenizer
+from batchserve.app import ServerConfig, create_app
+from batchserve.models import load_pair, load_tokenizer
 from batchserve.prompts import format_messages
+from batchserve.scheduler import SchedulerConfig
 
 MODEL = "toy:after"
 PROMPT = "### Instruction:\nWrite a poem about the sea\n\n### Response:\n"
@@ -198,3 +200,16 @@ def test_chat_without_a_template_uses_the_server_prompt_format() -> None:
     # A tokenizer with a template wins (the toy's is the alpaca layout, with BOS).
     text, fmt = format_messages(messages[:2], "raw", tokenizer=load_tokenizer("toy:after"))
     assert fmt == "chat" and text.startswith("<s>### Instruction:\nBe brief.")
+
+
+async def test_more_rows_than_the_queue_holds_are_refused_up_front() -> None:
+    config = ServerConfig(scheduler=SchedulerConfig(max_queue_rows=4))
+    app = create_app(config, pair=load_pair("toy"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            body = {"model": MODEL, "prompt": ["a", "b"], "n": 3, "max_tokens": 2}
+            resp = await client.post("/v1/completions", json=body)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
+            resp = await client.post("/v1/completions", json=body | {"n": 2})
+            assert resp.status_code == 200 and len(resp.json()["choices"]) == 4
