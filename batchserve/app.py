@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchserve import __version__
+from batchserve import __version__, openai_api, playground
 from batchserve.bodies import BodyError, max_prompt_chars, parse_json_off_loop
 from batchserve.metrics import Metrics
 from batchserve.scheduler import (
@@ -34,6 +34,7 @@ from batchserve.scheduler import (
     Scheduler,
     SchedulerClosedError,
     SchedulerConfig,
+    TokenListener,
 )
 from batchserve.schemas import (
     GREEDY_TEMPERATURE_EPS,
@@ -45,6 +46,7 @@ from batchserve.schemas import (
 )
 from batchserve.security import LOOPBACK_HOSTS, guard_middleware
 from batchserve.seeds import prompt_seed
+from batchserve.streaming import Delta, TokenStreams, sse_response
 from batchserve.types import GenerationRequest, RunnerConfig, SamplingParams
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in with the models
@@ -141,6 +143,7 @@ def sampling_params(body: SamplingFields, config: ServerConfig, alpha: float) ->
         max_new_tokens=body.max_new_tokens,
         ignore_eos=getattr(body, "ignore_eos", False),
         seed=body.seed,
+        stop=body.stop_strings,
     )
 
 
@@ -168,10 +171,11 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def run_requests(request: Request, requests: list[GenerationRequest]) -> Completion:
-    """Queue, then await the result, the client's disconnect or the timeout, whichever is first."""
+async def submit_requests(
+    request: Request, requests: list[GenerationRequest], listener: TokenListener | None = None
+) -> tuple[Scheduler, int, asyncio.Future]:
+    """Prepare and queue; returns the scheduler, the request id and the Completion's future."""
     scheduler = _ready_scheduler(request)
-    config: ServerConfig = request.app.state.config
     context = request.app.state.pair.max_context
     for index, r in enumerate(requests):
         num_chars = len(r.prompt) + len(r.system_prompt or "")
@@ -190,11 +194,18 @@ async def run_requests(request: Request, requests: list[GenerationRequest]) -> C
     except PromptTooLongError as err:
         raise APIError(413, str(err), {"prompt_index": err.index}) from None
     try:
-        request_id, future = scheduler.submit(requests, prepared)
+        request_id, future = scheduler.submit(requests, prepared, listener)
     except QueueFullError as err:
         raise APIError(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
     except SchedulerClosedError as err:
         raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+    return scheduler, request_id, future
+
+
+async def run_requests(request: Request, requests: list[GenerationRequest]) -> Completion:
+    """Queue, then await the result, the client's disconnect or the timeout, whichever is first."""
+    config: ServerConfig = request.app.state.config
+    scheduler, request_id, future = await submit_requests(request, requests)
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait(
@@ -233,6 +244,36 @@ def debug_headers(completion: Completion) -> dict[str, str]:
     }
 
 
+async def stream_requests(
+    request: Request,
+    requests: list[GenerationRequest],
+    render_result: Callable[[Completion], dict],
+    row_fields: list[dict] | None = None,
+) -> Response:
+    """`"stream": true`: SSE `delta` events as the rows grow, then the usual body as `result`.
+
+    A delta is `{"index": row, "text": ...}` plus that row's `row_fields`.
+    """
+
+    def render_delta(delta: Delta) -> dict:
+        extra = row_fields[delta.index] if row_fields else {}
+        return {"index": delta.index, "text": delta.text} | extra
+
+    streams = TokenStreams(_ready_scheduler(request).engine.decode, requests)
+    scheduler, request_id, future = await submit_requests(request, requests, streams.on_tokens)
+    config: ServerConfig = request.app.state.config
+    return sse_response(
+        streams,
+        scheduler,
+        request_id,
+        future,
+        config.request_timeout_s,
+        render_delta,
+        render_result,
+        config.shutdown_timeout_s,
+    )
+
+
 def _lda_requests(
     body: LDAFields, prompts: list[str], n: int, config: ServerConfig
 ) -> list[GenerationRequest]:
@@ -252,15 +293,20 @@ def _lda_requests(
 async def generate_lda(request: Request) -> Response:
     body = await parse_body(request, GenerateLDARequest)
     config: ServerConfig = request.app.state.config
-    completion = await run_requests(request, _lda_requests(body, [body.prompt], 1, config))
-    result = completion.results[0]
     pair: ModelPair = request.app.state.pair
-    payload = result.row_fields() | {
-        "alpha": body.alpha,
-        "model_after": pair.after_id,
-        "model_before": pair.before_id,
-    }
-    return JSONResponse(payload, headers=debug_headers(completion))
+    requests = _lda_requests(body, [body.prompt], 1, config)
+
+    def payload(completion: Completion) -> dict:
+        return completion.results[0].row_fields() | {
+            "alpha": body.alpha,
+            "model_after": pair.after_id,
+            "model_before": pair.before_id,
+        }
+
+    if body.stream:
+        return await stream_requests(request, requests, payload)
+    completion = await run_requests(request, requests)
+    return JSONResponse(payload(completion), headers=debug_headers(completion))
 
 
 async def generate_lda_batch(request: Request) -> Response:
@@ -283,17 +329,23 @@ async def generate_lda_batch(request: Request) -> Response:
             413,
             f"{num_rows} rows (prompts x n) exceed the queue's {config.scheduler.max_queue_rows}",
         )
-    completion = await run_requests(request, _lda_requests(body, body.prompts, body.n, config))
     pair: ModelPair = request.app.state.pair
-    payload = {
-        "results": [r.row_fields() for r in completion.results],
-        "alpha": body.alpha,
-        "model_after": pair.after_id,
-        "model_before": pair.before_id,
-        "batch_size": len(body.prompts),
-        "n": body.n,
-    }
-    return JSONResponse(payload, headers=debug_headers(completion))
+    requests = _lda_requests(body, body.prompts, body.n, config)
+
+    def payload(completion: Completion) -> dict:
+        return {
+            "results": [r.row_fields() for r in completion.results],
+            "alpha": body.alpha,
+            "model_after": pair.after_id,
+            "model_before": pair.before_id,
+            "batch_size": len(body.prompts),
+            "n": body.n,
+        }
+
+    if body.stream:
+        return await stream_requests(request, requests, payload)
+    completion = await run_requests(request, requests)
+    return JSONResponse(payload(completion), headers=debug_headers(completion))
 
 
 async def generate_plain(request: Request) -> Response:
@@ -310,19 +362,29 @@ async def generate_plain(request: Request) -> Response:
         )
         for alpha in (0.0, -1.0)
     ]
-    completion = await run_requests(request, requests)
     pair: ModelPair = request.app.state.pair
-    after, before = completion.results
-    payload = {
-        "prompt": body.prompt,
-        "model_1": {"model_id": pair.after_id, "completion": after.completion, "text": after.text},
-        "model_2": {
-            "model_id": pair.before_id,
-            "completion": before.completion,
-            "text": before.text,
-        },
-    }
-    return JSONResponse(payload, headers=debug_headers(completion))
+
+    def payload(completion: Completion) -> dict:
+        after, before = completion.results
+        return {
+            "prompt": body.prompt,
+            "model_1": {
+                "model_id": pair.after_id,
+                "completion": after.completion,
+                "text": after.text,
+            },
+            "model_2": {
+                "model_id": pair.before_id,
+                "completion": before.completion,
+                "text": before.text,
+            },
+        }
+
+    if body.stream:
+        rows = [{"model": "model_1"}, {"model": "model_2"}]  # after, before
+        return await stream_requests(request, requests, payload, rows)
+    completion = await run_requests(request, requests)
+    return JSONResponse(payload(completion), headers=debug_headers(completion))
 
 
 async def tokenizer_compatibility(request: Request) -> Response:
@@ -442,6 +504,7 @@ class MetricsMiddleware:
 
 
 ROUTES = [
+    Route("/", playground.page, methods=["GET"]),
     Route("/generate_lda", generate_lda, methods=["POST"]),
     Route("/generate_lda_batch", generate_lda_batch, methods=["POST"]),
     Route("/generate", generate_plain, methods=["POST"]),
@@ -449,6 +512,7 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/info", info, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    *openai_api.ROUTES,
 ]
 ROUTE_PATHS = {r.path for r in ROUTES}
 

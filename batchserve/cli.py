@@ -381,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
 # --- serve ------------------------------------------------------------------------------------
 
 
+def page_url(host: str, port: int) -> str:
+    """Where a browser on this machine finds the playground (a wildcard bind is local too)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     from batchserve.app import ServerConfig
     from batchserve.scheduler import SchedulerConfig
@@ -473,6 +480,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
     )
     holder["server"] = server
+    print(f"playground: {page_url(args.host, args.port)}  (OpenAI-compatible API: /v1)", flush=True)
     server.run()
     if app.state.load_error:
         print(f"error: could not load the models: {app.state.load_error}", file=sys.stderr)

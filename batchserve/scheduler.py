@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SchedulerMode = Literal["continuous", "static", "serial"]
+# Called on the request's event loop with (row index, new token ids) for each of its rows
+# that grew since the last call; row indices follow the order of `Completion.results`.
+TokenListener = Callable[[list[tuple[int, tuple[int, ...]]]], None]
 SCHEDULER_MODES: tuple[str, ...] = ("continuous", "static", "serial")
 
 
@@ -330,6 +333,9 @@ class _Waiter:
     row_prompt: dict[int, int]  # row id -> index into prompts
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    listener: TokenListener | None = None
+    row_index: dict[int, int] = field(default_factory=dict)  # row id -> result index
+    num_streamed: dict[int, int] = field(default_factory=dict)  # row id -> tokens sent
 
 
 class Scheduler:
@@ -356,9 +362,16 @@ class Scheduler:
         return prepare_prompt(self.engine, request, index)
 
     def submit(
-        self, requests: list[GenerationRequest], prepared: list[PreparedPrompt] | None = None
+        self,
+        requests: list[GenerationRequest],
+        prepared: list[PreparedPrompt] | None = None,
+        listener: TokenListener | None = None,
     ) -> tuple[int, asyncio.Future]:
-        """Queue requests (their rows in order); the future resolves to a `Completion`."""
+        """Queue requests (their rows in order); the future resolves to a `Completion`.
+
+        With a listener, each admission and step also sends the request's new tokens to it
+        (on the caller's loop, always before the future resolves).
+        """
         loop = asyncio.get_running_loop()
         if prepared is None:
             prepared = [self.prepare(r, i) for i, r in enumerate(requests)]
@@ -372,7 +385,9 @@ class Scheduler:
             except QueueFullError:
                 self.metrics.errors.labels(kind="queue_full").inc()
                 raise
-            waiter = _Waiter(prepared, row_prompt, loop.create_future(), loop)
+            waiter = _Waiter(prepared, row_prompt, loop.create_future(), loop, listener)
+            if listener is not None:
+                waiter.row_index = {row_id: i for i, row_id in enumerate(row_prompt)}
             self._waiters[request_id] = waiter
             self.metrics.queue_rows.set(self.core.num_waiting_rows)
             self._cond.notify()
@@ -538,7 +553,35 @@ class Scheduler:
         self.metrics.queue_rows.set(self.core.num_waiting_rows)
         self.metrics.running_rows.set(self.engine.num_running)
 
+    def _stream_tokens(self, finished: list[Row]) -> None:
+        """Send each listening request the tokens its rows gained on this admission or step."""
+        listening = {
+            request_id: waiter
+            for request_id, waiter in self._waiters.items()
+            if waiter.listener is not None and request_id not in self._cancelled
+        }
+        if not listening:
+            return
+        owner = {row_id: rid for rid, w in listening.items() for row_id in w.row_index}
+        updates: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+        for row in [*self.engine.running_rows, *finished]:
+            request_id = owner.get(row.row_id)
+            if request_id is None or row.error:
+                continue
+            waiter = listening[request_id]
+            sent = waiter.num_streamed.get(row.row_id, 0)
+            if len(row.token_ids) > sent:
+                waiter.num_streamed[row.row_id] = len(row.token_ids)
+                new = (waiter.row_index[row.row_id], tuple(row.token_ids[sent:]))
+                updates.setdefault(request_id, []).append(new)
+        for request_id, rows in updates.items():
+            waiter = listening[request_id]
+            if not waiter.loop.is_closed():
+                waiter.loop.call_soon_threadsafe(waiter.listener, rows)
+
     def _collect(self, finished: list[Row]) -> None:
+        with self._cond:
+            self._stream_tokens(finished)
         for row in finished:
             if row.error:
                 self._fail_rows([row.row_id], RuntimeError(row.error))

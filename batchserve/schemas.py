@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from batchserve.seeds import SEED_MAX
 
 NonEmptyPrompt = Annotated[str, StringConstraints(min_length=1)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+MAX_STOP_STRINGS = 16
 
 # Every integer that ends up in a tensor gets an upper bound here, at the door: an unbounded
 # top_k of 2**63 once passed validation and overflowed in the worker, failing the whole batch.
@@ -35,6 +37,13 @@ class SamplingFields(_Strict):
     system_prompt: str | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     do_sample: bool = True
+    # A row finishes when its text contains one of these (cut from the completion).
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool = False  # text/event-stream: `delta` events, then one `result` event
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return stop_strings(self.stop)
 
 
 class LDAFields(SamplingFields):
@@ -53,3 +62,9 @@ class GenerateLDABatchRequest(LDAFields):
 
 class GenerateRequest(SamplingFields):
     prompt: NonEmptyPrompt
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
