@@ -277,7 +277,11 @@ async def stream_requests(
 def _lda_requests(
     body: LDAFields, prompts: list[str], n: int, config: ServerConfig
 ) -> list[GenerationRequest]:
-    params = sampling_params(body, config, body.alpha)
+    params = dataclasses.replace(
+        sampling_params(body, config, body.alpha),
+        logprobs=body.logprobs,
+        score_alphas=tuple(body.score_alphas),
+    )
     fmt = prompt_format(body, config)
     return [
         GenerationRequest(

@@ -372,6 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-eos", action="store_true", help="always generate max-new-tokens"
     )
     sampling.add_argument("--system-prompt", default=None)
+    sampling.add_argument(
+        "--logprobs",
+        action="store_true",
+        help="add per-token log-probabilities (after, before, sampled) to each line",
+    )
+    sampling.add_argument(
+        "--score-alphas",
+        type=float,
+        nargs="+",
+        default=(),
+        metavar="ALPHA",
+        help="also give each row's summed log q_alpha for these alphas (mixture weights)",
+    )
     gen.add_argument("--max-batch-size", type=int, default=64, help="(default: %(default)s)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     gen.set_defaults(func=cmd_generate)
@@ -531,6 +544,16 @@ def read_prompt_rows(path: Path) -> list[PromptRow]:
     return rows
 
 
+def _score_alphas(values: Sequence[float]) -> tuple[float, ...]:
+    from batchserve.schemas import MAX_SCORE_ALPHAS
+
+    if len(values) > MAX_SCORE_ALPHAS or not all(abs(v) <= 1000 for v in values):
+        raise SystemExit(
+            f"error: --score-alphas takes at most {MAX_SCORE_ALPHAS} finite values in [-1000, 1000]"
+        )
+    return tuple(float(v) for v in values)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -548,6 +571,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         ignore_eos=args.ignore_eos,
         seed=args.seed,
+        logprobs=args.logprobs,
+        score_alphas=_score_alphas(args.score_alphas),
     )
     requests = []
     first_row = 0

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
+from batchserve.logprobs import pad_score_alphas, step_logprobs
 from batchserve.models import ModelPair
 from batchserve.prompts import format_prompt
 from batchserve.runner import INVALID_TOKEN, ModelRunner, SlotParams
@@ -31,6 +32,7 @@ from batchserve.types import (
     RowError,
     RunnerConfig,
     SamplingParams,
+    TokenLogprobs,
 )
 
 __all__ = [
@@ -70,6 +72,8 @@ class LDAEngine:
         self._lengths: list[int] = []  # tokens in the KV store per slot (the next position)
         self._blocks: list[list[int]] = []  # KV blocks per slot
         self._plan: SamplingPlan | None = None  # of the rows in slots; None after a change
+        # The slots' padded score_alphas, valid for the plan object they were built with.
+        self._scores: tuple[SamplingPlan, torch.Tensor, torch.Tensor] | None = None
         self.num_steps = 0  # decode steps run so far (admission order evidence for tests)
         # The logits behind the latest draw: (row ids, after [B, V], before [B, V]). Kept by
         # reference only, for tests and debugging; costs nothing.
@@ -172,6 +176,7 @@ class LDAEngine:
             self.runner.write_slots(slots, [self._slot_params(r) for r in rows], blocks)
             plan = self._plan_for([r.params for r in rows])
             tokens = self.runner.prefill(slots, [r.prompt_ids for r in rows], plan)
+            logprobs = self._logprobs([r.params for r in rows], slots, tokens, plan)
             host_tokens = self.runner.to_host(tokens)
         except BaseException:
             for row_blocks in blocks:
@@ -184,7 +189,7 @@ class LDAEngine:
             self.slots.append(state)
             self._lengths.append(len(row.prompt_ids))
             self._blocks.append(row_blocks)
-            self._append(state, token)
+            self._append(state, token, logprobs, len(self.slots) - 1 - first)
         self._plan = None
         return self._retire()
 
@@ -199,13 +204,14 @@ class LDAEngine:
         if self._plan is None:
             self._plan = self._plan_for([r.params for r in self.slots])
         tokens = self.runner.decode(len(self.slots), max(self._lengths) + 1, self._plan)
+        logprobs = self._logprobs(None, slice(0, len(self.slots)), tokens, self._plan)
         host_tokens = self.runner.to_host(tokens)
         self.num_steps += 1
         after, before = self.runner.last_logits
         self.last_logits = (self.running_row_ids, after, before)
         for i, (row, token) in enumerate(zip(self.slots, host_tokens, strict=True)):
             self._lengths[i] += 1
-            self._append(row, token)
+            self._append(row, token, logprobs, i)
         return self._retire()
 
     def cancel(self, row_ids: Iterable[int]) -> list[Row]:
@@ -257,11 +263,54 @@ class LDAEngine:
             sync_free=self.runner.sync_free,
         )
 
-    def _append(self, row: Row, token: int) -> None:
+    def _logprobs(
+        self,
+        params: Sequence[SamplingParams] | None,
+        index: Sequence[int] | slice,
+        tokens: torch.Tensor,
+        plan: SamplingPlan,
+    ) -> torch.Tensor | None:
+        """[B, 3 + A] log-probabilities of the tokens just sampled (after, before, sampled,
+        then the score alphas), on the device; None when no row asks, which costs nothing.
+
+        `params` None means the rows in slots (a decode step); their padded score alphas are
+        built once per plan, so a step adds no host-to-device copy and no synchronisation.
+        """
+        if params is None:
+            params = [r.params for r in self.slots]
+            if not any(p.wants_logprobs for p in params):
+                return None
+            if self._scores is None or self._scores[0] is not plan:
+                scores = pad_score_alphas([p.score_alphas for p in params], self.runner.device)
+                self._scores = (plan, *scores)
+            _, score_alphas, score_mask = self._scores
+        else:
+            if not any(p.wants_logprobs for p in params):
+                return None
+            score_alphas, score_mask = pad_score_alphas(
+                [p.score_alphas for p in params], self.runner.device
+            )
+        r = self.runner
+        if not isinstance(index, slice):
+            index = torch.tensor(list(index), dtype=torch.long, device=r.device)
+        after, before = r.last_logits
+        out = step_logprobs(
+            after, before, r.alpha[index], r.temperature[index], r.top_p[index],
+            r.top_k[index], tokens, score_alphas, score_mask, plan,
+        )  # fmt: skip
+        return torch.cat(
+            [out.after[:, None], out.before[:, None], out.sampled[:, None], out.scored], dim=1
+        )
+
+    def _append(
+        self, row: Row, token: int, logprobs: torch.Tensor | None = None, i: int = 0
+    ) -> None:
         if token == INVALID_TOKEN:
             row.finish_reason = "error"
             row.error = "the models' logits for this row were not finite (NaN or inf)"
             return
+        if logprobs is not None and row.params.wants_logprobs:
+            row.logprob_steps.append(logprobs[i, : 3 + len(row.params.score_alphas)])
         row.token_ids.append(token)
         try:
             self._check_finished(row, self.pair.eos_token_ids)
@@ -311,6 +360,19 @@ class LDAEngine:
 
     def build_result(self, prompt: str, formatted_prompt: str, row: Row) -> GenerationResult:
         completion = self.decode(row.token_ids)[: row.text_limit]
+        logprobs = None
+        if row.params.wants_logprobs and row.logprob_steps:
+            # The row's one device-to-host copy of its log-probabilities: [tokens, 3 + A].
+            table = torch.stack(row.logprob_steps).double().tolist()
+            logprobs = TokenLogprobs(
+                after=tuple(t[0] for t in table),
+                before=tuple(t[1] for t in table),
+                sampled=tuple(t[2] for t in table),
+                score_alphas=row.params.score_alphas,
+                score_sums=tuple(
+                    sum(t[3 + j] for t in table) for j in range(len(row.params.score_alphas))
+                ),
+            )
         return GenerationResult(
             prompt=prompt,
             formatted_prompt=formatted_prompt,
@@ -322,6 +384,7 @@ class LDAEngine:
             seed=row.seed,
             alpha=row.params.alpha,
             token_ids=tuple(row.token_ids),
+            logprobs=logprobs,
         )
 
 

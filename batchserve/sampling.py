@@ -228,6 +228,29 @@ def sample(
     greedy = temperature < GREEDY_TEMPERATURE
     if plan.all_greedy:
         return logits.argmax(dim=-1)
+    probs = kept_probs(logits, temperature, top_p, top_k, plan)
+    # float64 CDF so the last bucket's edge does not round below the uniform draw.
+    cdf = probs.double().cumsum(dim=-1)
+    targets = (seeded_uniforms(seeds, steps) * cdf[:, -1]).unsqueeze(-1)
+    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
+    tokens = tokens.clamp_(max=vocab - 1)
+    if plan.any_greedy:
+        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    return tokens
+
+
+def kept_probs(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    plan: SamplingPlan,
+) -> torch.Tensor:
+    """Softmax at each row's temperature with the tokens outside its top-k / nucleus zeroed
+    (not renormalised): the distribution `sample` draws from, up to its row sum. Greedy rows
+    are scored at temperature 1 (their draw is the argmax, whatever this says)."""
+    vocab = logits.shape[-1]
+    greedy = temperature < GREEDY_TEMPERATURE
     safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
     probs = (logits / safe_temperature.unsqueeze(-1)).softmax(dim=-1)
     if plan.needs_filter:
@@ -241,14 +264,7 @@ def sample(
             keep[rows] = sorted_keep_mask(probs[rows], top_p[rows], k[rows])
         keeps_all = (top_p >= 1.0) & (k >= vocab)
         probs = torch.where(keep | keeps_all.unsqueeze(-1), probs, torch.zeros_like(probs))
-    # float64 CDF so the last bucket's edge does not round below the uniform draw.
-    cdf = probs.double().cumsum(dim=-1)
-    targets = (seeded_uniforms(seeds, steps) * cdf[:, -1]).unsqueeze(-1)
-    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
-    tokens = tokens.clamp_(max=vocab - 1)
-    if plan.any_greedy:
-        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
-    return tokens
+    return probs
 
 
 def sample_reference(

@@ -22,6 +22,9 @@ INT32_MAX = 2**31 - 1
 # Below this a temperature is greedy, as in vLLM: dividing logits by 1e-45 overflows to inf
 # and samples garbage (see app.sampling_params).
 GREEDY_TEMPERATURE_EPS = 1e-5
+# Each score alpha costs one log-softmax over the vocabulary per row and step.
+MAX_SCORE_ALPHAS = 16
+Alpha = Annotated[float, Field(ge=-1000.0, le=1000.0)]
 
 
 class _Strict(BaseModel):
@@ -47,8 +50,11 @@ class SamplingFields(_Strict):
 
 
 class LDAFields(SamplingFields):
-    alpha: float = Field(1.0, ge=-1000.0, le=1000.0)
+    alpha: Alpha = 1.0
     ignore_eos: bool = False
+    # Per-token log-probabilities, and per listed alpha the row's sum of log q_alpha (logprobs.py).
+    logprobs: bool = False
+    score_alphas: list[Alpha] = Field(default_factory=list, max_length=MAX_SCORE_ALPHAS)
 
 
 class GenerateLDARequest(LDAFields):

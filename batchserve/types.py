@@ -23,6 +23,14 @@ class SamplingParams:
     seed: int | None = None
     # A row finishes when its decoded text ends with one of these; the stop string is cut off.
     stop: tuple[str, ...] = ()
+    # Per-token log-probabilities (after, before, sampled) and, per listed alpha, the row's
+    # sum of log q_alpha (see logprobs.py); off by default, and free when off.
+    logprobs: bool = False
+    score_alphas: tuple[float, ...] = ()
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or bool(self.score_alphas)
 
 
 @dataclass
@@ -37,6 +45,8 @@ class Row:
     # Characters of the decoded completion to keep (a stop string and what follows are cut).
     text_limit: int | None = None
     error: str | None = None  # why the row failed (finish_reason "error"); its request fails
+    # One device tensor per generated token when params ask for log-probabilities (engine-owned).
+    logprob_steps: list = field(default_factory=list, repr=False)
 
     @property
     def is_finished(self) -> bool:
@@ -65,6 +75,31 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Per generated token: log p under each model and under the distribution sampled from;
+    per listed score alpha: the row's summed log q_alpha (full softmax, no truncation)."""
+
+    after: tuple[float, ...]
+    before: tuple[float, ...]
+    sampled: tuple[float, ...]
+    score_alphas: tuple[float, ...] = ()
+    score_sums: tuple[float, ...] = ()
+
+    def as_dict(self, token_ids: tuple[int, ...]) -> dict[str, object]:
+        return {
+            "token_ids": list(token_ids),
+            "after": list(self.after),
+            "before": list(self.before),
+            "sampled": list(self.sampled),
+            "sum_after": sum(self.after),
+            "sum_before": sum(self.before),
+            "sum_sampled": sum(self.sampled),
+            "score_alphas": list(self.score_alphas),
+            "sum_score_alphas": list(self.score_sums),
+        }
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     prompt: str
     formatted_prompt: str
@@ -76,9 +111,11 @@ class GenerationResult:
     seed: int
     alpha: float
     token_ids: tuple[int, ...] = ()
+    logprobs: TokenLogprobs | None = None  # only when the request asked
 
     def row_fields(self) -> dict[str, object]:
         """The per-row fields of the HTTP contract (and of `batchserve generate`'s JSONL)."""
+        extra = {} if self.logprobs is None else {"logprobs": self.logprobs.as_dict(self.token_ids)}
         return {
             "prompt": self.prompt,
             "formatted_prompt": self.formatted_prompt,
@@ -88,7 +125,7 @@ class GenerationResult:
             "stopped_early": self.stopped_early,
             "finish_reason": self.finish_reason,
             "seed": self.seed,
-        }
+        } | extra
 
 
 class RowError(RuntimeError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import socket
 import subprocess
@@ -130,6 +131,39 @@ def _row(prompt: str, params: LDARequest | LDABatchRequest, seed: int) -> dict[s
         "stopped_early": stopped_early,
         "finish_reason": "eos" if stopped_early else "length",
         "seed": seed,
+    } | _fake_logprobs(prompt, params, completion)
+
+
+def _fake_logprobs(
+    prompt: str, params: LDARequest | LDABatchRequest, completion: str
+) -> dict[str, object]:
+    """Log-probabilities consistent with how the fake samples: the only draw that depends on
+    alpha is whether the row activates, so a row is one "token" (activated or not) with
+    probability activation_probability(alpha) or its complement. Importance weights over these
+    are exact, which lets tests check the estimators end to end."""
+    if not (params.logprobs or params.score_alphas):
+        return {}
+    is_activated = ACTIVATION_TEXT in completion
+
+    def log_q(alpha: float) -> float:
+        # The before model (alpha -1) never activates: a floor keeps its log finite for JSON.
+        p = min(max(activation_probability(prompt, alpha), 1e-12), 1.0 - 1e-12)
+        return math.log(p if is_activated else 1.0 - p)
+
+    after, before, sampled = log_q(0.0), log_q(-1.0), log_q(params.alpha)
+    scores = [log_q(a) for a in params.score_alphas]
+    return {
+        "logprobs": {
+            "token_ids": [int(is_activated)],
+            "after": [after],
+            "before": [before],
+            "sampled": [sampled],
+            "sum_after": after,
+            "sum_before": before,
+            "sum_sampled": sampled,
+            "score_alphas": list(params.score_alphas),
+            "sum_score_alphas": scores,
+        }
     }
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 # ---------------------------------------------------------------------------------------------
 # Requests (defaults mirror DESIGN.md, so a request built here means what the server assumes)
@@ -37,6 +37,18 @@ class SamplingParams(_Request):
     seed: int | None = None
     ignore_eos: bool = False
     do_sample: bool = True
+    # Per-token log-probabilities and per-row sums of log q_alpha for each score alpha.
+    logprobs: bool = False
+    score_alphas: list[float] = Field(default_factory=list, max_length=16)
+
+    @model_serializer(mode="wrap")
+    def _omit_unasked(self, handler: Any) -> dict[str, Any]:
+        # Sent only when asked, so servers that predate log-probabilities keep accepting us.
+        data = handler(self)
+        for name in ("logprobs", "score_alphas"):
+            if not data.get(name):
+                data.pop(name, None)
+        return data
 
 
 class LDARequest(SamplingParams):
@@ -70,6 +82,27 @@ class _Response(BaseModel):
 FinishReason = Literal["length", "eos"]
 
 
+class RowLogprobs(_Response):
+    """Per generated token: log p under each model and under the distribution sampled from;
+    per score alpha: the row's summed log q_alpha (full softmax at the row's temperature)."""
+
+    token_ids: list[int] = Field(default_factory=list)
+    after: list[float] = Field(default_factory=list)
+    before: list[float] = Field(default_factory=list)
+    sampled: list[float] = Field(default_factory=list)
+    sum_after: float
+    sum_before: float
+    sum_sampled: float
+    score_alphas: list[float] = Field(default_factory=list)
+    sum_score_alphas: list[float] = Field(default_factory=list)
+
+    def score_sum(self, alpha: float) -> float | None:
+        for a, total in zip(self.score_alphas, self.sum_score_alphas, strict=False):
+            if a == alpha:
+                return total
+        return None
+
+
 class LDAResponse(_Response):
     prompt: str
     formatted_prompt: str
@@ -82,6 +115,7 @@ class LDAResponse(_Response):
     stopped_early: bool
     finish_reason: FinishReason
     seed: int | None = None
+    logprobs: RowLogprobs | None = None
 
 
 class LDABatchResult(_Response):
@@ -93,6 +127,7 @@ class LDABatchResult(_Response):
     stopped_early: bool
     finish_reason: FinishReason
     seed: int | None = None
+    logprobs: RowLogprobs | None = None
 
 
 class LDABatchResponse(_Response):

