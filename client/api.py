@@ -56,17 +56,17 @@ class _Call(Generic[ModelT]):
 
 
 def _lda_call(prompt: str, params: dict[str, Any]) -> _Call[LDAResponse]:
-    body = LDARequest(prompt=prompt, **params).model_dump()
+    body = LDARequest(prompt=prompt, **params).model_dump(exclude_defaults=True)
     return _Call("POST", "/generate_lda", LDAResponse, body)
 
 
 def _lda_batch_call(prompts: list[str], params: dict[str, Any]) -> _Call[LDABatchResponse]:
-    body = LDABatchRequest(prompts=list(prompts), **params).model_dump()
+    body = LDABatchRequest(prompts=list(prompts), **params).model_dump(exclude_defaults=True)
     return _Call("POST", "/generate_lda_batch", LDABatchResponse, body)
 
 
 def _generate_call(prompt: str, params: dict[str, Any]) -> _Call[GenerateResponse]:
-    body = GenerateRequest(prompt=prompt, **params).model_dump()
+    body = GenerateRequest(prompt=prompt, **params).model_dump(exclude_defaults=True)
     return _Call("POST", "/generate", GenerateResponse, body)
 
 
