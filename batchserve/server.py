@@ -157,8 +157,9 @@ class DrainingServer(uvicorn.Server):
             captured.clear()
 
     async def shutdown(self, sockets: list | None = None) -> None:
-        if not self.force_exit:
-            await drain(self.batchserve_app, self.shutdown_timeout_s)
+        draining = asyncio.ensure_future(drain(self.batchserve_app, self.shutdown_timeout_s))
+        while not draining.done() and not self.force_exit:  # a second Ctrl-C quits at once
+            await asyncio.wait({draining}, timeout=0.1)
         await super().shutdown(sockets)
 
 
