@@ -616,5 +616,17 @@ async def drain(app: Starlette, timeout_s: float) -> None:
     """
     app.state.is_draining = True
     scheduler: Scheduler | None = getattr(app.state, "scheduler", None)
-    if scheduler is not None:
-        await asyncio.to_thread(scheduler.shutdown, timeout_s)
+    if scheduler is None:
+        return
+    loop = asyncio.get_running_loop()
+    finished = asyncio.Event()
+
+    def shut_down() -> None:
+        scheduler.shutdown(timeout_s)
+        with contextlib.suppress(RuntimeError):  # the loop is gone after a forced exit
+            loop.call_soon_threadsafe(finished.set)
+
+    # A daemon thread, not the default executor: after a forced exit (a second Ctrl-C) nobody
+    # awaits this, and asyncio.run would otherwise wait for the executor's threads at exit.
+    threading.Thread(target=shut_down, name="batchserve-drain", daemon=True).start()
+    await finished.wait()

@@ -193,6 +193,42 @@ class RequestBodyMiddleware:
         await _error(err.status, err.error, None, {"Connection": "close"})(scope, receive, send)
 
 
+class ShutdownCancelMiddleware:
+    """A handler cancelled while the server shuts down answers the documented 503 JSON.
+
+    uvicorn cancels the handlers still running at its graceful-shutdown timeout, or at once on
+    a forced exit (a second Ctrl-C), and answers them with a text/plain 500, which clients do
+    not retry. Cancellations outside a shutdown propagate untouched.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal is_started
+            is_started = is_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            app = scope.get("app")
+            if is_started or not getattr(getattr(app, "state", None), "is_draining", False):
+                raise
+            await _error(
+                503,
+                "server shut down before the request finished",
+                None,
+                {"Retry-After": "5", "Connection": "close"},
+            )(scope, receive, send)
+
+
 def guard_middleware(
     *,
     api_key: str | None,
@@ -200,8 +236,12 @@ def guard_middleware(
     max_body_bytes: int,
     body_timeout_s: float,
 ) -> list[Middleware]:
-    """Outermost first: a wrong Host, then a missing key, are refused before anything is read."""
-    stack = [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))]
+    """Outermost first: a wrong Host, then a missing key, are refused before anything is read;
+    a handler cancelled at shutdown still answers 503 JSON."""
+    stack = [
+        Middleware(ShutdownCancelMiddleware),
+        Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)),
+    ]
     if api_key:
         stack.append(Middleware(ApiKeyMiddleware, api_key=api_key))
     stack.append(

