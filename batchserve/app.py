@@ -302,7 +302,7 @@ async def generate_lda(request: Request) -> Response:
 
     def payload(completion: Completion) -> dict:
         return completion.results[0].row_fields() | {
-            "alpha": body.alpha,
+            "alpha": completion.results[0].alpha,  # what the row ran with, as generate's JSONL
             "model_after": pair.after_id,
             "model_before": pair.before_id,
         }
@@ -339,7 +339,7 @@ async def generate_lda_batch(request: Request) -> Response:
     def payload(completion: Completion) -> dict:
         return {
             "results": [r.row_fields() for r in completion.results],
-            "alpha": body.alpha,
+            "alpha": completion.results[0].alpha,  # one alpha per request
             "model_after": pair.after_id,
             "model_before": pair.before_id,
             "batch_size": len(body.prompts),

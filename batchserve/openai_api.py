@@ -361,7 +361,7 @@ class _Job:
         obj = "text_completion" if self.kind == "text_completion" else "chat.completion"
         payload = self.envelope(obj, choices) | {
             "usage": _usage(self.prepared, completion.results),
-            "alpha": self.body.alpha,
+            "alpha": completion.results[0].alpha,
         }
         return JSONResponse(payload)
 
