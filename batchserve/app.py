@@ -37,7 +37,6 @@ from batchserve.scheduler import (
     TokenListener,
 )
 from batchserve.schemas import (
-    GREEDY_TEMPERATURE_EPS,
     GenerateLDABatchRequest,
     GenerateLDARequest,
     GenerateRequest,
@@ -47,7 +46,7 @@ from batchserve.schemas import (
 from batchserve.security import LOOPBACK_HOSTS, guard_middleware
 from batchserve.seeds import prompt_seed
 from batchserve.streaming import Delta, TokenStreams, sse_response
-from batchserve.types import GenerationRequest, RunnerConfig, SamplingParams
+from batchserve.types import GREEDY_TEMPERATURE, GenerationRequest, RunnerConfig, SamplingParams
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in with the models
     from batchserve.models import ModelPair
@@ -134,7 +133,7 @@ def sampling_params(body: SamplingFields, config: ServerConfig, alpha: float) ->
                 }
             ],
         )
-    is_greedy = not body.do_sample or body.temperature < GREEDY_TEMPERATURE_EPS
+    is_greedy = not body.do_sample or body.temperature < GREEDY_TEMPERATURE
     return SamplingParams(
         alpha=alpha,
         temperature=0.0 if is_greedy else body.temperature,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from batchserve.seeds import MASK64, splitmix64
+from batchserve.types import GREEDY_TEMPERATURE
 
-GREEDY_TEMPERATURE = 1e-5  # below this a row is greedy (vLLM's rule); never divide into overflow
 DEFAULT_TOP_K_CAP = 128
 
 _GOLDEN = 0x9E3779B97F4A7C15

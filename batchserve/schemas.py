@@ -24,9 +24,6 @@ MAX_STOP_STRINGS = 16
 # Every integer that ends up in a tensor gets an upper bound here, at the door: an unbounded
 # top_k of 2**63 once passed validation and overflowed in the worker, failing the whole batch.
 INT32_MAX = 2**31 - 1
-# Below this a temperature is greedy, as in vLLM: dividing logits by 1e-45 overflows to inf
-# and samples garbage (see app.sampling_params).
-GREEDY_TEMPERATURE_EPS = 1e-5
 # Each score alpha costs one log-softmax over the vocabulary per row and step.
 MAX_SCORE_ALPHAS = 16
 Alpha = Annotated[float, Field(ge=-1000.0, le=1000.0)]

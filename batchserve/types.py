@@ -9,6 +9,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+# Below this temperature a row is greedy, as in vLLM: dividing logits by 1e-45 overflows to
+# inf and samples garbage. The HTTP layer and the sampler both read this one constant.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
