@@ -452,6 +452,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for warning in startup_warnings(args.host, config.api_key, config.allowed_hosts):
         log.warning(warning)
     if args.ray:
+        if not args.ray_address:
+            # A cluster of this machine alone: Ray maps 127.0.0.1 to the machine's first
+            # network address unless told it is not a cluster; this keeps it on loopback.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # Imported only here: a plain install never imports ray.
         from batchserve.ray_serve import serve_on_ray
 

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (see cli)
     import ray
     from ray import serve
 

@@ -29,6 +29,11 @@ from servers import running_server
 
 from batchserve.cli import build_parser
 
+# Before any test imports ray: Ray maps 127.0.0.1 to the machine's first network address
+# unless told this is no multi-machine cluster, and this module's traffic stays on loopback
+# (the subprocesses it starts inherit the setting).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(
