@@ -31,13 +31,7 @@ from batchserve.scheduler import (
     Scheduler,
     SchedulerClosedError,
 )
-from batchserve.schemas import (
-    GREEDY_TEMPERATURE_EPS,
-    INT32_MAX,
-    MAX_STOP_STRINGS,
-    StopString,
-    stop_strings,
-)
+from batchserve.schemas import INT32_MAX, MAX_STOP_STRINGS, StopString, stop_strings
 from batchserve.seeds import SEED_MAX, prompt_seed
 from batchserve.streaming import (
     ClientDisconnectedError,
@@ -47,7 +41,12 @@ from batchserve.streaming import (
     close_request,
     wait_for_completion,
 )
-from batchserve.types import GenerationRequest, GenerationResult, SamplingParams
+from batchserve.types import (
+    GREEDY_TEMPERATURE,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the pair comes in with the app state
     from batchserve.models import ModelPair
@@ -229,7 +228,7 @@ def _params(request: Request, body: _OpenAIFields, max_tokens: int) -> SamplingP
     return SamplingParams(
         alpha=body.alpha,
         # Below the epsilon a temperature is greedy, as on the native routes.
-        temperature=0.0 if body.temperature < GREEDY_TEMPERATURE_EPS else body.temperature,
+        temperature=0.0 if body.temperature < GREEDY_TEMPERATURE else body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         max_new_tokens=max_tokens,
