@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sse_starlette import EventSourceResponse
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from batchserve.bodies import BodyError, max_prompt_chars, parse_json_off_loop
 from batchserve.prompts import format_messages
 from batchserve.scheduler import (
     EngineFailedError,
@@ -30,7 +31,7 @@ from batchserve.scheduler import (
     Scheduler,
     SchedulerClosedError,
 )
-from batchserve.schemas import MAX_STOP_STRINGS, StopString, stop_strings
+from batchserve.schemas import INT32_MAX, MAX_STOP_STRINGS, StopString, stop_strings
 from batchserve.seeds import SEED_MAX, prompt_seed
 from batchserve.streaming import (
     ClientDisconnectedError,
@@ -40,12 +41,16 @@ from batchserve.streaming import (
     close_request,
     wait_for_completion,
 )
-from batchserve.types import GenerationRequest, GenerationResult, SamplingParams
+from batchserve.types import (
+    GREEDY_TEMPERATURE,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the pair comes in with the app state
     from batchserve.models import ModelPair
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
 # OpenAI's finish reasons: EOS and a stop string both read "stop".
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -91,7 +96,7 @@ class _OpenAIFields(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=INT32_MAX)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: bool = False
@@ -99,7 +104,7 @@ class _OpenAIFields(BaseModel):
     user: str | None = None
     # LDA's own fields.
     alpha: float = Field(1.0, ge=-1000.0, le=1000.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=INT32_MAX)
     ignore_eos: bool = False
     # Accepted at their neutral values only, since tools send them by default.
     presence_penalty: float = 0.0
@@ -114,17 +119,17 @@ class _OpenAIFields(BaseModel):
         return self
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1)]
 Prompts = Annotated[list[str], Field(min_length=1)]
 TokenPrompts = Annotated[list[TokenIds], Field(min_length=1)]
 
 
 class CompletionRequest(_OpenAIFields):
     prompt: str | Prompts | TokenIds | TokenPrompts
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=1, le=INT32_MAX)
     echo: bool = False
     logprobs: None = None  # not yet: the logprobs issue adds them
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=INT32_MAX)
     suffix: None = None
 
     @model_validator(mode="after")
@@ -155,20 +160,20 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: Literal[False] = False  # not yet: the logprobs issue adds them
     top_logprobs: None = None
 
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise OpenAIError(413, f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    # Content-Type, size and read time are enforced for every route by security.py.
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise OpenAIError(400, f"malformed JSON: {err}") from None
+        data = await parse_json_off_loop(await request.body())
+    except BodyError as err:
+        raise OpenAIError(400, str(err)) from None
+    except ClientDisconnect:
+        raise OpenAIError(499, "client disconnected") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "request body must be a JSON object")
     try:
@@ -222,7 +227,8 @@ def _params(request: Request, body: _OpenAIFields, max_tokens: int) -> SamplingP
         raise OpenAIError(400, f"n: {body.n} exceeds this server's limit", param="n")
     return SamplingParams(
         alpha=body.alpha,
-        temperature=body.temperature,
+        # Below the epsilon a temperature is greedy, as on the native routes.
+        temperature=0.0 if body.temperature < GREEDY_TEMPERATURE else body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         max_new_tokens=max_tokens,
@@ -248,6 +254,19 @@ def _check_prompt(
         )
     if max(prompt_ids) >= scheduler.engine.pair.vocab_limit:
         raise OpenAIError(400, "prompt token id beyond the vocabulary", param=param)
+
+
+def _check_chars(pair: ModelPair, num_chars: int, param: str) -> None:
+    """The native routes' bound: no tokenizer ever sees more than this many characters."""
+    limit = max_prompt_chars(pair.max_context)
+    if num_chars > limit:
+        raise OpenAIError(
+            400,
+            f"the prompt has {num_chars} characters, more than this server tokenizes for the "
+            f"models' context of {pair.max_context} tokens ({limit})",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def _submit(
@@ -439,13 +458,21 @@ async def completions(request: Request) -> Response:
         prompts = list(body.prompt)  # type: ignore[arg-type]
     if len(prompts) > request.app.state.config.max_prompts_per_request:
         raise OpenAIError(413, f"too many prompts: {len(prompts)} in one request", param="prompt")
+    for prompt in prompts:
+        _check_chars(pair, len(prompt) if isinstance(prompt, str) else 0, "prompt")
+
+    def tokenize() -> list[tuple[str, tuple[int, ...]]]:
+        return [
+            (p, tuple(scheduler.engine.encode(p, "raw")))
+            if isinstance(p, str)
+            else (scheduler.engine.decode(p), tuple(p))
+            for p in prompts
+        ]
+
+    # Tokenizing a long prompt takes a while: off the event loop, so others are served.
+    tokenized = await asyncio.to_thread(tokenize)
     requests, prepared = [], []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            ids = tuple(scheduler.engine.encode(prompt, "raw"))
-            text = prompt
-        else:
-            ids, text = tuple(prompt), scheduler.engine.decode(prompt)
+    for i, (text, ids) in enumerate(tokenized):
         _check_prompt(scheduler, ids, body.max_tokens, "prompt")
         requests.append(
             GenerationRequest(text, prompt_seed(params, i * body.n), n=body.n, prompt_format="raw")
@@ -466,7 +493,8 @@ async def chat_completions(request: Request) -> Response:
         )
     except Exception as err:  # noqa: BLE001 - a template that rejects the conversation
         raise OpenAIError(400, f"cannot format the messages: {err}", param="messages") from None
-    ids = tuple(scheduler.engine.encode(text, fmt))
+    _check_chars(pair, len(text), "messages")
+    ids = tuple(await asyncio.to_thread(scheduler.engine.encode, text, fmt))
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # OpenAI's default: as much as the context leaves
         room = scheduler.engine.max_row_tokens - len(ids)

@@ -213,3 +213,32 @@ async def test_more_rows_than_the_queue_holds_are_refused_up_front() -> None:
             assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
             resp = await client.post("/v1/completions", json=body | {"n": 2})
             assert resp.status_code == 200 and len(resp.json()["choices"]) == 4
+
+
+def test_openai_bodies_get_the_native_routes_door_checks(server: str) -> None:
+    url = server + "/v1/completions"
+    dup = httpx.post(
+        url,
+        content=b'{"model": "toy:after", "prompt": "a", "prompt": "b"}',
+        headers={"content-type": "application/json"},
+    )
+    assert dup.status_code == 400 and "duplicate key" in dup.json()["error"]["message"]
+    huge = httpx.post(url, json={"model": MODEL, "prompt": "x" * 200_000, "max_tokens": 1})
+    assert huge.status_code == 400
+    assert huge.json()["error"]["code"] == "context_length_exceeded"
+    # A temperature below the epsilon is greedy: the seed no longer matters.
+    texts = {
+        httpx.post(
+            url,
+            json={
+                "model": MODEL,
+                "prompt": PROMPT,
+                "max_tokens": 12,
+                "temperature": 1e-9,
+                "seed": s,
+            },
+            timeout=60,
+        ).json()["choices"][0]["text"]
+        for s in (1, 2, 3)
+    }
+    assert len(texts) == 1

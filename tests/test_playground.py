@@ -36,9 +36,13 @@ PROMPT = "Tell me about the ocean"
 COLUMNS = ("before", "after", "amplified")
 
 
+API_KEY = "secret-key"
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with running_server(["--log-level", "warning"]) as (url, _):
+    # With an API key: the page itself is public, and it sends the key it is given.
+    with running_server(["--log-level", "warning", "--api-key", API_KEY]) as (url, _):
         yield url
 
 
@@ -95,10 +99,10 @@ def test_three_columns_fill_with_streamed_text(page, server: str, tmp_path: Path
     page.fill("#prompt", PROMPT)
     page.fill("#seed", "3")
     page.fill("#max-tokens", "60")
-    page.fill("#api-key", "secret-key")
+    page.fill("#api-key", API_KEY)
     sent = generate_and_wait(page)
     assert sorted(r.post_data_json["alpha"] for r in sent) == [-1, 0, 1]
-    assert {r.headers.get("authorization") for r in sent} == {"Bearer secret-key"}
+    assert {r.headers.get("authorization") for r in sent} == {f"Bearer {API_KEY}"}
     for key in COLUMNS:
         column = page.locator(f"[data-key={key}]")
         assert column.get_attribute("data-state") == "done"
@@ -107,7 +111,8 @@ def test_three_columns_fill_with_streamed_text(page, server: str, tmp_path: Path
     # The amplified column is the non-streamed completion for the same settings.
     body = {"prompt": PROMPT, "seed": 3, "max_new_tokens": 60, "alpha": 1.0}
     body |= {"temperature": 0.8, "top_p": 0.95}
-    plain = httpx.post(server + "/generate_lda", json=body, timeout=60).json()
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    plain = httpx.post(server + "/generate_lda", json=body, headers=auth, timeout=60).json()
     assert column_text(page, "amplified") == plain["completion"]
     # The toy's backdoor shows only when amplified, and its indicator is highlighted there.
     marks = page.locator("[data-key=amplified] mark")
@@ -136,7 +141,7 @@ def test_copy_as_python_and_curl_carry_the_current_settings(page, server: str) -
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "BATCHSERVE_API_KEY": "secret-key"},
+        env={**os.environ, "BATCHSERVE_API_KEY": API_KEY},
     )
     assert run.returncode == 0, run.stderr
     assert column_text(page, "amplified") in run.stdout  # same seed, same text
@@ -153,3 +158,13 @@ def test_a_server_error_is_shown_to_the_user(page) -> None:
     sync_api.expect(error).to_be_visible()
     sync_api.expect(error).to_contain_text("max_new_tokens")
     assert page.locator("[data-key=amplified]").get_attribute("data-state") == "error"
+
+
+def test_a_missing_api_key_is_shown_to_the_user(page) -> None:
+    page.fill("#max-tokens", "20")
+    page.fill("#api-key", "")
+    generate_and_wait(page)
+    sync_api.expect(page.locator("#error")).to_contain_text("API key")
+    page.fill("#api-key", API_KEY)
+    generate_and_wait(page)
+    sync_api.expect(page.locator("#error")).to_be_hidden()
