@@ -183,6 +183,10 @@ def build_server(
         port=port,
         log_level=log_level,
         http=protocol_class(limits.header_timeout_s),
+        # The plain asyncio loop, whatever else is installed: with uvloop (which ray[serve]
+        # brings in) libuv sheds connections when descriptors run out, accepting and closing
+        # good requests at once instead of queueing them until the header deadline frees some.
+        loop="asyncio",
         timeout_keep_alive=limits.timeout_keep_alive_s,  # type: ignore[arg-type]
         limit_concurrency=limits.limit_concurrency,
         h11_max_incomplete_event_size=limits.max_header_bytes,
