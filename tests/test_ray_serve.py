@@ -365,3 +365,23 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(
     assert [r.status_code for r in responses] == [200] * 8
     assert all(r.json()["tokens_generated"] == 80 for r in responses)
     assert proc.wait(timeout=120) == 0
+
+
+@needs_ray
+def test_replica_health_is_the_apps_readiness(llama_pair):
+    from types import SimpleNamespace
+
+    from batchserve.app import create_app
+    from batchserve.ray_serve import BatchServeReplica
+
+    app = create_app(pair=llama_pair)
+    replica = SimpleNamespace(_server_app=app, _replica="r1")
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            await BatchServeReplica.check_health(replica)
+            await asyncio.to_thread(app.state.scheduler.shutdown, 1.0)
+            with pytest.raises(RuntimeError, match="r1 unhealthy.*worker thread stopped"):
+                await BatchServeReplica.check_health(replica)
+
+    asyncio.run(run())
