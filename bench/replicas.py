@@ -7,7 +7,8 @@ Three configurations on the same machine, same seeded request sequence (bench.lo
 clients): `direct` (one `batchserve serve` process, no Ray), `ray-1` (one replica behind Serve's
 proxy: against `direct`, the proxy's overhead) and `ray-2` (two replicas: against `ray-1`, the
 scaling). Every server and replica uses one torch thread. Needs the ray extra. A local Ray
-cluster is started here (loopback only, no dashboard, usage stats off) and stopped at the end.
+cluster is started here (node address 127.0.0.1, no dashboard, usage stats off) and stopped
+at the end.
 
 Tokens/s, requests/s and latencies come from the client side, so they count every replica; the
 server-side columns of bench.load (mean batch, engine steps) come from whichever replica

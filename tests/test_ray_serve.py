@@ -1,6 +1,7 @@
 """`batchserve serve --ray`: replicas of the toy pair behind one Ray Serve endpoint.
 
-One local Ray cluster for the whole module (started here, loopback only, no dashboard); the
+One local Ray cluster for the whole module (started here, node address 127.0.0.1, no
+dashboard, usage stats off); the
 CLI joins it with --ray-address, as it would join a multi-machine cluster, so this process can
 see and kill the replicas.
 """
