@@ -1,9 +1,8 @@
 """`batchserve serve --ray`: replicas of the toy pair behind one Ray Serve endpoint.
 
 One local Ray cluster for the whole module (started here, node address 127.0.0.1, no
-dashboard, usage stats off); the
-CLI joins it with --ray-address, as it would join a multi-machine cluster, so this process can
-see and kill the replicas.
+dashboard, usage stats off); the CLI joins it with --ray-address, as it would join a
+multi-machine cluster, so this process can see and kill the replicas.
 """
 
 from __future__ import annotations
