@@ -342,7 +342,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("batchserve %s: %s", __version__, {k: v for k, v in vars(args).items() if k != "func"})
     if args.ray:
         # Imported only here: a plain install never imports ray.
-        from batchserve.ray_serve import serve_on_ray
+        try:
+            from batchserve.ray_serve import serve_on_ray
+        except ImportError as err:
+            raise SystemExit(
+                f"error: --ray needs Ray Serve ({err}): pip install 'batchserve[ray]'"
+            ) from None
 
         return serve_on_ray(args, config)
     if args.replicas != 1 or args.ray_address:

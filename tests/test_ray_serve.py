@@ -65,6 +65,16 @@ def test_replica_options_without_ray_are_refused():
     assert result.returncode != 0 and "need --ray" in result.stderr
 
 
+def test_ray_without_the_extra_says_how_to_install_it():
+    code = (
+        "import sys; sys.modules['ray'] = None; from batchserve.cli import main; "
+        "main(['serve', '--ray'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "pip install 'batchserve[ray]'" in result.stderr
+
+
 @needs_ray
 def test_max_ongoing_requests_follows_the_scheduler_limits():
     from batchserve.ray_serve import default_max_ongoing_requests
