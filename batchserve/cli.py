@@ -457,7 +457,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # network address unless told it is not a cluster; this keeps it on loopback.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # Imported only here: a plain install never imports ray.
-        from batchserve.ray_serve import serve_on_ray
+        try:
+            from batchserve.ray_serve import serve_on_ray
+        except ImportError as err:
+            raise SystemExit(
+                f"error: --ray needs Ray Serve ({err}): pip install 'batchserve[ray]'"
+            ) from None
 
         return serve_on_ray(args, config)
     if args.replicas != 1 or args.ray_address:

@@ -321,7 +321,8 @@ def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
     if args.ray_address:
         ray.init(address=args.ray_address, logging_level=logging.WARNING)
     else:
-        # A cluster of this machine alone: nothing of it listens beyond loopback.
+        # A cluster of this machine alone, addressed over loopback (Ray's own gRPC servers
+        # still bind every interface; the HTTP proxy binds --host).
         ray.init(
             include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING
         )

@@ -7,7 +7,8 @@ Three configurations on the same machine, same seeded request sequence (bench.lo
 clients): `direct` (one `batchserve serve` process, no Ray), `ray-1` (one replica behind Serve's
 proxy: against `direct`, the proxy's overhead) and `ray-2` (two replicas: against `ray-1`, the
 scaling). Every server and replica uses one torch thread. Needs the ray extra. A local Ray
-cluster is started here (loopback only, no dashboard, usage stats off) and stopped at the end.
+cluster is started here (node address 127.0.0.1, no dashboard, usage stats off) and stopped
+at the end.
 
 Tokens/s, requests/s and latencies come from the client side, so they count every replica; the
 server-side columns of bench.load (mean batch, engine steps) come from whichever replica
@@ -54,6 +55,7 @@ def _cpu_seconds_by_role(direct_pid: int) -> dict[str, float]:
     """CPU time so far of the serving processes: where the run's CPU went, and how much of the
     machine they got while others' work competed for it."""
     roles: dict[str, float] = {"replicas": 0.0, "proxy": 0.0, "direct": 0.0}
+    processes: dict[int, tuple[int, bytes, float]] = {}  # pid -> parent, command line, CPU s
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -63,11 +65,22 @@ def _cpu_seconds_by_role(direct_pid: int) -> dict[str, float]:
         except OSError:
             continue
         seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        processes[int(entry.name)] = (int(fields[1]), cmdline, seconds)
+    # Only this benchmark's own processes (its Ray cluster and its direct server are all
+    # descendants of it): other people's Ray clusters run on the same machine.
+    mine = {os.getpid()}
+    while True:
+        more = {pid for pid, (parent, _, _) in processes.items() if parent in mine} - mine
+        if not more:
+            break
+        mine |= more
+    for pid in mine - {os.getpid()}:
+        _, cmdline, seconds = processes[pid]
         if b"ServeReplica" in cmdline:
             roles["replicas"] += seconds
         elif b"ProxyActor" in cmdline:
             roles["proxy"] += seconds
-        elif int(entry.name) == direct_pid:
+        elif pid == direct_pid:
             roles["direct"] += seconds
     roles["bench_client"] = time.process_time()
     return roles
