@@ -33,6 +33,7 @@ from batchserve.types import (
     RunnerConfig,
     SamplingParams,
     TokenLogprobs,
+    find_stop,
 )
 
 __all__ = [
@@ -386,12 +387,6 @@ class LDAEngine:
             token_ids=tuple(row.token_ids),
             logprobs=logprobs,
         )
-
-
-def find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string starts in text (the completion is cut there), or None."""
-    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
-    return min(hits) if hits else None
 
 
 def iter_generate(

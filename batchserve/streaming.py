@@ -19,18 +19,11 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
 from batchserve.scheduler import Completion, EngineFailedError, Scheduler, SchedulerClosedError
-from batchserve.types import GenerationRequest
+from batchserve.types import GenerationRequest, find_stop
 
 log = logging.getLogger(__name__)
 
 REPLACEMENT = "\ufffd"  # what a byte-level decoder shows for an unfinished UTF-8 sequence
-
-
-def find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string starts in text, or None: the engine's rule (engine.find_stop),
-    repeated here because the HTTP layer does not import the engine (and with it torch)."""
-    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
-    return min(hits) if hits else None
 
 
 class RequestTimeoutError(TimeoutError):

@@ -140,6 +140,15 @@ class RowError(RuntimeError):
         self.row_ids = list(row_ids)
 
 
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string starts in text (the completion is cut there), or None.
+
+    The one stop rule: the engine ends rows by it and the HTTP layer holds back streamed text
+    by it."""
+    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
+    return min(hits) if hits else None
+
+
 def kv_blocks(num_tokens: int, block_size: int) -> int:
     """KV blocks a row of num_tokens reserves (at least one)."""
     return max(1, math.ceil(num_tokens / block_size))
