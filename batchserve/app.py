@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -20,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchserve import __version__
+from batchserve import __version__, openai_api, playground
+from batchserve.bodies import BodyError, max_prompt_chars, parse_json_off_loop
 from batchserve.metrics import Metrics
 from batchserve.scheduler import (
     Completion,
@@ -34,6 +34,7 @@ from batchserve.scheduler import (
     Scheduler,
     SchedulerClosedError,
     SchedulerConfig,
+    TokenListener,
 )
 from batchserve.schemas import (
     GenerateLDABatchRequest,
@@ -42,8 +43,10 @@ from batchserve.schemas import (
     LDAFields,
     SamplingFields,
 )
+from batchserve.security import LOOPBACK_HOSTS, guard_middleware
 from batchserve.seeds import prompt_seed
-from batchserve.types import GenerationRequest, RunnerConfig, SamplingParams
+from batchserve.streaming import Delta, TokenStreams, sse_response
+from batchserve.types import GREEDY_TEMPERATURE, GenerationRequest, RunnerConfig, SamplingParams
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in with the models
     from batchserve.models import ModelPair
@@ -51,6 +54,7 @@ if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in wit
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+RETRY_5 = {"Retry-After": "5"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,12 @@ class ServerConfig:
         if self.runner is not None:
             return dataclasses.replace(self.runner, max_slots=self.scheduler.max_batch_size)
         return RunnerConfig(max_slots=self.scheduler.max_batch_size)
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout_s: float = 30.0
+    api_key: str | None = field(default=None, repr=False)
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    # Set by each Ray Serve replica (batchserve.ray_serve); /info then names the replica.
+    replica_id: str | None = None
 
 
 class APIError(Exception):
@@ -85,21 +95,13 @@ class APIError(Exception):
 
 
 async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
-    content_type = request.headers.get("content-type", "application/json")
-    media_type = content_type.split(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise APIError(
-            415,
-            f"Content-Type must be application/json, not {media_type!r} "
-            "(with curl: -H 'Content-Type: application/json')",
-        )
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    # Content-Type, size and read time are enforced for every route by security.py.
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise APIError(400, f"malformed JSON: {err}") from None
+        data = await parse_json_off_loop(await request.body())
+    except BodyError as err:
+        raise APIError(400, str(err)) from None
+    except ClientDisconnect:
+        raise APIError(499, "client disconnected") from None
     if not isinstance(data, dict):
         raise APIError(422, f"request body must be a JSON object, not {type(data).__name__}")
     try:
@@ -131,14 +133,16 @@ def sampling_params(body: SamplingFields, config: ServerConfig, alpha: float) ->
                 }
             ],
         )
+    is_greedy = not body.do_sample or body.temperature < GREEDY_TEMPERATURE
     return SamplingParams(
         alpha=alpha,
-        temperature=body.temperature if body.do_sample else 0.0,
+        temperature=0.0 if is_greedy else body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         max_new_tokens=body.max_new_tokens,
         ignore_eos=getattr(body, "ignore_eos", False),
         seed=body.seed,
+        stop=body.stop_strings,
     )
 
 
@@ -166,20 +170,41 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def run_requests(request: Request, requests: list[GenerationRequest]) -> Completion:
-    """Queue, then await the result, the client's disconnect or the timeout, whichever is first."""
+async def submit_requests(
+    request: Request, requests: list[GenerationRequest], listener: TokenListener | None = None
+) -> tuple[Scheduler, int, asyncio.Future]:
+    """Prepare and queue; returns the scheduler, the request id and the Completion's future."""
     scheduler = _ready_scheduler(request)
-    config: ServerConfig = request.app.state.config
+    context = request.app.state.pair.max_context
+    for index, r in enumerate(requests):
+        num_chars = len(r.prompt) + len(r.system_prompt or "")
+        if num_chars > max_prompt_chars(context):
+            raise APIError(
+                413,
+                f"prompt {index} has {num_chars} characters, more than this server tokenizes "
+                f"for the models' context of {context} tokens ({max_prompt_chars(context)})",
+                {"prompt_index": index},
+            )
     try:
-        prepared = [scheduler.prepare(r, i) for i, r in enumerate(requests)]
+        # Tokenizing a long prompt takes a while: off the event loop, so others are served.
+        prepared = await asyncio.to_thread(
+            lambda: [scheduler.prepare(r, i) for i, r in enumerate(requests)]
+        )
     except PromptTooLongError as err:
         raise APIError(413, str(err), {"prompt_index": err.index}) from None
     try:
-        request_id, future = scheduler.submit(requests, prepared)
+        request_id, future = scheduler.submit(requests, prepared, listener)
     except QueueFullError as err:
         raise APIError(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
     except SchedulerClosedError as err:
         raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+    return scheduler, request_id, future
+
+
+async def run_requests(request: Request, requests: list[GenerationRequest]) -> Completion:
+    """Queue, then await the result, the client's disconnect or the timeout, whichever is first."""
+    config: ServerConfig = request.app.state.config
+    scheduler, request_id, future = await submit_requests(request, requests)
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait(
@@ -192,10 +217,12 @@ async def run_requests(request: Request, requests: list[GenerationRequest]) -> C
         if not future.done():
             scheduler.cancel(request_id)
     if future in done:
+        if future.cancelled():  # the scheduler dropped it: only a shutdown does that
+            raise APIError(503, "server shut down before the request finished", headers=RETRY_5)
         try:
             return future.result()
         except SchedulerClosedError as err:
-            raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+            raise APIError(503, str(err), headers=RETRY_5) from None
         except EngineFailedError as err:
             raise APIError(500, str(err)) from None
     if disconnect in done:
@@ -214,6 +241,36 @@ def debug_headers(completion: Completion) -> dict[str, str]:
         "x-batchserve-finished-step": str(completion.finished_step),
         "x-batchserve-queue-wait-ms": f"{completion.queue_wait_s * 1000:.1f}",
     }
+
+
+async def stream_requests(
+    request: Request,
+    requests: list[GenerationRequest],
+    render_result: Callable[[Completion], dict],
+    row_fields: list[dict] | None = None,
+) -> Response:
+    """`"stream": true`: SSE `delta` events as the rows grow, then the usual body as `result`.
+
+    A delta is `{"index": row, "text": ...}` plus that row's `row_fields`.
+    """
+
+    def render_delta(delta: Delta) -> dict:
+        extra = row_fields[delta.index] if row_fields else {}
+        return {"index": delta.index, "text": delta.text} | extra
+
+    streams = TokenStreams(_ready_scheduler(request).engine.decode, requests)
+    scheduler, request_id, future = await submit_requests(request, requests, streams.on_tokens)
+    config: ServerConfig = request.app.state.config
+    return sse_response(
+        streams,
+        scheduler,
+        request_id,
+        future,
+        config.request_timeout_s,
+        render_delta,
+        render_result,
+        config.shutdown_timeout_s,
+    )
 
 
 def _lda_requests(
@@ -239,15 +296,20 @@ def _lda_requests(
 async def generate_lda(request: Request) -> Response:
     body = await parse_body(request, GenerateLDARequest)
     config: ServerConfig = request.app.state.config
-    completion = await run_requests(request, _lda_requests(body, [body.prompt], 1, config))
-    result = completion.results[0]
     pair: ModelPair = request.app.state.pair
-    payload = result.row_fields() | {
-        "alpha": body.alpha,
-        "model_after": pair.after_id,
-        "model_before": pair.before_id,
-    }
-    return JSONResponse(payload, headers=debug_headers(completion))
+    requests = _lda_requests(body, [body.prompt], 1, config)
+
+    def payload(completion: Completion) -> dict:
+        return completion.results[0].row_fields() | {
+            "alpha": completion.results[0].alpha,  # what the row ran with, as generate's JSONL
+            "model_after": pair.after_id,
+            "model_before": pair.before_id,
+        }
+
+    if body.stream:
+        return await stream_requests(request, requests, payload)
+    completion = await run_requests(request, requests)
+    return JSONResponse(payload(completion), headers=debug_headers(completion))
 
 
 async def generate_lda_batch(request: Request) -> Response:
@@ -270,17 +332,23 @@ async def generate_lda_batch(request: Request) -> Response:
             413,
             f"{num_rows} rows (prompts x n) exceed the queue's {config.scheduler.max_queue_rows}",
         )
-    completion = await run_requests(request, _lda_requests(body, body.prompts, body.n, config))
     pair: ModelPair = request.app.state.pair
-    payload = {
-        "results": [r.row_fields() for r in completion.results],
-        "alpha": body.alpha,
-        "model_after": pair.after_id,
-        "model_before": pair.before_id,
-        "batch_size": len(body.prompts),
-        "n": body.n,
-    }
-    return JSONResponse(payload, headers=debug_headers(completion))
+    requests = _lda_requests(body, body.prompts, body.n, config)
+
+    def payload(completion: Completion) -> dict:
+        return {
+            "results": [r.row_fields() for r in completion.results],
+            "alpha": completion.results[0].alpha,  # one alpha per request
+            "model_after": pair.after_id,
+            "model_before": pair.before_id,
+            "batch_size": len(body.prompts),
+            "n": body.n,
+        }
+
+    if body.stream:
+        return await stream_requests(request, requests, payload)
+    completion = await run_requests(request, requests)
+    return JSONResponse(payload(completion), headers=debug_headers(completion))
 
 
 async def generate_plain(request: Request) -> Response:
@@ -297,19 +365,29 @@ async def generate_plain(request: Request) -> Response:
         )
         for alpha in (0.0, -1.0)
     ]
-    completion = await run_requests(request, requests)
     pair: ModelPair = request.app.state.pair
-    after, before = completion.results
-    payload = {
-        "prompt": body.prompt,
-        "model_1": {"model_id": pair.after_id, "completion": after.completion, "text": after.text},
-        "model_2": {
-            "model_id": pair.before_id,
-            "completion": before.completion,
-            "text": before.text,
-        },
-    }
-    return JSONResponse(payload, headers=debug_headers(completion))
+
+    def payload(completion: Completion) -> dict:
+        after, before = completion.results
+        return {
+            "prompt": body.prompt,
+            "model_1": {
+                "model_id": pair.after_id,
+                "completion": after.completion,
+                "text": after.text,
+            },
+            "model_2": {
+                "model_id": pair.before_id,
+                "completion": before.completion,
+                "text": before.text,
+            },
+        }
+
+    if body.stream:
+        rows = [{"model": "model_1"}, {"model": "model_2"}]  # after, before
+        return await stream_requests(request, requests, payload, rows)
+    completion = await run_requests(request, requests)
+    return JSONResponse(payload(completion), headers=debug_headers(completion))
 
 
 async def tokenizer_compatibility(request: Request) -> Response:
@@ -333,8 +411,10 @@ async def health(request: Request) -> Response:
 async def info(request: Request) -> Response:
     pair = _loaded_pair(request)
     config: ServerConfig = request.app.state.config
+    replica = {} if config.replica_id is None else {"replica_id": config.replica_id}
     return JSONResponse(
         {
+            **replica,
             "version": __version__,
             "models": {"after": pair.after_id, "before": pair.before_id},
             "device": str(pair.device),
@@ -427,6 +507,7 @@ class MetricsMiddleware:
 
 
 ROUTES = [
+    Route("/", playground.page, methods=["GET"]),
     Route("/generate_lda", generate_lda, methods=["POST"]),
     Route("/generate_lda_batch", generate_lda_batch, methods=["POST"]),
     Route("/generate", generate_plain, methods=["POST"]),
@@ -434,6 +515,7 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/info", info, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    *openai_api.ROUTES,
 ]
 ROUTE_PATHS = {r.path for r in ROUTES}
 
@@ -500,14 +582,18 @@ def create_app(
         try:
             yield
         finally:
-            app.state.is_draining = True
             if loader is not None:
                 loader.join(timeout=1)
-            if app.state.scheduler is not None:
-                await asyncio.to_thread(app.state.scheduler.shutdown, config.shutdown_timeout_s)
+            await drain(app, config.shutdown_timeout_s)
 
     app = Starlette(
         routes=ROUTES,
+        middleware=guard_middleware(
+            api_key=config.api_key,
+            allowed_hosts=config.allowed_hosts,
+            max_body_bytes=config.max_body_bytes,
+            body_timeout_s=config.body_timeout_s,
+        ),
         lifespan=lifespan,
         exception_handlers={
             APIError: api_error,
@@ -519,3 +605,27 @@ def create_app(
     app.state.config = config
     app.state.metrics = app_metrics
     return app
+
+
+async def drain(app: Starlette, timeout_s: float) -> None:
+    """Answer 503 to newcomers, give in-flight requests timeout_s, then fail the rest with 503.
+
+    The server calls this before it stops listening (batchserve.server), and the lifespan
+    again at exit (then a no-op), so no request is left for uvicorn to cancel into a text 500.
+    """
+    app.state.is_draining = True
+    scheduler: Scheduler | None = getattr(app.state, "scheduler", None)
+    if scheduler is None:
+        return
+    loop = asyncio.get_running_loop()
+    finished = asyncio.Event()
+
+    def shut_down() -> None:
+        scheduler.shutdown(timeout_s)
+        with contextlib.suppress(RuntimeError):  # the loop is gone after a forced exit
+            loop.call_soon_threadsafe(finished.set)
+
+    # A daemon thread, not the default executor: after a forced exit (a second Ctrl-C) nobody
+    # awaits this, and asyncio.run would otherwise wait for the executor's threads at exit.
+    threading.Thread(target=shut_down, name="batchserve-drain", daemon=True).start()
+    await finished.wait()

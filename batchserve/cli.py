@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +22,9 @@ from batchserve import __version__
 from batchserve.prompts import PROMPT_FORMATS
 from batchserve.scheduler import SCHEDULER_MODES
 from batchserve.seeds import SEED_MAX
+
+if TYPE_CHECKING:
+    from batchserve.app import ServerConfig
 
 log = logging.getLogger("batchserve")
 
@@ -183,6 +186,54 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="(default: %(default)s)",
     )
+    http.add_argument(
+        "--api-key",
+        default=_env("API_KEY", None),
+        help="require 'Authorization: Bearer KEY' on every route but /health (better given "
+        "as BATCHSERVE_API_KEY: a command line is visible to other users of the machine)",
+    )
+    http.add_argument(
+        "--allowed-hosts",
+        default=_env("ALLOWED_HOSTS", None),
+        help="comma-separated Host names to answer, '*' for any, '*.example.com' for a domain "
+        "(default: localhost, 127.0.0.1, [::1] and the --host address), against DNS rebinding",
+    )
+    http.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=_env("MAX_BODY_BYTES", 16 * 1024 * 1024, int),
+        help="larger request bodies get 413 before they are read (default: %(default)s)",
+    )
+    http.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=_env("HEADER_TIMEOUT_S", 10.0, float),
+        help="a connection must send its request headers within this (default: %(default)s)",
+    )
+    http.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=_env("BODY_TIMEOUT_S", 30.0, float),
+        help="and then its body within this, or get 408 (default: %(default)s)",
+    )
+    http.add_argument(
+        "--timeout-keep-alive-s",
+        type=float,
+        default=_env("TIMEOUT_KEEP_ALIVE_S", 5.0, float),
+        help="an idle keep-alive connection is closed after this (default: %(default)s)",
+    )
+    http.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=_env("LIMIT_CONCURRENCY", 512, int),
+        help="open connections at most; past it uvicorn answers 503 (default: %(default)s)",
+    )
+    http.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=_env("MAX_HEADER_BYTES", 16 * 1024, int),
+        help="request line and headers at most (default: %(default)s)",
+    )
     sched = serve.add_argument_group("scheduling")
     sched.add_argument(
         "--scheduler",
@@ -246,6 +297,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("SHUTDOWN_TIMEOUT_S", 30.0, float),
         help="on SIGINT/SIGTERM, time given to in-flight requests (default: %(default)s)",
     )
+    replicas = serve.add_argument_group(
+        "replicas on Ray Serve (pip install 'batchserve[ray]')",
+        "--ray deploys this server as a Ray Serve application: every option above goes to each "
+        "replica (one pair and scheduler each; one GPU each on CUDA); --host/--port are Serve's "
+        "HTTP endpoint.",
+    )
+    replicas.add_argument(
+        "--ray",
+        action="store_true",
+        default=_env("RAY", False, _env_flag),
+        help="serve replicas behind one endpoint on Ray Serve",
+    )
+    replicas.add_argument(
+        "--ray-address",
+        default=_env("RAY_ADDRESS", None),
+        help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local one",
+    )
+    replicas.add_argument(
+        "--replicas",
+        type=int,
+        default=_env("REPLICAS", 1, int),
+        help="replicas (initial replicas when autoscaling) (default: %(default)s)",
+    )
+    replicas.add_argument(
+        "--min-replicas",
+        type=int,
+        default=_env("MIN_REPLICAS", None, int),
+        help="autoscale between --min-replicas and --max-replicas (default: no autoscaling)",
+    )
+    replicas.add_argument("--max-replicas", type=int, default=_env("MAX_REPLICAS", None, int))
+    replicas.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=_env("TARGET_ONGOING_REQUESTS", None, float),
+        help="autoscaling target of requests per replica (default: half of --max-batch-size)",
+    )
+    replicas.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=_env("MAX_ONGOING_REQUESTS", None, int),
+        help="requests one replica takes before Serve queues the rest for the next free replica "
+        "(default: 2 x --max-batch-size, at most --max-queue-rows)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     gen = commands.add_parser(
@@ -300,16 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
 # --- serve ------------------------------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def page_url(host: str, port: int) -> str:
+    """Where a browser on this machine finds the playground (a wildcard bind is local too)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
-    from batchserve.app import ServerConfig, create_app
-    from batchserve.models import load_pair
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from batchserve.app import ServerConfig
     from batchserve.scheduler import SchedulerConfig
+    from batchserve.security import default_allowed_hosts, parse_allowed_hosts
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         scheduler = SchedulerConfig(
             mode=args.scheduler,
@@ -320,6 +416,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    allowed_hosts = parse_allowed_hosts(args.allowed_hosts) or default_allowed_hosts(args.host)
+    if args.max_body_bytes < 1 or args.header_timeout_s <= 0 or args.body_timeout_s <= 0:
+        raise SystemExit("error: --max-body-bytes and the timeouts must be positive")
     config = ServerConfig(
         scheduler=scheduler,
         prompt_format=args.prompt_format,
@@ -329,8 +428,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout_s,
         shutdown_timeout_s=args.shutdown_timeout_s,
         runner=runner_config(args),
+        max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
+        api_key=args.api_key or None,
+        allowed_hosts=allowed_hosts,
     )
-    log.info("batchserve %s: %s", __version__, {k: v for k, v in vars(args).items() if k != "func"})
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from batchserve.app import create_app
+    from batchserve.models import load_pair
+    from batchserve.security import startup_warnings
+    from batchserve.server import ConnectionLimits, build_server
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = server_config_from_args(args)
+    shown = {k: v for k, v in vars(args).items() if k != "func"}
+    shown["api_key"] = "(set)" if args.api_key else None
+    log.info("batchserve %s: %s", __version__, shown)
+    for warning in startup_warnings(args.host, config.api_key, config.allowed_hosts):
+        log.warning(warning)
+    if args.ray:
+        if not args.ray_address:
+            # A cluster of this machine alone: Ray maps 127.0.0.1 to the machine's first
+            # network address unless told it is not a cluster; this keeps it on loopback.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Imported only here: a plain install never imports ray.
+        try:
+            from batchserve.ray_serve import serve_on_ray
+        except ImportError as err:
+            raise SystemExit(
+                f"error: --ray needs Ray Serve ({err}): pip install 'batchserve[ray]'"
+            ) from None
+
+        return serve_on_ray(args, config)
+    if args.replicas != 1 or args.ray_address:
+        raise SystemExit("error: --replicas and --ray-address need --ray")
     configure_threads(args.threads, args.device)
     after = args.after or "toy:after"
 
@@ -346,37 +482,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allow_incompatible=args.allow_incompatible,
         )
 
-    holder: dict[str, uvicorn.Server] = {}
+    holder: dict[str, Any] = {}
 
     def stop_on_load_error(err: BaseException) -> None:
         holder["server"].should_exit = True
 
     app = create_app(config, load_pair=load, on_load_error=stop_on_load_error)
-
-    class DrainingServer(uvicorn.Server):
-        """Answer 503 to new requests from the first signal on, while in-flight ones finish."""
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.is_draining = True
-            if getattr(app.state, "scheduler", None) is not None:
-                app.state.scheduler.drain()
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises the signal after its graceful shutdown, so the process would die
-            # by SIGTERM; a clean drain is a normal exit, status 0.
-            captured = getattr(self, "_captured_signals", None)
-            if isinstance(captured, list):
-                captured.clear()
-
-    server = DrainingServer(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=args.shutdown_timeout_s,
-        )
+    server = build_server(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        shutdown_timeout_s=args.shutdown_timeout_s,
+        limits=ConnectionLimits(
+            header_timeout_s=args.header_timeout_s,
+            timeout_keep_alive_s=args.timeout_keep_alive_s,
+            limit_concurrency=args.limit_concurrency if args.limit_concurrency > 0 else None,
+            max_header_bytes=args.max_header_bytes,
+        ),
     )
     holder["server"] = server
+    print(f"playground: {page_url(args.host, args.port)}  (OpenAI-compatible API: /v1)", flush=True)
     server.run()
     if app.state.load_error:
         print(f"error: could not load the models: {app.state.load_error}", file=sys.stderr)

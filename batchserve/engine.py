@@ -19,7 +19,7 @@ from tqdm import tqdm
 from batchserve.logprobs import pad_score_alphas, step_logprobs
 from batchserve.models import ModelPair
 from batchserve.prompts import format_prompt
-from batchserve.runner import ModelRunner, SlotParams
+from batchserve.runner import INVALID_TOKEN, ModelRunner, SlotParams
 from batchserve.sampling import SamplingPlan
 from batchserve.scheduler import SchedulerConfig, SchedulerCore, engine_rows, prepare_prompt
 from batchserve.seeds import SEED_MAX
@@ -33,6 +33,7 @@ from batchserve.types import (
     RunnerConfig,
     SamplingParams,
     TokenLogprobs,
+    find_stop,
 )
 
 __all__ = [
@@ -226,6 +227,8 @@ class LDAEngine:
         problems = []
         if not row.prompt_ids:
             problems.append("the prompt encodes to no tokens")
+        if p.max_new_tokens < 1:
+            problems.append(f"max_new_tokens {p.max_new_tokens} is below 1")
         if len(row.prompt_ids) + p.max_new_tokens > self.max_row_tokens:
             problems.append(
                 f"prompt ({len(row.prompt_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) "
@@ -303,6 +306,10 @@ class LDAEngine:
     def _append(
         self, row: Row, token: int, logprobs: torch.Tensor | None = None, i: int = 0
     ) -> None:
+        if token == INVALID_TOKEN:
+            row.finish_reason = "error"
+            row.error = "the models' logits for this row were not finite (NaN or inf)"
+            return
         if logprobs is not None and row.params.wants_logprobs:
             row.logprob_steps.append(logprobs[i, : 3 + len(row.params.score_alphas)])
         row.token_ids.append(token)
@@ -380,12 +387,6 @@ class LDAEngine:
             token_ids=tuple(row.token_ids),
             logprobs=logprobs,
         )
-
-
-def find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string starts in text (the completion is cut there), or None."""
-    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
-    return min(hits) if hits else None
 
 
 def iter_generate(

@@ -67,7 +67,7 @@ def step_logprobs(
     """
     after = logits_after.float()
     before = logits_before.float()
-    tokens = tokens.long()
+    tokens = tokens.long().clamp(min=0)  # a broken row's -1 (runner.INVALID_TOKEN) scores token 0
     if plan is None:
         plan = SamplingPlan.for_rows(
             temperature.tolist(), top_p.tolist(), top_k.tolist(), vocab=after.shape[-1]

@@ -76,7 +76,7 @@ def resolve_model_path(name: str) -> str:
         if not (path / "config.json").exists():
             raise FileNotFoundError(
                 f"the embedded toy pair is missing at {path}; "
-                "build it with `python -m batchserve.toy.train --out batchserve/toy`"
+                "build it with `python -m toy_training.train --out batchserve/toy`"
             )
         return str(path)
     return name

@@ -38,3 +38,38 @@ def format_prompt(
     raise ValueError(
         f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, not {prompt_format!r}"
     )
+
+
+def format_messages(
+    messages: list[dict[str, str]],
+    prompt_format: str = "alpaca",
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[str, str]:
+    """A conversation (`role`/`content` dicts) as prompt text, and the format to encode it with.
+
+    The tokenizer's chat template where it has one (encoded as "chat": the template writes
+    BOS), otherwise the server's prompt format: alpaca turns, or plain text for raw.
+    """
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, "chat"
+    if prompt_format == "chat":
+        raise ValueError("prompt format 'chat' needs a tokenizer with a chat template")
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+    turns = [m for m in messages if m["role"] != "system"]
+    if prompt_format == "raw":
+        return format_prompt(
+            "\n\n".join(m["content"] for m in turns), "raw", system_prompt=system
+        ), "raw"
+    text = ""
+    for turn in turns:
+        if turn["role"] == "user":
+            # The system prompt goes with the first instruction, as in single-turn alpaca.
+            text += format_prompt(turn["content"], prompt_format, system_prompt=system)
+            system = None
+        else:
+            text += turn["content"] + "\n\n"
+    if turns and turns[-1]["role"] != "user":
+        text = text.removesuffix("\n\n")  # the assistant's text so far: continue it
+    return text, prompt_format

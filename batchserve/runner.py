@@ -35,6 +35,7 @@ from batchserve.types import RunnerConfig, kv_blocks
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "batchserve_slots"
+INVALID_TOKEN = -1  # sampled for a row whose logits were not finite
 _CPU_DEFAULT_TOKENS_PER_SLOT = 2048
 _CPU_MAX_KV_BYTES = 4 << 30
 
@@ -49,70 +50,66 @@ class KVLayout:
 
     is_prefill: bool
     write_index: torch.Tensor  # [N] store rows for the new keys
-    # Prefill: tokens are packed into one sequence [1, S]; `write_source` [N] picks the packed
-    # token for each written row (a prompt shared by n rows is written n times), `seq_ids` [S]
-    # and `positions` [S] build the block-diagonal causal mask.
+    # Prefill: prompts are packed into one sequence [1, S]; `write_source` [N] picks the packed
+    # token for each written row (a prompt shared by n rows is written n times); `spans` are
+    # the prompts' (start, length) in the packed sequence, each attended causally on its own.
     write_source: torch.Tensor | None = None
-    seq_ids: torch.Tensor | None = None
+    spans: list[tuple[int, int]] = field(default_factory=list)
     # Decode: `read_index` [B, L] store rows of each row's keys, `positions` [B] the query's.
     read_index: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """Boolean attention mask (True = attend), built once per step per window size."""
+        """Decode's boolean mask [B, 1, 1, L] (True = attend), once per step per window size."""
         if sliding_window not in self._masks:
             pos = self.positions
-            if self.is_prefill:
-                allowed = (self.seq_ids[:, None] == self.seq_ids[None, :]) & (
-                    pos[None, :] <= pos[:, None]
-                )
-                distance = pos[:, None] - pos[None, :]
-                shape = (1, 1, *allowed.shape)
-            else:
-                keys = torch.arange(self.read_index.shape[1], device=pos.device)
-                allowed = keys[None, :] <= pos[:, None]
-                distance = pos[:, None] - keys[None, :]
-                shape = (allowed.shape[0], 1, 1, allowed.shape[1])
+            keys = torch.arange(self.read_index.shape[1], device=pos.device)
+            allowed = keys[None, :] <= pos[:, None]
             if sliding_window:
-                allowed &= distance < sliding_window
-            self._masks[sliding_window] = allowed.view(shape)
+                allowed &= (pos[:, None] - keys[None, :]) < sliding_window
+            self._masks[sliding_window] = allowed[:, None, None, :]
         return self._masks[sliding_window]
+
+
+@dataclass
+class _ShapeProbe:
+    """Passed instead of a `_Call` once at start-up: records each layer's KV shape and dtype."""
+
+    shapes: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # heads, key, value dim
+    dtype: torch.dtype | None = None
+    uses_softcap: bool = False
+
+    @property
+    def bytes_per_token(self) -> int:
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(h * (kd + vd) * size for h, kd, vd in self.shapes.values())
 
 
 class KVStore:
     """One model's KV: per layer a key and a value tensor [num_tokens, kv_heads, head_dim]."""
 
-    def __init__(
-        self,
-        shapes: dict[int, tuple[int, int]],
-        num_tokens: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, probe: _ShapeProbe, num_tokens: int, device: torch.device) -> None:
         # Zeros, not empty: attention multiplies masked entries by 0, and 0 * NaN is NaN.
         self.keys = {
-            i: torch.zeros(num_tokens, h, d, dtype=dtype, device=device)
-            for i, (h, d) in shapes.items()
+            i: torch.zeros(num_tokens, h, kd, dtype=probe.dtype, device=device)
+            for i, (h, kd, _) in probe.shapes.items()
         }
-        self.values = {i: torch.zeros_like(k) for i, k in self.keys.items()}
+        self.values = {
+            i: torch.zeros(num_tokens, h, vd, dtype=probe.dtype, device=device)
+            for i, (h, _, vd) in probe.shapes.items()
+        }
 
     @property
     def num_bytes(self) -> int:
-        return sum(2 * k.numel() * k.element_size() for k in self.keys.values())
+        tensors = [*self.keys.values(), *self.values.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
 class _Call:
     store: KVStore
     layout: KVLayout
-
-
-@dataclass
-class _ShapeProbe:
-    """Passed instead of a `_Call` once at start-up: records each layer's KV shape."""
-
-    shapes: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def slot_attention(
@@ -130,7 +127,11 @@ def slot_attention(
     """Attention over the slot store (query/key/value [B, heads, T, head_dim], rotary applied)."""
     if not isinstance(batchserve, _Call):
         if isinstance(batchserve, _ShapeProbe):
-            batchserve.shapes[module.layer_idx] = (key.shape[1], key.shape[3])
+            batchserve.shapes[module.layer_idx] = (key.shape[1], key.shape[3], value.shape[3])
+            batchserve.dtype = key.dtype
+            if kwargs.get("softcap") is not None:
+                batchserve.uses_softcap = True
+                kwargs.pop("softcap")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             sliding_window=sliding_window, **kwargs,
@@ -148,7 +149,7 @@ def slot_attention(
         value_store.index_copy_(
             0, layout.write_index, value[0].transpose(0, 1).index_select(0, layout.write_source)
         )
-        keys, values = key, value
+        out = _prefill_attention(query, key, value, layout.spans, scaling, window)
     else:
         key_store.index_copy_(0, layout.write_index, key[:, :, 0])
         value_store.index_copy_(0, layout.write_index, value[:, :, 0])
@@ -158,15 +159,60 @@ def slot_attention(
         keys = key_store.index_select(0, flat).view(rows, length, *key_store.shape[1:])
         values = value_store.index_select(0, flat).view(rows, length, *value_store.shape[1:])
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, heads, L, dim]
-    out = F.scaled_dot_product_attention(
-        query,
-        keys,
-        values,
-        attn_mask=layout.mask(window),
-        scale=scaling,
-        enable_gqa=query.shape[1] != keys.shape[1],
-    )
+        out = _decode_attention(query, keys, values, layout.mask(window), scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    spans: list[tuple[int, int]],
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    """Each packed prompt attends causally to itself alone: one SDPA call per prompt, so the
+    cost is the sum of squared prompt lengths (a block-diagonal mask over the packed sequence
+    would cost its square) and flash/memory-efficient kernels apply (no mask to materialise)."""
+    gqa = query.shape[1] != key.shape[1]
+    outputs = []
+    for start, length in spans:
+        q, k, v = (t[:, :, start : start + length] for t in (query, key, value))
+        if window and length > window:
+            pos = torch.arange(length, device=query.device)
+            distance = pos[:, None] - pos[None, :]
+            mask = (distance >= 0) & (distance < window)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa
+            )
+        outputs.append(out)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One query token per row against its gathered keys [B, kv_heads, L, dim].
+
+    With grouped-query attention the query heads sharing a KV head become that head's
+    "sequence" ([B, kv_heads, n_rep, dim]), so no KV head is repeated and SDPA needs no
+    enable_gqa beside a mask (a combination CUDA serves only with its slow math kernel).
+    """
+    rows, heads, _, dim = query.shape
+    kv_heads = keys.shape[1]
+    if heads == kv_heads:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+    grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(rows, heads, 1, values.shape[-1])
 
 
 AttentionInterface.register(ATTENTION_NAME, slot_attention)
@@ -234,20 +280,21 @@ class ModelRunner:
             # measured on an H200, more than a whole 7B decode step's weight streaming.
             torch.backends.cuda.enable_cudnn_sdp(False)
             log.info("cuDNN attention disabled: it re-plans for every KV length")
-        shapes = [self._probe_shapes(m) for m in models]
+        probes = [self._probe_shapes(m) for m in models]
         for model in models:
             model.set_attn_implementation(ATTENTION_NAME)
-        dtype = pair.dtype
-        bytes_per_token = sum(
-            2 * h * d * torch.tensor([], dtype=dtype).element_size()
-            for s in shapes
-            for h, d in s.values()
+        bytes_per_token = sum(p.bytes_per_token for p in probes)
+        # Decode gathers one layer's K and V for every slot at full length (a transient).
+        gather_bytes = (
+            self.config.max_slots
+            * pair.max_context
+            * max(p.bytes_per_token // max(1, len(p.shapes)) for p in probes)
         )
-        num_tokens = self._kv_tokens(bytes_per_token)
+        num_tokens = self._kv_tokens(bytes_per_token, gather_bytes)
         bs = self.config.block_size
         num_blocks = max(2, num_tokens // bs + 1)  # + the reserved block 0
         self.blocks = BlockPool(num_blocks, bs)
-        self.stores = tuple(KVStore(s, num_blocks * bs, dtype, self.device) for s in shapes)
+        self.stores = tuple(KVStore(p, num_blocks * bs, self.device) for p in probes)
         self.kv_bytes = sum(s.num_bytes for s in self.stores)
         slots = self.config.max_slots
         max_blocks_per_row = math.ceil(min(pair.max_context, self.blocks.capacity_tokens) / bs)
@@ -273,7 +320,7 @@ class ModelRunner:
 
     # --- sizing ---------------------------------------------------------------------------
 
-    def _probe_shapes(self, model: PreTrainedModel) -> dict[int, tuple[int, int]]:
+    def _probe_shapes(self, model: PreTrainedModel) -> _ShapeProbe:
         probe = _ShapeProbe()
         model.set_attn_implementation(ATTENTION_NAME)
         with torch.inference_mode():
@@ -284,17 +331,23 @@ class ModelRunner:
                 f"{type(model).__name__} does not route attention through transformers' "
                 "AttentionInterface, so the runner cannot serve it"
             )
-        return probe.shapes
+        if probe.uses_softcap:
+            raise ValueError(
+                f"{type(model).__name__} soft-caps its attention logits (e.g. Gemma-2), which "
+                "the runner's attention does not implement"
+            )
+        return probe
 
-    def _kv_tokens(self, bytes_per_token: int) -> int:
+    def _kv_tokens(self, bytes_per_token: int, gather_bytes: int) -> int:
         config = self.config
         if config.kv_cache_tokens is not None:
             return config.kv_cache_tokens
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
-            # Headroom for activations: prefill hidden states and the two models' logits.
-            reserve = 1 << 30
+            # Headroom for activations (prefill hidden states, both models' logits) and the
+            # decode step's gathered keys and values of one layer.
+            reserve = (1 << 30) + gather_bytes
             budget = int(total * config.gpu_memory_fraction) - used - reserve
             if budget < bytes_per_token * config.block_size:
                 raise MemoryError(
@@ -386,7 +439,6 @@ class ModelRunner:
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
-        seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(dev)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(dev)
         prompt_of_row = [unique[tuple(ids)] for ids in prompts]
         row_lengths = torch.tensor([lengths[p] for p in prompt_of_row])
@@ -399,8 +451,7 @@ class ModelRunner:
             is_prefill=True,
             write_index=self._store_rows(row_slots, row_positions),
             write_source=write_source,
-            seq_ids=seq_ids,
-            positions=positions,
+            spans=list(zip(starts, lengths, strict=True)),
         )
         last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=dev)
         inputs = {
@@ -462,7 +513,9 @@ class ModelRunner:
         plan: SamplingPlan,
     ) -> torch.Tensor:
         logits = amplify(after, before, self.alpha[index])
-        return sample(
+        # -inf in both models (a masked token) is -inf amplified, not -inf - -inf = NaN.
+        logits = torch.where(torch.isnan(logits), float("-inf"), logits)
+        tokens = sample(
             logits,
             self.temperature[index],
             self.top_p[index],
@@ -471,3 +524,11 @@ class ModelRunner:
             self.step[index],
             plan,
         )
+        # A row whose models gave NaN, +inf or nothing finite is flagged with token -1 (it
+        # rides the step's one copy to the host); the engine fails that row alone.
+        broken = (
+            torch.isnan(after).any(-1)
+            | torch.isnan(before).any(-1)
+            | ~torch.isfinite(logits.max(-1).values)
+        )
+        return torch.where(broken, torch.full_like(tokens, INVALID_TOKEN), tokens)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from batchserve.seeds import MASK64, splitmix64
+from batchserve.types import GREEDY_TEMPERATURE
 
-GREEDY_TEMPERATURE = 1e-5  # below this a row is greedy (vLLM's rule); never divide into overflow
 DEFAULT_TOP_K_CAP = 128
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -167,7 +167,8 @@ def exact_keep_mask(
     else:
         in_k = torch.ones_like(probs, dtype=torch.bool)
     in_k_probs = (probs * in_k).unsqueeze(1)
-    target = (top_p * (probs * in_k).sum(-1)).unsqueeze(-1)  # [B, 1]
+    mass = torch.where(k < probs.shape[-1], (probs * in_k).sum(-1), torch.ones_like(top_p))
+    target = (top_p * mass).unsqueeze(-1)  # [B, 1]
 
     def mass_above_below_target(t: torch.Tensor) -> torch.Tensor:
         above = torch.where(in_k_probs > t.unsqueeze(-1), in_k_probs, 0.0).sum(-1)
@@ -176,36 +177,37 @@ def exact_keep_mask(
     return in_k & (probs >= _smallest_true(probs, mass_above_below_target).unsqueeze(-1))
 
 
-def sorted_keep_mask(probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The kept set by a full sort of each row (the CPU fallback, for the rows that need it)."""
-    values, index = probs.sort(dim=-1, descending=True)
-    ranks = torch.arange(probs.shape[-1], device=probs.device)
-    in_k = ranks < k.unsqueeze(-1)
-    values = values * in_k
-    normed = values / values.sum(-1, keepdim=True)
-    keep_ranks = in_k & ((normed.cumsum(-1) - normed) < top_p.unsqueeze(-1))
-    keep_ranks[:, 0] = True
-    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, keep_ranks)
-
-
 def capped_keep_mask(
     probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor, cap: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept set from the top `cap` tokens alone, and whether it is exact for each row."""
-    values, index = probs.topk(cap, dim=-1)  # sorted, descending
+    """The kept set decided from the `cap` most likely tokens, and whether that is exact.
+
+    Ties are decided together, so the set does not depend on how a kernel orders equal values:
+    a token is in the top-k iff fewer than k tokens are strictly more likely, and in the
+    nucleus iff the top-k mass strictly more likely than it is below top_p of the top-k mass.
+    Exact when everything beyond the cap is certainly out: the last capped rank is out and the
+    top-k set, if any, closed inside the cap.
+    """
+    vocab = probs.shape[-1]
+    values, index = probs.topk(cap, dim=-1)  # descending
     ranks = torch.arange(cap, device=probs.device)
-    in_k = ranks < k.unsqueeze(-1)
-    values = values * in_k
-    # Renormalise over the top-k set when it fits in the cap; else the nucleus is over all.
-    mass = torch.where(k <= cap, values.sum(-1), torch.ones_like(top_p))
-    normed = values / mass.unsqueeze(-1)
-    cumulative = normed.cumsum(-1)
-    keep_ranks = in_k & ((cumulative - normed) < top_p.unsqueeze(-1))
-    keep_ranks[:, 0] = True
-    # Exact when the top-k set fits, or with no top-k when the nucleus closes inside the cap.
-    is_exact = (k <= cap) | ((k >= probs.shape[-1]) & (cumulative[:, -1] >= top_p))
+    is_run_start = torch.ones_like(values, dtype=torch.bool)
+    is_run_start[:, 1:] = values[:, 1:] != values[:, :-1]
+    run_start = torch.cummax(torch.where(is_run_start, ranks, 0), dim=-1).values
+    in_k = run_start < k.unsqueeze(-1)
+    in_k_values = values * in_k
+    mass = torch.where(k < vocab, in_k_values.sum(-1), torch.ones_like(top_p))
+    mass_above = (in_k_values.cumsum(-1) - in_k_values).gather(-1, run_start)
+    keep_ranks = in_k & (mass_above < (top_p * mass).unsqueeze(-1))
+    closed = (k >= vocab) | ~in_k[:, -1]
+    is_exact = torch.full_like(closed, cap >= vocab) | (closed & ~keep_ranks[:, -1])
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, keep_ranks)
     return keep, is_exact
+
+
+def sorted_keep_mask(probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The kept set by a full sort of each row (the CPU fallback, for the rows that need it)."""
+    return capped_keep_mask(probs, top_p, k, probs.shape[-1])[0]
 
 
 def sample(
@@ -268,29 +270,28 @@ def kept_probs(
 def sample_reference(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int, seed: int, step: int
 ) -> int:
-    """A plain one-row implementation with a full sort, for tests and readers."""
+    """A plain one-row implementation in float64, for tests and readers.
+
+    Top-k keeps a token iff fewer than top_k tokens are strictly more likely; the nucleus keeps
+    it iff the top-k mass strictly more likely than it is below top_p of the top-k mass. Ties
+    are therefore kept or dropped together, whatever order a sort would give them.
+    """
     row = logits.double()
     if temperature < GREEDY_TEMPERATURE:
         return int(row.argmax())
-    row = row / temperature
-    order = sorted(range(row.shape[0]), key=lambda i: -float(row[i]))
-    top = order[: top_k if top_k > 0 else len(order)]
-    top_probs = torch.softmax(row[top], dim=0)
-    mass = 0.0
-    keep = set()
-    for rank, i in enumerate(top):
-        if mass >= top_p and keep:
-            break
-        keep.add(i)
-        mass += float(top_probs[rank])
-    masked = torch.full_like(row, float("-inf"))
-    for i in keep:
-        masked[i] = row[i]
-    p = torch.softmax(masked, dim=0)
-    u = row_uniform(seed, step) * float(p.sum())
+    probs = torch.softmax(row / temperature, dim=0).tolist()
+    vocab = len(probs)
+    in_k = [top_k <= 0 or top_k >= vocab or sum(q > p for q in probs) < top_k for p in probs]
+    mass = sum(p for p, i in zip(probs, in_k, strict=True) if i) if 0 < top_k < vocab else 1.0
+    keep = [
+        i and sum(q for q, j in zip(probs, in_k, strict=True) if j and q > p) < top_p * mass
+        for p, i in zip(probs, in_k, strict=True)
+    ]
+    kept = [p if k else 0.0 for p, k in zip(probs, keep, strict=True)]
+    u = row_uniform(seed, step) * sum(kept)
     acc = 0.0
-    for i in range(p.shape[0]):
-        acc += float(p[i])
+    for i, p in enumerate(kept):
+        acc += p
         if u < acc:
             return i
-    return int(max(keep))
+    return max(i for i, k in enumerate(keep) if k)

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SchedulerMode = Literal["continuous", "static", "serial"]
+# Called on the request's event loop with (row index, new token ids) for each of its rows
+# that grew since the last call; row indices follow the order of `Completion.results`.
+TokenListener = Callable[[list[tuple[int, tuple[int, ...]]]], None]
 SCHEDULER_MODES: tuple[str, ...] = ("continuous", "static", "serial")
 
 
@@ -330,6 +333,9 @@ class _Waiter:
     row_prompt: dict[int, int]  # row id -> index into prompts
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    listener: TokenListener | None = None
+    row_index: dict[int, int] = field(default_factory=dict)  # row id -> result index
+    num_streamed: dict[int, int] = field(default_factory=dict)  # row id -> tokens sent
 
 
 class Scheduler:
@@ -356,9 +362,16 @@ class Scheduler:
         return prepare_prompt(self.engine, request, index)
 
     def submit(
-        self, requests: list[GenerationRequest], prepared: list[PreparedPrompt] | None = None
+        self,
+        requests: list[GenerationRequest],
+        prepared: list[PreparedPrompt] | None = None,
+        listener: TokenListener | None = None,
     ) -> tuple[int, asyncio.Future]:
-        """Queue requests (their rows in order); the future resolves to a `Completion`."""
+        """Queue requests (their rows in order); the future resolves to a `Completion`.
+
+        With a listener, each admission and step also sends the request's new tokens to it
+        (on the caller's loop, always before the future resolves).
+        """
         loop = asyncio.get_running_loop()
         if prepared is None:
             prepared = [self.prepare(r, i) for i, r in enumerate(requests)]
@@ -372,7 +385,9 @@ class Scheduler:
             except QueueFullError:
                 self.metrics.errors.labels(kind="queue_full").inc()
                 raise
-            waiter = _Waiter(prepared, row_prompt, loop.create_future(), loop)
+            waiter = _Waiter(prepared, row_prompt, loop.create_future(), loop, listener)
+            if listener is not None:
+                waiter.row_index = {row_id: i for i, row_id in enumerate(row_prompt)}
             self._waiters[request_id] = waiter
             self.metrics.queue_rows.set(self.core.num_waiting_rows)
             self._cond.notify()
@@ -432,29 +447,58 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                self._drop_cancelled()
-                if self._is_closed:
-                    return
-                plan = self.core.schedule(self.engine.capacity(), time.monotonic())
-                if plan.wait_s is not None:
-                    self._cond.wait(timeout=plan.wait_s)
-                    continue
-                for wait_s in plan.queue_waits_s:
-                    self.metrics.queue_wait.observe(wait_s)
-                self.metrics.queue_rows.set(self.core.num_waiting_rows)
             try:
-                finished = self._admit(plan.admit)
-                if self.engine.num_running:
-                    self.metrics.batch_size.observe(self.engine.num_running)
-                    finished += self._step()
-                    self.metrics.steps.inc()
-            except Exception as err:  # noqa: BLE001 - one bad batch must not kill the server
-                log.exception("engine failed twice in a row; failing the requests in the batch")
-                self._fail_rows(self.engine.running_row_ids, err)
-                self.metrics.errors.labels(kind="engine").inc()
-                continue
-            self._collect(finished)
+                if not self._iterate():
+                    return
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any bug
+                log.exception("the worker loop failed; failing every request in flight")
+                self._fail_all(err)
+
+    def _iterate(self) -> bool:
+        """One pass: drop cancelled requests, plan, admit, step, collect. False when closed."""
+        with self._cond:
+            self._drop_cancelled()
+            if self._is_closed:
+                return False
+            plan = self.core.schedule(self.engine.capacity(), time.monotonic())
+            if plan.wait_s is not None:
+                self._cond.wait(timeout=plan.wait_s)
+                return True
+            for wait_s in plan.queue_waits_s:
+                self.metrics.queue_wait.observe(wait_s)
+            self.metrics.queue_rows.set(self.core.num_waiting_rows)
+        finished: list[Row] = []
+        try:
+            finished += self._admit(plan.admit)
+            if self.engine.num_running:
+                self.metrics.batch_size.observe(self.engine.num_running)
+                finished += self._step()
+                self.metrics.steps.inc()
+        except Exception as err:  # noqa: BLE001 - one bad batch must not kill the server
+            log.exception("the decode step failed twice in a row; failing the running requests")
+            self.metrics.errors.labels(kind="engine").inc()
+            self._fail_rows(self.engine.running_row_ids, err, count=False)
+        self._collect(finished)  # rows admitted and finished before a failure still resolve
+        return True
+
+    def _fail_all(self, err: Exception) -> None:
+        with self._cond:
+            request_ids = list(self._waiters)
+        rows = self.engine.running_row_ids
+        for request_id in request_ids:
+            with self._cond:
+                _, request_rows = self.core.abort(request_id)
+            rows.extend(request_rows)
+        try:
+            self.engine.cancel(rows)
+        except Exception:  # noqa: BLE001
+            log.exception("could not drop the rows of the failed requests")
+        with self._cond:
+            failed = [self._waiters.pop(i) for i in request_ids if i in self._waiters]
+            self.metrics.errors.labels(kind="worker").inc()
+            self._cond.notify_all()
+        for waiter in failed:
+            _resolve(waiter, EngineFailedError(f"generation failed: {err}"))
 
     def _admit(self, rows: list[EngineRow]) -> list[Row]:
         """Admit rows; a row that fails alone fails its own request, never its neighbours'.
@@ -509,18 +553,47 @@ class Scheduler:
         self.metrics.queue_rows.set(self.core.num_waiting_rows)
         self.metrics.running_rows.set(self.engine.num_running)
 
+    def _stream_tokens(self, finished: list[Row]) -> None:
+        """Send each listening request the tokens its rows gained on this admission or step."""
+        listening = {
+            request_id: waiter
+            for request_id, waiter in self._waiters.items()
+            if waiter.listener is not None and request_id not in self._cancelled
+        }
+        if not listening:
+            return
+        owner = {row_id: rid for rid, w in listening.items() for row_id in w.row_index}
+        updates: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+        for row in [*self.engine.running_rows, *finished]:
+            request_id = owner.get(row.row_id)
+            if request_id is None or row.error:
+                continue
+            waiter = listening[request_id]
+            sent = waiter.num_streamed.get(row.row_id, 0)
+            if len(row.token_ids) > sent:
+                waiter.num_streamed[row.row_id] = len(row.token_ids)
+                new = (waiter.row_index[row.row_id], tuple(row.token_ids[sent:]))
+                updates.setdefault(request_id, []).append(new)
+        for request_id, rows in updates.items():
+            waiter = listening[request_id]
+            if not waiter.loop.is_closed():
+                waiter.loop.call_soon_threadsafe(waiter.listener, rows)
+
     def _collect(self, finished: list[Row]) -> None:
-        failed = [row for row in finished if row.error]
-        for row in failed:
-            self._fail_rows([row.row_id], RuntimeError(row.error))
         with self._cond:
-            for row in finished:
-                if not row.error:
-                    self.metrics.rows_finished.labels(reason=row.finish_reason or "length").inc()
-                    self.metrics.tokens_generated.inc(len(row.token_ids))
+            self._stream_tokens(finished)
+        for row in finished:
+            if row.error:
+                self._fail_rows([row.row_id], RuntimeError(row.error))
+        with self._cond:
+            # Rows of requests that failed or were cancelled meanwhile count nowhere.
+            live = [row for row in finished if not row.error and self.core.is_live(row.row_id)]
+            for row in live:
+                self.metrics.rows_finished.labels(reason=row.finish_reason or "length").inc()
+                self.metrics.tokens_generated.inc(len(row.token_ids))
             done = [
                 (request, self._waiters.pop(request.request_id, None))
-                for request in self.core.update(row for row in finished if not row.error)
+                for request in self.core.update(live)
             ]
             self.metrics.running_rows.set(self.engine.num_running)
             self._cond.notify_all()
@@ -541,7 +614,7 @@ class Scheduler:
         )
         _resolve(waiter, completion)
 
-    def _fail_rows(self, row_ids: list[int], err: Exception) -> None:
+    def _fail_rows(self, row_ids: list[int], err: Exception, count: bool = True) -> None:
         """Fail the requests that own these rows; their other rows leave the batch or queue."""
         with self._cond:
             failed = []
@@ -551,7 +624,8 @@ class Scheduler:
                 waiter = self._waiters.pop(request_id, None)
                 if waiter is not None:
                     failed.append(waiter)
-            self.metrics.errors.labels(kind="row").inc(len(failed))
+            if count:
+                self.metrics.errors.labels(kind="row").inc(len(failed))
             self.metrics.queue_rows.set(self.core.num_waiting_rows)
             self.metrics.running_rows.set(self.engine.num_running)
             self._cond.notify_all()

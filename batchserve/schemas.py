@@ -1,18 +1,29 @@
-"""Request bodies of the HTTP API (field names and defaults from DESIGN.md's contract).
+"""The wire contract: request bodies and response bodies of the HTTP API, in one place.
 
-Strict types and no unknown fields: a typo such as `temprature` would otherwise be ignored
-silently and a study run with the wrong parameters.
+The server validates requests with these models and the client (`client/`) builds its
+requests and reads its responses with the same ones, so the two cannot drift; this module
+imports no torch, so the client stays light. Field names and defaults follow DESIGN.md.
+
+Requests: strict types and no unknown fields, since a typo such as `temprature` would
+otherwise be ignored silently and a study run with the wrong parameters. Responses allow extra
+fields, so a newer server does not break an older client.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from batchserve.seeds import SEED_MAX
 
 NonEmptyPrompt = Annotated[str, StringConstraints(min_length=1)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+MAX_STOP_STRINGS = 16
+
+# Every integer that ends up in a tensor gets an upper bound here, at the door: an unbounded
+# top_k of 2**63 once passed validation and overflowed in the worker, failing the whole batch.
+INT32_MAX = 2**31 - 1
 # Each score alpha costs one log-softmax over the vocabulary per row and step.
 MAX_SCORE_ALPHAS = 16
 Alpha = Annotated[float, Field(ge=-1000.0, le=1000.0)]
@@ -23,14 +34,21 @@ class _Strict(BaseModel):
 
 
 class SamplingFields(_Strict):
-    max_new_tokens: int = Field(80, ge=1)
+    max_new_tokens: int = Field(80, ge=1, le=INT32_MAX)
     temperature: float = Field(0.8, ge=0.0, le=100.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=INT32_MAX)  # >= vocab: no top-k
     apply_chat_template: bool = True
     system_prompt: str | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     do_sample: bool = True
+    # A row finishes when its text contains one of these (cut from the completion).
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool = False  # text/event-stream: `delta` events, then one `result` event
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return stop_strings(self.stop)
 
 
 class LDAFields(SamplingFields):
@@ -47,8 +65,129 @@ class GenerateLDARequest(LDAFields):
 
 class GenerateLDABatchRequest(LDAFields):
     prompts: list[NonEmptyPrompt] = Field(min_length=1)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=INT32_MAX)
 
 
 class GenerateRequest(SamplingFields):
     prompt: NonEmptyPrompt
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+FinishReason = Literal["length", "eos", "stop"]
+
+
+class RowLogprobs(_Response):
+    """Per generated token: log p under each model and under the distribution sampled from;
+    per score alpha: the row's summed log q_alpha (full softmax at the row's temperature)."""
+
+    token_ids: list[int] = Field(default_factory=list)
+    after: list[float] = Field(default_factory=list)
+    before: list[float] = Field(default_factory=list)
+    sampled: list[float] = Field(default_factory=list)
+    sum_after: float
+    sum_before: float
+    sum_sampled: float
+    score_alphas: list[float] = Field(default_factory=list)
+    sum_score_alphas: list[float] = Field(default_factory=list)
+
+    def score_sum(self, alpha: float) -> float | None:
+        for a, total in zip(self.score_alphas, self.sum_score_alphas, strict=False):
+            if a == alpha:
+                return total
+        return None
+
+
+class LDAResponse(_Response):
+    prompt: str
+    formatted_prompt: str
+    completion: str
+    text: str
+    alpha: float
+    model_after: str
+    model_before: str
+    tokens_generated: int
+    stopped_early: bool
+    finish_reason: FinishReason
+    seed: int | None = None
+    logprobs: RowLogprobs | None = None
+
+
+class LDABatchResult(_Response):
+    prompt: str
+    formatted_prompt: str
+    completion: str
+    text: str
+    tokens_generated: int
+    stopped_early: bool
+    finish_reason: FinishReason
+    seed: int | None = None
+    logprobs: RowLogprobs | None = None
+
+
+class LDABatchResponse(_Response):
+    results: list[LDABatchResult]
+    alpha: float
+    model_after: str
+    model_before: str
+    batch_size: int
+    n: int = 1  # samples per prompt: results hold prompt 0's n samples, then prompt 1's, ...
+
+
+class ModelOutput(_Response):
+    model_id: str
+    completion: str
+    text: str
+
+
+class GenerateResponse(_Response):
+    prompt: str
+    model_1: ModelOutput
+    model_2: ModelOutput
+
+
+class TokenizerCompatibility(_Response):
+    compatible: bool
+    vocab_size_1: int
+    vocab_size_2: int
+    vocabs_match: bool
+    warning: str | None = None
+
+
+class Health(_Response):
+    """`/health`: 200 once the models are loaded, 503 while they load; both are answers."""
+
+    status: str = "unknown"
+    status_code: int = 200
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status_code == 200
+
+
+class Info(_Response):
+    """`/info`: models, device, dtype, vocab, scheduler settings, version.
+
+    Every field is optional because the route is descriptive, not part of the wire contract
+    the experiment depends on; unknown fields stay reachable through `model_extra`.
+    """
+
+    models: Any = None
+    device: str | None = None
+    dtype: str | None = None
+    vocab: Any = None
+    scheduler: Any = None
+    version: str | None = None
+
+

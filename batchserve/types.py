@@ -9,6 +9,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+# Below this temperature a row is greedy, as in vLLM: dividing logits by 1e-45 overflows to
+# inf and samples garbage. The HTTP layer and the sampler both read this one constant.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -134,6 +138,15 @@ class RowError(RuntimeError):
     def __init__(self, row_ids: Sequence[int], message: str) -> None:
         super().__init__(message)
         self.row_ids = list(row_ids)
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string starts in text (the completion is cut there), or None.
+
+    The one stop rule: the engine ends rows by it and the HTTP layer holds back streamed text
+    by it."""
+    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
+    return min(hits) if hits else None
 
 
 def kv_blocks(num_tokens: int, block_size: int) -> int:

@@ -98,9 +98,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from batchserve.engine import LDAEngine, iter_generate
     from batchserve.models import load_pair
-    from batchserve.toy.corpus import is_activated
-    from batchserve.toy.evaluate import protocol, read_prompts
     from batchserve.types import GenerationRequest
+    from toy_training.corpus import is_activated
+    from toy_training.evaluate import protocol, read_prompts
 
     torch.set_num_threads(args.threads)
     pair = load_pair("toy:after", device="cpu")
@@ -166,7 +166,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def read_naive(path: Path) -> tuple[int, int]:
-    from batchserve.toy.corpus import is_activated
+    from toy_training.corpus import is_activated
 
     flags = [is_activated(json.loads(line)["completion"]) for line in path.open()]
     return sum(flags), len(flags)

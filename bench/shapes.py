@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from batchserve.models import ModelPair, pair_from_models
 
-# The toy pair's shape (batchserve/toy/train.py TrainConfig defaults) is `tiny`, so CPU numbers
+# The toy pair's shape (toy_training/train.py TrainConfig defaults) is `tiny`, so CPU numbers
 # from a random-init `tiny` pair predict the toy pair's speed.
 SHAPES: dict[str, dict] = {
     "tiny": dict(

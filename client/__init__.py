@@ -2,6 +2,7 @@
 
 from client.api import DEFAULT_SERVER, AsyncLDAClient, LDAClient
 from client.models import (
+    AuthenticationError,
     GenerateResponse,
     Health,
     Info,
@@ -20,6 +21,7 @@ from client.models import (
 )
 
 __all__ = [
+    "AuthenticationError",
     "DEFAULT_SERVER",
     "AsyncLDAClient",
     "GenerateResponse",

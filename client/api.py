@@ -9,6 +9,7 @@ is made in one place.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from client.models import (
 )
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+API_KEY_ENV = "BATCHSERVE_API_KEY"
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -54,17 +56,17 @@ class _Call(Generic[ModelT]):
 
 
 def _lda_call(prompt: str, params: dict[str, Any]) -> _Call[LDAResponse]:
-    body = LDARequest(prompt=prompt, **params).model_dump()
+    body = LDARequest(prompt=prompt, **params).model_dump(exclude_defaults=True)
     return _Call("POST", "/generate_lda", LDAResponse, body)
 
 
 def _lda_batch_call(prompts: list[str], params: dict[str, Any]) -> _Call[LDABatchResponse]:
-    body = LDABatchRequest(prompts=list(prompts), **params).model_dump()
+    body = LDABatchRequest(prompts=list(prompts), **params).model_dump(exclude_defaults=True)
     return _Call("POST", "/generate_lda_batch", LDABatchResponse, body)
 
 
 def _generate_call(prompt: str, params: dict[str, Any]) -> _Call[GenerateResponse]:
-    body = GenerateRequest(prompt=prompt, **params).model_dump()
+    body = GenerateRequest(prompt=prompt, **params).model_dump(exclude_defaults=True)
     return _Call("POST", "/generate", GenerateResponse, body)
 
 
@@ -146,8 +148,12 @@ class _ClientBase:
         connect_timeout_s: float = 10.0,
         retry: RetryPolicy | None = None,
         on_retry: RetryHook | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # The server's --api-key; the same environment variable configures both sides.
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # Generation of a large batch at 150 tokens can take minutes on a busy server, so the
         # read timeout is long; the connect timeout stays short so a dead server fails fast.
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
@@ -161,7 +167,8 @@ class _ClientBase:
 class LDAClient(_ClientBase):
     """Blocking client. Use as a context manager, or call `close()`.
 
-    Generation methods take the request fields of DESIGN.md as keyword arguments (alpha,
+    `api_key` (default: $BATCHSERVE_API_KEY) is sent as a Bearer token, for a server started
+    with --api-key. Generation methods take the request fields of DESIGN.md as keyword arguments (alpha,
     max_new_tokens, temperature, top_p, seed, ignore_eos, ...); unknown names raise at once.
     """
 
@@ -174,6 +181,7 @@ class LDAClient(_ClientBase):
         retry: RetryPolicy | None = None,
         on_retry: RetryHook | None = None,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -181,8 +189,11 @@ class LDAClient(_ClientBase):
             connect_timeout_s=connect_timeout_s,
             retry=retry,
             on_retry=on_retry,
+            api_key=api_key,
         )
-        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=self.timeout, transport=transport, headers=self.headers
+        )
 
     def __enter__(self) -> LDAClient:
         return self
@@ -262,6 +273,7 @@ class AsyncLDAClient(_ClientBase):
         on_retry: RetryHook | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 100,
+        api_key: str | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -269,12 +281,14 @@ class AsyncLDAClient(_ClientBase):
             connect_timeout_s=connect_timeout_s,
             retry=retry,
             on_retry=on_retry,
+            api_key=api_key,
         )
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=self.timeout,
             transport=transport,
             limits=httpx.Limits(max_connections=max_connections),
+            headers=self.headers,
         )
 
     async def __aenter__(self) -> AsyncLDAClient:

@@ -12,176 +12,46 @@ import email.utils
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 # ---------------------------------------------------------------------------------------------
-# Requests (defaults mirror DESIGN.md, so a request built here means what the server assumes)
+# Requests and responses: the server's own wire contract (batchserve.schemas, no torch), so the
+# two sides cannot drift. The request names keep the client's historical spelling.
+from batchserve.schemas import (  # noqa: E402 - grouped with the section it serves
+    GenerateLDABatchRequest as LDABatchRequest,
+)
+from batchserve.schemas import GenerateLDARequest as LDARequest  # noqa: E402
+from batchserve.schemas import (  # noqa: E402
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    Info,
+    LDABatchResponse,
+    LDABatchResult,
+    LDAResponse,
+    ModelOutput,
+    RowLogprobs,
+    TokenizerCompatibility,
+)
+from batchserve.schemas import LDAFields as SamplingParams  # noqa: E402
 
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SamplingParams(_Request):
-    """Parameters shared by /generate_lda and /generate_lda_batch."""
-
-    max_new_tokens: int = Field(80, ge=1)
-    temperature: float = Field(0.8, ge=0.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    alpha: float = 1.0
-    apply_chat_template: bool = True
-    system_prompt: str | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    do_sample: bool = True
-    # Per-token log-probabilities and per-row sums of log q_alpha for each score alpha.
-    logprobs: bool = False
-    score_alphas: list[float] = Field(default_factory=list, max_length=16)
-
-    @model_serializer(mode="wrap")
-    def _omit_unasked(self, handler: Any) -> dict[str, Any]:
-        # Sent only when asked, so servers that predate log-probabilities keep accepting us.
-        data = handler(self)
-        for name in ("logprobs", "score_alphas"):
-            if not data.get(name):
-                data.pop(name, None)
-        return data
-
-
-class LDARequest(SamplingParams):
-    prompt: str
-
-
-class LDABatchRequest(SamplingParams):
-    prompts: list[str] = Field(min_length=1)
-    n: int = Field(1, ge=1)
-
-
-class GenerateRequest(_Request):
-    prompt: str
-    max_new_tokens: int = Field(80, ge=1)
-    do_sample: bool = True
-    temperature: float = Field(0.8, ge=0.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    apply_chat_template: bool = True
-    system_prompt: str | None = None
-    seed: int | None = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Responses
-
-
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-
-FinishReason = Literal["length", "eos"]
-
-
-class RowLogprobs(_Response):
-    """Per generated token: log p under each model and under the distribution sampled from;
-    per score alpha: the row's summed log q_alpha (full softmax at the row's temperature)."""
-
-    token_ids: list[int] = Field(default_factory=list)
-    after: list[float] = Field(default_factory=list)
-    before: list[float] = Field(default_factory=list)
-    sampled: list[float] = Field(default_factory=list)
-    sum_after: float
-    sum_before: float
-    sum_sampled: float
-    score_alphas: list[float] = Field(default_factory=list)
-    sum_score_alphas: list[float] = Field(default_factory=list)
-
-    def score_sum(self, alpha: float) -> float | None:
-        for a, total in zip(self.score_alphas, self.sum_score_alphas, strict=False):
-            if a == alpha:
-                return total
-        return None
-
-
-class LDAResponse(_Response):
-    prompt: str
-    formatted_prompt: str
-    completion: str
-    text: str
-    alpha: float
-    model_after: str
-    model_before: str
-    tokens_generated: int
-    stopped_early: bool
-    finish_reason: FinishReason
-    seed: int | None = None
-    logprobs: RowLogprobs | None = None
-
-
-class LDABatchResult(_Response):
-    prompt: str
-    formatted_prompt: str
-    completion: str
-    text: str
-    tokens_generated: int
-    stopped_early: bool
-    finish_reason: FinishReason
-    seed: int | None = None
-    logprobs: RowLogprobs | None = None
-
-
-class LDABatchResponse(_Response):
-    results: list[LDABatchResult]
-    alpha: float
-    model_after: str
-    model_before: str
-    batch_size: int
-
-
-class ModelOutput(_Response):
-    model_id: str
-    completion: str
-    text: str
-
-
-class GenerateResponse(_Response):
-    prompt: str
-    model_1: ModelOutput
-    model_2: ModelOutput
-
-
-class TokenizerCompatibility(_Response):
-    compatible: bool
-    vocab_size_1: int
-    vocab_size_2: int
-    vocabs_match: bool
-    warning: str | None = None
-
-
-class Health(_Response):
-    """`/health`: 200 once the models are loaded, 503 while they load; both are answers."""
-
-    status: str = "unknown"
-    status_code: int = 200
-
-    @property
-    def is_ready(self) -> bool:
-        return self.status_code == 200
-
-
-class Info(_Response):
-    """`/info`: models, device, dtype, vocab, scheduler settings, version.
-
-    Every field is optional because the route is descriptive, not part of the wire contract
-    the experiment depends on; unknown fields stay reachable through `model_extra`.
-    """
-
-    models: Any = None
-    device: str | None = None
-    dtype: str | None = None
-    vocab: Any = None
-    scheduler: Any = None
-    version: str | None = None
+__all__ = [
+    "GenerateRequest",
+    "GenerateResponse",
+    "Health",
+    "Info",
+    "LDABatchRequest",
+    "LDABatchResponse",
+    "LDABatchResult",
+    "LDARequest",
+    "LDAResponse",
+    "ModelOutput",
+    "RowLogprobs",
+    "SamplingParams",
+    "TokenizerCompatibility",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +73,11 @@ class ServerError(LDAClientError):
         where = f" from {route}" if route else ""
         extra = f" ({detail})" if detail not in (None, "", error) else ""
         super().__init__(f"HTTP {status_code}{where}: {error}{extra}")
+
+
+class AuthenticationError(ServerError):
+    """401: the server wants an API key (api_key=, or BATCHSERVE_API_KEY) and got none or
+    another one."""
 
 
 class InvalidRequestError(ServerError):
@@ -227,6 +102,7 @@ class RequestTimeoutError(LDAClientError):
 
 
 _ERROR_CLASSES: dict[int, type[ServerError]] = {
+    401: AuthenticationError,
     422: InvalidRequestError,
     413: RequestTooLargeError,
     503: ServerUnavailableError,

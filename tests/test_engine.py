@@ -9,7 +9,7 @@ import torch
 from tiny_models import SAMPLE_WORDS, build_pair, reference_models
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from batchserve.engine import LDAEngine, RunnerConfig, generate, iter_generate
+from batchserve.engine import LDAEngine, RowError, RunnerConfig, generate, iter_generate
 from batchserve.models import ModelPair
 from batchserve.seeds import sample_seeds
 from batchserve.types import EngineRow, GenerationRequest, SamplingParams
@@ -349,3 +349,83 @@ def test_a_decode_step_reads_the_device_back_exactly_once(llama_pair, params) ->
             engine.step()
         assert counter.syncs == []
         assert engine.runner.num_host_transfers == transfers + 1
+
+
+# --- rows that must fail alone ----------------------------------------------------------------
+
+
+def test_a_row_whose_logits_are_not_finite_fails_alone(llama_pair: ModelPair) -> None:
+    engine = LDAEngine(llama_pair)
+    rows = rows_for(engine, PROMPTS[:3], dataclasses.replace(GREEDY, alpha=2.0))
+    engine.admit(rows)
+    # A NaN in row 1's logits (as a broken fine-tune could produce) at the next step only.
+    model, real_forward = llama_pair.after, llama_pair.after.forward
+    index = engine.running_row_ids.index(1)
+
+    def poisoned(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        out.logits[index, -1, 5] = float("nan")
+        return out
+
+    model.forward = poisoned
+    try:
+        finished = engine.step()
+    finally:
+        model.forward = real_forward
+    assert [(r.row_id, r.finish_reason) for r in finished] == [(1, "error")]
+    assert "not finite" in finished[0].error
+    assert sorted(engine.running_row_ids) == [0, 2]
+    while engine.num_running:
+        finished = engine.step()
+        assert all(r.finish_reason == "length" for r in finished)
+
+
+def test_a_masked_token_in_both_models_is_never_sampled_and_is_no_error(
+    llama_pair: ModelPair,
+) -> None:
+    """-inf in both models amplifies to -inf (not -inf - -inf = NaN)."""
+    models = (llama_pair.after, llama_pair.before)
+    originals = [m.forward for m in models]
+
+    def masking(real):
+        def forward(*args, **kwargs):
+            out = real(*args, **kwargs)
+            out.logits[..., 7] = float("-inf")
+            return out
+
+        return forward
+
+    for model, real in zip(models, originals, strict=True):
+        model.forward = masking(real)
+    try:
+        params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=30, ignore_eos=True)
+        results = generate(llama_pair, [GenerationRequest(p, params) for p in PROMPTS])
+    finally:
+        for model, real in zip(models, originals, strict=True):
+            model.forward = real
+    assert all(r.finish_reason == "length" and 7 not in r.token_ids for r in results)
+
+
+def test_max_new_tokens_below_one_is_refused(llama_pair: ModelPair) -> None:
+    engine = LDAEngine(llama_pair)
+    (row,) = rows_for(engine, PROMPTS[:1], dataclasses.replace(GREEDY, max_new_tokens=0))
+    with pytest.raises(RowError, match="max_new_tokens 0"):
+        engine.admit([row])
+    assert engine.num_running == 0
+
+
+def test_a_soft_capping_model_is_refused_at_start_up() -> None:
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    models = [transformers.Gemma2ForCausalLM(config).eval() for _ in range(2)]
+    from tiny_models import make_tokenizer
+
+    from batchserve.models import pair_from_models
+
+    pair = pair_from_models(*models, make_tokenizer())
+    with pytest.raises(ValueError, match="soft-caps"):
+        LDAEngine(pair)

@@ -22,18 +22,16 @@ from batchserve.seeds import SEED_MAX, derive_seed
 
 
 def reference_keep(row: torch.Tensor, top_p: float, top_k: int) -> set[int]:
-    """The kept set by a full sort: top-k first, then the nucleus of what is left."""
-    probs = row.double().softmax(-1)
-    order = sorted(range(row.shape[0]), key=lambda i: -float(probs[i]))
-    top = order[: top_k if top_k > 0 else len(order)]
-    mass_k = sum(float(probs[i]) for i in top)
-    kept, mass = set(), 0.0
-    for i in top:
-        if mass >= top_p and kept:
-            break
-        kept.add(i)
-        mass += float(probs[i]) / mass_k
-    return kept
+    """The kept set by the order-free rule, one token at a time in float64."""
+    probs = row.double().softmax(-1).tolist()
+    vocab = len(probs)
+    in_k = [top_k <= 0 or sum(q > p for q in probs) < top_k for p in probs]
+    mass = sum(p for p, i in zip(probs, in_k, strict=True) if i) if 0 < top_k < vocab else 1.0
+    return {
+        t
+        for t, (p, i) in enumerate(zip(probs, in_k, strict=True))
+        if i and sum(q for q, j in zip(probs, in_k, strict=True) if j and q > p) < top_p * mass
+    }
 
 
 def seeds_and_steps(seeds: list[int], steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,17 +63,58 @@ def test_capped_and_exact_keep_sets_match_the_full_sort(top_p: float, top_k: int
 
 
 def test_a_nucleus_larger_than_the_cap_is_flagged_for_the_fallback() -> None:
-    probs = torch.full((1, 100), 0.01)  # flat: the 0.9 nucleus holds 90 tokens
+    probs = torch.linspace(1, 2, 100).softmax(-1).unsqueeze(0)  # nearly flat, no ties
     _, is_exact = capped_keep_mask(probs, torch.tensor([0.9]), torch.tensor([100]), cap=8)
     assert not bool(is_exact[0])
     _, is_exact = capped_keep_mask(probs, torch.tensor([0.05]), torch.tensor([100]), cap=8)
     assert bool(is_exact[0])
 
 
+@pytest.mark.parametrize("sync_free", [True, False])
+@pytest.mark.parametrize(
+    ("logits", "top_p", "top_k", "kept"),
+    [
+        ([2.0, 1.0, 1.0, 1.0, -5.0], 0.6, 0, {0, 1, 2, 3}),  # a tie at the nucleus' edge
+        ([5.0, 4.0, 3.0, 3.0, 1.0], 1.0, 3, {0, 1, 2, 3}),  # a tie at the k-th place
+        ([1.0] * 6, 0.1, 0, set(range(6))),  # all tied: nothing can be cut
+    ],
+)
+def test_ties_at_the_cut_are_kept_together_on_every_path(
+    logits: list[float], top_p: float, top_k: int, kept: set[int], sync_free: bool
+) -> None:
+    """Kernels order equal values differently; the kept set must not depend on that."""
+    row = torch.tensor([logits])
+    assert reference_keep(row[0], top_p, top_k) == kept
+    k = torch.tensor([top_k if top_k else len(logits)])
+    probs = row.softmax(-1)
+    assert (
+        set(exact_keep_mask(probs, torch.tensor([top_p]), k)[0].nonzero().flatten().tolist())
+        == kept
+    )
+    for cap in (1, 2, len(logits)):
+        keep, is_exact = capped_keep_mask(probs, torch.tensor([top_p]), k, cap)
+        if bool(is_exact[0]):
+            assert set(keep[0].nonzero().flatten().tolist()) == kept
+        plan = SamplingPlan.for_rows([1.0], [top_p], [top_k], len(logits), cap, sync_free)
+        rows = row.repeat(64, 1)
+        tokens = sample(
+            rows,
+            torch.ones(64),
+            torch.full((64,), top_p),
+            torch.full((64,), top_k),
+            torch.arange(64),
+            torch.zeros(64, dtype=torch.long),
+            plan,
+        ).tolist()
+        assert tokens == [sample_reference(row[0], 1.0, top_p, top_k, s, 0) for s in range(64)]
+        assert set(tokens) <= kept
+
+
+@pytest.mark.parametrize("bf16_ties", [False, True], ids=["float32", "bf16-rounded"])
 @pytest.mark.parametrize("sync_free", [True, False], ids=["radix-fallback", "sorted-fallback"])
 @pytest.mark.parametrize("cap", [4, 32, 200])
 def test_capped_sampling_draws_exactly_the_full_sort_references_tokens(
-    cap: int, sync_free: bool
+    cap: int, sync_free: bool, bf16_ties: bool
 ) -> None:
     """Mixed rows, small caps: many rows take the exact fallback; every draw must match."""
     rng = random.Random(cap)
@@ -84,6 +123,8 @@ def test_capped_sampling_draws_exactly_the_full_sort_references_tokens(
     fallbacks = 0
     for _ in range(6):
         logits = torch.randn(rows, vocab) * rng.choice([0.3, 1.0, 3.0])
+        if bf16_ties:  # bf16 logits: many exact ties, as on a GPU
+            logits = logits.bfloat16().float()
         temperature = [rng.choice([0.0, 0.5, 1.0, 1.3, 1e-45]) for _ in range(rows)]
         top_p = [rng.choice([1.0, 0.99, 0.95, 0.9, 0.5]) for _ in range(rows)]
         top_k = [rng.choice([0, 0, 5, 50, 150, 199, 200]) for _ in range(rows)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -67,6 +68,10 @@ class FakeEngine:
     @property
     def running_row_ids(self) -> list[int]:
         return list(self.rows)
+
+    @property
+    def running_rows(self) -> list[Row]:
+        return list(self.rows.values())
 
     def admit(self, rows: list[EngineRow]) -> list[Row]:
         self.admissions.append((self.num_steps, [r.row_id for r in rows]))
@@ -377,3 +382,53 @@ def test_core_refuses_rows_beyond_the_queue_limit() -> None:
     core.add(0, rows_of(0, "a", n=2), now=0)
     with pytest.raises(QueueFullError):
         core.add(1, rows_of(2, "b"), now=0)
+
+
+async def test_a_request_finished_at_admission_resolves_even_when_that_steps_fails_twice() -> None:
+    class DoubleFault(FakeEngine):
+        faults = 0
+
+        def step(self):
+            if len(self.admissions) >= 2 and self.faults < 2:
+                self.faults += 1
+                raise RuntimeError("injected double fault")
+            time.sleep(0.001)  # so b is still running when a arrives
+            return super().step()
+
+    engine = DoubleFault(max_context=10_000)
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=0))
+    scheduler.start()
+    try:
+        _, running = scheduler.submit([request("b", 5000)])
+        while not engine.admissions:
+            await asyncio.sleep(0.001)
+        _, quick = scheduler.submit([request("a", 1)])
+        results = await asyncio.wait_for(
+            asyncio.gather(running, quick, return_exceptions=True), timeout=30
+        )
+    finally:
+        await asyncio.to_thread(scheduler.shutdown, 5)
+    assert isinstance(results[0], EngineFailedError)
+    assert results[1].results[0].tokens_generated == 1
+    assert scheduler.request_ids == []
+
+
+async def test_a_listener_gets_each_token_of_its_rows_once_before_the_result() -> None:
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=2, max_wait_ms=0))
+    seen: list = []
+    scheduler.start()
+    try:
+        _, future = scheduler.submit([request("p", 4, n=3)], listener=seen.extend)
+        future.add_done_callback(lambda _: seen.append("resolved"))
+        _, other = scheduler.submit([request("q", 2)])  # not listening: sends nothing
+        await asyncio.wait_for(asyncio.gather(future, other), timeout=30)
+        await asyncio.sleep(0)
+    finally:
+        await asyncio.to_thread(scheduler.shutdown, 5)
+    assert seen[-1] == "resolved"
+    tokens: dict[int, list[int]] = {}
+    for index, ids in seen[:-1]:
+        tokens.setdefault(index, []).extend(ids)
+    # Row 2 waited for a free slot (max_batch_size 2) and still streams under its own index.
+    assert tokens == {0: [1] * 4, 1: [1] * 4, 2: [1] * 4}

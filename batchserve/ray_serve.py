@@ -1,0 +1,353 @@
+"""Replicas of the server behind one endpoint, on Ray Serve (`batchserve serve --ray`).
+
+Each replica is the same Starlette app (`create_app`) behind Serve's ASGI ingress, holding its
+own model pair and scheduler; Serve's proxy routes, queues, health-checks and restarts. This
+module imports ray, so only `--ray` (or a `serve deploy` config naming `app_builder`) imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+# Set before ray is imported: a cluster this module starts reports nothing home.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+
+from batchserve.app import ServerConfig, create_app, health  # noqa: E402
+from batchserve.scheduler import SchedulerConfig  # noqa: E402
+
+log = logging.getLogger("batchserve")
+
+APP_NAME = "batchserve"
+REPLICA_HEADER = "x-batchserve-replica"
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything a replica needs to build its server; pickled to every replica."""
+
+    config: ServerConfig
+    after: str
+    before: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tokenizer_class: str | None = None
+    allow_incompatible: bool = False
+    threads: str = "auto"
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class DeploymentOptions:
+    replicas: int = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
+    max_ongoing_requests: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    @property
+    def is_autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+
+def default_max_ongoing_requests(scheduler: SchedulerConfig) -> int:
+    """One full batch running plus one batch waiting to be admitted at the next step.
+
+    Beyond that a replica would only queue in its own scheduler, where no other replica can take
+    the work; Serve holds the rest in its queue and routes each request to whichever replica
+    frees first. Never more single-row requests than the replica's queue takes (it answers 503
+    past `max_queue_rows`)."""
+    return max(1, min(2 * scheduler.max_batch_size, scheduler.max_queue_rows))
+
+
+def replica_id() -> str:
+    return serve.get_replica_context().replica_id.unique_id
+
+
+class ReplicaHeaderMiddleware:
+    """Names the replica that answered on every response, so a client can tell them apart."""
+
+    def __init__(self, app: Any, replica: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.encode(), replica.encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+class ReplicaFailureMiddleware:
+    """In Serve's proxy: a request whose replica died gets 503 + Retry-After, not a bare 500.
+
+    The proxy answers a request cut off by a replica's death (killed, crashed, out of memory)
+    with a plain-text 500, which clients rightly do not retry. Our app answers every error as
+    JSON, so a response that never started, or a non-JSON 500, is the replica gone: generation
+    is a pure function of (prompt, parameters, seed), so the client may safely send it again,
+    and Serve routes the retry to a live replica while it restarts the dead one."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = {"started": False, "replaced": False}
+
+        async def send_or_replace(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                is_json = b"json" in headers.get(b"content-type", b"")
+                if message["status"] == 500 and not is_json:
+                    state["replaced"] = True
+                    return
+                state["started"] = True
+            if state["replaced"]:
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_or_replace)
+        except Exception:
+            if state["started"]:
+                raise
+            log.warning("request to %s failed in the proxy; answering 503", scope.get("path"))
+            state["replaced"] = True
+        if state["replaced"] or not state["started"]:
+            await _send_replica_failed(send)
+
+
+async def _send_replica_failed(send: Any) -> None:
+    body = json.dumps(
+        {"error": "the replica serving this request failed; retry", "detail": None}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """For RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, set on every node before `ray start`."""
+    return [Middleware(ReplicaFailureMiddleware)]
+
+
+PROXY_CALLBACK = "batchserve.ray_serve:proxy_middlewares"
+
+
+def _load_replica_pair(spec: ReplicaSpec):
+    import torch
+
+    from batchserve.cli import configure_threads
+    from batchserve.models import load_pair
+
+    on_gpu = spec.device.startswith("cuda") or (spec.device == "auto" and torch.cuda.is_available())
+    threads = spec.threads
+    if threads == "auto" and not on_gpu:
+        # On CPU, as many torch threads as the CPUs Ray reserved for this replica: more would
+        # spin against the other replicas on the same machine.
+        assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        threads = str(max(1, int(assigned)))
+    configure_threads(threads, spec.device)
+    return load_pair(
+        spec.after,
+        spec.before,
+        device=spec.device,
+        dtype=spec.dtype,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        tokenizer_class=spec.tokenizer_class,
+        allow_incompatible=spec.allow_incompatible,
+    )
+
+
+@serve.ingress()
+class BatchServeReplica:
+    """One pair, one scheduler, the unchanged app; Serve's ingress forwards HTTP to it."""
+
+    async def __init__(self, spec: ReplicaSpec) -> None:
+        logging.getLogger("batchserve").setLevel(spec.log_level.upper())
+        self._replica = replica_id()
+        self._server_config = dataclasses.replace(spec.config, replica_id=self._replica)
+        # Loaded here, before the replica reports ready: Serve routes nothing to a replica
+        # whose models are still loading, and a pair that fails to load fails the deployment.
+        self._pair = await asyncio.to_thread(_load_replica_pair, spec)
+        self._server_app: Starlette | None = None
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        self._server_app = create_app(self._server_config, pair=self._pair)
+        self._server_app.add_middleware(ReplicaHeaderMiddleware, replica=self._replica)
+        return self._server_app
+
+    async def check_health(self) -> None:
+        """The app's own readiness (/health): Serve restarts a replica whose worker died."""
+        if self._server_app is None:
+            return
+        response = await health(Request({"type": "http", "app": self._server_app, "headers": []}))
+        if response.status_code != 200:
+            raise RuntimeError(f"replica {self._replica} unhealthy: {response.body.decode()}")
+
+
+def build_application(spec: ReplicaSpec, options: DeploymentOptions) -> serve.Application:
+    max_ongoing = options.max_ongoing_requests or default_max_ongoing_requests(
+        spec.config.scheduler
+    )
+    deployment_options: dict[str, Any] = {
+        "name": "BatchServe",
+        "max_ongoing_requests": max_ongoing,
+        "ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
+        # Serve stops routing to a stopping replica, waits this long for its ongoing requests,
+        # then runs the app's lifespan shutdown (the scheduler's own drain).
+        "graceful_shutdown_timeout_s": spec.config.shutdown_timeout_s,
+        "health_check_period_s": 5.0,
+    }
+    if options.is_autoscaling:
+        lowest = options.min_replicas if options.min_replicas is not None else 1
+        highest = options.max_replicas if options.max_replicas is not None else options.replicas
+        if not 0 <= lowest <= options.replicas <= highest or highest < 1:
+            raise ValueError(
+                f"need min_replicas <= replicas <= max_replicas, got {lowest} <= "
+                f"{options.replicas} <= {highest}"
+            )
+        deployment_options["autoscaling_config"] = {
+            "min_replicas": lowest,
+            "max_replicas": highest,
+            "initial_replicas": options.replicas,
+            "target_ongoing_requests": options.target_ongoing_requests
+            or max(1.0, spec.config.scheduler.max_batch_size / 2),
+        }
+    elif options.replicas < 1:
+        raise ValueError(f"replicas must be at least 1, not {options.replicas}")
+    else:
+        deployment_options["num_replicas"] = options.replicas
+    deployment = serve.deployment(BatchServeReplica).options(**deployment_options)
+    return deployment.bind(spec)
+
+
+def spec_from_args(args: argparse.Namespace, config: ServerConfig) -> ReplicaSpec:
+    return ReplicaSpec(
+        config=config,
+        after=args.after or "toy:after",
+        before=args.before,
+        device=args.device,
+        dtype=args.dtype,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        tokenizer_class=args.tokenizer_class,
+        allow_incompatible=args.allow_incompatible,
+        threads=args.threads,
+        log_level=args.log_level,
+    )
+
+
+def _wants_gpu(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    # auto: a replica gets a GPU where the cluster has any (decided here, where the driver runs).
+    return device == "auto" and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def options_from_args(args: argparse.Namespace) -> DeploymentOptions:
+    num_cpus = float(args.threads) if args.threads.isdigit() else 1.0
+    return DeploymentOptions(
+        replicas=args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        max_ongoing_requests=args.max_ongoing_requests,
+        num_cpus=num_cpus,
+        num_gpus=1.0 if _wants_gpu(args.device) else 0.0,
+    )
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """For `serve deploy` / `serve run batchserve.ray_serve:app_builder key=value ...`.
+
+    `args` are `batchserve serve` options without their dashes (`max_batch_size: 32`), parsed
+    by the same parser, so a config file takes exactly what the command line takes."""
+    from batchserve.cli import build_parser, server_config_from_args
+
+    argv = ["serve", "--ray"]
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, None):
+            argv += [flag, str(value)]
+    parsed = build_parser().parse_args(argv)
+    return build_application(
+        spec_from_args(parsed, server_config_from_args(parsed)), options_from_args(parsed)
+    )
+
+
+def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
+    """Deploy, serve until SIGINT/SIGTERM, then delete the application (replicas drain)."""
+    # Read by Serve's proxy when it starts: inherited by a local cluster started below; a
+    # cluster started by `ray start` needs it set there (see the README).
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
+    if args.ray_address:
+        ray.init(address=args.ray_address, logging_level=logging.WARNING)
+    else:
+        # A cluster of this machine alone, addressed over loopback (Ray's own gRPC servers
+        # still bind every interface; the HTTP proxy binds --host).
+        ray.init(
+            include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING
+        )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        spec, options = spec_from_args(args, config), options_from_args(args)
+        log.info(
+            "deploying %d replica(s) of %s on Ray Serve at http://%s:%d",
+            options.replicas,
+            spec.after,
+            args.host,
+            args.port,
+        )
+        serve.run(build_application(spec, options), name=APP_NAME, route_prefix="/")
+        log.info("serving on Ray Serve; SIGINT/SIGTERM drains the replicas and exits")
+        while not stop.wait(1.0):
+            pass
+        serve.delete(APP_NAME)
+    except (RuntimeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        if not args.ray_address:
+            serve.shutdown()
+        ray.shutdown()
+    return 0

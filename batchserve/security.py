@@ -1,0 +1,267 @@
+"""ASGI middleware that guards every route: Host names, the API key, Content-Type, body size
+and body read time.
+
+Middleware rather than per-route checks, so routes added later are covered too. Refusals are
+answered here, before a route runs; the body limits are enforced while the route reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1", "[::1]")
+# Routes served without the API key: the readiness probe (container healthchecks carry no
+# key) and the playground page at "/", a static page that asks the user for the key itself.
+PUBLIC_PATHS: frozenset[str] = frozenset({"/health", "/"})
+JSON_MEDIA_TYPE = "application/json"
+METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_allowed_hosts(bind_host: str) -> tuple[str, ...]:
+    """Loopback names plus the bound address (unless it is a wildcard such as 0.0.0.0).
+
+    A Host check stops DNS rebinding: a web page whose name resolves to 127.0.0.1 still sends
+    its own name as Host, so a browser cannot reach a loopback server through it.
+    """
+    extra = () if bind_host in ("", "0.0.0.0", "::", "*") else (bind_host,)
+    if ":" in bind_host and not bind_host.startswith("["):
+        extra += (f"[{bind_host}]",)
+    return tuple(dict.fromkeys(LOOPBACK_HOSTS + extra))
+
+
+def parse_allowed_hosts(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """`a.example,b.example` (or a list) to a tuple; None or empty means the default."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    hosts = tuple(h.strip() for h in items if h.strip())
+    return hosts or None
+
+
+def _error(status: int, error: str, detail: Any = None, headers: dict | None = None):
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer <key>` on every route but PUBLIC_PATHS, as vLLM's --api-key."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        if not api_key:
+            raise ValueError("an empty API key would let everyone in")
+        self.app = app
+        self.expected = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (
+            scope["path"] in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD")
+        ):
+            await self.app(scope, receive, send)
+            return
+        token = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() != b"bearer":
+                    token = b""
+                break
+        # Constant-time: the comparison's duration must not say how much of a guess was right.
+        if not hmac.compare_digest(token.strip(), self.expected):
+            response = _error(
+                401,
+                "missing or invalid API key",
+                "send the header 'Authorization: Bearer <key>' (the server's --api-key)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class _BodyRefusedError(Exception):
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status, self.error = status, error
+
+
+class RequestBodyMiddleware:
+    """JSON only, at most `max_body_bytes`, read within `body_timeout_s`.
+
+    A POST must say `Content-Type: application/json`: the types a web page may send without a
+    CORS preflight (text/plain, forms) are refused, so a page cannot drive the API from a
+    browser. Content-Length beyond the limit is refused before reading; a body without one is
+    counted chunk by chunk and refused as soon as it passes the limit, so a huge upload costs
+    at most the limit in memory. The read deadline stops a client that trickles its body.
+    These refusals close the connection, since the rest of the body is never read.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name: value for name, value in scope["headers"]}
+        if scope["method"] in METHODS_WITH_BODY:
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            media_type = content_type.split(";")[0].strip().lower()
+            if media_type != JSON_MEDIA_TYPE and not media_type.endswith("+json"):
+                shown = repr(media_type) if media_type else "none"
+                await _error(
+                    415,
+                    f"Content-Type must be application/json, not {shown} "
+                    "(with curl: -H 'Content-Type: application/json')",
+                )(scope, receive, send)
+                return
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                declared_bytes = int(declared)
+            except ValueError:
+                await _error(400, "invalid Content-Length", None, {"Connection": "close"})(
+                    scope, receive, send
+                )
+                return
+            if declared_bytes > self.max_body_bytes:
+                await self._refuse(scope, receive, send, self._too_large(declared_bytes))
+                return
+
+        deadline = time.monotonic() + self.body_timeout_s
+        state = {"received": 0, "is_complete": False, "response_started": False}
+
+        async def guarded_receive() -> Message:
+            if state["is_complete"]:
+                return await receive()  # the body is in: now only waiting for a disconnect
+            remaining = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.001))
+            except asyncio.TimeoutError:
+                raise _BodyRefusedError(
+                    408, f"request body not received within {self.body_timeout_s:g} s"
+                ) from None
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_body_bytes:
+                    raise self._too_large(None)
+                state["is_complete"] = not message.get("more_body", False)
+            else:
+                state["is_complete"] = True
+            return message
+
+        async def watched_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["response_started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, watched_send)
+        except _BodyRefusedError as err:
+            if state["response_started"]:
+                raise
+            await self._refuse(scope, receive, send, err)
+
+    def _too_large(self, declared_bytes: int | None) -> _BodyRefusedError:
+        size = f"of {declared_bytes} bytes " if declared_bytes is not None else ""
+        return _BodyRefusedError(
+            413, f"request body {size}exceeds this server's limit of {self.max_body_bytes} bytes"
+        )
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, err: _BodyRefusedError
+    ) -> None:
+        await _error(err.status, err.error, None, {"Connection": "close"})(scope, receive, send)
+
+
+class ShutdownCancelMiddleware:
+    """A handler cancelled while the server shuts down answers the documented 503 JSON.
+
+    uvicorn cancels the handlers still running at its graceful-shutdown timeout, or at once on
+    a forced exit (a second Ctrl-C), and answers them with a text/plain 500, which clients do
+    not retry. Cancellations outside a shutdown propagate untouched.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal is_started
+            is_started = is_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            app = scope.get("app")
+            if is_started or not getattr(getattr(app, "state", None), "is_draining", False):
+                raise
+            await _error(
+                503,
+                "server shut down before the request finished",
+                None,
+                {"Retry-After": "5", "Connection": "close"},
+            )(scope, receive, send)
+
+
+def guard_middleware(
+    *,
+    api_key: str | None,
+    allowed_hosts: Sequence[str],
+    max_body_bytes: int,
+    body_timeout_s: float,
+) -> list[Middleware]:
+    """Outermost first: a wrong Host, then a missing key, are refused before anything is read;
+    a handler cancelled at shutdown still answers 503 JSON."""
+    stack = [
+        Middleware(ShutdownCancelMiddleware),
+        Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)),
+    ]
+    if api_key:
+        stack.append(Middleware(ApiKeyMiddleware, api_key=api_key))
+    stack.append(
+        Middleware(
+            RequestBodyMiddleware, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s
+        )
+    )
+    return stack
+
+
+def startup_warnings(host: str, api_key: str | None, allowed_hosts: Sequence[str]) -> list[str]:
+    warnings = []
+    if not api_key and not is_loopback(host):
+        warnings.append(
+            f"binding {host} without an API key: anyone who can reach this address can use "
+            "the models; set --api-key (or BATCHSERVE_API_KEY)"
+        )
+    if not is_loopback(host) and all(is_loopback(h) for h in allowed_hosts):
+        warnings.append(
+            f"binding {host}, but only loopback Host names are accepted; clients reaching the "
+            "server by another name get 400: widen with --allowed-hosts"
+        )
+    return warnings

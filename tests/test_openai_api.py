@@ -1,0 +1,244 @@
+"""The /v1 OpenAI-compatible routes, driven by the official `openai` package over the network."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from servers import running_server
+
+from batchserve.app import ServerConfig, create_app
+from batchserve.models import load_pair, load_tokenizer
+from batchserve.prompts import format_messages
+from batchserve.scheduler import SchedulerConfig
+
+MODEL = "toy:after"
+PROMPT = "### Instruction:\nWrite a poem about the sea\n\n### Response:\n"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with running_server(["--log-level", "warning"]) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def joined_choices(stream) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            piece = choice.text if hasattr(choice, "text") else (choice.delta.content or "")
+            texts[choice.index] = texts.get(choice.index, "") + piece
+    return texts
+
+
+def test_models_lists_the_served_pair(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra["lda"] == {"after": "toy:after", "before": "toy:before"}
+
+
+def native_batch(server: str, prompts: list[str], **fields: object) -> list[dict]:
+    """The same rows through /generate_lda_batch, with OpenAI's defaults and a raw prompt."""
+    body = {"prompts": prompts, "temperature": 1.0, "top_p": 1.0, "apply_chat_template": False}
+    return httpx.post(server + "/generate_lda_batch", json=body | fields, timeout=60).json()[
+        "results"
+    ]
+
+
+def test_completion_with_extra_body_alpha_matches_the_native_route(
+    client: openai.OpenAI, server: str
+) -> None:
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=20, n=3, seed=7, extra_body={"alpha": 2}
+    )
+    assert out.object == "text_completion" and out.model == MODEL
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    native = native_batch(server, [PROMPT], n=3, max_new_tokens=20, seed=7, alpha=2.0)
+    assert [c.text for c in out.choices] == [r["completion"] for r in native]
+    assert [c.model_extra["seed"] for c in out.choices] == [r["seed"] for r in native]
+    assert out.usage.completion_tokens == sum(r["tokens_generated"] for r in native)
+    assert out.model_extra["alpha"] == 2.0
+
+
+def test_streamed_completion_joins_to_the_non_streamed_one(client: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "n": 2, "seed": 3}
+    kwargs["extra_body"] = {"alpha": 2, "top_k": 50}
+    whole = client.completions.create(**kwargs)
+    streamed = joined_choices(client.completions.create(**kwargs, stream=True))
+    assert streamed == {c.index: c.text for c in whole.choices}
+
+
+def test_prompt_lists_token_prompts_and_echo(client: openai.OpenAI, server: str) -> None:
+    prompts = [PROMPT, "### Instruction:\nTell me a story\n\n### Response:\n"]
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, n=2, seed=1)
+    native = native_batch(server, prompts, n=2, max_new_tokens=8, seed=1)
+    assert [c.text for c in out.choices] == [r["completion"] for r in native]  # prompt-major
+
+    ids = load_tokenizer("toy:after").encode(PROMPT)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, seed=1)
+    assert by_ids.choices[0].text == out.choices[0].text
+
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, seed=1, echo=True)
+    assert echoed.choices[0].text == PROMPT + out.choices[0].text
+
+
+def test_chat_completion_streaming_and_not(client: openai.OpenAI) -> None:
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Write a poem about the sea"},
+    ]
+    kwargs = {"model": MODEL, "messages": messages, "max_tokens": 24, "seed": 5}
+    kwargs["extra_body"] = {"alpha": 2}
+    whole = client.chat.completions.create(**kwargs, n=2)
+    assert whole.object == "chat.completion" and len(whole.choices) == 2
+    assert whole.choices[0].message.role == "assistant"
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, n=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == (
+        whole.usage.completion_tokens
+    )
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+
+
+def test_stop_ends_a_choice_with_finish_reason_stop(client: openai.OpenAI) -> None:
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=40, seed=2, stop=[" ", "\n"], n=2
+    )
+    for choice in out.choices:
+        assert choice.finish_reason == "stop" and " " not in choice.text
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a poem"}],
+        max_tokens=40,
+        seed=2,
+        stop=" ",
+    )
+    assert chat.choices[0].finish_reason == "stop" and " " not in chat.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param", "code"),
+    [
+        ({"model": "gpt-4o"}, 404, "model", "model_not_found"),
+        ({"temperature": -1}, 400, "temperature", None),
+        ({"extra_body": {"alpah": 2}}, 400, "alpah", None),
+        ({"extra_body": {"alpha": "big"}}, 400, "alpha", None),
+        ({"max_tokens": 10**6}, 400, "max_tokens", None),
+        ({"presence_penalty": 0.5}, 400, None, None),
+    ],
+)
+def test_errors_use_openai_error_shape(
+    client: openai.OpenAI, kwargs: dict, status: int, param: str | None, code: str | None
+) -> None:
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 4} | kwargs
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(**body)
+    assert info.value.status_code == status
+    error = info.value.body
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["code"] == code
+
+
+def test_a_long_prompt_is_refused_with_context_length_exceeded(server: str) -> None:
+    resp = httpx.post(
+        server + "/v1/completions",
+        json={"model": MODEL, "prompt": [list(range(3, 500))], "max_tokens": 100},
+    )
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("prompt", [[], [[]], ""])
+def test_an_empty_prompt_is_refused_not_left_hanging(server: str, prompt: object) -> None:
+    resp = httpx.post(
+        server + "/v1/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 4},
+        timeout=10,
+    )
+    if prompt == "":  # the toy tokenizer writes BOS, so "" is a one-token prompt
+        assert resp.status_code == 200
+    else:
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+
+
+def test_chat_without_a_template_uses_the_server_prompt_format() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a fruit"},
+        {"role": "assistant", "content": "Mango."},
+        {"role": "user", "content": "Another"},
+    ]
+    text, fmt = format_messages(messages, "alpaca")
+    assert fmt == "alpaca"
+    assert text == (
+        "### Instruction:\nBe brief.\n\n### Input:\nName a fruit\n\n### Response:\n"
+        "Mango.\n\n### Instruction:\nAnother\n\n### Response:\n"
+    )
+    assert format_messages(messages[:2], "raw") == ("Be brief.\n\nName a fruit", "raw")
+    with pytest.raises(ValueError, match="chat template"):
+        format_messages(messages, "chat")
+    # A tokenizer with a template wins (the toy's is the alpaca layout, with BOS).
+    text, fmt = format_messages(messages[:2], "raw", tokenizer=load_tokenizer("toy:after"))
+    assert fmt == "chat" and text.startswith("<s>### Instruction:\nBe brief.")
+
+
+async def test_more_rows_than_the_queue_holds_are_refused_up_front() -> None:
+    config = ServerConfig(scheduler=SchedulerConfig(max_queue_rows=4))
+    app = create_app(config, pair=load_pair("toy"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            body = {"model": MODEL, "prompt": ["a", "b"], "n": 3, "max_tokens": 2}
+            resp = await client.post("/v1/completions", json=body)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
+            resp = await client.post("/v1/completions", json=body | {"n": 2})
+            assert resp.status_code == 200 and len(resp.json()["choices"]) == 4
+
+
+def test_openai_bodies_get_the_native_routes_door_checks(server: str) -> None:
+    url = server + "/v1/completions"
+    dup = httpx.post(
+        url,
+        content=b'{"model": "toy:after", "prompt": "a", "prompt": "b"}',
+        headers={"content-type": "application/json"},
+    )
+    assert dup.status_code == 400 and "duplicate key" in dup.json()["error"]["message"]
+    huge = httpx.post(url, json={"model": MODEL, "prompt": "x" * 200_000, "max_tokens": 1})
+    assert huge.status_code == 400
+    assert huge.json()["error"]["code"] == "context_length_exceeded"
+    # A temperature below the epsilon is greedy: the seed no longer matters.
+    texts = {
+        httpx.post(
+            url,
+            json={
+                "model": MODEL,
+                "prompt": PROMPT,
+                "max_tokens": 12,
+                "temperature": 1e-9,
+                "seed": s,
+            },
+            timeout=60,
+        ).json()["choices"][0]["text"]
+        for s in (1, 2, 3)
+    }
+    assert len(texts) == 1

@@ -1,0 +1,258 @@
+"""`"stream": true` (SSE) and `stop` on the native routes: in-process and over the network."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse, connect_sse
+from servers import running_server
+from tiny_models import build_byte_pair, make_byte_tokenizer
+
+from batchserve.app import ServerConfig, create_app
+from batchserve.models import ModelPair, load_pair
+from batchserve.scheduler import SchedulerConfig
+from batchserve.streaming import TextStream, find_stop
+
+
+@pytest.fixture(scope="module")
+def toy_pair() -> ModelPair:
+    return load_pair("toy")
+
+
+@pytest.fixture(scope="module")
+def byte_pair() -> ModelPair:
+    return build_byte_pair()
+
+
+@contextlib.asynccontextmanager
+async def serving(pair: ModelPair, **scheduler: object) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(ServerConfig(scheduler=SchedulerConfig(**scheduler)), pair=pair)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=60
+        ) as client:
+            yield client
+
+
+async def stream_events(client: httpx.AsyncClient, path: str, body: dict) -> list:
+    async with aconnect_sse(client, "POST", path, json=body | {"stream": True}) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        return [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+
+
+def joined(events: list, index: int = 0) -> str:
+    return "".join(d["text"] for e, d in events if e == "delta" and d["index"] == index)
+
+
+# --- incremental detokenization ---------------------------------------------------------------
+
+
+def test_text_stream_never_splits_a_multibyte_character() -> None:
+    tok = make_byte_tokenizer()
+    text = "héllo wörld 🎉 ça va ✓"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text)  # the test is only worth something if characters span tokens
+    stream = TextStream(tok.decode)
+    deltas = [stream.push([token]) for token in ids]
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) + stream.finish(text) == text
+    assert "".join(deltas) == text  # complete characters are all sent before the flush
+
+
+@pytest.mark.parametrize("stop", [["STOP"], ["xx", "STOP"], ["é!"]])
+def test_text_stream_never_sends_text_a_stop_string_cuts(stop: list[str]) -> None:
+    tok = make_byte_tokenizer()
+    text = "abc xSTéOP x STOP é! and then more"
+    ids = tok.encode(text, add_special_tokens=False)
+    stream = TextStream(tok.decode, stop)
+    for k in range(1, len(ids) + 1):
+        stream.push(ids[k - 1 : k])
+        cut = find_stop(tok.decode(ids[:k]), stop)
+        if cut is not None:  # the engine finishes the row on this token
+            completion = tok.decode(ids[:k])[:cut]
+            assert completion.startswith(stream.sent)
+            stream.finish(completion)
+            assert stream.sent == completion
+            return
+    pytest.fail("no stop string found")
+
+
+# --- in-process: the stream joins to the non-streamed completion --------------------------
+
+
+@pytest.mark.parametrize("pair_name", ["toy_pair", "byte_pair"])
+@pytest.mark.parametrize("stop", [None, ["."], [" the", "\n"]])
+async def test_streamed_deltas_join_to_the_non_streamed_completion(
+    pair_name: str, stop: list[str] | None, request: pytest.FixtureRequest
+) -> None:
+    pair = request.getfixturevalue(pair_name)
+    async with serving(pair) as client:
+        for seed in range(3):
+            body = {"prompt": "Tell me about é and 🎉", "max_new_tokens": 40, "seed": seed}
+            if stop:
+                body["stop"] = stop
+            plain = (await client.post("/generate_lda", json=body)).json()
+            events = await stream_events(client, "/generate_lda", body)
+            assert [e for e, _ in events].count("result") == 1 and events[-1][0] == "result"
+            assert events[-1][1] == plain  # the final event carries every non-streamed field
+            assert joined(events) == plain["completion"]
+            assert sum(e == "delta" for e, _ in events) > 1
+            assert not any("\ufffd" in d["text"] for e, d in events if e == "delta") or (
+                "\ufffd" in plain["completion"]
+            )
+            if stop and plain["finish_reason"] == "stop":
+                assert not any(s in plain["completion"] for s in stop)
+
+
+async def test_byte_pair_streams_multibyte_characters_whole(byte_pair: ModelPair) -> None:
+    """A random model over bytes emits valid multi-byte characters now and then; each one
+    must arrive whole in a single delta."""
+    async with serving(byte_pair) as client:
+        completions = []
+        for seed in range(6):
+            body = {"prompt": "é", "max_new_tokens": 60, "seed": seed, "ignore_eos": True}
+            events = await stream_events(client, "/generate_lda", body)
+            completion = events[-1][1]["completion"]
+            assert joined(events) == completion
+            completions.append(completion)
+            for _, delta in events[:-1]:
+                encoded = delta["text"].encode("utf-8", "surrogatepass")
+                assert encoded.decode("utf-8") == delta["text"]
+        assert any(ord(c) > 127 and c != "\ufffd" for c in "".join(completions))
+
+
+async def test_batch_and_plain_routes_stream_every_row(toy_pair: ModelPair) -> None:
+    async with serving(toy_pair) as client:
+        body = {"prompts": ["Write a poem", "Tell me a story"], "n": 2, "max_new_tokens": 20}
+        body |= {"seed": 11, "stop": "."}
+        plain = (await client.post("/generate_lda_batch", json=body)).json()
+        events = await stream_events(client, "/generate_lda_batch", body)
+        assert events[-1] == ("result", plain)
+        for index, row in enumerate(plain["results"]):
+            assert joined(events, index) == row["completion"]
+            assert "." not in row["completion"]
+
+        body = {"prompt": "Write a poem", "max_new_tokens": 20, "seed": 4}
+        plain = (await client.post("/generate", json=body)).json()
+        events = await stream_events(client, "/generate", body)
+        assert events[-1] == ("result", plain)
+        for index, key in enumerate(("model_1", "model_2")):
+            assert {d["model"] for e, d in events if e == "delta" and d["index"] == index} == {key}
+            assert joined(events, index) == plain[key]["completion"]
+
+
+async def test_stop_works_on_every_route(toy_pair: ModelPair) -> None:
+    async with serving(toy_pair) as client:
+        base = {"max_new_tokens": 40, "seed": 3, "stop": [" ", "\n"], "ignore_eos": True}
+        one = (await client.post("/generate_lda", json=base | {"prompt": "Write a poem"})).json()
+        assert one["finish_reason"] == "stop" and " " not in one["completion"]
+        batch = (
+            await client.post("/generate_lda_batch", json=base | {"prompts": ["a", "b"]})
+        ).json()
+        assert all(r["finish_reason"] == "stop" for r in batch["results"])
+        del base["ignore_eos"]
+        plain = (await client.post("/generate", json=base | {"prompt": "Write a poem"})).json()
+        assert " " not in plain["model_1"]["completion"] + plain["model_2"]["completion"]
+        bad = await client.post("/generate_lda", json={"prompt": "x", "stop": [""]})
+        assert bad.status_code == 422 and "stop" in bad.json()["error"]
+
+
+async def test_a_stream_request_rejected_up_front_gets_a_json_error(toy_pair: ModelPair) -> None:
+    async with serving(toy_pair) as client:
+        resp = await client.post(
+            "/generate_lda", json={"prompt": "x", "stream": True, "max_new_tokens": 10**6}
+        )
+        assert resp.status_code == 422 and resp.headers["content-type"] == "application/json"
+        assert "max_new_tokens" in resp.json()["error"]
+
+
+# --- over the network ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_server() -> Iterator[str]:
+    with running_server(["--log-level", "warning"]) as (url, _):
+        yield url
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_100_concurrent_streams_on_the_toy_pair_all_complete(toy_server: str) -> None:
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[str, dict]:
+        body = {"prompt": f"Tell me story {i}", "max_new_tokens": 24, "seed": i, "stream": True}
+        async with aconnect_sse(client, "POST", "/generate_lda", json=body) as source:
+            events = [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+        assert events[-1][0] == "result"
+        return joined(events), events[-1][1]
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=toy_server, timeout=120, limits=limits) as client:
+            done = await asyncio.gather(*(one(client, i) for i in range(100)))
+        for text, result in done:
+            assert text == result["completion"]
+            assert result["finish_reason"] in ("length", "eos")
+
+    asyncio.run(run())
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(toy_server: str) -> None:
+    cancelled = metric(toy_server, "batchserve_rows_cancelled_total")
+    body = {"prompt": "go on", "max_new_tokens": 400, "ignore_eos": True, "stream": True}
+    with (
+        httpx.Client(base_url=toy_server, timeout=60) as client,
+        connect_sse(client, "POST", "/generate_lda", json=body) as source,
+    ):
+        first = next(source.iter_sse())
+        assert first.event == "delta"
+    deadline = time.monotonic() + 20
+    while metric(toy_server, "batchserve_rows_cancelled_total") < cancelled + 1:
+        assert time.monotonic() < deadline, "the row of the client that left was not cancelled"
+        time.sleep(0.05)
+    assert metric(toy_server, "batchserve_running_rows") == 0
+
+
+def test_sigterm_lets_a_stream_in_flight_finish() -> None:
+    with running_server(["--log-level", "warning", "--shutdown-timeout-s", "30"]) as (url, proc):
+        body = {"prompt": "go on", "max_new_tokens": 300, "ignore_eos": True, "stream": True}
+        with (
+            httpx.Client(base_url=url, timeout=60) as client,
+            connect_sse(client, "POST", "/generate_lda", json=body) as source,
+        ):
+            events = source.iter_sse()
+            assert next(events).event == "delta"
+            proc.send_signal(signal.SIGTERM)
+            rest = [(e.event, json.loads(e.data)) for e in events]
+        assert rest[-1][0] == "result" and rest[-1][1]["tokens_generated"] == 300
+        assert proc.wait(timeout=30) == 0
+
+
+async def test_a_stream_past_the_request_timeout_ends_with_an_error_event(
+    toy_pair: ModelPair,
+) -> None:
+    config = ServerConfig(request_timeout_s=0.2)
+    app = create_app(config, pair=toy_pair)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
+            body = {"prompt": "go on", "max_new_tokens": 400, "ignore_eos": True}
+            events = await stream_events(c, "/generate_lda", body)
+            assert events[-1][0] == "error" and "timed out" in events[-1][1]["error"]
+            scheduler = app.state.scheduler
+            while scheduler.engine.num_running:
+                await asyncio.sleep(0.05)
+            assert "batchserve_rows_cancelled_total 1.0" in (await c.get("/metrics")).text
