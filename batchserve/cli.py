@@ -438,7 +438,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from batchserve.app import create_app
-    from batchserve.models import load_pair
+    from batchserve.models import load_options, load_pair
     from batchserve.security import startup_warnings
     from batchserve.server import ConnectionLimits, build_server
 
@@ -471,16 +471,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     after = args.after or "toy:after"
 
     def load():
-        return load_pair(
-            after,
-            args.before,
-            device=args.device,
-            dtype=args.dtype,
-            revision=args.revision,
-            trust_remote_code=args.trust_remote_code,
-            tokenizer_class=args.tokenizer_class,
-            allow_incompatible=args.allow_incompatible,
-        )
+        return load_pair(after, args.before, **load_options(args))
 
     holder: dict[str, Any] = {}
 
@@ -567,7 +558,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from batchserve.engine import iter_generate
-    from batchserve.models import IncompatibleTokenizersError, load_pair
+    from batchserve.models import IncompatibleTokenizersError, load_options, load_pair
     from batchserve.seeds import prompt_seed
     from batchserve.types import GenerationRequest, SamplingParams
 
@@ -606,16 +597,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.after is None and args.before is not None:
         raise SystemExit("error: --before given without --after")
     try:
-        pair = load_pair(
-            args.after or "toy:after",
-            args.before,
-            device=args.device,
-            dtype=args.dtype,
-            revision=args.revision,
-            trust_remote_code=args.trust_remote_code,
-            tokenizer_class=args.tokenizer_class,
-            allow_incompatible=args.allow_incompatible,
-        )
+        pair = load_pair(args.after or "toy:after", args.before, **load_options(args))
     except (IncompatibleTokenizersError, ValueError, FileNotFoundError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
     out: TextIO = args.output.open("w", encoding="utf-8") if args.output else sys.stdout

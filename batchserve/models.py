@@ -240,6 +240,17 @@ def pair_from_models(
     )
 
 
+LOAD_OPTIONS = (
+    "device", "dtype", "revision", "trust_remote_code", "tokenizer_class", "allow_incompatible",
+)  # fmt: skip
+
+
+def load_options(source: object) -> dict[str, object]:
+    """load_pair's keyword arguments from anything that carries them as attributes (parsed
+    command-line options, a Ray replica's spec): one place that maps options to loading."""
+    return {name: getattr(source, name) for name in LOAD_OPTIONS}
+
+
 def load_pair(
     after: str = "toy:after",
     before: str | None = None,

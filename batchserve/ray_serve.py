@@ -172,7 +172,7 @@ def _load_replica_pair(spec: ReplicaSpec):
     import torch
 
     from batchserve.cli import configure_threads
-    from batchserve.models import load_pair
+    from batchserve.models import load_options, load_pair
 
     on_gpu = spec.device.startswith("cuda") or (spec.device == "auto" and torch.cuda.is_available())
     threads = spec.threads
@@ -182,16 +182,7 @@ def _load_replica_pair(spec: ReplicaSpec):
         assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         threads = str(max(1, int(assigned)))
     configure_threads(threads, spec.device)
-    return load_pair(
-        spec.after,
-        spec.before,
-        device=spec.device,
-        dtype=spec.dtype,
-        revision=spec.revision,
-        trust_remote_code=spec.trust_remote_code,
-        tokenizer_class=spec.tokenizer_class,
-        allow_incompatible=spec.allow_incompatible,
-    )
+    return load_pair(spec.after, spec.before, **load_options(spec))
 
 
 @serve.ingress()
