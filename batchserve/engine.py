@@ -353,6 +353,7 @@ class LDAEngine:
                 self._lengths[src],
                 self._blocks[src],
             )
+        self.runner.clear_slots(size, len(self.slots))
         del self.slots[size:], self._lengths[size:], self._blocks[size:]
         self._plan = None
         return removed

@@ -402,6 +402,12 @@ class ModelRunner:
         for tensor in self._slot_tensors:
             tensor.index_copy_(0, dst, tensor.index_select(0, src))
 
+    def clear_slots(self, first: int, end: int) -> None:
+        """Point freed slots' block tables at the reserved block 0, so anything that runs over
+        a free slot (a padding row of a CUDA-graph bucket) can only write there."""
+        if end > first:
+            self.block_table[first:end] = 0
+
     def to_host(self, tokens: torch.Tensor) -> list[int]:
         """The one device-to-host copy of a step."""
         self.num_host_transfers += 1
