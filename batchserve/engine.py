@@ -73,8 +73,8 @@ class LDAEngine:
         self._lengths: list[int] = []  # tokens in the KV store per slot (the next position)
         self._blocks: list[list[int]] = []  # KV blocks per slot
         self._plan: SamplingPlan | None = None  # of the rows in slots; None after a change
-        # The slots' padded score_alphas, valid for the plan object they were built with.
-        self._scores: tuple[SamplingPlan, torch.Tensor, torch.Tensor] | None = None
+        # The slots' padded score alphas and mask, rebuilt with the plan; None: no row asks.
+        self._scores: tuple[torch.Tensor, torch.Tensor] | None = None
         self.num_steps = 0  # decode steps run so far (admission order evidence for tests)
         # The logits behind the latest draw: (row ids, after [B, V], before [B, V]). Kept by
         # reference only, for tests and debugging; costs nothing.
@@ -173,11 +173,12 @@ class LDAEngine:
         first = len(self.slots)
         slots = list(range(first, first + len(rows)))
         blocks = [self.runner.blocks.allocate(n) for n in needed]
+        params = [r.params for r in rows]
         try:
             self.runner.write_slots(slots, [self._slot_params(r) for r in rows], blocks)
-            plan = self._plan_for([r.params for r in rows])
+            plan = self._plan_for(params)
             tokens = self.runner.prefill(slots, [r.prompt_ids for r in rows], plan)
-            logprobs = self._logprobs([r.params for r in rows], slots, tokens, plan)
+            logprobs = self._logprobs(self._score_table(params), slots, tokens, plan)
             host_tokens = self.runner.to_host(tokens)
         except BaseException:
             for row_blocks in blocks:
@@ -203,9 +204,10 @@ class LDAEngine:
         if not self.slots:
             return []
         if self._plan is None:
-            self._plan = self._plan_for([r.params for r in self.slots])
+            params = [r.params for r in self.slots]
+            self._plan, self._scores = self._plan_for(params), self._score_table(params)
         tokens = self.runner.decode(len(self.slots), max(self._lengths) + 1, self._plan)
-        logprobs = self._logprobs(None, slice(0, len(self.slots)), tokens, self._plan)
+        logprobs = self._logprobs(self._scores, slice(0, len(self.slots)), tokens, self._plan)
         host_tokens = self.runner.to_host(tokens)
         self.num_steps += 1
         after, before = self.runner.last_logits
@@ -247,57 +249,52 @@ class LDAEngine:
         if problems:
             raise RowError([row.row_id], f"row {row.row_id}: " + "; ".join(problems))
 
+    def _top_k(self, params: SamplingParams) -> int:
+        """A top-k at or beyond the vocabulary keeps everything: it is the vocabulary."""
+        return min(params.top_k, self.pair.vocab_limit)
+
     def _slot_params(self, row: EngineRow) -> SlotParams:
         p = row.params
-        # A top-k at or beyond the vocabulary keeps everything: store it as the vocabulary.
-        return SlotParams(
-            p.alpha, p.temperature, p.top_p, min(p.top_k, self.pair.vocab_limit), row.seed
-        )
+        return SlotParams(p.alpha, p.temperature, p.top_p, self._top_k(p), row.seed)
 
     def _plan_for(self, params: Sequence[SamplingParams]) -> SamplingPlan:
         return SamplingPlan.for_rows(
             [p.temperature for p in params],
             [p.top_p for p in params],
-            [min(p.top_k, self.pair.vocab_limit) for p in params],
+            [self._top_k(p) for p in params],
             vocab=self.pair.vocab_limit,
             cap=self.runner.config.top_k_cap,
             sync_free=self.runner.sync_free,
         )
 
+    def _score_table(
+        self, params: Sequence[SamplingParams]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows' padded score alphas and mask on the device; None when no row asks for
+        log-probabilities. Built when rows join or leave, never per step."""
+        if not any(p.wants_logprobs for p in params):
+            return None
+        return pad_score_alphas([p.score_alphas for p in params], self.runner.device)
+
     def _logprobs(
         self,
-        params: Sequence[SamplingParams] | None,
+        scores: tuple[torch.Tensor, torch.Tensor] | None,
         index: Sequence[int] | slice,
         tokens: torch.Tensor,
         plan: SamplingPlan,
     ) -> torch.Tensor | None:
         """[B, 3 + A] log-probabilities of the tokens just sampled (after, before, sampled,
         then the score alphas), on the device; None when no row asks, which costs nothing.
-
-        `params` None means the rows in slots (a decode step); their padded score alphas are
-        built once per plan, so a step adds no host-to-device copy and no synchronisation.
-        """
-        if params is None:
-            params = [r.params for r in self.slots]
-            if not any(p.wants_logprobs for p in params):
-                return None
-            if self._scores is None or self._scores[0] is not plan:
-                scores = pad_score_alphas([p.score_alphas for p in params], self.runner.device)
-                self._scores = (plan, *scores)
-            _, score_alphas, score_mask = self._scores
-        else:
-            if not any(p.wants_logprobs for p in params):
-                return None
-            score_alphas, score_mask = pad_score_alphas(
-                [p.score_alphas for p in params], self.runner.device
-            )
+        No host-to-device copy and no synchronisation in a step."""
+        if scores is None:
+            return None
         r = self.runner
         if not isinstance(index, slice):
             index = torch.tensor(list(index), dtype=torch.long, device=r.device)
         after, before = r.last_logits
         out = step_logprobs(
             after, before, r.alpha[index], r.temperature[index], r.top_p[index],
-            r.top_k[index], tokens, score_alphas, score_mask, plan,
+            r.top_k[index], tokens, *scores, plan,
         )  # fmt: skip
         return torch.cat(
             [out.after[:, None], out.before[:, None], out.sampled[:, None], out.scored], dim=1
