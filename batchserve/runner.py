@@ -30,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from batchserve.models import ModelPair
 from batchserve.sampling import SamplingPlan, amplify, sample
-from batchserve.types import RunnerConfig, kv_blocks
+from batchserve.types import RunnerConfig
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +236,6 @@ class BlockPool:
     def capacity_tokens(self) -> int:
         """Tokens one row can ever hold: every block but the reserved one."""
         return (self.num_blocks - 1) * self.block_size
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return kv_blocks(num_tokens, self.block_size)
 
     def allocate(self, num_blocks: int) -> list[int]:
         if num_blocks > len(self._free):
