@@ -35,6 +35,7 @@ from client.estimators import (
     logit_path_estimate,
     mixture_estimate,
     naive_equivalent_samples,
+    naive_width,
 )
 from client.stats import wilson_interval
 
@@ -233,8 +234,7 @@ def summarise(rows: list[dict], truth: float, truth_n: int) -> list[dict]:
     for (method, alpha), rs in groups.items():
         n = rs[0]["num_samples"]
         widths = [r["ci_high"] - r["ci_low"] for r in rs]
-        lo, hi = wilson_interval(int(round(truth * n)), n)
-        naive_w = hi - lo
+        naive_w = naive_width(truth, n)
         mean_w = float(np.mean(widths))
         rates = [r["rate"] for r in rs]
         rmse = float(np.sqrt(np.mean((np.array(rates) - truth) ** 2)))

@@ -117,21 +117,24 @@ def build_byte_pair() -> ModelPair:
     )
 
 
+# Tiny configs of the families the runner serves (random init, built in code). Mistral gets a
+# sliding window shorter than the test prompts, so the windowed mask is exercised.
+_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=2,
+    eos_token_id=3,
+    pad_token_id=1,
+)
+
+
 def llama_model(seed: int, vocab_size: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=1,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **_DECODER)).eval()
 
 
 def gpt2_model(seed: int, vocab_size: int = 64) -> GPT2LMHeadModel:
@@ -148,19 +151,6 @@ def gpt2_model(seed: int, vocab_size: int = 64) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-# Tiny configs of the families the runner serves (random init, built in code). Mistral gets a
-# sliding window shorter than the test prompts, so the windowed mask is exercised.
-_DECODER = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    bos_token_id=2,
-    eos_token_id=3,
-    pad_token_id=1,
-)
 ARCHITECTURES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
