@@ -484,21 +484,38 @@ class Scheduler:
     def _fail_all(self, err: Exception) -> None:
         with self._cond:
             request_ids = list(self._waiters)
-        rows = self.engine.running_row_ids
-        for request_id in request_ids:
-            with self._cond:
-                _, request_rows = self.core.abort(request_id)
-            rows.extend(request_rows)
+        self._end_requests(request_ids, EngineFailedError(f"generation failed: {err}"))
         try:
-            self.engine.cancel(rows)
+            self.engine.cancel(self.engine.running_row_ids)  # rows no request owns any more
         except Exception:  # noqa: BLE001
-            log.exception("could not drop the rows of the failed requests")
+            log.exception("could not drop the remaining rows")
+        self.metrics.errors.labels(kind="worker").inc()
+
+    def _end_requests(
+        self, request_ids: Iterable[int], outcome: Exception | None
+    ) -> tuple[int, int, int]:
+        """Forget requests in the core, drop their rows from the engine and settle their
+        futures with `outcome` (None cancels). Returns (rows that were waiting, rows that were
+        running, futures settled)."""
+        waiters: list[_Waiter] = []
+        num_pending = num_running = 0
         with self._cond:
-            failed = [self._waiters.pop(i) for i in request_ids if i in self._waiters]
-            self.metrics.errors.labels(kind="worker").inc()
+            for request_id in request_ids:
+                pending, row_ids = self.core.abort(request_id)
+                num_pending += pending
+                try:
+                    num_running += len(self.engine.cancel(row_ids))
+                except Exception:  # noqa: BLE001 - the futures must settle all the same
+                    log.exception("could not drop the rows of request %d", request_id)
+                waiter = self._waiters.pop(request_id, None)
+                if waiter is not None:
+                    waiters.append(waiter)
+            self.metrics.queue_rows.set(self.core.num_waiting_rows)
+            self.metrics.running_rows.set(self.engine.num_running)
             self._cond.notify_all()
-        for waiter in failed:
-            _resolve(waiter, EngineFailedError(f"generation failed: {err}"))
+        for waiter in waiters:
+            _resolve(waiter, outcome)
+        return num_pending, num_running, len(waiters)
 
     def _admit(self, rows: list[EngineRow]) -> list[Row]:
         """Admit rows; a row that fails alone fails its own request, never its neighbours'.
@@ -541,17 +558,9 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         if not self._cancelled:
             return
-        for request_id in self._cancelled:
-            num_pending, row_ids = self.core.abort(request_id)
-            num_running = len(self.engine.cancel(row_ids))
-            self.metrics.rows_cancelled.inc(num_pending + num_running)
-            waiter = self._waiters.pop(request_id, None)
-            if waiter is not None:
-                _resolve(waiter, None)
+        num_pending, num_running, _ = self._end_requests(self._cancelled, None)
+        self.metrics.rows_cancelled.inc(num_pending + num_running)
         self._cancelled.clear()
-        self._cond.notify_all()
-        self.metrics.queue_rows.set(self.core.num_waiting_rows)
-        self.metrics.running_rows.set(self.engine.num_running)
 
     def _stream_tokens(self, finished: list[Row]) -> None:
         """Send each listening request the tokens its rows gained on this admission or step."""
@@ -617,20 +626,11 @@ class Scheduler:
     def _fail_rows(self, row_ids: list[int], err: Exception, count: bool = True) -> None:
         """Fail the requests that own these rows; their other rows leave the batch or queue."""
         with self._cond:
-            failed = []
-            for request_id in self.core.owners(row_ids):
-                _, all_rows = self.core.abort(request_id)
-                self.engine.cancel(all_rows)
-                waiter = self._waiters.pop(request_id, None)
-                if waiter is not None:
-                    failed.append(waiter)
-            if count:
-                self.metrics.errors.labels(kind="row").inc(len(failed))
-            self.metrics.queue_rows.set(self.core.num_waiting_rows)
-            self.metrics.running_rows.set(self.engine.num_running)
-            self._cond.notify_all()
-        for waiter in failed:
-            _resolve(waiter, EngineFailedError(f"generation failed for this request: {err}"))
+            owners = self.core.owners(row_ids)
+        error = EngineFailedError(f"generation failed for this request: {err}")
+        _, _, num_failed = self._end_requests(owners, error)
+        if count:
+            self.metrics.errors.labels(kind="row").inc(num_failed)
 
 
 def _resolve(waiter: _Waiter, outcome: Completion | Exception | None) -> None:
