@@ -82,7 +82,8 @@ def step_logprobs(
         # log q = log softmax(token) - log(mass of the kept set): exact for the kept tokens,
         # without taking the log of a float32 probability.
         kept = kept_probs(amplified, temperature, top_p, top_k, plan)
-        sampled = sampled - kept.sum(-1).log()
+        # Rounding in the kept mass can lift a near-certain token a hair above 0 (6e-8 seen).
+        sampled = (sampled - kept.sum(-1).log()).clamp(max=0.0)
     sampled = torch.where(greedy, torch.zeros_like(sampled), sampled)
     num_scores = score_alphas.shape[-1]
     scored = torch.zeros((after.shape[0], num_scores), dtype=torch.float32, device=after.device)

@@ -5,6 +5,15 @@ Every tool that speaks the OpenAI dialect (the `openai` package, lm-eval-harness
 SamplingParams; LDA's own fields (`alpha`, `top_k`, `ignore_eos`) come as extra body fields,
 which is how the openai client's `extra_body` sends them. Errors use OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}`. No tensors here.
+
+Log-probabilities (`logprobs: 0` on completions, `logprobs: true` on chat) come in OpenAI's
+shapes. The token's logprob is log q, the distribution it was actually drawn from (amplified,
+then temperature, top-k and top-p; 0 for a greedy row); each entry also carries the two models'
+own log-probabilities (`after_logprob(s)`, `before_logprob(s)`), which is what LDA users
+weigh. Top alternatives are not computed (the sampler never ranks the vocabulary per step), so
+`logprobs > 0` and `top_logprobs > 0` are refused rather than answered with empty lists. A
+stream carries each choice's log-probabilities in its finishing chunk: the engine copies them
+to the host once, when the row ends, never per step.
 """
 
 from __future__ import annotations
@@ -16,7 +25,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sse_starlette import EventSourceResponse
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -34,6 +50,7 @@ from batchserve.scheduler import (
 from batchserve.schemas import INT32_MAX, MAX_STOP_STRINGS, StopString, stop_strings
 from batchserve.seeds import SEED_MAX, prompt_seed
 from batchserve.streaming import (
+    REPLACEMENT,
     ClientDisconnectedError,
     Delta,
     RequestTimeoutError,
@@ -124,19 +141,38 @@ Prompts = Annotated[list[str], Field(min_length=1)]
 TokenPrompts = Annotated[list[TokenIds], Field(min_length=1)]
 
 
+NO_TOP_ALTERNATIVES = (
+    "top alternatives are not computed by this server; {field}=0 returns each sampled "
+    "token's log-probability"
+)
+
+
 class CompletionRequest(_OpenAIFields):
     prompt: str | Prompts | TokenIds | TokenPrompts
     max_tokens: int = Field(16, ge=1, le=INT32_MAX)
     echo: bool = False
-    logprobs: None = None  # not yet: the logprobs issue adds them
+    logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI's bound on alternatives
     best_of: int | None = Field(None, ge=1, le=INT32_MAX)
     suffix: None = None
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_alternatives(cls, value: int | None) -> int | None:
+        if value:
+            raise ValueError(NO_TOP_ALTERNATIVES.format(field="logprobs"))
+        return value
+
     @model_validator(mode="after")
-    def _best_of_is_n(self) -> CompletionRequest:
+    def _supported(self) -> CompletionRequest:
         if self.best_of not in (None, self.n):
             raise ValueError("best_of other than n is not supported")
+        if self.logprobs is not None and self.echo:
+            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not supported")
         return self
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
 
 class ContentPart(BaseModel):
@@ -162,8 +198,25 @@ class ChatCompletionRequest(_OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
-    logprobs: Literal[False] = False  # not yet: the logprobs issue adds them
-    top_logprobs: None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_alternatives(cls, value: int | None) -> int | None:
+        if value:
+            raise ValueError(NO_TOP_ALTERNATIVES.format(field="top_logprobs"))
+        return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
 
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
@@ -235,6 +288,7 @@ def _params(request: Request, body: _OpenAIFields, max_tokens: int) -> SamplingP
         ignore_eos=body.ignore_eos,
         seed=body.seed,
         stop=stop_strings(body.stop),
+        logprobs=getattr(body, "wants_logprobs", False),
     )
 
 
@@ -299,6 +353,67 @@ def _run_error(err: Exception) -> OpenAIError:
     return OpenAIError(500, str(err), type="server_error")
 
 
+def token_pieces(decode: Callable[[list[int]], str], token_ids: tuple[int, ...]) -> list[str]:
+    """Each token's share of the decoded text; the pieces join to decode(token_ids) for any
+    decoder whose output for a prefix of tokens is a prefix of its output for all of them.
+
+    A token that ends inside a multi-byte character gets "" and the token that completes the
+    character gets all of it, so no piece holds half a character and offsets stay exact.
+    Decodes every prefix: quadratic, but a row is at most a context long and this runs off the
+    event loop.
+    """
+    pieces: list[str] = []
+    done = ""
+    for i in range(len(token_ids)):
+        text = decode(list(token_ids[: i + 1]))
+        final = text if i == len(token_ids) - 1 else text.rstrip(REPLACEMENT)
+        if final.startswith(done):
+            pieces.append(final[len(done) :])
+            done = final
+        else:  # a decoder that rewrites earlier text (space clean-up): nothing is new here
+            pieces.append("")
+    return pieces
+
+
+def choice_logprobs(
+    kind: Literal["text_completion", "chat.completion"],
+    pieces: list[str],
+    result: GenerationResult,
+    text_start: int = 0,
+) -> dict | None:
+    """A choice's `logprobs` in OpenAI's shape for its kind, with LDA's per-model values."""
+    lp = result.logprobs
+    if lp is None:
+        return None
+    if kind == "chat.completion":
+        content = [
+            {
+                "token": piece,
+                "logprob": sampled,
+                "bytes": list(piece.encode("utf-8")),
+                "top_logprobs": [],
+                "after_logprob": after,
+                "before_logprob": before,
+            }
+            for piece, sampled, after, before in zip(
+                pieces, lp.sampled, lp.after, lp.before, strict=True
+            )
+        ]
+        return {"content": content, "refusal": None}
+    offsets, at = [], text_start
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {
+        "tokens": pieces,
+        "token_logprobs": list(lp.sampled),
+        "top_logprobs": None,
+        "text_offset": offsets,
+        "after_logprobs": list(lp.after),
+        "before_logprobs": list(lp.before),
+    }
+
+
 def _usage(prepared: list[PreparedPrompt], results: list[GenerationResult]) -> dict:
     prompt_tokens = sum(len(p.prompt_ids) for p in prepared)
     completion_tokens = sum(r.tokens_generated for r in results)
@@ -344,15 +459,35 @@ class _Job:
             "choices": choices,
         }
 
-    def text_choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+    def text_choice(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None
+    ) -> dict:
         if self.kind == "text_completion":
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {
+                "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason
+            }
         return {
             "index": index,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
         }
+
+    async def logprobs(self, results: list[GenerationResult]) -> list[dict | None]:
+        """Each row's `logprobs` entry (None where nobody asked); detokenized off the loop."""
+        decode = self.scheduler.engine.decode
+
+        def build() -> list[dict | None]:
+            return [
+                choice_logprobs(
+                    self.kind, token_pieces(decode, r.token_ids), r, len(self.echo(i))
+                )
+                if r.logprobs is not None
+                else None
+                for i, r in enumerate(results)
+            ]
+
+        return await asyncio.to_thread(build)
 
     def echo(self, index: int) -> str:
         echo = getattr(self.body, "echo", False)
@@ -372,8 +507,11 @@ class _Job:
             raise _run_error(err) from None
         finally:
             close_request(self.scheduler, request_id, future, why)
+        logprobs = await self.logprobs(completion.results)
         choices = [
-            self.text_choice(i, self.echo(i) + r.completion, FINISH_REASONS[r.finish_reason])
+            self.text_choice(
+                i, self.echo(i) + r.completion, FINISH_REASONS[r.finish_reason], logprobs[i]
+            )
             | {"seed": r.seed}
             for i, r in enumerate(completion.results)
         ]
@@ -392,7 +530,11 @@ class _Job:
         num_rows = len(self.prepared) * self.body.n
 
         def chunk(
-            index: int, text: str | None, finish_reason: str | None = None, role: str | None = None
+            index: int,
+            text: str | None,
+            finish_reason: str | None = None,
+            role: str | None = None,
+            logprobs: dict | None = None,
         ) -> dict:
             if is_chat:
                 delta = {} if text is None else {"content": text}
@@ -401,7 +543,7 @@ class _Job:
                 choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
             else:
                 choice = {"index": index, "text": text or "", "finish_reason": finish_reason}
-            return {"data": json.dumps(self.envelope(obj, [choice | {"logprobs": None}]))}
+            return {"data": json.dumps(self.envelope(obj, [choice | {"logprobs": logprobs}]))}
 
         async def events() -> AsyncIterator[dict]:
             why = "client_disconnected"
@@ -415,8 +557,10 @@ class _Job:
                     if isinstance(item, Delta):
                         yield chunk(item.index, item.text)
                         continue
+                    logprobs = await self.logprobs(item.results)
                     for index, result in enumerate(item.results):
-                        yield chunk(index, None, FINISH_REASONS[result.finish_reason])
+                        reason = FINISH_REASONS[result.finish_reason]
+                        yield chunk(index, None, reason, logprobs=logprobs[index])
                     options = self.body.stream_options
                     if options is not None and options.include_usage:
                         usage = _usage(self.prepared, item.results)

@@ -242,3 +242,103 @@ def test_openai_bodies_get_the_native_routes_door_checks(server: str) -> None:
         for s in (1, 2, 3)
     }
     assert len(texts) == 1
+
+
+# --- log-probabilities ----------------------------------------------------------------------
+
+
+def test_completion_logprobs_match_the_native_route_and_change_no_token(
+    client: openai.OpenAI, server: str
+) -> None:
+    kwargs = {"model": MODEL, "prompt": PROMPT, "max_tokens": 20, "n": 2, "seed": 11}
+    kwargs["extra_body"] = {"alpha": 1.5, "top_k": 40}
+    plain = client.completions.create(**kwargs)
+    out = client.completions.create(**kwargs, logprobs=0)
+    assert [c.text for c in out.choices] == [c.text for c in plain.choices]
+    assert all(c.logprobs is None for c in plain.choices)
+    native = native_batch(
+        server, [PROMPT], n=2, max_new_tokens=20, seed=11, alpha=1.5, top_k=40, logprobs=True
+    )
+    for choice, row in zip(out.choices, native, strict=True):
+        lp = choice.logprobs
+        assert lp.token_logprobs == row["logprobs"]["sampled"]
+        assert lp.model_extra["after_logprobs"] == row["logprobs"]["after"]
+        assert lp.model_extra["before_logprobs"] == row["logprobs"]["before"]
+        assert len(lp.tokens) == row["tokens_generated"] == len(lp.text_offset)
+        assert "".join(lp.tokens) == choice.text
+        offsets = zip(lp.text_offset, lp.tokens, strict=True)
+        assert [choice.text[o : o + len(t)] for o, t in offsets] == lp.tokens
+        assert lp.top_logprobs is None
+        assert all(v <= 0 for v in lp.token_logprobs), lp.token_logprobs
+
+
+def test_chat_logprobs_give_one_entry_per_token(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Write a poem about the sea"}]
+    kwargs = {"model": MODEL, "messages": messages, "max_tokens": 16, "seed": 4}
+    plain = client.chat.completions.create(**kwargs)
+    out = client.chat.completions.create(**kwargs, logprobs=True)
+    text = out.choices[0].message.content
+    assert text == plain.choices[0].message.content and plain.choices[0].logprobs is None
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    assert "".join(e.token for e in content) == text
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8") == text
+    for entry in content:
+        assert entry.top_logprobs == [] and entry.logprob <= 0
+        assert entry.model_extra["after_logprob"] <= 0 and entry.model_extra["before_logprob"] <= 0
+
+
+def test_a_stream_carries_the_logprobs_in_each_finishing_chunk(client: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "n": 2, "seed": 8, "logprobs": 0}
+    whole = client.completions.create(**kwargs)
+    finishing = {}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                finishing[choice.index] = choice.logprobs
+            else:
+                assert choice.logprobs is None
+    assert {i: lp.token_logprobs for i, lp in finishing.items()} == {
+        c.index: c.logprobs.token_logprobs for c in whole.choices
+    }
+    assert {i: lp.tokens for i, lp in finishing.items()} == {
+        c.index: c.logprobs.tokens for c in whole.choices
+    }
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "param"),
+    [
+        ("completions", {"logprobs": 5}, "logprobs"),
+        ("completions", {"logprobs": 0, "echo": True}, None),
+        ("completions", {"logprobs": -1}, "logprobs"),
+        ("chat/completions", {"logprobs": True, "top_logprobs": 3}, "top_logprobs"),
+        ("chat/completions", {"top_logprobs": 0}, None),
+    ],
+)
+def test_unsupported_logprobs_requests_are_refused_clearly(
+    server: str, route: str, fields: dict, param: str | None
+) -> None:
+    body = {"model": MODEL, "max_tokens": 4} | fields
+    body |= {"prompt": "hi"} if route == "completions" else {
+        "messages": [{"role": "user", "content": "hi"}]
+    }
+    resp = httpx.post(f"{server}/v1/{route}", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param
+    assert "logprobs" in error["message"]
+
+
+def test_token_pieces_never_split_a_multibyte_character() -> None:
+    from tiny_models import make_byte_tokenizer
+
+    from batchserve.openai_api import token_pieces
+
+    tok = make_byte_tokenizer()
+    text = "naïve 🙂 café"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = token_pieces(lambda t: tok.decode(t, skip_special_tokens=True), tuple(ids))
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)
+    assert "" in pieces  # the emoji's first bytes wait for its last one
