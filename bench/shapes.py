@@ -7,6 +7,7 @@ target device: initialising 7B parameters on 2 CPU cores takes minutes, on a GPU
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -63,16 +64,11 @@ WORDS = (  # noqa: SIM905 - a sentence reads better than 50 quoted words
 ).split()
 
 
-def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer with exactly vocab_size ids, so the whole logit width is sampled."""
-    vocab = {"<unk>": 0, "<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
-    for word in ["###", "Instruction:", "Response:", "Input:", *WORDS]:
-        vocab.setdefault(word, len(vocab))
-    for i in range(vocab_size - len(vocab)):
-        vocab[f"w{i}"] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")
+SPECIAL_TOKENS = {"<unk>": 0, "<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+
+
+def fast_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """`backend` with the special tokens of SPECIAL_TOKENS named (its vocabulary starts so)."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
@@ -80,6 +76,25 @@ def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
     )
+
+
+def word_tokenizer(words: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Whitespace-split words, one id each after the special tokens, then filler words `w0`,
+    `w1`, ... up to vocab_size ids. Built in code for random-init pairs (benchmarks, tests)."""
+    vocab = dict(SPECIAL_TOKENS)
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    for i in range(vocab_size - len(vocab)):
+        vocab.setdefault(f"w{i}", len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    return fast_tokenizer(backend)
+
+
+def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer with exactly vocab_size ids, so the whole logit width is sampled."""
+    return word_tokenizer(["###", "Instruction:", "Response:", "Input:", *WORDS], vocab_size)
 
 
 def shape_config(shape: str) -> LlamaConfig:
