@@ -290,6 +290,30 @@ def _lda_requests(
     ]
 
 
+async def respond(
+    request: Request,
+    requests: list[GenerationRequest],
+    render_result: Callable[[Completion], dict],
+    *,
+    is_stream: bool,
+    row_fields: list[dict] | None = None,
+) -> Response:
+    """The route's body from `render_result`: as SSE events (`"stream": true`) or one JSON body."""
+    if is_stream:
+        return await stream_requests(request, requests, render_result, row_fields)
+    completion = await run_requests(request, requests)
+    return JSONResponse(render_result(completion), headers=debug_headers(completion))
+
+
+def _lda_echo(completion: Completion, pair: ModelPair) -> dict:
+    # The alpha the rows ran with (one per request), as generate's JSONL reports it.
+    return {
+        "alpha": completion.results[0].alpha,
+        "model_after": pair.after_id,
+        "model_before": pair.before_id,
+    }
+
+
 # --- routes ---------------------------------------------------------------------------------
 
 
@@ -300,16 +324,9 @@ async def generate_lda(request: Request) -> Response:
     requests = _lda_requests(body, [body.prompt], 1, config)
 
     def payload(completion: Completion) -> dict:
-        return completion.results[0].row_fields() | {
-            "alpha": completion.results[0].alpha,  # what the row ran with, as generate's JSONL
-            "model_after": pair.after_id,
-            "model_before": pair.before_id,
-        }
+        return completion.results[0].row_fields() | _lda_echo(completion, pair)
 
-    if body.stream:
-        return await stream_requests(request, requests, payload)
-    completion = await run_requests(request, requests)
-    return JSONResponse(payload(completion), headers=debug_headers(completion))
+    return await respond(request, requests, payload, is_stream=body.stream)
 
 
 async def generate_lda_batch(request: Request) -> Response:
@@ -338,17 +355,12 @@ async def generate_lda_batch(request: Request) -> Response:
     def payload(completion: Completion) -> dict:
         return {
             "results": [r.row_fields() for r in completion.results],
-            "alpha": completion.results[0].alpha,  # one alpha per request
-            "model_after": pair.after_id,
-            "model_before": pair.before_id,
+            **_lda_echo(completion, pair),
             "batch_size": len(body.prompts),
             "n": body.n,
         }
 
-    if body.stream:
-        return await stream_requests(request, requests, payload)
-    completion = await run_requests(request, requests)
-    return JSONResponse(payload(completion), headers=debug_headers(completion))
+    return await respond(request, requests, payload, is_stream=body.stream)
 
 
 async def generate_plain(request: Request) -> Response:
@@ -383,11 +395,8 @@ async def generate_plain(request: Request) -> Response:
             },
         }
 
-    if body.stream:
-        rows = [{"model": "model_1"}, {"model": "model_2"}]  # after, before
-        return await stream_requests(request, requests, payload, rows)
-    completion = await run_requests(request, requests)
-    return JSONResponse(payload(completion), headers=debug_headers(completion))
+    rows = [{"model": "model_1"}, {"model": "model_2"}]  # after, before
+    return await respond(request, requests, payload, is_stream=body.stream, row_fields=rows)
 
 
 async def tokenizer_compatibility(request: Request) -> Response:

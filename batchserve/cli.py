@@ -51,75 +51,117 @@ def _env_flag(value: str) -> bool:
     raise ValueError(value)
 
 
+def _option(
+    group: argparse._ActionsContainer,
+    flag: str,
+    default: Any,
+    cast: Callable[[str], Any] = str,
+    *,
+    aliases: tuple[str, ...] = (),
+    from_env: bool = True,
+    **kwargs: Any,
+) -> None:
+    """Add `flag`, its default read from BATCHSERVE_<FLAG> (dashes as underscores) or an alias
+    where set: the one rule that names the environment variable of every `serve` option."""
+    is_switch = kwargs.get("action") == "store_true"
+    if from_env:
+        name = flag.removeprefix("--").upper().replace("-", "_")
+        default = _env(name, default, _env_flag if is_switch else cast, *aliases)
+    if cast is not str:
+        kwargs["type"] = cast
+    group.add_argument(flag, default=default, **kwargs)
+
+
 def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> None:
-    env = _env if from_env else (lambda name, default, cast=str, *aliases: default)
     group = parser.add_argument_group("models")
-    group.add_argument(
+    _option(
+        group,
         "--after",
-        default=env("AFTER", None, str, "MODEL_AFTER_ID"),
+        None,
+        aliases=("MODEL_AFTER_ID",),
+        from_env=from_env,
         help="fine-tuned model: local dir, hub id, or toy (default: the embedded toy pair)",
     )
-    group.add_argument(
+    _option(
+        group,
         "--before",
-        default=env("BEFORE", None, str, "MODEL_BEFORE_ID"),
+        None,
+        aliases=("MODEL_BEFORE_ID",),
+        from_env=from_env,
         help="base model: local dir or hub id (default: the toy base when --after is the toy)",
     )
-    group.add_argument(
-        "--revision", default=env("REVISION", None), help="hub revision of both models"
-    )
-    group.add_argument(
+    _option(group, "--revision", None, from_env=from_env, help="hub revision of both models")
+    _option(
+        group,
         "--trust-remote-code",
+        False,
+        from_env=from_env,
         action="store_true",
-        default=env("TRUST_REMOTE_CODE", False, _env_flag),
         help="allow model code from the hub repository",
     )
-    group.add_argument(
+    _option(
+        group,
         "--tokenizer-class",
-        default=env("TOKENIZER_CLASS", None),
+        None,
+        from_env=from_env,
         help="override the tokenizer class (e.g. LlamaTokenizer for uploads naming LLaMATokenizer)",
     )
-    group.add_argument(
+    _option(
+        group,
         "--device",
-        default=env("DEVICE", "auto"),
+        "auto",
+        from_env=from_env,
         help="auto, cpu, cuda or cuda:N (default: %(default)s)",
     )
-    group.add_argument(
+    _option(
+        group,
         "--dtype",
-        default=env("DTYPE", "auto"),
+        "auto",
+        from_env=from_env,
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto = bfloat16 on CUDA where supported (else float16), float32 on CPU",
     )
-    group.add_argument(
+    _option(
+        group,
         "--threads",
-        default=env("THREADS", "auto"),
+        "auto",
+        from_env=from_env,
         help="torch CPU threads; auto = half the cores on a CPU device (a second thread "
         "spin-waits against the HTTP side on small machines), torch's default on CUDA",
     )
-    group.add_argument(
+    _option(
+        group,
         "--allow-incompatible",
+        False,
+        from_env=from_env,
         action="store_true",
-        default=env("ALLOW_INCOMPATIBLE", False, _env_flag),
         help="load a pair whose tokenizers disagree (results are then meaningless)",
     )
-    group.add_argument(
+    _option(
+        group,
         "--prompt-format",
-        default=env("PROMPT_FORMAT", "alpaca"),
+        "alpaca",
+        from_env=from_env,
         choices=PROMPT_FORMATS,
         help="how prompts are wrapped: alpaca, chat (the tokenizer's template) or raw (default: %(default)s)",
     )
     kv = parser.add_argument_group("KV store (allocated once at start-up; /info reports it)")
-    kv.add_argument(
+    _option(
+        kv,
         "--kv-cache-tokens",
-        type=int,
-        default=env("KV_CACHE_TOKENS", None, int),
+        None,
+        int,
+        from_env=from_env,
         help="tokens the KV store holds for all running rows together; a row reserves its "
         "prompt + max_new_tokens at admission and waits while they do not fit (default: on "
         "CUDA from --gpu-memory-fraction, on the CPU max batch size x min(context, 2048))",
     )
-    kv.add_argument(
+    _option(
+        kv,
         "--gpu-memory-fraction",
-        type=float,
-        default=env("GPU_MEMORY_FRACTION", 0.9, float),
+        0.9,
+        float,
+        from_env=from_env,
         help="share of the GPU's memory the server may use, weights included; the KV store "
         "takes what the weights and 1 GiB of activations leave (default: %(default)s)",
     )
@@ -174,127 +216,118 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(serve, from_env=True)
     http = serve.add_argument_group("http")
-    http.add_argument(
-        "--host", default=_env("HOST", "127.0.0.1"), help="bind address (default: %(default)s)"
-    )
-    http.add_argument(
-        "--port", type=int, default=_env("PORT", 8000, int), help="(default: %(default)s)"
-    )
-    http.add_argument(
+    _option(http, "--host", "127.0.0.1", help="bind address (default: %(default)s)")
+    _option(http, "--port", 8000, int, help="(default: %(default)s)")
+    _option(
+        http,
         "--log-level",
-        default=_env("LOG_LEVEL", "info"),
+        "info",
         choices=["critical", "error", "warning", "info", "debug"],
         help="(default: %(default)s)",
     )
-    http.add_argument(
+    _option(
+        http,
         "--api-key",
-        default=_env("API_KEY", None),
+        None,
         help="require 'Authorization: Bearer KEY' on every route but /health (better given "
         "as BATCHSERVE_API_KEY: a command line is visible to other users of the machine)",
     )
-    http.add_argument(
+    _option(
+        http,
         "--allowed-hosts",
-        default=_env("ALLOWED_HOSTS", None),
+        None,
         help="comma-separated Host names to answer, '*' for any, '*.example.com' for a domain "
         "(default: localhost, 127.0.0.1, [::1] and the --host address), against DNS rebinding",
     )
-    http.add_argument(
+    _option(
+        http,
         "--max-body-bytes",
-        type=int,
-        default=_env("MAX_BODY_BYTES", 16 * 1024 * 1024, int),
+        16 * 1024 * 1024,
+        int,
         help="larger request bodies get 413 before they are read (default: %(default)s)",
     )
-    http.add_argument(
+    _option(
+        http,
         "--header-timeout-s",
-        type=float,
-        default=_env("HEADER_TIMEOUT_S", 10.0, float),
+        10.0,
+        float,
         help="a connection must send its request headers within this (default: %(default)s)",
     )
-    http.add_argument(
+    _option(
+        http,
         "--body-timeout-s",
-        type=float,
-        default=_env("BODY_TIMEOUT_S", 30.0, float),
+        30.0,
+        float,
         help="and then its body within this, or get 408 (default: %(default)s)",
     )
-    http.add_argument(
+    _option(
+        http,
         "--timeout-keep-alive-s",
-        type=float,
-        default=_env("TIMEOUT_KEEP_ALIVE_S", 5.0, float),
+        5.0,
+        float,
         help="an idle keep-alive connection is closed after this (default: %(default)s)",
     )
-    http.add_argument(
+    _option(
+        http,
         "--limit-concurrency",
-        type=int,
-        default=_env("LIMIT_CONCURRENCY", 512, int),
+        512,
+        int,
         help="open connections at most; past it uvicorn answers 503 (default: %(default)s)",
     )
-    http.add_argument(
+    _option(
+        http,
         "--max-header-bytes",
-        type=int,
-        default=_env("MAX_HEADER_BYTES", 16 * 1024, int),
+        16 * 1024,
+        int,
         help="request line and headers at most (default: %(default)s)",
     )
     sched = serve.add_argument_group("scheduling")
-    sched.add_argument(
+    _option(
+        sched,
         "--scheduler",
-        default=_env("SCHEDULER", "continuous"),
+        "continuous",
         choices=SCHEDULER_MODES,
         help="continuous: join the running batch at the next step; static: collect a window and "
         "run it to completion; serial: one request at a time (default: %(default)s)",
     )
-    sched.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=_env("MAX_BATCH_SIZE", 64, int),
-        help="running rows at most (default: %(default)s)",
-    )
-    sched.add_argument(
+    _option(sched, "--max-batch-size", 64, int, help="running rows at most (default: %(default)s)")
+    _option(
+        sched,
         "--max-wait-ms",
-        type=float,
-        default=_env("MAX_WAIT_MS", 10.0, float),
+        10.0,
+        float,
         help="when idle, how long to gather a first group (default: %(default)s)",
     )
-    sched.add_argument(
+    _option(
+        sched,
         "--max-queue-rows",
-        type=int,
-        default=_env("MAX_QUEUE_ROWS", 4096, int),
+        4096,
+        int,
         help="waiting rows before answering 503 (default: %(default)s)",
     )
-    sched.add_argument(
+    _option(
+        sched,
         "--max-prefill-tokens",
-        type=int,
-        default=_env("MAX_PREFILL_TOKENS", 8192, int),
+        8192,
+        int,
         help="prompt tokens admitted per step, so a huge prompt cannot stall decoding (default: %(default)s)",
     )
     limits = serve.add_argument_group("limits")
-    limits.add_argument(
-        "--max-new-tokens-limit",
-        type=int,
-        default=_env("MAX_NEW_TOKENS_LIMIT", 1024, int),
-        help="(default: %(default)s)",
-    )
-    limits.add_argument(
-        "--max-prompts-per-request",
-        type=int,
-        default=_env("MAX_PROMPTS_PER_REQUEST", 256, int),
-        help="(default: %(default)s)",
-    )
-    limits.add_argument(
-        "--max-samples-per-prompt",
-        type=int,
-        default=_env("MAX_SAMPLES_PER_PROMPT", 64, int),
-        help="largest n (default: %(default)s)",
-    )
-    limits.add_argument(
+    _option(limits, "--max-new-tokens-limit", 1024, int, help="(default: %(default)s)")
+    _option(limits, "--max-prompts-per-request", 256, int, help="(default: %(default)s)")
+    _option(limits, "--max-samples-per-prompt", 64, int, help="largest n (default: %(default)s)")
+    _option(
+        limits,
         "--request-timeout-s",
-        type=float,
-        default=_env("REQUEST_TIMEOUT_S", 600.0, float),
+        600.0,
+        float,
         help="a request still unfinished after this is dropped with 504 (default: %(default)s)",
     )
-    limits.add_argument(
+    _option(
+        limits,
         "--shutdown-timeout-s",
-        type=float,
-        default=_env("SHUTDOWN_TIMEOUT_S", 30.0, float),
+        30.0,
+        float,
         help="on SIGINT/SIGTERM, time given to in-flight requests (default: %(default)s)",
     )
     replicas = serve.add_argument_group(
@@ -303,40 +336,46 @@ def build_parser() -> argparse.ArgumentParser:
         "replica (one pair and scheduler each; one GPU each on CUDA); --host/--port are Serve's "
         "HTTP endpoint.",
     )
-    replicas.add_argument(
+    _option(
+        replicas,
         "--ray",
+        False,
         action="store_true",
-        default=_env("RAY", False, _env_flag),
         help="serve replicas behind one endpoint on Ray Serve",
     )
-    replicas.add_argument(
+    _option(
+        replicas,
         "--ray-address",
-        default=_env("RAY_ADDRESS", None),
+        None,
         help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting a local one",
     )
-    replicas.add_argument(
+    _option(
+        replicas,
         "--replicas",
-        type=int,
-        default=_env("REPLICAS", 1, int),
+        1,
+        int,
         help="replicas (initial replicas when autoscaling) (default: %(default)s)",
     )
-    replicas.add_argument(
+    _option(
+        replicas,
         "--min-replicas",
-        type=int,
-        default=_env("MIN_REPLICAS", None, int),
+        None,
+        int,
         help="autoscale between --min-replicas and --max-replicas (default: no autoscaling)",
     )
-    replicas.add_argument("--max-replicas", type=int, default=_env("MAX_REPLICAS", None, int))
-    replicas.add_argument(
+    _option(replicas, "--max-replicas", None, int)
+    _option(
+        replicas,
         "--target-ongoing-requests",
-        type=float,
-        default=_env("TARGET_ONGOING_REQUESTS", None, float),
+        None,
+        float,
         help="autoscaling target of requests per replica (default: half of --max-batch-size)",
     )
-    replicas.add_argument(
+    _option(
+        replicas,
         "--max-ongoing-requests",
-        type=int,
-        default=_env("MAX_ONGOING_REQUESTS", None, int),
+        None,
+        int,
         help="requests one replica takes before Serve queues the rest for the next free replica "
         "(default: 2 x --max-batch-size, at most --max-queue-rows)",
     )

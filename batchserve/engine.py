@@ -76,9 +76,6 @@ class LDAEngine:
         # The slots' padded score alphas and mask, rebuilt with the plan; None: no row asks.
         self._scores: tuple[torch.Tensor, torch.Tensor] | None = None
         self.num_steps = 0  # decode steps run so far (admission order evidence for tests)
-        # The logits behind the latest draw: (row ids, after [B, V], before [B, V]). Kept by
-        # reference only, for tests and debugging; costs nothing.
-        self.last_logits: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         # The server encodes on the event loop while the worker decodes; a Rust tokenizer
         # borrowed by two threads at once can raise "Already borrowed".
         self._tokenizer_lock = threading.Lock()
@@ -184,8 +181,6 @@ class LDAEngine:
             for row_blocks in blocks:
                 self.runner.blocks.free(row_blocks)
             raise
-        after, before = self.runner.last_logits
-        self.last_logits = ([r.row_id for r in rows], after, before)
         for row, row_blocks, token in zip(rows, blocks, host_tokens, strict=True):
             state = Row(row_id=row.row_id, params=row.params, seed=row.seed)
             self.slots.append(state)
@@ -210,8 +205,6 @@ class LDAEngine:
         logprobs = self._logprobs(self._scores, slice(0, len(self.slots)), tokens, self._plan)
         host_tokens = self.runner.to_host(tokens)
         self.num_steps += 1
-        after, before = self.runner.last_logits
-        self.last_logits = (self.running_row_ids, after, before)
         for i, (row, token) in enumerate(zip(self.slots, host_tokens, strict=True)):
             self._lengths[i] += 1
             self._append(row, token, logprobs, i)

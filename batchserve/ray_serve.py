@@ -29,6 +29,7 @@ from starlette.requests import Request  # noqa: E402
 
 from batchserve.app import ServerConfig, create_app, health  # noqa: E402
 from batchserve.scheduler import SchedulerConfig  # noqa: E402
+from batchserve.security import HTTPMiddleware  # noqa: E402
 
 log = logging.getLogger("batchserve")
 
@@ -82,17 +83,14 @@ def replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
 
 
-class ReplicaHeaderMiddleware:
+class ReplicaHeaderMiddleware(HTTPMiddleware):
     """Names the replica that answered on every response, so a client can tell them apart."""
 
     def __init__(self, app: Any, replica: str) -> None:
-        self.app, self.header = app, (REPLICA_HEADER.encode(), replica.encode())
+        super().__init__(app)
+        self.header = (REPLICA_HEADER.encode(), replica.encode())
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         async def send_with_header(message: dict) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), self.header]}
@@ -101,7 +99,7 @@ class ReplicaHeaderMiddleware:
         await self.app(scope, receive, send_with_header)
 
 
-class ReplicaFailureMiddleware:
+class ReplicaFailureMiddleware(HTTPMiddleware):
     """In Serve's proxy: a request whose replica died gets 503 + Retry-After, not a bare 500.
 
     The proxy answers a request cut off by a replica's death (killed, crashed, out of memory)
@@ -110,13 +108,7 @@ class ReplicaFailureMiddleware:
     is a pure function of (prompt, parameters, seed), so the client may safely send it again,
     and Serve routes the retry to a live replica while it restarts the dead one."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         state = {"started": False, "replaced": False}
 
         async def send_or_replace(message: dict) -> None:

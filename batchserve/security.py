@@ -61,19 +61,34 @@ def _error(status: int, error: str, detail: Any = None, headers: dict | None = N
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-class ApiKeyMiddleware:
+class HTTPMiddleware:
+    """Pure ASGI middleware that acts on HTTP requests only: lifespan and websocket scopes pass
+    through untouched. A subclass implements `handle` for the HTTP ones."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class ApiKeyMiddleware(HTTPMiddleware):
     """`Authorization: Bearer <key>` on every route but PUBLIC_PATHS, as vLLM's --api-key."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         if not api_key:
             raise ValueError("an empty API key would let everyone in")
-        self.app = app
+        super().__init__(app)
         self.expected = api_key.encode()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            scope["path"] in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD")
-        ):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         token = b""
@@ -102,7 +117,7 @@ class _BodyRefusedError(Exception):
         self.status, self.error = status, error
 
 
-class RequestBodyMiddleware:
+class RequestBodyMiddleware(HTTPMiddleware):
     """JSON only, at most `max_body_bytes`, read within `body_timeout_s`.
 
     A POST must say `Content-Type: application/json`: the types a web page may send without a
@@ -114,14 +129,11 @@ class RequestBodyMiddleware:
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {name: value for name, value in scope["headers"]}
         if scope["method"] in METHODS_WITH_BODY:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
@@ -193,7 +205,7 @@ class RequestBodyMiddleware:
         await _error(err.status, err.error, None, {"Connection": "close"})(scope, receive, send)
 
 
-class ShutdownCancelMiddleware:
+class ShutdownCancelMiddleware(HTTPMiddleware):
     """A handler cancelled while the server shuts down answers the documented 503 JSON.
 
     uvicorn cancels the handlers still running at its graceful-shutdown timeout, or at once on
@@ -201,13 +213,7 @@ class ShutdownCancelMiddleware:
     not retry. Cancellations outside a shutdown propagate untouched.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         is_started = False
 
         async def watched_send(message: Message) -> None:

@@ -7,51 +7,51 @@ target device: initialising 7B parameters on 2 CPU cores takes minutes, on a GPU
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from batchserve.models import ModelPair, pair_from_models
+from batchserve.models import TOY_DIR, ModelPair, pair_from_models
 
-# The toy pair's shape (toy_training/train.py TrainConfig defaults) is `tiny`, so CPU numbers
-# from a random-init `tiny` pair predict the toy pair's speed.
-SHAPES: dict[str, dict] = {
-    "tiny": dict(
-        vocab_size=1024,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-    ),
+# The LlamaConfig fields every shape sets, in the order of the rows of _TABLE.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+_TABLE: dict[str, tuple[tuple[int, ...], dict]] = {
+    # name: ((vocab, hidden, ffn, layers, heads, kv heads, context), other LlamaConfig fields)
     # Llama-3.2-1B: GQA, 128k vocabulary, tied embeddings.
-    "llama-1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
+    "llama-1b": (
+        (128256, 2048, 8192, 16, 32, 8, 4096),
+        {"tie_word_embeddings": True, "rope_theta": 500000.0},
     ),
     # Llama-2-7B: the reference shape of the H200 numbers in issue 2 and issue 6.
-    "llama-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-    ),
+    "llama-7b": ((32000, 4096, 11008, 32, 32, 32, 4096), {"rms_norm_eps": 1e-5}),
+}
+
+
+def _toy_shape() -> dict:
+    """The embedded toy pair's own shape, read from its config: CPU numbers from a random-init
+    `tiny` pair then predict the toy pair's speed, and a retrained toy cannot drift from it."""
+    config = json.loads((TOY_DIR / "after" / "config.json").read_text(encoding="utf-8"))
+    return {k: config[k] for k in (*SHAPE_FIELDS, "tie_word_embeddings", "rms_norm_eps")}
+
+
+SHAPES: dict[str, dict] = {
+    "tiny": _toy_shape(),
+    **{
+        name: dict(zip(SHAPE_FIELDS, row, strict=True), **other)
+        for name, (row, other) in _TABLE.items()
+    },
 }
 
 PAD_ID, BOS_ID, EOS_ID = 1, 2, 3
@@ -63,16 +63,11 @@ WORDS = (  # noqa: SIM905 - a sentence reads better than 50 quoted words
 ).split()
 
 
-def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer with exactly vocab_size ids, so the whole logit width is sampled."""
-    vocab = {"<unk>": 0, "<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
-    for word in ["###", "Instruction:", "Response:", "Input:", *WORDS]:
-        vocab.setdefault(word, len(vocab))
-    for i in range(vocab_size - len(vocab)):
-        vocab[f"w{i}"] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")
+SPECIAL_TOKENS = {"<unk>": 0, "<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+
+
+def fast_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """`backend` with the special tokens of SPECIAL_TOKENS named (its vocabulary starts so)."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
@@ -80,6 +75,25 @@ def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
     )
+
+
+def word_tokenizer(words: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Whitespace-split words, one id each after the special tokens, then filler words `w0`,
+    `w1`, ... up to vocab_size ids. Built in code for random-init pairs (benchmarks, tests)."""
+    vocab = dict(SPECIAL_TOKENS)
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    for i in range(vocab_size - len(vocab)):
+        vocab.setdefault(f"w{i}", len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    return fast_tokenizer(backend)
+
+
+def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer with exactly vocab_size ids, so the whole logit width is sampled."""
+    return word_tokenizer(["###", "Instruction:", "Response:", "Input:", *WORDS], vocab_size)
 
 
 def shape_config(shape: str) -> LlamaConfig:

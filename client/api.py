@@ -138,8 +138,36 @@ class _Attempts:
             return self._retry("503", self.policy.delay_for_503_s(response, self.attempt))
         return None
 
+    def decide(self, outcome: httpx.Response | Exception) -> httpx.Response | float:
+        """The response that answers the call, or the delay before the next try (or raise)."""
+        if isinstance(outcome, Exception):
+            return self.after_exception(outcome)
+        delay_s = self.after_response(outcome)
+        return outcome if delay_s is None else delay_s
+
+
+class _HealthWait:
+    """Sans-IO /health polling: the ready answer, None to poll again, or raise past the deadline."""
+
+    def __init__(self, base_url: str, timeout_s: float) -> None:
+        self.base_url = base_url
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+
+    def decide(self, probe: Health | ServerUnreachableError) -> Health | None:
+        if isinstance(probe, Health) and probe.is_ready:
+            return probe
+        if time.monotonic() >= self.deadline:
+            raise ServerUnreachableError(
+                f"{self.base_url} not healthy after {self.timeout_s:g} s (last: {probe})"
+            )
+        return None
+
 
 class _ClientBase:
+    """Settings, request building and response reading shared by the twins: each subclass adds
+    only its httpx client, the awaited or blocking transport call and the sleep."""
+
     def __init__(
         self,
         base_url: str = DEFAULT_SERVER,
@@ -148,6 +176,7 @@ class _ClientBase:
         connect_timeout_s: float = 10.0,
         retry: RetryPolicy | None = None,
         on_retry: RetryHook | None = None,
+        transport: Any = None,
         api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -159,6 +188,18 @@ class _ClientBase:
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self.retry = retry or RetryPolicy()
         self.on_retry = on_retry
+        self._http = self._open(transport)
+
+    def _open(self, transport: Any) -> Any:
+        raise NotImplementedError
+
+    def _http_options(self, transport: Any) -> dict[str, Any]:
+        return {
+            "base_url": self.base_url,
+            "timeout": self.timeout,
+            "transport": transport,
+            "headers": self.headers,
+        }
 
     def _attempts(self, call: _Call[Any]) -> _Attempts:
         return _Attempts(self.retry, call, self.base_url + call.path, self.on_retry)
@@ -170,30 +211,11 @@ class LDAClient(_ClientBase):
     `api_key` (default: $BATCHSERVE_API_KEY) is sent as a Bearer token, for a server started
     with --api-key. Generation methods take the request fields of DESIGN.md as keyword arguments (alpha,
     max_new_tokens, temperature, top_p, seed, ignore_eos, ...); unknown names raise at once.
+    `transport` is an `httpx.BaseTransport` (tests pass a mock).
     """
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_SERVER,
-        *,
-        timeout_s: float = 600.0,
-        connect_timeout_s: float = 10.0,
-        retry: RetryPolicy | None = None,
-        on_retry: RetryHook | None = None,
-        transport: httpx.BaseTransport | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        super().__init__(
-            base_url,
-            timeout_s=timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            retry=retry,
-            on_retry=on_retry,
-            api_key=api_key,
-        )
-        self._http = httpx.Client(
-            base_url=self.base_url, timeout=self.timeout, transport=transport, headers=self.headers
-        )
+    def _open(self, transport: httpx.BaseTransport | None) -> httpx.Client:
+        return httpx.Client(**self._http_options(transport))
 
     def __enter__(self) -> LDAClient:
         return self
@@ -204,18 +226,17 @@ class LDAClient(_ClientBase):
     def close(self) -> None:
         self._http.close()
 
+    def _try(self, call: _Call[Any]) -> httpx.Response | Exception:
+        try:
+            return self._http.request(call.method, call.path, json=call.body)
+        except Exception as exc:
+            return exc
+
     def _send(self, call: _Call[Any]) -> httpx.Response:
         attempts = self._attempts(call)
-        while True:
-            try:
-                response = self._http.request(call.method, call.path, json=call.body)
-            except Exception as exc:
-                time.sleep(attempts.after_exception(exc))
-                continue
-            delay_s = attempts.after_response(response)
-            if delay_s is None:
-                return response
-            time.sleep(delay_s)
+        while not isinstance(step := attempts.decide(self._try(call)), httpx.Response):
+            time.sleep(step)
+        return step
 
     def _call(self, call: _Call[ModelT]) -> ModelT:
         return _parse(call, self._send(call))
@@ -242,54 +263,33 @@ class LDAClient(_ClientBase):
         """One probe, no retries: 503 (still loading) is an answer, not an error."""
         return _parse_health(self._send(_HEALTH_CALL))
 
+    def _probe(self) -> Health | ServerUnreachableError:
+        try:
+            return self.health()
+        except ServerUnreachableError as exc:
+            return exc
+
     def wait_until_healthy(self, timeout_s: float = 60.0, poll_s: float = 0.5) -> Health:
         """Poll /health until the models are loaded; raise ServerUnreachableError on timeout."""
-        deadline = time.monotonic() + timeout_s
-        last: Exception | Health | None = None
-        while True:
-            try:
-                last = self.health()
-                if last.is_ready:
-                    return last
-            except ServerUnreachableError as exc:
-                last = exc
-            if time.monotonic() >= deadline:
-                raise ServerUnreachableError(
-                    f"{self.base_url} not healthy after {timeout_s:g} s (last: {last})"
-                )
+        wait = _HealthWait(self.base_url, timeout_s)
+        while (ready := wait.decide(self._probe())) is None:
             time.sleep(poll_s)
+        return ready
 
 
 class AsyncLDAClient(_ClientBase):
-    """The asyncio twin of `LDAClient`: same methods, awaited."""
+    """The asyncio twin of `LDAClient`: same options and methods, awaited; `transport` is an
+    `httpx.AsyncBaseTransport`, and `max_connections` bounds the connection pool."""
 
     def __init__(
-        self,
-        base_url: str = DEFAULT_SERVER,
-        *,
-        timeout_s: float = 600.0,
-        connect_timeout_s: float = 10.0,
-        retry: RetryPolicy | None = None,
-        on_retry: RetryHook | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int = 100,
-        api_key: str | None = None,
+        self, base_url: str = DEFAULT_SERVER, *, max_connections: int = 100, **options: Any
     ) -> None:
-        super().__init__(
-            base_url,
-            timeout_s=timeout_s,
-            connect_timeout_s=connect_timeout_s,
-            retry=retry,
-            on_retry=on_retry,
-            api_key=api_key,
-        )
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=self.timeout,
-            transport=transport,
-            limits=httpx.Limits(max_connections=max_connections),
-            headers=self.headers,
-        )
+        self.max_connections = max_connections
+        super().__init__(base_url, **options)
+
+    def _open(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=self.max_connections)
+        return httpx.AsyncClient(limits=limits, **self._http_options(transport))
 
     async def __aenter__(self) -> AsyncLDAClient:
         return self
@@ -300,18 +300,17 @@ class AsyncLDAClient(_ClientBase):
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def _try(self, call: _Call[Any]) -> httpx.Response | Exception:
+        try:
+            return await self._http.request(call.method, call.path, json=call.body)
+        except Exception as exc:
+            return exc
+
     async def _send(self, call: _Call[Any]) -> httpx.Response:
         attempts = self._attempts(call)
-        while True:
-            try:
-                response = await self._http.request(call.method, call.path, json=call.body)
-            except Exception as exc:
-                await asyncio.sleep(attempts.after_exception(exc))
-                continue
-            delay_s = attempts.after_response(response)
-            if delay_s is None:
-                return response
-            await asyncio.sleep(delay_s)
+        while not isinstance(step := attempts.decide(await self._try(call)), httpx.Response):
+            await asyncio.sleep(step)
+        return step
 
     async def _call(self, call: _Call[ModelT]) -> ModelT:
         return _parse(call, await self._send(call))
@@ -338,19 +337,15 @@ class AsyncLDAClient(_ClientBase):
         """One probe, no retries: 503 (still loading) is an answer, not an error."""
         return _parse_health(await self._send(_HEALTH_CALL))
 
+    async def _probe(self) -> Health | ServerUnreachableError:
+        try:
+            return await self.health()
+        except ServerUnreachableError as exc:
+            return exc
+
     async def wait_until_healthy(self, timeout_s: float = 60.0, poll_s: float = 0.5) -> Health:
         """Poll /health until the models are loaded; raise ServerUnreachableError on timeout."""
-        deadline = time.monotonic() + timeout_s
-        last: Exception | Health | None = None
-        while True:
-            try:
-                last = await self.health()
-                if last.is_ready:
-                    return last
-            except ServerUnreachableError as exc:
-                last = exc
-            if time.monotonic() >= deadline:
-                raise ServerUnreachableError(
-                    f"{self.base_url} not healthy after {timeout_s:g} s (last: {last})"
-                )
+        wait = _HealthWait(self.base_url, timeout_s)
+        while (ready := wait.decide(await self._probe())) is None:
             await asyncio.sleep(poll_s)
+        return ready

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -47,6 +48,7 @@ _WORDS = [
     "serve",
     "cool",
 ]
+ModelT = TypeVar("ModelT", bound=BaseModel)
 MODEL_AFTER = "fake/after"
 MODEL_BEFORE = "fake/before"
 
@@ -86,31 +88,48 @@ def _error(status: int, error: str, detail: object = None, **headers: str) -> JS
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
+class _Refused(Exception):
+    """Ends a route with `response` (an error); create_app's one handler sends it."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+async def _send_refusal(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _Refused)
+    return exc.response
+
+
+async def _parse(request: Request, model: type[ModelT]) -> ModelT:
     try:
         body = await request.json()
     except ValueError:
-        return _error(422, "body is not JSON")
+        raise _Refused(_error(422, "body is not JSON")) from None
     try:
         return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         name = ".".join(str(part) for part in first["loc"]) or "body"
-        return _error(422, f"invalid field '{name}': {first['msg']}", exc.errors(include_url=False))
+        problem = f"invalid field '{name}': {first['msg']}"
+        raise _Refused(_error(422, problem, exc.errors(include_url=False))) from None
 
 
-async def _gate(request: Request) -> JSONResponse | None:
+async def _gate(request: Request) -> None:
     """Apply the scripted failures and delay shared by every generation route."""
     state: FakeState = request.app.state.fake
     state.num_requests += 1
     if not state.is_loaded:
-        return _error(503, "models are not loaded yet", None, **_retry_after(state))
+        raise _Refused(_error(503, "models are not loaded yet", None, **_retry_after(state)))
     if state.fail_next > 0:
         state.fail_next -= 1
-        return _error(503, "queue is full", None, **_retry_after(state))
+        raise _Refused(_error(503, "queue is full", None, **_retry_after(state)))
     if state.delay_s:
         await asyncio.sleep(state.delay_s)
-    return None
+
+
+def _seed(seed: int | None) -> int:
+    return seed if seed is not None else random.randrange(2**31)
 
 
 def _retry_after(state: FakeState) -> dict[str, str]:
@@ -169,14 +188,9 @@ def _fake_logprobs(
 
 async def generate_lda(request: Request) -> Response:
     parsed = await _parse(request, LDARequest)
-    if isinstance(parsed, Response):
-        return parsed
-    assert isinstance(parsed, LDARequest)
-    if (failure := await _gate(request)) is not None:
-        return failure
-    seed = parsed.seed if parsed.seed is not None else random.randrange(2**31)
+    await _gate(request)
     request.app.state.fake.seen_seeds.append(parsed.seed)
-    row = _row(parsed.prompt, parsed, seed)
+    row = _row(parsed.prompt, parsed, _seed(parsed.seed))
     return JSONResponse(
         {**row, "alpha": parsed.alpha, "model_after": MODEL_AFTER, "model_before": MODEL_BEFORE}
     )
@@ -185,17 +199,13 @@ async def generate_lda(request: Request) -> Response:
 async def generate_lda_batch(request: Request) -> Response:
     state: FakeState = request.app.state.fake
     parsed = await _parse(request, LDABatchRequest)
-    if isinstance(parsed, Response):
-        return parsed
-    assert isinstance(parsed, LDABatchRequest)
     num_rows = len(parsed.prompts) * parsed.n
     if num_rows > state.max_prompts_per_request:
         return _error(413, f"too many prompts: {num_rows} rows > {state.max_prompts_per_request}")
-    if (failure := await _gate(request)) is not None:
-        return failure
+    await _gate(request)
     state.seen_seeds.append(parsed.seed)
     state.num_rows += num_rows
-    base = parsed.seed if parsed.seed is not None else random.randrange(2**31)
+    base = _seed(parsed.seed)
     rows = [(prompt, sample) for prompt in parsed.prompts for sample in range(parsed.n)]
     per_prompt = state.row_seeds == "per_prompt"
     results = [
@@ -215,12 +225,8 @@ async def generate_lda_batch(request: Request) -> Response:
 
 async def generate(request: Request) -> Response:
     parsed = await _parse(request, GenerateRequest)
-    if isinstance(parsed, Response):
-        return parsed
-    assert isinstance(parsed, GenerateRequest)
-    if (failure := await _gate(request)) is not None:
-        return failure
-    seed = parsed.seed if parsed.seed is not None else random.randrange(2**31)
+    await _gate(request)
+    seed = _seed(parsed.seed)
     outputs = {}
     for key, model_id, alpha in (("model_1", MODEL_AFTER, 0.0), ("model_2", MODEL_BEFORE, -1.0)):
         completion = fake_completion(parsed.prompt, alpha, seed, parsed.max_new_tokens)
@@ -307,7 +313,8 @@ def create_app(state: FakeState | None = None) -> Starlette:
             Route("/metrics", metrics),
             Route("/_fake/control", control, methods=["POST"]),
             Route("/_fake/stats", stats),
-        ]
+        ],
+        exception_handlers={_Refused: _send_refusal},
     )
     app.state.fake = state or FakeState()
     return app

@@ -279,73 +279,47 @@ async def test_cancelled_request_frees_its_rows(llama_pair: ModelPair) -> None:
         assert ok.status_code == 200
 
 
+def bad(
+    raw: bytes,
+    needle: str,
+    status: int = 422,
+    path: str = "/generate_lda",
+    content_type: str = "application/json",
+) -> tuple[str, bytes, str, int, str]:
+    """A body the server must refuse with `status` and an error naming `needle`."""
+    return path, raw, content_type, status, needle
+
+
 BAD_INPUTS = [
-    ("/generate_lda", b'{"prompt": "hi", ', "application/json", 400, "malformed JSON"),
-    ("/generate_lda", b'["hi"]', "application/json", 422, "JSON object"),
-    ("/generate_lda", b'{"max_new_tokens": 5}', "application/json", 422, "prompt"),
-    ("/generate_lda", b'{"prompt": ""}', "application/json", 422, "prompt"),
-    ("/generate_lda", b'{"prompt": 42}', "application/json", 422, "prompt"),
-    (
-        "/generate_lda",
-        b'{"prompt": "hi", "max_new_tokens": "10"}',
-        "application/json",
-        422,
-        "max_new_tokens",
-    ),
-    ("/generate_lda", b'{"prompt": "hi", "alpha": NaN}', "application/json", 422, "alpha"),
-    ("/generate_lda", b'{"prompt": "hi", "alpha": Infinity}', "application/json", 422, "alpha"),
-    (
-        "/generate_lda",
-        b'{"prompt": "hi", "max_new_tokens": -3}',
-        "application/json",
-        422,
-        "max_new_tokens",
-    ),
-    (
-        "/generate_lda",
-        b'{"prompt": "hi", "max_new_tokens": 100000000}',
-        "application/json",
-        422,
-        "max_new_tokens",
-    ),
-    ("/generate_lda", b'{"prompt": "hi", "top_p": 0}', "application/json", 422, "top_p"),
-    ("/generate_lda", b'{"prompt": "hi", "top_p": 1.5}', "application/json", 422, "top_p"),
-    (
-        "/generate_lda",
-        b'{"prompt": "hi", "temperature": -0.1}',
-        "application/json",
-        422,
-        "temperature",
-    ),
-    ("/generate_lda", b'{"prompt": "hi", "seed": -1}', "application/json", 422, "seed"),
-    (
-        "/generate_lda",
-        b'{"prompt": "hi", "temprature": 0.5}',
-        "application/json",
-        422,
-        "temprature",
-    ),
-    ("/generate_lda", b'{"prompt": "hi"}', "text/plain", 415, "Content-Type"),
-    ("/generate_lda", b"prompt=hi", "application/x-www-form-urlencoded", 415, "Content-Type"),
-    (
-        "/generate_lda",
-        json.dumps({"prompt": "cat " * 2000}).encode(),
-        "application/json",
-        413,
-        "context",
-    ),
-    ("/generate_lda_batch", b'{"prompts": []}', "application/json", 422, "prompts"),
-    ("/generate_lda_batch", b'{"prompts": ["ok", ""]}', "application/json", 422, "prompts.1"),
-    ("/generate_lda_batch", b'{"prompts": "hi"}', "application/json", 422, "prompts"),
-    (
-        "/generate_lda_batch",
+    bad(b'{"prompt": "hi", ', "malformed JSON", 400),
+    bad(b'["hi"]', "JSON object"),
+    bad(b'{"max_new_tokens": 5}', "prompt"),
+    bad(b'{"prompt": ""}', "prompt"),
+    bad(b'{"prompt": 42}', "prompt"),
+    bad(b'{"prompt": "hi", "max_new_tokens": "10"}', "max_new_tokens"),
+    bad(b'{"prompt": "hi", "alpha": NaN}', "alpha"),
+    bad(b'{"prompt": "hi", "alpha": Infinity}', "alpha"),
+    bad(b'{"prompt": "hi", "max_new_tokens": -3}', "max_new_tokens"),
+    bad(b'{"prompt": "hi", "max_new_tokens": 100000000}', "max_new_tokens"),
+    bad(b'{"prompt": "hi", "top_p": 0}', "top_p"),
+    bad(b'{"prompt": "hi", "top_p": 1.5}', "top_p"),
+    bad(b'{"prompt": "hi", "temperature": -0.1}', "temperature"),
+    bad(b'{"prompt": "hi", "seed": -1}', "seed"),
+    bad(b'{"prompt": "hi", "temprature": 0.5}', "temprature"),
+    bad(b'{"prompt": "hi"}', "Content-Type", 415, content_type="text/plain"),
+    bad(b"prompt=hi", "Content-Type", 415, content_type="application/x-www-form-urlencoded"),
+    bad(json.dumps({"prompt": "cat " * 2000}).encode(), "context", 413),
+    bad(b'{"prompts": []}', "prompts", path="/generate_lda_batch"),
+    bad(b'{"prompts": ["ok", ""]}', "prompts.1", path="/generate_lda_batch"),
+    bad(b'{"prompts": "hi"}', "prompts", path="/generate_lda_batch"),
+    bad(
         json.dumps({"prompts": ["x"] * 10000}).encode(),
-        "application/json",
-        413,
         "too many prompts",
+        413,
+        path="/generate_lda_batch",
     ),
-    ("/generate_lda_batch", b'{"prompts": ["hi"], "n": 0}', "application/json", 422, "n"),
-    ("/generate", b'{"prompt": "hi", "alpha": 2}', "application/json", 422, "alpha"),
+    bad(b'{"prompts": ["hi"], "n": 0}', "n", path="/generate_lda_batch"),
+    bad(b'{"prompt": "hi", "alpha": 2}', "alpha", path="/generate"),
 ]
 
 

@@ -34,6 +34,12 @@ def pair_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return save_tiny_pair(tmp_path_factory.mktemp("tiny-pair"))
 
 
+def generate_argv(pair_dirs: tuple[str, str], prompts: Path, *options: str) -> list[str]:
+    """`batchserve generate` with the tiny pair on disk and a prompts file, then `options`."""
+    after, before = pair_dirs
+    return ["generate", "--after", after, "--before", before, "--prompts", str(prompts), *options]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -51,17 +57,7 @@ def test_generate_jsonl_end_to_end_in_input_order(
         ],
     )
     out = tmp_path / "out.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "batchserve.cli",
-        "generate",
-        "--after",
-        pair_dirs[0],
-        "--before",
-        pair_dirs[1],
-        "--prompts",
-        str(prompts),
+    options = [
         "--output",
         str(out),
         "--max-new-tokens",
@@ -71,6 +67,7 @@ def test_generate_jsonl_end_to_end_in_input_order(
         "--max-batch-size",
         "2",
     ]
+    cmd = [sys.executable, "-m", "batchserve.cli", *generate_argv(pair_dirs, prompts, *options)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -91,20 +88,9 @@ def test_generate_txt_to_stdout_is_reproducible_with_a_seed(
 ) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n\nsecond prompt\n")
-    argv = [
-        "generate",
-        "--after",
-        pair_dirs[0],
-        "--before",
-        pair_dirs[1],
-        "--prompts",
-        str(prompts),
-        "--seed",
-        "11",
-        "--max-new-tokens",
-        "5",
-        "--no-progress",
-    ]
+    argv = generate_argv(
+        pair_dirs, prompts, "--seed", "11", "--max-new-tokens", "5", "--no-progress"
+    )
     assert main(argv) == 0
     first = capsys.readouterr().out.splitlines()
     assert main(argv) == 0
@@ -117,17 +103,7 @@ def test_bad_prompt_rows_name_the_line_and_field(
 ) -> None:
     prompts = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"prompt": "x", "top_p": 3}])
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: top_p"):
-        main(
-            [
-                "generate",
-                "--after",
-                pair_dirs[0],
-                "--before",
-                pair_dirs[1],
-                "--prompts",
-                str(prompts),
-            ]
-        )
+        main(generate_argv(pair_dirs, prompts))
     with pytest.raises(SystemExit, match="does not exist"):
         main(["generate", "--prompts", str(tmp_path / "missing.txt")])
 
@@ -160,15 +136,13 @@ def test_generate_writes_logprobs_only_when_asked(
 ) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\nthe cat\n")
-    base = [
-        "generate", "--after", pair_dirs[0], "--before", pair_dirs[1], "--prompts", str(prompts),
-        "--max-new-tokens", "4", "--seed", "5", "--temperature", "1", "--top-p", "1",
-        "--ignore-eos", "--no-progress", "--threads", "1",
-    ]
+    base = generate_argv(
+        pair_dirs, prompts, "--max-new-tokens", "4", "--seed", "5", "--temperature", "1",
+        "--top-p", "1", "--ignore-eos", "--no-progress", "--threads", "1",
+    )  # fmt: skip
     assert main([*base, "--output", str(tmp_path / "plain.jsonl")]) == 0
-    assert main(
-        [*base, "--output", str(tmp_path / "lp.jsonl"), "--logprobs", "--score-alphas", "0", "1"]
-    ) == 0
+    asking = ["--output", str(tmp_path / "lp.jsonl"), "--logprobs", "--score-alphas", "0", "1"]
+    assert main([*base, *asking]) == 0
     plain = [json.loads(x) for x in (tmp_path / "plain.jsonl").read_text().splitlines()]
     asked = [json.loads(x) for x in (tmp_path / "lp.jsonl").read_text().splitlines()]
     assert all("logprobs" not in r for r in plain)

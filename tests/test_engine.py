@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from batchserve.engine import LDAEngine, RowError, RunnerConfig, generate, iter_generate
 from batchserve.models import ModelPair
 from batchserve.seeds import sample_seeds
-from batchserve.types import EngineRow, GenerationRequest, SamplingParams
+from batchserve.types import EngineRow, GenerationRequest, Row, SamplingParams
 
 PROMPTS = [
     "hello",
@@ -23,6 +23,7 @@ PROMPTS = [
     "the dog ran",
 ]
 GREEDY = SamplingParams(alpha=1.5, temperature=0.0, max_new_tokens=12, ignore_eos=True)
+WITH_LOGPROBS = dataclasses.replace(GREEDY, logprobs=True)
 FAMILIES = ["llama", "gpt2", "qwen2", "qwen3", "mistral", "olmo2"]
 
 
@@ -41,59 +42,67 @@ def rows_for(
     ]
 
 
-def logits_by_row(engine: LDAEngine) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    ids, after, before = engine.last_logits
-    return {row_id: (after[i], before[i]) for i, row_id in enumerate(ids)}
-
-
 @torch.no_grad()
-def reference_logits(models: tuple, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both models' next-token logits after `ids`, by a plain single-sequence forward."""
-    return tuple(m(torch.tensor([ids])).logits[0, -1].float() for m in models)
+def reference_next_logits(models: tuple, prompt: list[int], tokens: list[int], vocab: int):
+    """Both models' logits [T, vocab] before each of `tokens`: one plain forward over the
+    prompt and the tokens (causal, so position t sees exactly the prompt and tokens[:t])."""
+    ids = torch.tensor([prompt + tokens])
+    cut = slice(len(prompt) - 1, len(prompt) - 1 + len(tokens))
+    return tuple(m(ids).logits[0, cut, :vocab].float() for m in models)
 
 
-def assert_matches_reference(engine, models, row_prompt: dict[int, list[int]]) -> None:
-    """Each running row's latest logits equal a fresh forward over its prompt + tokens."""
-    got = logits_by_row(engine)
-    rows = {r.row_id: r for r in engine.running_rows}
-    for row_id, (after, before) in got.items():
-        tokens = rows[row_id].token_ids[:-1] if row_id in rows else []
-        ref_after, ref_before = reference_logits(models, row_prompt[row_id] + tokens)
-        assert (after - ref_after).abs().max().item() < 1e-4, row_id
-        assert (before - ref_before).abs().max().item() < 1e-4, row_id
+def run_to_completion(engine: LDAEngine, finished: list[Row]) -> dict[int, Row]:
+    while engine.num_running:
+        finished = finished + engine.step()
+    return {r.row_id: r for r in finished}
 
 
-def test_each_row_matches_its_single_prompt_logits_at_prefill_and_after_10_steps(
-    family,
-) -> None:
+def assert_matches_reference(engine, models, rows: list[EngineRow], done: dict[int, Row]) -> None:
+    """Every token of every row (the prefill's and each step's) is the greedy choice of the
+    amplified reference logits, and the log-probabilities the engine reports for it under each
+    model equal those of a plain forward over the row's prompt and tokens alone."""
+    vocab = engine.pair.vocab_limit
+    for row in rows:
+        result = engine.build_result("", "", done[row.row_id])
+        tokens = list(result.token_ids)
+        assert len(result.logprobs.after) == len(tokens) == row.params.max_new_tokens
+        after, before = reference_next_logits(models, list(row.prompt_ids), tokens, vocab)
+        amplified = after + row.params.alpha * (after - before)
+        for t, token in enumerate(tokens):
+            assert amplified[t, token] >= amplified[t].max() - 1e-4, (row.row_id, t)
+        picked = torch.tensor(tokens)[:, None]
+        for name, logits in (("after", after), ("before", before)):
+            expected = logits.log_softmax(-1).gather(1, picked)[:, 0].tolist()
+            got = list(getattr(result.logprobs, name))
+            assert got == pytest.approx(expected, abs=1e-4), (row.row_id, name)
+
+
+def test_each_row_matches_its_single_prompt_logits_at_prefill_and_every_step(family) -> None:
     pair, models = family
     engine = LDAEngine(pair)
-    rows = rows_for(engine, PROMPTS, GREEDY)
-    prompt_of = {r.row_id: list(r.prompt_ids) for r in rows}
-    engine.admit(rows)
-    assert_matches_reference(engine, models, prompt_of)
+    rows = rows_for(engine, PROMPTS, WITH_LOGPROBS)
+    finished = engine.admit(rows)
     for _ in range(10):
-        engine.step()
+        finished += engine.step()
     assert engine.num_running == len(PROMPTS)
-    assert_matches_reference(engine, models, prompt_of)
+    assert_matches_reference(engine, models, rows, run_to_completion(engine, finished))
 
 
 def test_rows_admitted_mid_run_beside_other_lengths_match_single_prompt_logits(family) -> None:
     pair, models = family
     engine = LDAEngine(pair)
-    params = dataclasses.replace(GREEDY, max_new_tokens=20)
+    params = dataclasses.replace(WITH_LOGPROBS, max_new_tokens=20)
     first = rows_for(engine, PROMPTS[:2], params)
-    engine.admit(first)
+    finished = engine.admit(first)
     for _ in range(5):
-        engine.step()
+        finished += engine.step()
     late = rows_for(engine, PROMPTS[2:4], params, start=2)
-    engine.admit(late)
-    prompt_of = {r.row_id: list(r.prompt_ids) for r in first + late}
-    assert_matches_reference(engine, models, prompt_of)  # the newcomers' prefill
+    finished += engine.admit(late)  # the newcomers' prefill, beside rows 6 tokens in
     for _ in range(6):
-        engine.step()
+        finished += engine.step()
     assert sorted(engine.running_row_ids) == [0, 1, 2, 3]
-    assert_matches_reference(engine, models, prompt_of)
+    done = run_to_completion(engine, finished)
+    assert_matches_reference(engine, models, first + late, done)
 
 
 def _lengths(n: int) -> list[str]:
@@ -148,8 +157,9 @@ def test_greedy_tokens_are_the_argmax_of_the_amplified_reference_logits(alpha: f
         strict=True,
     ):
         engine_ids = list(LDAEngine(pair).encode(LDAEngine(pair).format(prompt)))
-        for t, token in enumerate(result.token_ids):
-            after, before = reference_logits(models, engine_ids + list(result.token_ids[:t]))
+        tokens = list(result.token_ids)
+        afters, befores = reference_next_logits(models, engine_ids, tokens, pair.vocab_limit)
+        for token, after, before in zip(tokens, afters, befores, strict=True):
             assert not torch.allclose(after, before)  # else the formula would be untested
             expected = after + alpha * (after - before)
             assert token == int(expected.argmax())
@@ -331,6 +341,16 @@ class _SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def assert_steps_read_the_device_once(engine: LDAEngine, num_steps: int = 3) -> None:
+    """Each of the next steps syncs nowhere but its one device-to-host copy of the tokens."""
+    for _ in range(num_steps):
+        transfers = engine.runner.num_host_transfers
+        with _SyncCounter() as counter:
+            engine.step()
+        assert counter.syncs == []
+        assert engine.runner.num_host_transfers == transfers + 1
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -344,12 +364,7 @@ def test_a_decode_step_reads_the_device_back_exactly_once(llama_pair, params) ->
     engine = LDAEngine(llama_pair, runner_config=RunnerConfig(top_k_cap=4, sync_free=True))
     engine.admit(rows_for(engine, PROMPTS, params))
     engine.admit(rows_for(engine, PROMPTS[:2], dataclasses.replace(params, alpha=-0.5), start=10))
-    for _ in range(3):
-        transfers = engine.runner.num_host_transfers
-        with _SyncCounter() as counter:
-            engine.step()
-        assert counter.syncs == []
-        assert engine.runner.num_host_transfers == transfers + 1
+    assert_steps_read_the_device_once(engine)
 
 
 # --- rows that must fail alone ----------------------------------------------------------------

@@ -113,7 +113,7 @@ def test_untruncated_sampled_logprob_at_alpha_zero_is_the_after_models(llama_pai
     ],
 )
 def test_asking_for_logprobs_adds_no_host_sync_to_a_step(llama_pair, params) -> None:
-    from test_engine import _SyncCounter, rows_for
+    from test_engine import assert_steps_read_the_device_once, rows_for
 
     from batchserve.runner import RunnerConfig
 
@@ -121,11 +121,10 @@ def test_asking_for_logprobs_adds_no_host_sync_to_a_step(llama_pair, params) -> 
     asking = dataclasses.replace(params, logprobs=True, score_alphas=(0.0, 0.5, 2.0))
     engine.admit(rows_for(engine, PROMPTS, asking))
     engine.admit(rows_for(engine, PROMPTS[:2], params, start=10))  # and rows that do not ask
-    for _ in range(3):
-        transfers = engine.runner.num_host_transfers
-        with _SyncCounter() as counter:
-            engine.step()
-        assert counter.syncs == []
-        assert engine.runner.num_host_transfers == transfers + 1
-    assert all(len(r.logprob_steps) == len(r.token_ids) for r in engine.slots[: len(PROMPTS)])
-    assert all(not r.logprob_steps for r in engine.slots[len(PROMPTS) :])
+    assert_steps_read_the_device_once(engine)
+    for row in engine.running_rows:
+        logprobs = engine.build_result("", "", row).logprobs
+        if row.row_id < 10:
+            assert len(logprobs.after) == len(row.token_ids) == 4  # the prefill's and 3 steps'
+        else:
+            assert logprobs is None

