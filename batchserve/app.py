@@ -19,12 +19,18 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchserve import __version__, openai_api, playground
-from batchserve.bodies import BodyError, max_prompt_chars, parse_json_off_loop
+from batchserve.bodies import (
+    BodyRejected,
+    max_prompt_chars,
+    read_json_object,
+    summarize,
+    validation_problems,
+)
 from batchserve.metrics import Metrics
 from batchserve.scheduler import (
     Completion,
@@ -95,28 +101,13 @@ class APIError(Exception):
 
 
 async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
-    # Content-Type, size and read time are enforced for every route by security.py.
     try:
-        data = await parse_json_off_loop(await request.body())
-    except BodyError as err:
-        raise APIError(400, str(err)) from None
-    except ClientDisconnect:
-        raise APIError(499, "client disconnected") from None
-    if not isinstance(data, dict):
-        raise APIError(422, f"request body must be a JSON object, not {type(data).__name__}")
-    try:
-        return schema.model_validate(data)
+        return schema.model_validate(await read_json_object(request))
+    except BodyRejected as err:
+        raise APIError(err.status, str(err)) from None
     except ValidationError as err:
-        problems = [
-            {
-                "field": ".".join(str(p) for p in e["loc"]) or "body",
-                "message": e["msg"],
-                "type": e["type"],
-            }
-            for e in err.errors(include_url=False, include_input=False)
-        ]
-        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-        raise APIError(422, f"invalid request: {summary}", problems) from None
+        problems = validation_problems(err)
+        raise APIError(422, summarize(problems), problems) from None
 
 
 def sampling_params(body: SamplingFields, config: ServerConfig, alpha: float) -> SamplingParams:

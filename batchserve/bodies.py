@@ -8,6 +8,9 @@ import asyncio
 import json
 from typing import Any
 
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect, Request
+
 # Deeper than any body of the API needs (an object holding a list of strings, or a list of
 # message objects); the C parser recurses once per level and raises RecursionError near 1000.
 MAX_JSON_DEPTH = 32
@@ -69,6 +72,44 @@ async def parse_json_off_loop(body: bytes) -> Any:
     if len(body) <= INLINE_PARSE_BYTES:
         return parse_json(body)
     return await asyncio.to_thread(parse_json, body)
+
+
+class BodyRejected(Exception):
+    """A body refused before validation; each route family answers it in its own error shape."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object: 400 for bad JSON, 422 for another JSON value, 499 when the
+    client left. Content-Type, size and read time are enforced for every route by security.py."""
+    try:
+        data = await parse_json_off_loop(await request.body())
+    except BodyError as err:
+        raise BodyRejected(400, str(err)) from None
+    except ClientDisconnect:
+        raise BodyRejected(499, "client disconnected") from None
+    if not isinstance(data, dict):
+        raise BodyRejected(422, f"request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def validation_problems(err: ValidationError) -> list[dict[str, str]]:
+    """Each problem with its dotted field path ("body" for the whole body)."""
+    return [
+        {
+            "field": ".".join(str(p) for p in e["loc"]) or "body",
+            "message": e["msg"],
+            "type": e["type"],
+        }
+        for e in err.errors(include_url=False, include_input=False)
+    ]
+
+
+def summarize(problems: list[dict[str, str]]) -> str:
+    return "invalid request: " + "; ".join(f"{p['field']}: {p['message']}" for p in problems)
 
 
 def max_prompt_chars(context_tokens: int) -> int:

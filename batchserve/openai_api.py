@@ -26,19 +26,25 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from sse_starlette import EventSourceResponse
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchserve.bodies import BodyError, max_prompt_chars, parse_json_off_loop
+from batchserve.bodies import (
+    BodyRejected,
+    max_prompt_chars,
+    read_json_object,
+    summarize,
+    validation_problems,
+)
 from batchserve.prompts import format_messages
 from batchserve.scheduler import (
     EngineFailedError,
@@ -141,26 +147,26 @@ Prompts = Annotated[list[str], Field(min_length=1)]
 TokenPrompts = Annotated[list[TokenIds], Field(min_length=1)]
 
 
-NO_TOP_ALTERNATIVES = (
-    "top alternatives are not computed by this server; {field}=0 returns each sampled "
-    "token's log-probability"
-)
+def _no_top_alternatives(value: int | None) -> int | None:
+    if value:
+        raise ValueError(
+            "top alternatives are not computed by this server; 0 returns each sampled token's "
+            "log-probability"
+        )
+    return value
+
+
+# How many top alternatives per token: only 0 here (OpenAI's bound is 20).
+TopAlternatives = Annotated[int | None, Field(ge=0, le=20), AfterValidator(_no_top_alternatives)]
 
 
 class CompletionRequest(_OpenAIFields):
     prompt: str | Prompts | TokenIds | TokenPrompts
     max_tokens: int = Field(16, ge=1, le=INT32_MAX)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI's bound on alternatives
+    logprobs: TopAlternatives = None
     best_of: int | None = Field(None, ge=1, le=INT32_MAX)
     suffix: None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_alternatives(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError(NO_TOP_ALTERNATIVES.format(field="logprobs"))
-        return value
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
@@ -199,14 +205,7 @@ class ChatCompletionRequest(_OpenAIFields):
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_alternatives(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError(NO_TOP_ALTERNATIVES.format(field="top_logprobs"))
-        return value
+    top_logprobs: TopAlternatives = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
@@ -220,25 +219,15 @@ class ChatCompletionRequest(_OpenAIFields):
 
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
-    # Content-Type, size and read time are enforced for every route by security.py.
     try:
-        data = await parse_json_off_loop(await request.body())
-    except BodyError as err:
-        raise OpenAIError(400, str(err)) from None
-    except ClientDisconnect:
-        raise OpenAIError(499, "client disconnected") from None
-    if not isinstance(data, dict):
-        raise OpenAIError(400, "request body must be a JSON object")
-    try:
-        return schema.model_validate(data)
+        return schema.model_validate(await read_json_object(request))
+    except BodyRejected as err:  # OpenAI answers every invalid body 400
+        raise OpenAIError(400 if err.status == 422 else err.status, str(err)) from None
     except ValidationError as err:
-        errors = err.errors(include_url=False, include_input=False)
+        problems = validation_problems(err)
         # OpenAI names the top-level field; deeper locations also carry pydantic's union tags.
-        param = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:4]
-        )
-        raise OpenAIError(400, f"invalid request: {message}", param=param) from None
+        param = problems[0]["field"].split(".")[0] if problems[0]["field"] != "body" else None
+        raise OpenAIError(400, summarize(problems[:4]), param=param) from None
 
 
 # --- shared plumbing -----------------------------------------------------------------------

