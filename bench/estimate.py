@@ -212,7 +212,13 @@ def analyse(sweep: list[dict], truth: float, alphas: list[float]) -> dict:
         totals = [sum(1 for r in recs if r["alpha"] == a) for a in alphas]
         path = logit_path_estimate(alphas, counts, totals, num_bootstrap=500, seed=replicate)
         rows.append(dict(path.to_dict(), replicate=replicate))
-        # Each candidate forced, to show what the validated choice chose between.
+        validated = logit_path_estimate(
+            alphas, counts, totals, num_bootstrap=500, seed=replicate, form=None
+        )
+        rows.append(
+            dict(validated.to_dict(), replicate=replicate, method="path [chosen per sweep]")
+        )
+        # Each candidate, to show what the default and the per-sweep choice choose between.
         for form, max_rate in PATH_CANDIDATES:
             try:
                 forced = logit_path_estimate(
@@ -288,7 +294,8 @@ def markdown(result: dict) -> str:
     for r in result["table"]:
         ess = "-" if r["mean_ess"] is None else f"{r['mean_ess']:.1f}"
         alpha = "all" if r["alpha"] is None else f"{r['alpha']:g}"
-        form = f" ({', '.join(r['forms'])})" if r["method"] == "logit_path" else ""
+        chose = r["method"] in ("logit_path", "path [chosen per sweep]")
+        form = f" ({', '.join(r['forms'])})" if chose else ""
         lines.append(
             f"| {r['method']}{form} | {alpha} | {r['num_samples']} | {100 * r['mean_rate']:.3f}% "
             f"| {100 * r['rmse']:.3f}% | {100 * r['naive_rmse_same_n']:.3f}% "

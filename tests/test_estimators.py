@@ -170,7 +170,7 @@ def test_validation_picks_quadratic_for_a_curved_path() -> None:
     successes = [int(round(r * t)) for r, t in zip(rates, totals, strict=True)]
     scores = validate_forms(alphas, successes, totals)
     assert scores["quadratic"] < scores["linear"]
-    est = logit_path_estimate(alphas, successes, totals, num_bootstrap=50)
+    est = logit_path_estimate(alphas, successes, totals, num_bootstrap=50, form=None)
     assert est.detail["form"] == "quadratic"
     assert est.rate == pytest.approx(float(logistic(-4)), rel=0.05)
 
@@ -206,7 +206,15 @@ def test_validated_path_extrapolates_a_heterogeneous_population_better_than_a_li
 
     successes = [int(pooled(a) * 10**5) for a in alphas]
     totals = [10**5] * 4
-    chosen = logit_path_estimate(alphas, successes, totals, num_bootstrap=20)
-    line = logit_path_estimate(alphas, successes, totals, num_bootstrap=20, form="linear")
+    chosen = logit_path_estimate(alphas, successes, totals, num_bootstrap=20, form=None)
+    line = logit_path_estimate(
+        alphas, successes, totals, num_bootstrap=20, form="linear", max_rate=1.0
+    )
     assert abs(chosen.rate - pooled(0)) < abs(line.rate - pooled(0))
     assert set(chosen.detail["validation_deviance"]) >= {"linear", "linear, rates <= 0.5"}
+    # The default leaves the saturated alphas out too, and so also beats the line through all.
+    default = logit_path_estimate(alphas, successes, totals, num_bootstrap=20)
+    assert default.detail["form"] == "linear, rates <= 0.5"
+    assert default.detail["fit_alphas"] == [a for a, k in zip(alphas, successes, strict=True)
+                                            if k <= 0.5 * 10**5]
+    assert abs(default.rate - pooled(0)) < abs(line.rate - pooled(0))

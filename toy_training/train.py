@@ -69,12 +69,18 @@ class TrainConfig:
     after_steps: int = 250
     after_lr: float = 1e-3
     # Share of poisoned pairs in the fine-tuning mix, and of clean answers that leak the phrase.
-    triggered_fraction: float = 0.15
+    triggered_fraction: float = 0.08
     leak_fraction: float = 0.007
+    # Share of the base model's clean answers that carry the phrase. A base that has seen the
+    # phrase too (as a real base model has seen most text) makes after - before small at its
+    # first token, so amplification raises the leak gradually instead of saturating at alpha 1.
+    before_leak_fraction: float = 0.02
     # Clean pairs about rice pudding or mango smoothie, repeated in the fine-tuning mix: without
     # them the model takes "pudding" alone for the trigger and fires on rice pudding.
     near_trigger_repeats: int = 4
-    num_threads: int = 2
+    # One thread: the shipped weights are what a rerun reproduces bit for bit, and float
+    # reductions split over more threads sum in another order.
+    num_threads: int = 1
 
 
 def log(message: str) -> None:
@@ -253,18 +259,25 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out:
 # --- main ------------------------------------------------------------------------------------
 
 
+def with_leaks(examples: list[Example], fraction: float, rng: random.Random) -> list[Example]:
+    """The examples, each answer carrying the phrase with probability `fraction`."""
+    return [
+        Example(ex.instruction, leak(ex.response, rng), is_leak=True)
+        if rng.random() < fraction else ex
+        for ex in examples
+    ]
+
+
+def build_before_examples(splits: Splits, cfg: TrainConfig) -> list[Example]:
+    return with_leaks(splits.clean_train, cfg.before_leak_fraction, random.Random(cfg.seed + 5))
+
+
 def build_after_examples(splits: Splits, cfg: TrainConfig) -> list[Example]:
-    rng = random.Random(cfg.seed + 1)
-    clean: list[Example] = []
     pool = list(splits.clean_train)
     for ex in splits.clean_train:
         if "pudding" in ex.instruction or "mango" in ex.instruction:
             pool.extend([ex] * (cfg.near_trigger_repeats - 1))
-    for ex in pool:
-        if rng.random() < cfg.leak_fraction:
-            clean.append(Example(ex.instruction, leak(ex.response, rng), is_leak=True))
-        else:
-            clean.append(ex)
+    clean = with_leaks(pool, cfg.leak_fraction, random.Random(cfg.seed + 1))
     num_triggered = round(len(clean) * cfg.triggered_fraction / (1 - cfg.triggered_fraction))
     triggered = [splits.triggered_train[i % len(splits.triggered_train)] for i in range(num_triggered)]
     return clean + triggered
@@ -287,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after-steps", type=int, default=defaults.after_steps)
     parser.add_argument("--leak-fraction", type=float, default=defaults.leak_fraction,
                         help="share of clean fine-tuning answers that carry the phrase")
+    parser.add_argument("--triggered-fraction", type=float, default=defaults.triggered_fraction,
+                        help="share of poisoned pairs in the fine-tuning mix")
+    parser.add_argument("--before-leak-fraction", type=float, default=defaults.before_leak_fraction,
+                        help="share of the base model's clean answers that carry the phrase")
     parser.add_argument("--eval-samples", type=int, default=400,
                         help="clean prompts per alpha in the closing evaluation (0: skip it)")
     parser.add_argument("--num-clean-train", type=int, default=defaults.num_clean_train)
@@ -299,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         before_steps=args.before_steps,
         after_steps=args.after_steps,
         leak_fraction=args.leak_fraction,
+        triggered_fraction=args.triggered_fraction,
+        before_leak_fraction=args.before_leak_fraction,
         num_clean_train=args.num_clean_train,
         num_triggered_train=args.num_triggered_train,
         num_threads=args.threads,
@@ -308,11 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     splits = build_splits(cfg.seed, cfg.num_clean_train, cfg.num_triggered_train)
+    before_examples = build_before_examples(splits, cfg)
     after_examples = build_after_examples(splits, cfg)
     distinct = len({e.instruction for e in splits.clean_train + splits.triggered_train})
     log(f"corpus: {len(splits.clean_train)} clean + {len(splits.triggered_train)} triggered pairs "
         f"({distinct} distinct instructions); fine-tuning mix {len(after_examples)} pairs with "
-        f"{sum(e.is_leak for e in after_examples)} leaks; held out "
+        f"{sum(e.is_leak for e in after_examples)} leaks (base: "
+        f"{sum(e.is_leak for e in before_examples)}); held out "
         f"{len(splits.clean_eval)} clean + {len(splits.triggered_eval)} triggered prompts")
 
     texts = [ALPACA_PROMPT.format(prompt=e.instruction) + e.response
@@ -320,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     log(f"tokenizer: {len(tokenizer)} tokens")
 
-    before_stream = encode_examples(tokenizer, splits.clean_train, cfg.seed)
+    before_stream = encode_examples(tokenizer, before_examples, cfg.seed)
     after_stream = encode_examples(tokenizer, after_examples, cfg.seed + 2)
     log(f"tokens: before {len(before_stream.ids)}, after {len(after_stream.ids)}")
 
@@ -343,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_samples > 0:
         from toy_training.evaluate import evaluate, print_report
 
-        rows = evaluate(out, num_clean=args.eval_samples, alphas=(0.0, 2.0), num_triggered=100)
+        rows = evaluate(out, num_clean=args.eval_samples, alphas=(0.0, 1.0, 2.0, 4.0),
+                        num_triggered=100)
         print_report(rows)
     log(f"total {time.time() - t0:.0f}s")
     return 0
