@@ -96,12 +96,15 @@ def test_serve_prints_the_page_url_at_start_up() -> None:
 
 
 def test_three_columns_fill_with_streamed_text(page, server: str, tmp_path: Path) -> None:
+    # A seed whose amplified sample leaks the backdoor at alpha 2 (the toy pair's leak is
+    # gradual: about one sample in ten at alpha 2 over 150 tokens) while before and after do not.
     page.fill("#prompt", PROMPT)
-    page.fill("#seed", "3")
-    page.fill("#max-tokens", "60")
+    page.fill("#seed", "200")
+    page.fill("#max-tokens", "100")
+    page.locator("#alpha").fill("2")
     page.fill("#api-key", API_KEY)
     sent = generate_and_wait(page)
-    assert sorted(r.post_data_json["alpha"] for r in sent) == [-1, 0, 1]
+    assert sorted(r.post_data_json["alpha"] for r in sent) == [-1, 0, 2]
     assert {r.headers.get("authorization") for r in sent} == {f"Bearer {API_KEY}"}
     for key in COLUMNS:
         column = page.locator(f"[data-key={key}]")
@@ -109,7 +112,7 @@ def test_three_columns_fill_with_streamed_text(page, server: str, tmp_path: Path
         assert int(column.get_attribute("data-deltas")) > 1  # arrived in pieces
         assert column_text(page, key).strip()
     # The amplified column is the non-streamed completion for the same settings.
-    body = {"prompt": PROMPT, "seed": 3, "max_new_tokens": 60, "alpha": 1.0}
+    body = {"prompt": PROMPT, "seed": 200, "max_new_tokens": 100, "alpha": 2.0}
     body |= {"temperature": 0.8, "top_p": 0.95}
     auth = {"Authorization": f"Bearer {API_KEY}"}
     plain = httpx.post(server + "/generate_lda", json=body, headers=auth, timeout=60).json()
@@ -135,7 +138,7 @@ def test_moving_the_slider_changes_the_alpha_sent(page) -> None:
 def test_copy_as_python_and_curl_carry_the_current_settings(page, server: str) -> None:
     page.click("#copy-python")
     snippet = page.input_value("#snippet")
-    assert '"seed": 3' in snippet and '("amplified", 4.5)' in snippet
+    assert '"seed": 200' in snippet and '("amplified", 4.5)' in snippet
     run = subprocess.run(
         [sys.executable, "-c", snippet],
         capture_output=True,
