@@ -495,8 +495,8 @@ class Scheduler:
         self, request_ids: Iterable[int], outcome: Exception | None
     ) -> tuple[int, int, int]:
         """Forget requests in the core, drop their rows from the engine and settle their
-        futures with `outcome` (None cancels). Returns (rows that were waiting, rows that were
-        running, futures settled)."""
+        futures with `outcome` (None cancels, counted in rows_cancelled). Returns (rows that were
+        waiting, rows that were running, futures settled)."""
         waiters: list[_Waiter] = []
         num_pending = num_running = 0
         with self._cond:
@@ -510,6 +510,9 @@ class Scheduler:
                 waiter = self._waiters.pop(request_id, None)
                 if waiter is not None:
                     waiters.append(waiter)
+            # Under the lock with the engine change, so whoever sees the rows gone sees them counted.
+            if outcome is None:
+                self.metrics.rows_cancelled.inc(num_pending + num_running)
             self.metrics.queue_rows.set(self.core.num_waiting_rows)
             self.metrics.running_rows.set(self.engine.num_running)
             self._cond.notify_all()
@@ -558,8 +561,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         if not self._cancelled:
             return
-        num_pending, num_running, _ = self._end_requests(self._cancelled, None)
-        self.metrics.rows_cancelled.inc(num_pending + num_running)
+        self._end_requests(self._cancelled, None)
         self._cancelled.clear()
 
     def _stream_tokens(self, finished: list[Row]) -> None:
