@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from sse_starlette import EventSourceResponse
@@ -56,7 +59,6 @@ from batchserve.scheduler import (
 from batchserve.schemas import INT32_MAX, MAX_STOP_STRINGS, StopString, stop_strings
 from batchserve.seeds import SEED_MAX, prompt_seed
 from batchserve.streaming import (
-    REPLACEMENT,
     ClientDisconnectedError,
     Delta,
     RequestTimeoutError,
@@ -73,6 +75,8 @@ from batchserve.types import (
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the pair comes in with the app state
     from batchserve.models import ModelPair
+
+log = logging.getLogger(__name__)
 
 # OpenAI's finish reasons: EOS and a stop string both read "stop".
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -165,6 +169,13 @@ class CompletionRequest(_OpenAIFields):
     max_tokens: int = Field(16, ge=1, le=INT32_MAX)
     echo: bool = False
     logprobs: TopAlternatives = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not supported")
+        return value
     best_of: int | None = Field(None, ge=1, le=INT32_MAX)
     suffix: None = None
 
@@ -172,8 +183,6 @@ class CompletionRequest(_OpenAIFields):
     def _supported(self) -> CompletionRequest:
         if self.best_of not in (None, self.n):
             raise ValueError("best_of other than n is not supported")
-        if self.logprobs is not None and self.echo:
-            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not supported")
         return self
 
     @property
@@ -204,18 +213,19 @@ class ChatCompletionRequest(_OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
-    logprobs: bool = False
+    logprobs: bool | None = False  # OpenAI's spec allows null for "no"
     top_logprobs: TopAlternatives = None
 
-    @model_validator(mode="after")
-    def _supported(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        return self
+        return value
 
     @property
     def wants_logprobs(self) -> bool:
-        return self.logprobs
+        return bool(self.logprobs)
 
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
@@ -342,25 +352,31 @@ def _run_error(err: Exception) -> OpenAIError:
     return OpenAIError(500, str(err), type="server_error")
 
 
-def token_pieces(decode: Callable[[list[int]], str], token_ids: tuple[int, ...]) -> list[str]:
-    """Each token's share of the decoded text; the pieces join to decode(token_ids) for any
-    decoder whose output for a prefix of tokens is a prefix of its output for all of them.
+def token_pieces(
+    decode: Callable[[list[int]], str], token_ids: tuple[int, ...], text: str
+) -> list[str]:
+    """Each token's share of `text` (the row's returned completion): one piece per token,
+    joining to `text` exactly.
 
-    A token that ends inside a multi-byte character gets "" and the token that completes the
-    character gets all of it, so no piece holds half a character and offsets stay exact.
-    Decodes every prefix: quadratic, but a row is at most a context long and this runs off the
-    event loop.
+    A token's piece is what its prefix's decoding adds to the part of `text` already covered.
+    So a token that ends inside a multi-byte character gets "" and the one that completes it gets
+    the whole character; a decoder that rewrites earlier text (space clean-up) moves nothing
+    back; and tokens past a stop string, which `text` no longer holds, get "". Decodes every
+    prefix, as streaming does: quadratic in the row's length, and it runs off the event loop.
     """
     pieces: list[str] = []
-    done = ""
+    end = 0
     for i in range(len(token_ids)):
-        text = decode(list(token_ids[: i + 1]))
-        final = text if i == len(token_ids) - 1 else text.rstrip(REPLACEMENT)
-        if final.startswith(done):
-            pieces.append(final[len(done) :])
-            done = final
-        else:  # a decoder that rewrites earlier text (space clean-up): nothing is new here
-            pieces.append("")
+        decoded = decode(list(token_ids[: i + 1]))
+        # How far this prefix agrees with the returned text; never backwards.
+        agree = end
+        limit = min(len(decoded), len(text))
+        while agree < limit and decoded[agree] == text[agree]:
+            agree += 1
+        if i == len(token_ids) - 1:
+            agree = len(text)  # whatever is left belongs to the last token
+        pieces.append(text[end:agree])
+        end = max(end, agree)
     return pieces
 
 
@@ -469,14 +485,22 @@ class _Job:
         def build() -> list[dict | None]:
             return [
                 choice_logprobs(
-                    self.kind, token_pieces(decode, r.token_ids), r, len(self.echo(i))
+                    self.kind, token_pieces(decode, r.token_ids, r.completion), r, len(self.echo(i))
                 )
                 if r.logprobs is not None
                 else None
                 for i, r in enumerate(results)
             ]
 
-        return await asyncio.to_thread(build)
+        if not self.body.wants_logprobs:
+            return [None] * len(results)
+        try:
+            return await asyncio.to_thread(build)
+        except Exception as err:  # noqa: BLE001 - answered in OpenAI's shape, not Starlette's
+            log.exception("building the logprobs of %s failed", self.id)
+            raise OpenAIError(
+                500, f"could not build logprobs: {err}", type="server_error"
+            ) from None
 
     def echo(self, index: int) -> str:
         echo = getattr(self.body, "echo", False)
@@ -557,6 +581,8 @@ class _Job:
             except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
                 why = "timeout"
                 yield {"data": json.dumps(_run_error(err).body())}
+            except OpenAIError as err:  # the rows finished; building their logprobs failed
+                yield {"data": json.dumps(err.body())}
             finally:
                 close_request(self.scheduler, request_id, future, why)
             yield {"data": "[DONE]"}

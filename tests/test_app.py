@@ -273,8 +273,17 @@ async def test_cancelled_request_frees_its_rows(llama_pair: ModelPair) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        text = (await client.get("/metrics")).text
-        assert "batchserve_rows_cancelled_total 4.0" in text
+        # The worker counts the rows under its lock right after dropping them; poll /metrics
+        # rather than race the worker thread for the GIL.
+        async def counted() -> bool:
+            text = (await client.get("/metrics")).text
+            return "batchserve_rows_cancelled_total 4.0" in text
+
+        for _ in range(100):
+            if await counted():
+                break
+            await asyncio.sleep(0.05)
+        assert await counted()
         ok = await client.post("/generate_lda", json={"prompt": "still alive", "max_new_tokens": 2})
         assert ok.status_code == 200
 

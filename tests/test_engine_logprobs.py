@@ -122,6 +122,7 @@ def test_asking_for_logprobs_adds_no_host_sync_to_a_step(llama_pair, params) -> 
     engine.admit(rows_for(engine, PROMPTS, asking))
     engine.admit(rows_for(engine, PROMPTS[:2], params, start=10))  # and rows that do not ask
     assert_steps_read_the_device_once(engine)
+    assert len(engine.running_rows) == len(PROMPTS) + 2
     for row in engine.running_rows:
         logprobs = engine.build_result("", "", row).logprobs
         if row.row_id < 10:

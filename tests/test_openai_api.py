@@ -306,14 +306,34 @@ def test_a_stream_carries_the_logprobs_in_each_finishing_chunk(client: openai.Op
     }
 
 
+def test_completion_logprobs_describe_the_text_a_stop_string_cut(client: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL, "prompt": PROMPT, "max_tokens": 30, "seed": 5, "logprobs": 0}
+    whole = client.completions.create(**kwargs).choices[0].text
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 2]
+    assert len(stop) == 2 and stop in whole
+    choice = client.completions.create(**kwargs, stop=[stop]).choices[0]
+    assert choice.finish_reason == "stop" and len(choice.text) < len(whole)
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text
+    assert all(o <= len(choice.text) for o in lp.text_offset)
+    assert len(lp.tokens) == len(lp.token_logprobs)
+
+
+def test_chat_logprobs_null_means_no(client: openai.OpenAI, server: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    resp = httpx.post(f"{server}/v1/chat/completions", json=body | {"logprobs": None}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["logprobs"] is None
+
+
 @pytest.mark.parametrize(
     ("route", "fields", "param"),
     [
         ("completions", {"logprobs": 5}, "logprobs"),
-        ("completions", {"logprobs": 0, "echo": True}, None),
+        ("completions", {"logprobs": 0, "echo": True}, "logprobs"),
         ("completions", {"logprobs": -1}, "logprobs"),
         ("chat/completions", {"logprobs": True, "top_logprobs": 3}, "top_logprobs"),
-        ("chat/completions", {"top_logprobs": 0}, None),
+        ("chat/completions", {"top_logprobs": 0}, "top_logprobs"),
     ],
 )
 def test_unsupported_logprobs_requests_are_refused_clearly(
@@ -338,7 +358,21 @@ def test_token_pieces_never_split_a_multibyte_character() -> None:
     tok = make_byte_tokenizer()
     text = "naïve 🙂 café"
     ids = tok.encode(text, add_special_tokens=False)
-    pieces = token_pieces(lambda t: tok.decode(t, skip_special_tokens=True), tuple(ids))
+    pieces = token_pieces(lambda t: tok.decode(t, skip_special_tokens=True), tuple(ids), text)
     assert len(pieces) == len(ids) and "".join(pieces) == text
     assert "\ufffd" not in "".join(pieces)
     assert "" in pieces  # the emoji's first bytes wait for its last one
+
+
+def test_token_pieces_follow_a_decoder_that_rewrites_and_a_stop_cut() -> None:
+    from batchserve.openai_api import token_pieces
+
+    words = ["Hello", " ", ".", " world", " again"]
+
+    def decode(ids: list[int]) -> str:  # transformers' clean-up: " ." becomes "."
+        return "".join(words[i] for i in ids).replace(" .", ".")
+
+    ids = tuple(range(len(words)))
+    assert token_pieces(decode, ids, decode(list(ids))) == ["Hello", "", ".", " world", " again"]
+    # A stop string cut the completion inside the fourth token: later tokens add nothing.
+    assert token_pieces(decode, ids, "Hello. wo") == ["Hello", "", ".", " wo", ""]
