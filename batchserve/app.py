@@ -51,7 +51,15 @@ from batchserve.schemas import (
 )
 from batchserve.security import LOOPBACK_HOSTS, guard_middleware
 from batchserve.seeds import prompt_seed
-from batchserve.streaming import Delta, TokenStreams, sse_response
+from batchserve.streaming import (
+    ClientDisconnectedError,
+    Delta,
+    RequestTimeoutError,
+    TokenStreams,
+    close_request,
+    sse_response,
+    wait_for_completion,
+)
 from batchserve.types import GREEDY_TEMPERATURE, GenerationRequest, RunnerConfig, SamplingParams
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in with the models
@@ -154,13 +162,6 @@ def _ready_scheduler(request: Request) -> Scheduler:
     return scheduler
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def submit_requests(
     request: Request, requests: list[GenerationRequest], listener: TokenListener | None = None
 ) -> tuple[Scheduler, int, asyncio.Future]:
@@ -196,33 +197,22 @@ async def run_requests(request: Request, requests: list[GenerationRequest]) -> C
     """Queue, then await the result, the client's disconnect or the timeout, whichever is first."""
     config: ServerConfig = request.app.state.config
     scheduler, request_id, future = await submit_requests(request, requests)
-    disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    why = "client_disconnected"
     try:
-        done, _ = await asyncio.wait(
-            {future, disconnect},
-            timeout=config.request_timeout_s,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        return await wait_for_completion(request, future, config.request_timeout_s)
+    except ClientDisconnectedError:
+        raise APIError(499, "client disconnected") from None
+    except RequestTimeoutError:
+        why = "timeout"
+        raise APIError(
+            504, f"request timed out after {config.request_timeout_s:g} s; its rows were dropped"
+        ) from None
+    except SchedulerClosedError as err:
+        raise APIError(503, str(err), headers=RETRY_5) from None
+    except EngineFailedError as err:
+        raise APIError(500, str(err)) from None
     finally:
-        disconnect.cancel()
-        if not future.done():
-            scheduler.cancel(request_id)
-    if future in done:
-        if future.cancelled():  # the scheduler dropped it: only a shutdown does that
-            raise APIError(503, "server shut down before the request finished", headers=RETRY_5)
-        try:
-            return future.result()
-        except SchedulerClosedError as err:
-            raise APIError(503, str(err), headers=RETRY_5) from None
-        except EngineFailedError as err:
-            raise APIError(500, str(err)) from None
-    if disconnect in done:
-        scheduler.metrics.errors.labels(kind="client_disconnected").inc()
-        raise APIError(499, "client disconnected")
-    scheduler.metrics.errors.labels(kind="timeout").inc()
-    raise APIError(
-        504, f"request timed out after {config.request_timeout_s:g} s; its rows were dropped"
-    )
+        close_request(scheduler, request_id, future, why)
 
 
 def debug_headers(completion: Completion) -> dict[str, str]:

@@ -510,7 +510,7 @@ class Scheduler:
                 waiter = self._waiters.pop(request_id, None)
                 if waiter is not None:
                     waiters.append(waiter)
-            # Under the lock with the engine change, so whoever sees the rows gone sees them counted.
+            # Counted under the lock that dropped the rows, together with the gauges below.
             if outcome is None:
                 self.metrics.rows_cancelled.inc(num_pending + num_running)
             self.metrics.queue_rows.set(self.core.num_waiting_rows)

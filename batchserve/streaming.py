@@ -150,6 +150,8 @@ async def wait_for_completion(
     finally:
         watcher.cancel()
     if future in done:
+        if future.cancelled():  # the scheduler dropped it: only a shutdown does that
+            raise SchedulerClosedError("server shut down before the request finished")
         return future.result()
     if watcher in done:
         raise ClientDisconnectedError("client disconnected")
