@@ -56,7 +56,16 @@ from batchserve.scheduler import (
     Scheduler,
     SchedulerClosedError,
 )
-from batchserve.schemas import INT32_MAX, MAX_STOP_STRINGS, StopString, stop_strings
+from batchserve.schemas import (
+    INT32_MAX,
+    MAX_STOP_STRINGS,
+    Alpha,
+    StopString,
+    Temperature,
+    TopK,
+    TopP,
+    stop_strings,
+)
 from batchserve.seeds import SEED_MAX, prompt_seed
 from batchserve.streaming import (
     ClientDisconnectedError,
@@ -121,8 +130,8 @@ class _OpenAIFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     n: int = Field(1, ge=1, le=INT32_MAX)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
@@ -130,8 +139,8 @@ class _OpenAIFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # LDA's own fields.
-    alpha: float = Field(1.0, ge=-1000.0, le=1000.0)
-    top_k: int = Field(0, ge=0, le=INT32_MAX)
+    alpha: Alpha = 1.0
+    top_k: TopK = 0
     ignore_eos: bool = False
     # Accepted at their neutral values only, since tools send them by default.
     presence_penalty: float = 0.0

@@ -27,6 +27,10 @@ INT32_MAX = 2**31 - 1
 # Each score alpha costs one log-softmax over the vocabulary per row and step.
 MAX_SCORE_ALPHAS = 16
 Alpha = Annotated[float, Field(ge=-1000.0, le=1000.0)]
+# The sampling bounds, shared with the OpenAI routes (which differ in defaults only).
+Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=0, le=INT32_MAX)]  # 0 or >= vocab: no top-k
 
 
 class _Strict(BaseModel):
@@ -35,9 +39,9 @@ class _Strict(BaseModel):
 
 class SamplingFields(_Strict):
     max_new_tokens: int = Field(80, ge=1, le=INT32_MAX)
-    temperature: float = Field(0.8, ge=0.0, le=100.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=INT32_MAX)  # >= vocab: no top-k
+    temperature: Temperature = 0.8
+    top_p: TopP = 0.95
+    top_k: TopK = 0
     apply_chat_template: bool = True
     system_prompt: str | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
