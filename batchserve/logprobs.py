@@ -30,7 +30,13 @@ from typing import NamedTuple
 
 import torch
 
-from batchserve.sampling import GREEDY_TEMPERATURE, SamplingPlan, amplify, kept_probs
+from batchserve.sampling import (
+    GREEDY_TEMPERATURE,
+    SamplingPlan,
+    amplify,
+    kept_probs,
+    scoring_temperature,
+)
 
 
 class StepLogprobs(NamedTuple):
@@ -75,7 +81,7 @@ def step_logprobs(
     greedy = temperature < GREEDY_TEMPERATURE
     # A greedy row's `sampled` is 0 (a point mass); its scores use temperature 1, the choice
     # documented above (a softmax at temperature 0 does not exist).
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature).float().unsqueeze(-1)
+    safe_t = scoring_temperature(temperature).float().unsqueeze(-1)
     amplified = amplify(after, before, alpha)
     sampled = _token_logprob(amplified / safe_t, tokens)
     if plan.needs_filter:

@@ -239,6 +239,13 @@ def sample(
     return tokens
 
 
+def scoring_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """Each row's temperature, greedy rows at 1: a softmax at temperature 0 does not exist, so
+    a greedy row's probabilities are scored at the models' own temperature."""
+    greedy = temperature < GREEDY_TEMPERATURE
+    return torch.where(greedy, torch.ones_like(temperature), temperature)
+
+
 def kept_probs(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -250,9 +257,7 @@ def kept_probs(
     (not renormalised): the distribution `sample` draws from, up to its row sum. Greedy rows
     are scored at temperature 1 (their draw is the argmax, whatever this says)."""
     vocab = logits.shape[-1]
-    greedy = temperature < GREEDY_TEMPERATURE
-    safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
-    probs = (logits / safe_temperature.unsqueeze(-1)).softmax(dim=-1)
+    probs = (logits / scoring_temperature(temperature).unsqueeze(-1)).softmax(dim=-1)
     if plan.needs_filter:
         k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
         keep, is_exact = capped_keep_mask(probs, top_p, k, plan.cap)
