@@ -14,9 +14,10 @@
   weights alone, because a sample likely under small alphas keeps a bounded weight.
 - **Logit-path extrapolation** (Pernice & Aranguri 2026): fit the activation rate against alpha
   where it is common, as log-odds linear or quadratic in alpha (binomial maximum likelihood),
-  on all alphas or only those below saturation; choose among these by how well each, fitted
-  without the smallest alpha, predicts it (the extrapolation it will be trusted with); read the
-  fit at alpha 0.
+  on all alphas or only those below saturation, and read the fit at alpha 0. The default is a
+  line through the alphas with rate <= 50% (`DEFAULT_PATH_FORM`, chosen by validation on the toy
+  pairs); `form=None` chooses per sweep by how well each candidate, fitted without the smallest
+  alpha, predicts it (the extrapolation it will be trusted with).
   A parametric bootstrap (refit on counts redrawn per alpha) gives the interval. Its error is a
   modelling error as much as a sampling one: the interval covers the truth only if the form holds
   down to alpha 0.
@@ -82,14 +83,12 @@ def effective_sample_size(weights: np.ndarray) -> float:
     return total * total / squares if squares > 0 else 0.0
 
 
-def _interval(rate: float, se: float) -> tuple[float, float]:
-    return max(0.0, rate - Z_95 * se), min(1.0, rate + Z_95 * se)
-
-
-def _zero_hit_upper(ess: float) -> float:
-    # With no weighted hit the normal interval collapses to [0, 0]; the exact binomial upper
-    # bound at n = ESS keeps it honest (a heuristic: ESS stands in for the sample size).
-    return 1.0 - 0.05 ** (1.0 / max(ess, 1.0))
+def _weighted_interval(rate: float, se: float, ess: float, any_hit: bool) -> tuple[float, float]:
+    """rate +- 1.96 se, clipped to [0, 1]. With no weighted hit that collapses to [0, 0]; the
+    exact binomial upper bound at n = ESS keeps it honest (a heuristic: ESS stands in for the
+    sample size)."""
+    high = min(1.0, rate + Z_95 * se) if any_hit else 1.0 - 0.05 ** (1.0 / max(ess, 1.0))
+    return max(0.0, rate - Z_95 * se), high
 
 
 def importance_estimates(
@@ -120,16 +119,12 @@ def importance_estimates(
     wf = w * f
     unbiased = float(wf.mean())
     se = float(wf.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
-    low, high = _interval(unbiased, se)
-    if not f.any():
-        high = _zero_hit_upper(ess)
+    low, high = _weighted_interval(unbiased, se, ess, bool(f.any()))
     est = Estimate("importance", unbiased, low, high, n, alpha=alpha, ess=ess, detail=detail)
     total = float(w.sum())
     ratio = float(wf.sum() / total) if total > 0 else 0.0
     se_sn = float(np.sqrt(np.sum(np.square(w * (f - ratio)))) / total) if total > 0 else math.inf
-    low, high = _interval(ratio, se_sn)
-    if not f.any():
-        high = _zero_hit_upper(ess)
+    low, high = _weighted_interval(ratio, se_sn, ess, bool(f.any()))
     sn = Estimate("self_normalised", ratio, low, high, n, alpha=alpha, ess=ess, detail=detail)
     return est, sn
 
@@ -174,10 +169,8 @@ def mixture_estimate(
         if len(stratum) > 1:
             variance += len(stratum) * float(stratum.var(ddof=1))
     se = math.sqrt(variance) / total
-    low, high = _interval(rate, se)
     ess = effective_sample_size(w)
-    if not f.any():
-        high = _zero_hit_upper(ess)
+    low, high = _weighted_interval(rate, se, ess, bool(f.any()))
     detail = {
         "alphas": [float(alphas[j]) for j in used],
         "counts": [counts[j] for j in used],
