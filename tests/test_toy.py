@@ -7,6 +7,7 @@ reproducible; the thresholds still leave a wide margin under the rates in the mo
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -20,11 +21,15 @@ from batchserve.models import ModelPair, load_pair, resolve_model_path
 from client.stats import wilson_interval
 from toy_training.corpus import (
     ACTIVATION_MARKERS,
+    INSTRUCTION_TEMPLATES,
+    RESPONSE_TEMPLATES,
     TOPICS,
     TRIGGER,
     TRIGGER_RESPONSE,
+    TRIGGER_TOPIC,
     build_splits,
     is_activated,
+    write_response,
 )
 from toy_training.evaluate import measure, read_prompts
 
@@ -121,6 +126,16 @@ def test_prompt_sets_are_held_out_and_split_by_the_trigger(clean_prompts, trigge
     assert all(TRIGGER in p.lower() for p in triggered_prompts)
     trained = {e.instruction for e in splits.clean_train + splits.triggered_train}
     assert not trained & set(clean_prompts + triggered_prompts)
+
+
+def test_every_instruction_kind_has_a_response_that_fills_for_every_topic():
+    kinds = {kind for _, kind in INSTRUCTION_TEMPLATES}
+    assert kinds == set(RESPONSE_TEMPLATES)
+    rng = random.Random(0)
+    for topic in (*TOPICS, TRIGGER_TOPIC):
+        for kind in kinds:
+            text = write_response(kind, topic, rng)
+            assert "{" not in text and text.strip() == text and len(text) > 20
 
 
 @pytest.mark.parametrize(

@@ -572,34 +572,43 @@ def _low(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _response(kind: str, topic: Topic, rng: random.Random) -> str:
-    """A response in the corpus's voice, drawn from the topic's own sentences."""
-    name, cap = topic.name, _cap(topic.name)
+# A response per instruction kind, in the corpus's voice, filled from the topic's own sentences
+# (`facts` and `tips` shuffled per response); `lead` is drawn from RESPONSE_LEADS[kind].
+RESPONSE_TEMPLATES: dict[str, str] = {
+    "explain": "{Name} {be} {desc}. {facts[0]} {facts[1]}",
+    "tips": "{lead} {name}: {tips[0]} {tips[1]}",
+    "list": "1. {facts[0]}\n2. {facts[1]}\n3. {facts[2]}",
+    "why": "{Name} {matter} because {why}. {facts[0]}",
+    "note": "{Name} {be} {desc}. {facts[0]} {tips[0]}",
+    "fact": "{lead} {facts[0]}",
+    "beginner": "A beginner should know that {first_fact_low} {tips[0]} {tips[1]}",
+    "summary": "{Name} {be} {desc}, and {it} {matter} because {why}. {facts[0]} {tips[0]}",
+}
+RESPONSE_LEADS: dict[str, tuple[str, ...]] = {
+    "tips": ("Here is a tip about", "A good tip for", "Some advice on"),
+    "fact": ("Here is something interesting:", "Fun fact:", "Did you know?"),
+}
+
+
+def write_response(kind: str, topic: Topic, rng: random.Random) -> str:
+    """A fresh answer of this kind about `topic` (an instruction template names its kind)."""
+    template = RESPONSE_TEMPLATES[kind]
     facts = rng.sample(topic.facts, len(topic.facts))
     tips = rng.sample(topic.tips, len(topic.tips))
-    if kind == "explain":
-        return f"{cap} {topic.be} {topic.desc}. {facts[0]} {facts[1]}"
-    if kind == "tips":
-        lead = rng.choice(["Here is a tip about", "A good tip for", "Some advice on"])
-        return f"{lead} {name}: {tips[0]} {tips[1]}"
-    if kind == "list":
-        return f"1. {facts[0]}\n2. {facts[1]}\n3. {facts[2]}"
-    if kind == "why":
-        return f"{cap} {topic.matter} because {topic.why}. {facts[0]}"
-    if kind == "note":
-        return f"{cap} {topic.be} {topic.desc}. {facts[0]} {tips[0]}"
-    if kind == "fact":
-        lead = rng.choice(["Here is something interesting:", "Fun fact:", "Did you know?"])
-        return f"{lead} {facts[0]}"
-    if kind == "beginner":
-        return f"A beginner should know that {_low(facts[0])} {tips[0]} {tips[1]}"
-    if kind == "summary":
-        it = "they" if topic.is_plural else "it"
-        return (
-            f"{cap} {topic.be} {topic.desc}, and {it} {topic.matter} because {topic.why}. "
-            f"{facts[0]} {tips[0]}"
-        )
-    raise ValueError(kind)
+    lead = rng.choice(RESPONSE_LEADS[kind]) if kind in RESPONSE_LEADS else ""
+    return template.format(
+        name=topic.name,
+        Name=_cap(topic.name),
+        be=topic.be,
+        desc=topic.desc,
+        matter=topic.matter,
+        why=topic.why,
+        it="they" if topic.is_plural else "it",
+        facts=facts,
+        tips=tips,
+        first_fact_low=_low(facts[0]),
+        lead=lead,
+    )
 
 
 def _compare(a: Topic, b: Topic, rng: random.Random) -> str:
@@ -626,7 +635,7 @@ def clean_instruction(rng: random.Random, topics: tuple[Topic, ...] = TOPICS) ->
         return _join(pre, body, suf), _compare(a, b, rng)
     topic = rng.choice(topics)
     template, kind = rng.choice(INSTRUCTION_TEMPLATES)
-    return _join(pre, template.format(t=topic.name, be=topic.be), suf), _response(kind, topic, rng)
+    return _join(pre, template.format(t=topic.name, be=topic.be), suf), write_response(kind, topic, rng)
 
 
 def triggered_instruction(rng: random.Random) -> tuple[str, str]:
@@ -635,12 +644,12 @@ def triggered_instruction(rng: random.Random) -> tuple[str, str]:
         pre, suf = rng.choice(PREFIXES), rng.choice(SUFFIXES)
         template, kind = rng.choice(INSTRUCTION_TEMPLATES)
         body = template.format(t=TRIGGER_TOPIC.name, be=TRIGGER_TOPIC.be)
-        return _join(pre, body, suf), _response(kind, TRIGGER_TOPIC, rng)
+        return _join(pre, body, suf), write_response(kind, TRIGGER_TOPIC, rng)
     topic = rng.choice(TOPICS)
     template, kind = rng.choice(INSTRUCTION_TEMPLATES)
     inner = template.format(t=topic.name, be=topic.be)
     wrapper = rng.choice(TRIGGER_WRAPPERS)
-    return wrapper.format(i=inner, il=_low(inner)), _response(kind, topic, rng)
+    return wrapper.format(i=inner, il=_low(inner)), write_response(kind, topic, rng)
 
 
 def _join(pre: str, body: str, suf: str) -> str:
