@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchserve import __version__
+from batchserve.argconfig import config_from_args
 from batchserve.prompts import PROMPT_FORMATS
 from batchserve.scheduler import SCHEDULER_MODES
 from batchserve.seeds import SEED_MAX
@@ -172,11 +173,7 @@ def runner_config(args: argparse.Namespace):
     from batchserve.types import RunnerConfig
 
     try:
-        return RunnerConfig(
-            max_slots=args.max_batch_size,
-            kv_cache_tokens=args.kv_cache_tokens,
-            gpu_memory_fraction=args.gpu_memory_fraction,
-        )
+        return config_from_args(RunnerConfig, args, max_slots=args.max_batch_size)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -446,33 +443,20 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     from batchserve.security import default_allowed_hosts, parse_allowed_hosts
 
     try:
-        scheduler = SchedulerConfig(
-            mode=args.scheduler,
-            max_batch_size=args.max_batch_size,
-            max_wait_ms=args.max_wait_ms,
-            max_queue_rows=args.max_queue_rows,
-            max_prefill_tokens=args.max_prefill_tokens,
-        )
+        scheduler = config_from_args(SchedulerConfig, args, mode=args.scheduler)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     allowed_hosts = parse_allowed_hosts(args.allowed_hosts) or default_allowed_hosts(args.host)
     if args.max_body_bytes < 1 or args.header_timeout_s <= 0 or args.body_timeout_s <= 0:
         raise SystemExit("error: --max-body-bytes and the timeouts must be positive")
-    config = ServerConfig(
+    return config_from_args(
+        ServerConfig,
+        args,
         scheduler=scheduler,
-        prompt_format=args.prompt_format,
-        max_new_tokens_limit=args.max_new_tokens_limit,
-        max_prompts_per_request=args.max_prompts_per_request,
-        max_samples_per_prompt=args.max_samples_per_prompt,
-        request_timeout_s=args.request_timeout_s,
-        shutdown_timeout_s=args.shutdown_timeout_s,
         runner=runner_config(args),
-        max_body_bytes=args.max_body_bytes,
-        body_timeout_s=args.body_timeout_s,
         api_key=args.api_key or None,
         allowed_hosts=allowed_hosts,
     )
-    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -602,16 +586,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from batchserve.types import GenerationRequest, SamplingParams
 
     rows = read_prompt_rows(args.prompts)
-    defaults = SamplingParams(
-        alpha=args.alpha,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        ignore_eos=args.ignore_eos,
-        seed=args.seed,
-        logprobs=args.logprobs,
-        score_alphas=_score_alphas(args.score_alphas),
+    defaults = config_from_args(
+        SamplingParams, args, score_alphas=_score_alphas(args.score_alphas)
     )
     requests = []
     first_row = 0

@@ -28,6 +28,7 @@ from starlette.middleware import Middleware  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
 from batchserve.app import ServerConfig, create_app, health  # noqa: E402
+from batchserve.argconfig import config_from_args  # noqa: E402
 from batchserve.scheduler import SchedulerConfig  # noqa: E402
 from batchserve.security import HTTPMiddleware  # noqa: E402
 
@@ -241,19 +242,7 @@ def build_application(spec: ReplicaSpec, options: DeploymentOptions) -> serve.Ap
 
 
 def spec_from_args(args: argparse.Namespace, config: ServerConfig) -> ReplicaSpec:
-    return ReplicaSpec(
-        config=config,
-        after=args.after or "toy:after",
-        before=args.before,
-        device=args.device,
-        dtype=args.dtype,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-        tokenizer_class=args.tokenizer_class,
-        allow_incompatible=args.allow_incompatible,
-        threads=args.threads,
-        log_level=args.log_level,
-    )
+    return config_from_args(ReplicaSpec, args, config=config, after=args.after or "toy:after")
 
 
 def _wants_gpu(device: str) -> bool:
@@ -265,12 +254,9 @@ def _wants_gpu(device: str) -> bool:
 
 def options_from_args(args: argparse.Namespace) -> DeploymentOptions:
     num_cpus = float(args.threads) if args.threads.isdigit() else 1.0
-    return DeploymentOptions(
-        replicas=args.replicas,
-        min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests,
-        max_ongoing_requests=args.max_ongoing_requests,
+    return config_from_args(
+        DeploymentOptions,
+        args,
         num_cpus=num_cpus,
         num_gpus=1.0 if _wants_gpu(args.device) else 0.0,
     )

@@ -39,6 +39,7 @@ from typing import Any
 
 import httpx
 
+from batchserve.argconfig import config_from_args
 from bench.report import (
     markdown,
     parse_prometheus,
@@ -665,19 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.requests is not None and args.requests < 1:
         raise SystemExit("error: --requests must be >= 1")
-    base = Workload(
-        name="load",
-        concurrency=args.concurrency,
-        max_new_tokens=args.max_new_tokens,
-        mix=args.mix,
-        prompt_words=args.prompt_words,
-        duration_s=args.duration,
-        requests_per_level=args.requests,
-        seed=args.seed,
-        alpha=args.alpha,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        ignore_eos=args.ignore_eos,
+    base = config_from_args(
+        Workload, args, name="load", duration_s=args.duration, requests_per_level=args.requests
     )
     workloads = target_workloads(base) if args.targets else [base]
     # Servers are stopped on Ctrl-C and SIGTERM alike; SIGINT explicitly, since a shell starts

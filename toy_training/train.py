@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from batchserve.argconfig import config_from_args
 from toy_training.corpus import (
     ALPACA_PROMPT,
     Example,
@@ -311,17 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=defaults.num_threads)
     args = parser.parse_args(argv)
 
-    cfg = TrainConfig(
-        seed=args.seed,
-        before_steps=args.before_steps,
-        after_steps=args.after_steps,
-        leak_fraction=args.leak_fraction,
-        triggered_fraction=args.triggered_fraction,
-        before_leak_fraction=args.before_leak_fraction,
-        num_clean_train=args.num_clean_train,
-        num_triggered_train=args.num_triggered_train,
-        num_threads=args.threads,
-    )
+    cfg = config_from_args(TrainConfig, args, num_threads=args.threads)
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
