@@ -30,6 +30,7 @@ import torch
 from batchserve.engine import LDAEngine, RunnerConfig
 from batchserve.models import ModelPair, load_pair, resolve_device, resolve_dtype
 from batchserve.types import EngineRow, SamplingParams
+from bench.report import table
 from bench.shapes import SHAPES, random_pair, weight_bytes
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128)
@@ -188,10 +189,7 @@ def format_table(results: list[BatchResult]) -> str:
     ]  # fmt: skip
     if has_floor:
         header += ["floor ms", "of floor"]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" for _ in header) + "|",
-    ]
+    rows = []
     for r in results:
         cells = [
             str(r.batch_size),
@@ -204,8 +202,8 @@ def format_table(results: list[BatchResult]) -> str:
         ]
         if has_floor:
             cells += [f"{r.floor_step_ms:.2f}", f"{r.floor_fraction:.0%}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return table(header, rows)
 
 
 def device_name(device: torch.device) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import table
 from client.estimators import (
     PATH_CANDIDATES,
     importance_estimates,
@@ -287,23 +288,32 @@ def markdown(result: dict) -> str:
         "beats naive sampling, and it matches naive sampling's accuracy with "
         "1/efficiency of naive's budget; below 1 it needs 1/efficiency times more.",
         "",
-        "| method | alpha | samples | mean rate | RMSE | naive RMSE | coverage | mean width "
-        "| naive width | mean ESS | naive equiv. (RMSE) | naive equiv. (width) | efficiency |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    rows = []
     for r in result["table"]:
-        ess = "-" if r["mean_ess"] is None else f"{r['mean_ess']:.1f}"
-        alpha = "all" if r["alpha"] is None else f"{r['alpha']:g}"
         chose = r["method"] in ("logit_path", "path [chosen per sweep]")
-        form = f" ({', '.join(r['forms'])})" if chose else ""
-        lines.append(
-            f"| {r['method']}{form} | {alpha} | {r['num_samples']} | {100 * r['mean_rate']:.3f}% "
-            f"| {100 * r['rmse']:.3f}% | {100 * r['naive_rmse_same_n']:.3f}% "
-            f"| {r['coverage']:.2f} | {100 * r['mean_width']:.3f}% "
-            f"| {100 * r['naive_width_same_n']:.3f}% | {ess} "
-            f"| {r['naive_equivalent_by_rmse']:.0f} | {r['naive_equivalent_by_width']:.0f} "
-            f"| {r['naive_equivalent_by_rmse'] / r['num_samples']:.2f} |"
+        rows.append(
+            [
+                r["method"] + (f" ({', '.join(r['forms'])})" if chose else ""),
+                "all" if r["alpha"] is None else f"{r['alpha']:g}",
+                str(r["num_samples"]),
+                f"{100 * r['mean_rate']:.3f}%",
+                f"{100 * r['rmse']:.3f}%",
+                f"{100 * r['naive_rmse_same_n']:.3f}%",
+                f"{r['coverage']:.2f}",
+                f"{100 * r['mean_width']:.3f}%",
+                f"{100 * r['naive_width_same_n']:.3f}%",
+                "-" if r["mean_ess"] is None else f"{r['mean_ess']:.1f}",
+                f"{r['naive_equivalent_by_rmse']:.0f}",
+                f"{r['naive_equivalent_by_width']:.0f}",
+                f"{r['naive_equivalent_by_rmse'] / r['num_samples']:.2f}",
+            ]
         )
+    header = [
+        "method", "alpha", "samples", "mean rate", "RMSE", "naive RMSE", "coverage", "mean width",
+        "naive width", "mean ESS", "naive equiv. (RMSE)", "naive equiv. (width)", "efficiency",
+    ]  # fmt: skip
+    lines.append(table(header, rows, ["---"] + ["---:"] * (len(header) - 1)))
     return "\n".join(lines) + "\n"
 
 

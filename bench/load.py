@@ -72,13 +72,14 @@ class IntRange:
     low: int
     high: int
 
+    def __post_init__(self) -> None:
+        if self.low < 1 or self.high < self.low:
+            raise ValueError(f"expected N or LOW-HIGH with 1 <= LOW <= HIGH, not {self}")
+
     @classmethod
     def parse(cls, text: str) -> IntRange:
         low, _, high = text.partition("-")
-        value = cls(int(low), int(high or low))
-        if value.low < 1 or value.high < value.low:
-            raise ValueError(f"expected N or LOW-HIGH with 1 <= LOW <= HIGH, not {text!r}")
-        return value
+        return cls(int(low), int(high or low))
 
     def draw(self, rng: random.Random) -> int:
         return rng.randint(self.low, self.high)
@@ -94,13 +95,14 @@ class Mix:
     batch_fraction: float
     batch_size: IntRange
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.batch_fraction <= 1:
+            raise ValueError(f"batch fraction must be in [0, 1], not {self.batch_fraction}")
+
     @classmethod
     def parse(cls, text: str) -> Mix:
         fraction, _, size = text.partition(":")
-        mix = cls(float(fraction), IntRange.parse(size or "4"))
-        if not 0 <= mix.batch_fraction <= 1:
-            raise ValueError(f"batch fraction must be in [0, 1], not {fraction}")
-        return mix
+        return cls(float(fraction), IntRange.parse(size or "4"))
 
     def as_dict(self) -> dict:
         return {"batch_fraction": self.batch_fraction, "batch_size": str(self.batch_size)}

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.load import IntRange, Mix, Workload, host_description, log, run_level, warm_up
-from bench.report import ratio
+from bench.report import ratio, table
 from bench.servers import free_port, start_servers
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -165,20 +165,32 @@ def markdown(report: dict) -> str:
         "Cores used = CPU seconds per wall second of the server (direct) or all replicas, of "
         "Serve's proxy and of the bench client; machine busy = both cores, everyone's work.",
         "",
-        "| config | tokens/s | req/s | lat p50 s | lat p95 s | errors | cores: server(s) / proxy "
-        "/ client | tokens per server CPU s | machine busy | load 1m before -> after |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
+    rows = []
     for r in report["runs"]:
         cores = r["cores_used"]
         server = cores["direct"] if r["mode"] == "direct" else cores["replicas"]
-        lines.append(
-            f"| {r['mode']} | {r['tokens_per_s']:,.1f} | {r['requests_per_s']:.2f} | "
-            f"{r['latency_p50_s']:.3f} | {r['latency_p95_s']:.3f} | {r['num_errors']} | "
-            f"{server:.2f} / {cores['proxy']:.2f} / {cores['bench_client']:.2f} | "
-            f"{r['tokens_per_serving_cpu_s'] or 0:,.0f} | {r['machine_busy_fraction']:.0%} | "
-            f"{r['loadavg_1m_before']} -> {r['loadavg_1m_after']} |"
+        rows.append(
+            [
+                r["mode"],
+                f"{r['tokens_per_s']:,.1f}",
+                f"{r['requests_per_s']:.2f}",
+                f"{r['latency_p50_s']:.3f}",
+                f"{r['latency_p95_s']:.3f}",
+                str(r["num_errors"]),
+                f"{server:.2f} / {cores['proxy']:.2f} / {cores['bench_client']:.2f}",
+                f"{r['tokens_per_serving_cpu_s'] or 0:,.0f}",
+                f"{r['machine_busy_fraction']:.0%}",
+                f"{r['loadavg_1m_before']} -> {r['loadavg_1m_after']}",
+            ]
         )
+    header = [
+        "config", "tokens/s", "req/s", "lat p50 s", "lat p95 s", "errors",
+        "cores: server(s) / proxy / client", "tokens per server CPU s", "machine busy",
+        "load 1m before -> after",
+    ]  # fmt: skip
+    align = ["---", "---:", "---:", "---:", "---:", "---:", "---", "---:", "---:", "---"]
+    lines.append(table(header, rows, align))
     lines += [
         "",
         f"- 2 replicas / 1 replica, tokens/s: **{s['ray2_over_ray1_tokens_per_s']:.2f}x** "

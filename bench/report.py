@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,16 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def table(
+    header: Sequence[str], rows: Iterable[Sequence[str]], align: Sequence[str] | None = None
+) -> str:
+    """A markdown table; `align` gives each column's rule (`---:` right, the default)."""
+    rules = align or ["---:"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rules) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
 def _fmt(value: Any, spec: str = ",.1f") -> str:
     if value is None:
         return "-"
@@ -63,12 +73,12 @@ RUN_COLUMNS: list[tuple[str, str, str]] = [
 
 def runs_table(runs: list[dict]) -> str:
     header = ["clients", "mode"] + [h for h, _, _ in RUN_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-    for run in runs:
-        cells = [str(run["concurrency"]), run["mode"]]
-        cells += [_fmt(run.get(key), spec) for _, key, spec in RUN_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = (
+        [str(run["concurrency"]), run["mode"]]
+        + [_fmt(run.get(key), spec) for _, key, spec in RUN_COLUMNS]
+        for run in runs
+    )
+    return table(header, rows)
 
 
 def ratios(runs: list[dict]) -> list[dict]:
@@ -102,21 +112,21 @@ def ratios_table(rows: list[dict]) -> str:
         ("lat p95 cont/static", "latency_p95_s_vs_static"),
     ]
     header = ["clients"] + [h for h, _ in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-    for row in rows:
-        cells = [str(row["concurrency"])] + [_fmt(row.get(k), ".2f") for _, k in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = ([str(row["concurrency"])] + [_fmt(row.get(k), ".2f") for _, k in columns] for row in rows)
+    return table(header, cells)
 
 
 def targets_table(targets: list[dict]) -> str:
-    lines = ["| target | measured | needed | holds |", "|---|---:|---:|:---:|"]
-    for t in targets:
-        holds = "yes" if t["holds"] else ("no" if t["holds"] is False else "-")
-        lines.append(
-            f"| {t['name']} | {_fmt(t['value'], '.2f')} | {t['op']} {t['threshold']:g} | {holds} |"
-        )
-    return "\n".join(lines)
+    rows = (
+        [
+            t["name"],
+            _fmt(t["value"], ".2f"),
+            f"{t['op']} {t['threshold']:g}",
+            "yes" if t["holds"] else ("no" if t["holds"] is False else "-"),
+        ]
+        for t in targets
+    )
+    return table(["target", "measured", "needed", "holds"], rows, ["---", "---:", "---:", ":---:"])
 
 
 def describe_workload(w: dict) -> str:

@@ -62,6 +62,20 @@ def test_int_range_parses_fixed_and_ranges(text: str, expected: IntRange) -> Non
     assert str(expected) == text
 
 
+@pytest.mark.parametrize("text", ["0", "8-4", "0-3", "1.5:4", "-0.1", "0.5:0"])
+def test_a_bad_range_or_mix_is_refused_however_it_is_built(text: str) -> None:
+    parse = Mix.parse if "." in text or ":" in text else IntRange.parse
+    with pytest.raises(ValueError):
+        parse(text)
+
+
+def test_a_hand_built_range_is_checked_too() -> None:
+    with pytest.raises(ValueError, match="1 <= LOW <= HIGH"):
+        IntRange(4, 2)
+    with pytest.raises(ValueError, match="batch fraction"):
+        Mix(2.0, IntRange(1, 1))
+
+
 def test_report_helpers() -> None:
     assert percentile([], 50) is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
