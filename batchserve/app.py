@@ -36,7 +36,6 @@ from batchserve.scheduler import (
     Completion,
     EngineFailedError,
     PromptTooLongError,
-    QueueFullError,
     Scheduler,
     SchedulerClosedError,
     SchedulerConfig,
@@ -54,10 +53,14 @@ from batchserve.seeds import prompt_seed
 from batchserve.streaming import (
     ClientDisconnectedError,
     Delta,
+    Refused,
     RequestTimeoutError,
     TokenStreams,
     close_request,
+    ready_scheduler,
+    refusal,
     sse_response,
+    submit,
     wait_for_completion,
 )
 from batchserve.types import GREEDY_TEMPERATURE, GenerationRequest, RunnerConfig, SamplingParams
@@ -68,7 +71,6 @@ if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in wit
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
-RETRY_5 = {"Retry-After": "5"}
 
 
 @dataclass(frozen=True)
@@ -152,21 +154,11 @@ def prompt_format(body: SamplingFields, config: ServerConfig) -> str:
 # --- generation plumbing ------------------------------------------------------------------------
 
 
-def _ready_scheduler(request: Request) -> Scheduler:
-    state = request.app.state
-    if getattr(state, "is_draining", False):
-        raise APIError(503, "server is shutting down", headers={"Retry-After": "5"})
-    scheduler: Scheduler | None = getattr(state, "scheduler", None)
-    if scheduler is None:
-        raise APIError(503, "models are still loading", headers={"Retry-After": "5"})
-    return scheduler
-
-
 async def submit_requests(
     request: Request, requests: list[GenerationRequest], listener: TokenListener | None = None
 ) -> tuple[Scheduler, int, asyncio.Future]:
     """Prepare and queue; returns the scheduler, the request id and the Completion's future."""
-    scheduler = _ready_scheduler(request)
+    scheduler = ready_scheduler(request)
     context = request.app.state.pair.max_context
     for index, r in enumerate(requests):
         num_chars = len(r.prompt) + len(r.system_prompt or "")
@@ -184,12 +176,7 @@ async def submit_requests(
         )
     except PromptTooLongError as err:
         raise APIError(413, str(err), {"prompt_index": err.index}) from None
-    try:
-        request_id, future = scheduler.submit(requests, prepared, listener)
-    except QueueFullError as err:
-        raise APIError(503, str(err), headers={"Retry-After": str(err.retry_after_s)}) from None
-    except SchedulerClosedError as err:
-        raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+    request_id, future = submit(scheduler, requests, prepared, listener)
     return scheduler, request_id, future
 
 
@@ -200,17 +187,11 @@ async def run_requests(request: Request, requests: list[GenerationRequest]) -> C
     why = "client_disconnected"
     try:
         return await wait_for_completion(request, future, config.request_timeout_s)
-    except ClientDisconnectedError:
-        raise APIError(499, "client disconnected") from None
-    except RequestTimeoutError:
+    except ClientDisconnectedError as err:
+        raise refusal(err) from None
+    except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
         why = "timeout"
-        raise APIError(
-            504, f"request timed out after {config.request_timeout_s:g} s; its rows were dropped"
-        ) from None
-    except SchedulerClosedError as err:
-        raise APIError(503, str(err), headers=RETRY_5) from None
-    except EngineFailedError as err:
-        raise APIError(500, str(err)) from None
+        raise refusal(err) from None
     finally:
         close_request(scheduler, request_id, future, why)
 
@@ -239,7 +220,7 @@ async def stream_requests(
         extra = row_fields[delta.index] if row_fields else {}
         return {"index": delta.index, "text": delta.text} | extra
 
-    streams = TokenStreams(_ready_scheduler(request).engine.decode, requests)
+    streams = TokenStreams(ready_scheduler(request).engine.decode, requests)
     scheduler, request_id, future = await submit_requests(request, requests, streams.on_tokens)
     config: ServerConfig = request.app.state.config
     return sse_response(
@@ -437,7 +418,7 @@ async def metrics(request: Request) -> Response:
 def _loaded_pair(request: Request) -> ModelPair:
     pair = getattr(request.app.state, "pair", None)
     if pair is None:
-        raise APIError(503, "models are still loading", headers={"Retry-After": "5"})
+        raise Refused(503, "models are still loading", retry_after_s=5)
     return pair
 
 
@@ -448,6 +429,13 @@ async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return JSONResponse(
         {"error": exc.error, "detail": exc.detail}, status_code=exc.status, headers=exc.headers
+    )
+
+
+async def refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Refused)
+    return JSONResponse(
+        {"error": exc.message, "detail": None}, status_code=exc.status, headers=exc.headers
     )
 
 
@@ -587,6 +575,7 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={
             APIError: api_error,
+            Refused: refused,
             HTTPException: http_error,
             Exception: unexpected_error,
         },

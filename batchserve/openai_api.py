@@ -52,7 +52,6 @@ from batchserve.prompts import format_messages
 from batchserve.scheduler import (
     EngineFailedError,
     PreparedPrompt,
-    QueueFullError,
     Scheduler,
     SchedulerClosedError,
 )
@@ -70,9 +69,13 @@ from batchserve.seeds import SEED_MAX, prompt_seed
 from batchserve.streaming import (
     ClientDisconnectedError,
     Delta,
+    Refused,
     RequestTimeoutError,
     TokenStreams,
     close_request,
+    ready_scheduler,
+    refusal,
+    submit,
     wait_for_completion,
 )
 from batchserve.types import (
@@ -253,16 +256,7 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
 
 
 def _scheduler(request: Request) -> tuple[Scheduler, ModelPair]:
-    state = request.app.state
-    scheduler: Scheduler | None = getattr(state, "scheduler", None)
-    if getattr(state, "is_draining", False) or scheduler is None:
-        raise OpenAIError(
-            503,
-            "server is shutting down" if scheduler else "models are still loading",
-            type="server_error",
-            headers={"Retry-After": "5"},
-        )
-    return scheduler, state.pair
+    return ready_scheduler(request), request.app.state.pair
 
 
 def _check_model(body: _OpenAIFields, pair: ModelPair) -> None:
@@ -331,34 +325,12 @@ def _check_chars(pair: ModelPair, num_chars: int, param: str) -> None:
         )
 
 
-def _submit(
-    scheduler: Scheduler,
-    requests: list[GenerationRequest],
-    prepared: list[PreparedPrompt],
-    streams: TokenStreams | None,
-) -> tuple[int, asyncio.Future]:
-    try:
-        return scheduler.submit(requests, prepared, streams.on_tokens if streams else None)
-    except QueueFullError as err:
-        raise OpenAIError(
-            503,
-            str(err),
-            type="server_error",
-            code="server_overloaded",
-            headers={"Retry-After": str(err.retry_after_s)},
-        ) from None
-    except SchedulerClosedError as err:
-        raise OpenAIError(
-            503, str(err), type="server_error", headers={"Retry-After": "5"}
-        ) from None
-
-
-def _run_error(err: Exception) -> OpenAIError:
-    if isinstance(err, RequestTimeoutError):
-        return OpenAIError(504, str(err), type="server_error", code="timeout")
-    if isinstance(err, SchedulerClosedError):
-        return OpenAIError(503, str(err), type="server_error")
-    return OpenAIError(500, str(err), type="server_error")
+def _openai_error(refused: Refused) -> OpenAIError:
+    """The statuses every route shares (streaming.refusal), in OpenAI's error shape."""
+    kind = "server_error" if refused.status >= 500 else "invalid_request_error"
+    return OpenAIError(
+        refused.status, refused.message, type=kind, code=refused.code, headers=refused.headers
+    )
 
 
 def token_pieces(
@@ -518,7 +490,7 @@ class _Job:
     async def respond(self) -> Response:
         if self.body.stream:
             return self.stream()
-        request_id, future = _submit(self.scheduler, self.requests, self.prepared, None)
+        request_id, future = submit(self.scheduler, self.requests, self.prepared)
         why = "client_disconnected"
         try:
             completion = await wait_for_completion(self.request, future, self.timeout_s)
@@ -526,7 +498,7 @@ class _Job:
             return Response(status_code=499)
         except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
             why = "timeout"
-            raise _run_error(err) from None
+            raise _openai_error(refusal(err)) from None
         finally:
             close_request(self.scheduler, request_id, future, why)
         logprobs = await self.logprobs(completion.results)
@@ -546,7 +518,7 @@ class _Job:
 
     def stream(self) -> Response:
         streams = TokenStreams(self.scheduler.engine.decode, self.requests)
-        request_id, future = _submit(self.scheduler, self.requests, self.prepared, streams)
+        request_id, future = submit(self.scheduler, self.requests, self.prepared, streams.on_tokens)
         is_chat = self.kind == "chat.completion"
         obj = "chat.completion.chunk" if is_chat else "text_completion"
         num_rows = len(self.prepared) * self.body.n
@@ -589,7 +561,7 @@ class _Job:
                         yield {"data": json.dumps(self.envelope(obj, []) | {"usage": usage})}
             except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
                 why = "timeout"
-                yield {"data": json.dumps(_run_error(err).body())}
+                yield {"data": json.dumps(_openai_error(refusal(err)).body())}
             except OpenAIError as err:  # the rows finished; building their logprobs failed
                 yield {"data": json.dumps(err.body())}
             finally:
@@ -604,8 +576,11 @@ def _openai_route(handler: Callable[[Request], Any]) -> Callable[[Request], Any]
     async def endpoint(request: Request) -> Response:
         try:
             return await handler(request)
-        except OpenAIError as err:
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        except Refused as refused:
+            err = _openai_error(refused)
+        except OpenAIError as raised:
+            err = raised
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     return endpoint
 

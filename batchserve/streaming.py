@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
-from batchserve.scheduler import Completion, EngineFailedError, Scheduler, SchedulerClosedError
+from batchserve.scheduler import (
+    Completion,
+    EngineFailedError,
+    PreparedPrompt,
+    QueueFullError,
+    Scheduler,
+    SchedulerClosedError,
+    TokenListener,
+)
 from batchserve.types import GenerationRequest, find_stop
 
 log = logging.getLogger(__name__)
@@ -33,6 +41,60 @@ class RequestTimeoutError(TimeoutError):
 
 class ClientDisconnectedError(ConnectionError):
     """The client went away before its result was ready."""
+
+
+class Refused(Exception):
+    """A request answered without a result: status, message, and when to retry. Both API
+    dialects render it, the native routes as `{"error", "detail"}`, /v1 in OpenAI's shape,
+    so the statuses below are written once for every route."""
+
+    def __init__(
+        self, status: int, message: str, *, retry_after_s: int | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.retry_after_s, self.code = status, message, retry_after_s, code
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+
+
+def refusal(err: Exception) -> Refused:
+    """The status of what queueing a request or waiting for it raised."""
+    if isinstance(err, QueueFullError):
+        return Refused(503, str(err), retry_after_s=err.retry_after_s, code="server_overloaded")
+    if isinstance(err, SchedulerClosedError):
+        return Refused(503, str(err), retry_after_s=5)
+    if isinstance(err, RequestTimeoutError):
+        return Refused(504, str(err), code="timeout")
+    if isinstance(err, ClientDisconnectedError):
+        return Refused(499, str(err))
+    return Refused(500, str(err))
+
+
+def ready_scheduler(request: Request) -> Scheduler:
+    """The scheduler, while the server takes requests: not before the models load, nor once it
+    drains for shutdown."""
+    state = request.app.state
+    if getattr(state, "is_draining", False):
+        raise Refused(503, "server is shutting down", retry_after_s=5)
+    scheduler: Scheduler | None = getattr(state, "scheduler", None)
+    if scheduler is None:
+        raise Refused(503, "models are still loading", retry_after_s=5)
+    return scheduler
+
+
+def submit(
+    scheduler: Scheduler,
+    requests: list[GenerationRequest],
+    prepared: list[PreparedPrompt],
+    listener: TokenListener | None = None,
+) -> tuple[int, asyncio.Future]:
+    """Queue prepared requests; a full or closing queue is a 503 the client retries."""
+    try:
+        return scheduler.submit(requests, prepared, listener)
+    except (QueueFullError, SchedulerClosedError) as err:
+        raise refusal(err) from None
 
 
 @dataclass(frozen=True)
