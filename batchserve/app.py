@@ -34,12 +34,10 @@ from batchserve.bodies import (
 from batchserve.metrics import Metrics
 from batchserve.scheduler import (
     Completion,
-    EngineFailedError,
+    PreparedPrompt,
     PromptTooLongError,
     Scheduler,
-    SchedulerClosedError,
     SchedulerConfig,
-    TokenListener,
 )
 from batchserve.schemas import (
     GenerateLDABatchRequest,
@@ -51,17 +49,13 @@ from batchserve.schemas import (
 from batchserve.security import LOOPBACK_HOSTS, guard_middleware
 from batchserve.seeds import prompt_seed
 from batchserve.streaming import (
-    ClientDisconnectedError,
     Delta,
     Refused,
-    RequestTimeoutError,
     TokenStreams,
-    close_request,
     ready_scheduler,
-    refusal,
+    run_to_completion,
     sse_response,
     submit,
-    wait_for_completion,
 )
 from batchserve.types import GREEDY_TEMPERATURE, GenerationRequest, RunnerConfig, SamplingParams
 
@@ -154,10 +148,11 @@ def prompt_format(body: SamplingFields, config: ServerConfig) -> str:
 # --- generation plumbing ------------------------------------------------------------------------
 
 
-async def submit_requests(
-    request: Request, requests: list[GenerationRequest], listener: TokenListener | None = None
-) -> tuple[Scheduler, int, asyncio.Future]:
-    """Prepare and queue; returns the scheduler, the request id and the Completion's future."""
+async def prepare_requests(
+    request: Request, requests: list[GenerationRequest]
+) -> tuple[Scheduler, list[PreparedPrompt]]:
+    """Format and tokenize for the scheduler that will run them; a prompt that could never fit
+    is a 413 naming it."""
     scheduler = ready_scheduler(request)
     context = request.app.state.pair.max_context
     for index, r in enumerate(requests):
@@ -176,24 +171,13 @@ async def submit_requests(
         )
     except PromptTooLongError as err:
         raise APIError(413, str(err), {"prompt_index": err.index}) from None
-    request_id, future = submit(scheduler, requests, prepared, listener)
-    return scheduler, request_id, future
+    return scheduler, prepared
 
 
 async def run_requests(request: Request, requests: list[GenerationRequest]) -> Completion:
-    """Queue, then await the result, the client's disconnect or the timeout, whichever is first."""
-    config: ServerConfig = request.app.state.config
-    scheduler, request_id, future = await submit_requests(request, requests)
-    why = "client_disconnected"
-    try:
-        return await wait_for_completion(request, future, config.request_timeout_s)
-    except ClientDisconnectedError as err:
-        raise refusal(err) from None
-    except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
-        why = "timeout"
-        raise refusal(err) from None
-    finally:
-        close_request(scheduler, request_id, future, why)
+    scheduler, prepared = await prepare_requests(request, requests)
+    timeout_s = request.app.state.config.request_timeout_s
+    return await run_to_completion(request, scheduler, requests, prepared, timeout_s)
 
 
 def debug_headers(completion: Completion) -> dict[str, str]:
@@ -220,8 +204,9 @@ async def stream_requests(
         extra = row_fields[delta.index] if row_fields else {}
         return {"index": delta.index, "text": delta.text} | extra
 
-    streams = TokenStreams(ready_scheduler(request).engine.decode, requests)
-    scheduler, request_id, future = await submit_requests(request, requests, streams.on_tokens)
+    scheduler, prepared = await prepare_requests(request, requests)
+    streams = TokenStreams(scheduler.engine.decode, requests)
+    request_id, future = submit(scheduler, requests, prepared, streams.on_tokens)
     config: ServerConfig = request.app.state.config
     return sse_response(
         streams,

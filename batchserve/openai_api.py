@@ -67,7 +67,6 @@ from batchserve.schemas import (
 )
 from batchserve.seeds import SEED_MAX, prompt_seed
 from batchserve.streaming import (
-    ClientDisconnectedError,
     Delta,
     Refused,
     RequestTimeoutError,
@@ -75,8 +74,8 @@ from batchserve.streaming import (
     close_request,
     ready_scheduler,
     refusal,
+    run_to_completion,
     submit,
-    wait_for_completion,
 )
 from batchserve.types import (
     GREEDY_TEMPERATURE,
@@ -490,17 +489,9 @@ class _Job:
     async def respond(self) -> Response:
         if self.body.stream:
             return self.stream()
-        request_id, future = submit(self.scheduler, self.requests, self.prepared)
-        why = "client_disconnected"
-        try:
-            completion = await wait_for_completion(self.request, future, self.timeout_s)
-        except ClientDisconnectedError:
-            return Response(status_code=499)
-        except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
-            why = "timeout"
-            raise _openai_error(refusal(err)) from None
-        finally:
-            close_request(self.scheduler, request_id, future, why)
+        completion = await run_to_completion(
+            self.request, self.scheduler, self.requests, self.prepared, self.timeout_s
+        )
         logprobs = await self.logprobs(completion.results)
         choices = [
             self.text_choice(

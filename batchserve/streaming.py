@@ -220,6 +220,28 @@ async def wait_for_completion(
     raise RequestTimeoutError(timeout_s)
 
 
+async def run_to_completion(
+    request: Request,
+    scheduler: Scheduler,
+    requests: list[GenerationRequest],
+    prepared: list[PreparedPrompt],
+    timeout_s: float,
+) -> Completion:
+    """Queue, then the result, the client's disconnect or the timeout, whichever comes first;
+    what a request that ended early left queued or running is dropped. Raises `Refused`."""
+    request_id, future = submit(scheduler, requests, prepared)
+    why = "client_disconnected"
+    try:
+        return await wait_for_completion(request, future, timeout_s)
+    except ClientDisconnectedError as err:
+        raise refusal(err) from None
+    except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
+        why = "timeout"
+        raise refusal(err) from None
+    finally:
+        close_request(scheduler, request_id, future, why)
+
+
 def sse_response(
     streams: TokenStreams,
     scheduler: Scheduler,
