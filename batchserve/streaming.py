@@ -1,8 +1,12 @@
-"""Token streaming for the HTTP routes: incremental detokenization and a request's deltas.
+"""A request's life on the scheduler, for the native and the OpenAI routes alike, and its stream.
 
-No tensors here. `TokenStreams` is the scheduler listener of one submitted request: it turns
-each row's new token ids into text deltas that never split a multi-byte character and never
-show text a stop string will cut, and whose join is exactly the row's non-streamed completion.
+`submit` and `run_to_completion` queue a request and wait for its result, the client's
+disconnect or the timeout; `Refused` carries the status of each way that can end without a
+result, which each API renders in its own error shape. No tensors here.
+
+`TokenStreams` is the scheduler listener of one submitted request: it turns each row's new
+token ids into text deltas that never split a multi-byte character and never show text a stop
+string will cut, and whose join is exactly the row's non-streamed completion.
 `sse_response` frames them for the native routes; openai_api.py frames them in its dialect.
 """
 
@@ -52,7 +56,8 @@ class Refused(Exception):
         self, status: int, message: str, *, retry_after_s: int | None = None, code: str | None = None
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.retry_after_s, self.code = status, message, retry_after_s, code
+        self.status, self.message = status, message
+        self.retry_after_s, self.code = retry_after_s, code
 
     @property
     def headers(self) -> dict[str, str] | None:
