@@ -473,14 +473,15 @@ def parse_modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-def _range(text: str) -> IntRange:
+def int_range_option(text: str) -> IntRange:
+    """IntRange.parse for argparse: its message reaches the user (argparse hides a ValueError's)."""
     try:
         return IntRange.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _mix(text: str) -> Mix:
+def mix_option(text: str) -> Mix:
     try:
         return Mix.parse(text)
     except ValueError as err:
@@ -547,20 +548,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument(
         "--mix",
-        type=_mix,
+        type=mix_option,
         default=Mix(0.2, IntRange(4, 4)),
         help="FRACTION[:SIZE]: that fraction of requests are /generate_lda_batch with SIZE "
         "prompts (N or LOW-HIGH), the rest single /generate_lda; 0 = single only (default: 0.2:4)",
     )
     load.add_argument(
         "--max-new-tokens",
-        type=_range,
+        type=int_range_option,
         default=IntRange(64, 64),
         help="N, or LOW-HIGH drawn per request (seeded) (default: 64)",
     )
     load.add_argument(
         "--prompt-words",
-        type=_range,
+        type=int_range_option,
         default=IntRange(4, 24),
         help="prompt length in words (default: 4-24)",
     )

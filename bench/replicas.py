@@ -26,7 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-from bench.load import IntRange, Mix, Workload, host_description, log, run_level, warm_up
+from bench.load import (
+    IntRange,
+    Mix,
+    Workload,
+    host_description,
+    int_range_option,
+    log,
+    run_level,
+    warm_up,
+)
 from bench.report import ratio, table
 from bench.servers import free_port, start_servers
 
@@ -210,7 +219,9 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens", type=int_range_option, default=IntRange(64, 64), help="N or LOW-HIGH"
+    )
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=1, help="2 runs A B C C B A")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "ray-replicas-toy.json")
@@ -246,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload(
         name="single",
         concurrency=(args.clients,),
-        max_new_tokens=IntRange(args.max_new_tokens, args.max_new_tokens),
+        max_new_tokens=args.max_new_tokens,
         mix=Mix(0.0, IntRange(1, 1)),
         duration_s=args.duration_s,
     )

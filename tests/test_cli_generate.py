@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from tiny_models import save_tiny_pair
 
-from batchserve.cli import build_parser, main
+from batchserve.app import ServerConfig
+from batchserve.cli import build_parser, main, server_config_from_args
+from batchserve.scheduler import SchedulerConfig
+from batchserve.types import RunnerConfig
 
 RESULT_FIELDS = {
     "index",
@@ -129,6 +132,23 @@ def test_help_lists_every_serve_option() -> None:
         "--log-level",
     ):
         assert option in help_text
+
+
+def test_serve_options_become_the_server_config() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--scheduler", "static", "--max-batch-size", "8", "--api-key", "",
+         "--allowed-hosts", "a.example,b.example", "--max-new-tokens-limit", "99",
+         "--request-timeout-s", "7"]
+    )  # fmt: skip
+    config = server_config_from_args(args)
+    assert config.scheduler == SchedulerConfig(mode="static", max_batch_size=8)
+    assert config.runner is not None and config.runner.max_slots == 8
+    assert config.api_key is None  # an empty key means none, not a key of ""
+    assert config.allowed_hosts == ("a.example", "b.example")
+    assert (config.max_new_tokens_limit, config.request_timeout_s) == (99, 7.0)
+    assert server_config_from_args(build_parser().parse_args(["serve"])) == ServerConfig(
+        runner=RunnerConfig(max_slots=SchedulerConfig().max_batch_size)
+    )
 
 
 def test_generate_writes_logprobs_only_when_asked(
