@@ -1,17 +1,26 @@
-"""Start `batchserve serve` as a real process on 127.0.0.1 and wait until it is healthy."""
+"""Servers for tests: `batchserve serve` as a real process on 127.0.0.1, or the app in-process."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
+
+from batchserve.app import ServerConfig, create_app
+from batchserve.models import ModelPair
+from batchserve.scheduler import SchedulerConfig
+
+KEY = "s3cret-key"
 
 
 def free_port() -> int:
@@ -70,3 +79,80 @@ def running_server(
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    pair: ModelPair, base_url: str = "http://localhost", **config: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    config.setdefault("scheduler", SchedulerConfig(max_batch_size=16, max_wait_ms=1))
+    app = create_app(ServerConfig(**config), pair=pair)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base_url, timeout=60) as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+# Seeded, long enough to be mid-generation while each bad request arrives.
+INNOCENTS: list[tuple[str, dict]] = [
+    (
+        "/generate_lda",
+        {"prompt": "tell me a story", "max_new_tokens": 150, "ignore_eos": True, "seed": 11},
+    ),
+    (
+        "/generate_lda_batch",
+        {
+            "prompts": ["the cat sat", "a dog ran far"],
+            "n": 2,
+            "alpha": 2.0,
+            "temperature": 1.0,
+            "max_new_tokens": 120,
+            "ignore_eos": True,
+            "seed": 12,
+        },
+    ),
+    ("/generate", {"prompt": "hello world", "max_new_tokens": 100, "seed": 13}),
+]
+
+
+async def send_beside_innocents(
+    client: httpx.AsyncClient, send_bad: Any, headers: dict | None = None
+) -> httpx.Response:
+    """Send a bad request while the innocents run; assert they come out as they do alone."""
+    innocent_headers = headers or {}
+    alone = [
+        (await client.post(path, json=body, headers=innocent_headers)).json()
+        for path, body in INNOCENTS
+    ]
+    engine = client.app.state.scheduler.engine  # type: ignore[attr-defined]
+    innocents = asyncio.gather(
+        *(client.post(path, json=body, headers=innocent_headers) for path, body in INNOCENTS)
+    )
+    deadline = time.monotonic() + 30
+    while engine.num_running == 0:
+        assert time.monotonic() < deadline, "the innocent requests never started"
+        await asyncio.sleep(0.001)
+    bad = await send_bad()
+    assert not innocents.done(), "the innocents finished before the bad request was answered"
+    together = await innocents
+    assert [r.status_code for r in together] == [200] * len(INNOCENTS), [r.text for r in together]
+    assert [r.json() for r in together] == alone
+    return bad
+
+
+def asgi_scope(headers: list[tuple[bytes, bytes]]) -> dict:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/generate_lda",
+        "raw_path": b"/generate_lda",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"localhost"), (b"content-type", b"application/json"), *headers],
+        "server": ("localhost", 80),
+        "client": ("127.0.0.1", 5000),
+    }

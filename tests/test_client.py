@@ -20,7 +20,6 @@ from client import (
 )
 from client.fake_server import FakeServerProcess, FakeState, create_app, free_port
 from client.models import error_from_response, parse_retry_after_s
-from client.stats import wilson_interval
 
 FAST_RETRY = RetryPolicy(max_retries=4, backoff_s=0.01, max_backoff_s=0.05)
 
@@ -231,29 +230,3 @@ def test_retry_after_parses_an_http_date():
     now = 1_700_000_000.0
     header = "Tue, 14 Nov 2023 22:13:30 GMT"  # now + 10 s
     assert parse_retry_after_s(header, now=now) == pytest.approx(10.0)
-
-
-# --- statistics ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("successes", "total", "low", "high"),
-    [
-        (0, 10, 0.0, 0.2775),
-        (5, 10, 0.2366, 0.7634),
-        (10, 10, 0.7225, 1.0),
-        (1, 200, 0.00088, 0.02771),
-    ],
-)
-def test_wilson_interval_matches_reference_values(successes, total, low, high):
-    got_low, got_high = wilson_interval(successes, total)
-    assert got_low == pytest.approx(low, abs=1e-4) and got_high == pytest.approx(high, abs=1e-4)
-
-
-def test_wilson_interval_without_data_is_uninformative():
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-
-
-def test_wilson_interval_rejects_impossible_counts():
-    with pytest.raises(ValueError):
-        wilson_interval(3, 2)

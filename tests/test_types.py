@@ -1,4 +1,4 @@
-"""Plain types and seed rules; the HTTP and CLI layers import neither torch nor the KV code."""
+"""Plain types; the HTTP and CLI layers import neither torch nor the KV code."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from batchserve.seeds import SEED_MAX, derive_seed, prompt_seed, sample_seeds
-from batchserve.types import Capacity, RunnerConfig, SamplingParams, kv_blocks
+from batchserve.types import Capacity, RunnerConfig, kv_blocks
 
 
 def test_the_http_and_cli_layers_import_no_torch() -> None:
@@ -30,13 +29,3 @@ def test_runner_config_refuses_nonsense() -> None:
         RunnerConfig(kv_cache_tokens=4, block_size=16)
     with pytest.raises(ValueError, match="gpu_memory_fraction"):
         RunnerConfig(gpu_memory_fraction=0)
-
-
-def test_seed_rules() -> None:
-    assert sample_seeds(7, 3)[0] == 7 and len(set(sample_seeds(7, 3))) == 3
-    assert all(0 <= s < 2**31 for s in sample_seeds(None, 5))
-    assert all(0 <= derive_seed(SEED_MAX, j) <= SEED_MAX for j in range(20))
-    params = SamplingParams(seed=5)
-    assert prompt_seed(params, 0) is params
-    assert prompt_seed(params, 3).seed == derive_seed(5, 3)
-    assert prompt_seed(SamplingParams(), 3).seed is None
