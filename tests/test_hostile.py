@@ -10,17 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import INNOCENTS, KEY, asgi_scope, send_beside_innocents, serving
+from servers import KEY, asgi_scope, send_beside_innocents, serving
 
 from batchserve.app import ServerConfig, create_app
 from batchserve.models import ModelPair
-
-
-async def _run_innocents(client: httpx.AsyncClient) -> list[dict]:
-    responses = await asyncio.gather(*(client.post(path, json=body) for path, body in INNOCENTS))
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-    return [r.json() for r in responses]
-
 
 NESTED = b"[" * 10_000 + b"]" * 10_000
 BAD_BODIES = [
