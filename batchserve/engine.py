@@ -16,14 +16,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from batchserve.logprobs import pad_score_alphas, step_logprobs
-from batchserve.models import ModelPair
-from batchserve.prompts import format_prompt
-from batchserve.runner import INVALID_TOKEN, ModelRunner, SlotParams
-from batchserve.sampling import SamplingPlan
-from batchserve.scheduler import SchedulerConfig, SchedulerCore, engine_rows, prepare_prompt
-from batchserve.seeds import SEED_MAX
-from batchserve.types import (
+from batchserve.core.seeds import SEED_MAX
+from batchserve.core.types import (
     Capacity,
     EngineRow,
     GenerationRequest,
@@ -35,6 +29,12 @@ from batchserve.types import (
     TokenLogprobs,
     find_stop,
 )
+from batchserve.frontend import format_prompt
+from batchserve.scheduler import SchedulerConfig, SchedulerCore, engine_rows, prepare_prompt
+from batchserve.worker.logprobs import pad_score_alphas, step_logprobs
+from batchserve.worker.models import ModelPair
+from batchserve.worker.runner import INVALID_TOKEN, ModelRunner, SlotParams
+from batchserve.worker.sampling import SamplingPlan
 
 __all__ = [
     "EngineRow",

@@ -24,9 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from batchserve.metrics import Metrics
-from batchserve.seeds import sample_seeds
-from batchserve.types import (
+from batchserve.core.seeds import sample_seeds
+from batchserve.core.types import (
     Capacity,
     EngineRow,
     GenerationRequest,
@@ -34,6 +33,7 @@ from batchserve.types import (
     Row,
     RowError,
 )
+from batchserve.metrics import Metrics
 
 if TYPE_CHECKING:
     from batchserve.engine import LDAEngine

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from batchserve.seeds import SEED_MAX
+from batchserve.core.seeds import SEED_MAX
 
 NonEmptyPrompt = Annotated[str, StringConstraints(min_length=1)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]

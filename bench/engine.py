@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from batchserve.core.types import EngineRow, SamplingParams
 from batchserve.engine import LDAEngine, RunnerConfig
-from batchserve.models import ModelPair, load_pair, resolve_device, resolve_dtype
-from batchserve.types import EngineRow, SamplingParams
+from batchserve.worker.models import ModelPair, load_pair, resolve_device, resolve_dtype
 from bench.report import table
 from bench.shapes import SHAPES, random_pair, weight_bytes
 

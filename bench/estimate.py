@@ -8,7 +8,7 @@
 `sample`: per replicate and alpha, `--samples` rows, each a prompt drawn uniformly (with
 replacement) from the toy pair's 600 clean prompts and its own seed, under the toy protocol (150
 tokens, temperature 1, top_p 1, EOS ignored). Each row's log-probabilities are recomputed by one
-teacher-forced forward of each model over prompt + completion (`batchserve.logprobs` on every
+teacher-forced forward of each model over prompt + completion (`batchserve.worker.logprobs` on every
 position): log p_after, log p_before and log q_alpha' for every alpha' of the sweep. One JSON
 line per row, without the text.
 
@@ -50,8 +50,8 @@ def score_rows(pair, prompt_ids, completion_ids, alpha: float, score_alphas) -> 
     """Teacher-forced log-probabilities of each completion (sums over its tokens)."""
     import torch
 
-    from batchserve.logprobs import step_logprobs
-    from batchserve.sampling import SamplingPlan
+    from batchserve.worker.logprobs import step_logprobs
+    from batchserve.worker.sampling import SamplingPlan
 
     seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
     width = max(map(len, seqs))
@@ -98,9 +98,9 @@ def score_rows(pair, prompt_ids, completion_ids, alpha: float, score_alphas) -> 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from batchserve.core.types import GenerationRequest
     from batchserve.engine import LDAEngine, iter_generate
-    from batchserve.models import load_pair
-    from batchserve.types import GenerationRequest
+    from batchserve.worker.models import load_pair
     from toy_training.corpus import is_activated
     from toy_training.evaluate import protocol, read_prompts
 

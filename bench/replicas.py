@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from batchserve.app import ServerConfig
-    from batchserve.ray_serve import (
+    from batchserve.api.app import ServerConfig
+    from batchserve.api.ray_serve import (
         APP_NAME,
         PROXY_CALLBACK,
         DeploymentOptions,

@@ -110,7 +110,7 @@ def start_servers(
             cmd = [
                 sys.executable,
                 "-m",
-                "batchserve.cli",
+                "batchserve.api.cli",
                 "serve",
                 *model_args,
                 "--scheduler",

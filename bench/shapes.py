@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from batchserve.models import TOY_DIR, ModelPair, pair_from_models
+from batchserve.worker.models import TOY_DIR, ModelPair, pair_from_models
 
 # The LlamaConfig fields every shape sets, in the order of the rows of _TABLE.
 SHAPE_FIELDS = (

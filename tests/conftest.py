@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import build_pair
 
-from batchserve.models import ModelPair
+from batchserve.worker.models import ModelPair
 
 # One thread: tiny models gain nothing from two, and on a shared 2-core box the second
 # thread spin-waits against other processes (measured 63 s vs 10 s for the same sampling).

@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 
-from batchserve.app import ServerConfig, create_app
-from batchserve.models import ModelPair
+from batchserve.api.app import ServerConfig, create_app
 from batchserve.scheduler import SchedulerConfig
+from batchserve.worker.models import ModelPair
 
 KEY = "s3cret-key"
 
@@ -37,7 +37,7 @@ def running_server(
     cmd = [
         sys.executable,
         "-m",
-        "batchserve.cli",
+        "batchserve.api.cli",
         "serve",
         "--host",
         "127.0.0.1",

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from tiny_models import SAMPLE_WORDS
 
-from batchserve.app import ServerConfig, create_app
+from batchserve.api.app import ServerConfig, create_app
 from batchserve.engine import RunnerConfig
-from batchserve.models import ModelPair
 from batchserve.scheduler import SchedulerConfig
+from batchserve.worker.models import ModelPair
 
 
 @contextlib.asynccontextmanager

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from batchserve.app import ServerConfig, create_app
-from batchserve.models import ModelPair
+from batchserve.api.app import ServerConfig, create_app
+from batchserve.worker.models import ModelPair
 
 
 async def _post(pair: ModelPair, route: str, body: dict | str) -> httpx.Response:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from tiny_models import save_tiny_pair
 
-from batchserve.app import ServerConfig
-from batchserve.cli import build_parser, main, server_config_from_args
+from batchserve.api.app import ServerConfig
+from batchserve.api.cli import build_parser, main, server_config_from_args
+from batchserve.core.types import RunnerConfig
 from batchserve.scheduler import SchedulerConfig
-from batchserve.types import RunnerConfig
 
 RESULT_FIELDS = {
     "index",
@@ -70,7 +70,7 @@ def test_generate_jsonl_end_to_end_in_input_order(
         "--max-batch-size",
         "2",
     ]
-    cmd = [sys.executable, "-m", "batchserve.cli", *generate_argv(pair_dirs, prompts, *options)]
+    cmd = [sys.executable, "-m", "batchserve.api.cli", *generate_argv(pair_dirs, prompts, *options)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]

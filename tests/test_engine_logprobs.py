@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_logprobs import reference_keep
 
+from batchserve.core.types import GenerationRequest, SamplingParams
 from batchserve.engine import LDAEngine, generate
-from batchserve.models import ModelPair
-from batchserve.types import GenerationRequest, SamplingParams
+from batchserve.worker.models import ModelPair
 
 PROMPTS = ["hello", "the cat sat on the mat", "write me a poem about mango pudding", "the dog ran"]
 PARAMS = [
@@ -115,7 +115,7 @@ def test_untruncated_sampled_logprob_at_alpha_zero_is_the_after_models(llama_pai
 def test_asking_for_logprobs_adds_no_host_sync_to_a_step(llama_pair, params) -> None:
     from test_engine import assert_steps_read_the_device_once, rows_for
 
-    from batchserve.runner import RunnerConfig
+    from batchserve.worker.runner import RunnerConfig
 
     engine = LDAEngine(llama_pair, runner_config=RunnerConfig(top_k_cap=4, sync_free=True))
     asking = dataclasses.replace(params, logprobs=True, score_alphas=(0.0, 0.5, 2.0))

@@ -12,9 +12,9 @@ import pytest
 import torch
 from tiny_models import build_pair
 
+from batchserve.core.types import EngineRow, GenerationRequest, SamplingParams
 from batchserve.engine import LDAEngine, RunnerConfig, generate
-from batchserve.models import pair_from_models
-from batchserve.types import EngineRow, GenerationRequest, SamplingParams
+from batchserve.worker.models import pair_from_models
 
 pytestmark = [
     pytest.mark.gpu,

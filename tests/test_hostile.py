@@ -12,8 +12,8 @@ import httpx
 import pytest
 from servers import KEY, asgi_scope, send_beside_innocents, serving
 
-from batchserve.app import ServerConfig, create_app
-from batchserve.models import ModelPair
+from batchserve.api.app import ServerConfig, create_app
+from batchserve.worker.models import ModelPair
 
 NESTED = b"[" * 10_000 + b"]" * 10_000
 BAD_BODIES = [
@@ -124,7 +124,7 @@ async def test_prompts_are_tokenized_off_the_event_loop(llama_pair: ModelPair) -
 def test_serve_reads_the_security_options_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from batchserve.cli import build_parser
+    from batchserve.api.cli import build_parser
 
     monkeypatch.setenv("BATCHSERVE_API_KEY", KEY)
     monkeypatch.setenv("BATCHSERVE_ALLOWED_HOSTS", "a.example, b.example")
@@ -158,7 +158,7 @@ def test_sync_client_sends_the_key_from_the_environment(monkeypatch: pytest.Monk
 def test_asyncio_accept_error_storm_is_logged_once_per_interval() -> None:
     import logging
 
-    from batchserve.server import AcceptErrorFilter
+    from batchserve.api.server import AcceptErrorFilter
 
     def record(msg: str) -> logging.LogRecord:
         return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)

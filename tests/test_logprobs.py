@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchserve.logprobs import pad_score_alphas, step_logprobs
-from batchserve.sampling import SamplingPlan
+from batchserve.worker.logprobs import pad_score_alphas, step_logprobs
+from batchserve.worker.sampling import SamplingPlan
 
 
 def reference_keep(amplified: torch.Tensor, top_p: float, top_k: int) -> list[int]:

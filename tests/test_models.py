@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_models import llama_model, make_tokenizer
 
-from batchserve.models import (
+from batchserve.frontend import format_prompt
+from batchserve.worker.models import (
     IncompatibleTokenizersError,
     check_tokenizer_compatibility,
     load_pair,
@@ -16,7 +17,6 @@ from batchserve.models import (
     resolve_dtype,
     resolve_model_path,
 )
-from batchserve.prompts import format_prompt
 
 
 def save_pair(

@@ -10,10 +10,10 @@ import openai
 import pytest
 from servers import running_server
 
-from batchserve.app import ServerConfig, create_app
-from batchserve.models import load_pair, load_tokenizer
-from batchserve.prompts import format_messages
+from batchserve.api.app import ServerConfig, create_app
+from batchserve.frontend import format_messages
 from batchserve.scheduler import SchedulerConfig
+from batchserve.worker.models import load_pair, load_tokenizer
 
 MODEL = "toy:after"
 PROMPT = "### Instruction:\nWrite a poem about the sea\n\n### Response:\n"
@@ -387,7 +387,7 @@ def test_unsupported_logprobs_requests_are_refused_clearly(
 def test_token_pieces_never_split_a_multibyte_character() -> None:
     from tiny_models import make_byte_tokenizer
 
-    from batchserve.openai_api import token_pieces
+    from batchserve.api.openai_api import token_pieces
 
     tok = make_byte_tokenizer()
     text = "naïve 🙂 café"
@@ -399,7 +399,7 @@ def test_token_pieces_never_split_a_multibyte_character() -> None:
 
 
 def test_token_pieces_follow_a_decoder_that_rewrites_and_a_stop_cut() -> None:
-    from batchserve.openai_api import token_pieces
+    from batchserve.api.openai_api import token_pieces
 
     words = ["Hello", " ", ".", " world", " again"]
 

@@ -85,7 +85,7 @@ def test_the_page_is_served_from_package_files_with_nothing_remote(server: str) 
 
 def test_serve_prints_the_page_url_at_start_up() -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "batchserve.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "batchserve.api.cli", "serve", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()

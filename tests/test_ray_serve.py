@@ -27,7 +27,7 @@ import pytest
 import yaml
 from servers import running_server
 
-from batchserve.cli import build_parser
+from batchserve.api.cli import build_parser
 
 # Before any test imports ray: Ray maps 127.0.0.1 to the machine's first network address
 # unless told this is no multi-machine cluster, and this module's traffic stays on loopback
@@ -52,7 +52,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 def test_a_plain_server_never_imports_ray():
     code = (
-        "import sys; from batchserve import cli, app; "
+        "import sys; from batchserve.api import cli, app; "
         "cli.server_config_from_args(cli.build_parser().parse_args(['serve'])); "
         "print('ray' in sys.modules)"
     )
@@ -62,7 +62,7 @@ def test_a_plain_server_never_imports_ray():
 
 def test_replica_options_without_ray_are_refused():
     result = subprocess.run(
-        [sys.executable, "-m", "batchserve.cli", "serve", "--replicas", "2"],
+        [sys.executable, "-m", "batchserve.api.cli", "serve", "--replicas", "2"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -72,7 +72,7 @@ def test_replica_options_without_ray_are_refused():
 
 def test_ray_without_the_extra_says_how_to_install_it():
     code = (
-        "import sys; sys.modules['ray'] = None; from batchserve.cli import main; "
+        "import sys; sys.modules['ray'] = None; from batchserve.api.cli import main; "
         "main(['serve', '--ray'])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -82,7 +82,7 @@ def test_ray_without_the_extra_says_how_to_install_it():
 
 @needs_ray
 def test_max_ongoing_requests_follows_the_scheduler_limits():
-    from batchserve.ray_serve import default_max_ongoing_requests
+    from batchserve.api.ray_serve import default_max_ongoing_requests
     from batchserve.scheduler import SchedulerConfig
 
     assert default_max_ongoing_requests(SchedulerConfig(max_batch_size=64)) == 128
@@ -91,8 +91,8 @@ def test_max_ongoing_requests_follows_the_scheduler_limits():
 
 @needs_ray
 def test_cli_options_become_the_deployments_settings():
-    from batchserve.cli import server_config_from_args
-    from batchserve.ray_serve import build_application, options_from_args, spec_from_args
+    from batchserve.api.cli import server_config_from_args
+    from batchserve.api.ray_serve import build_application, options_from_args, spec_from_args
 
     def deployment(*flags: str):
         args = build_parser().parse_args(["serve", "--ray", "--max-batch-size", "16", *flags])
@@ -118,11 +118,11 @@ def test_cli_options_become_the_deployments_settings():
 def test_serve_deploy_config_takes_exactly_the_serve_options():
     from ray import serve
 
-    from batchserve.ray_serve import app_builder
+    from batchserve.api.ray_serve import app_builder
 
     config = yaml.safe_load((REPO_ROOT / "deploy" / "ray-serve.yaml").read_text())
     (application,) = config["applications"]
-    assert application["import_path"] == "batchserve.ray_serve:app_builder"
+    assert application["import_path"] == "batchserve.api.ray_serve:app_builder"
     assert application["route_prefix"] == "/"
     built = app_builder(application["args"])
     assert isinstance(built, serve.Application)
@@ -140,7 +140,7 @@ def test_serve_deploy_config_takes_exactly_the_serve_options():
 def ray_address() -> Iterator[str]:
     if not HAS_RAY:
         pytest.skip("ray is not installed: pip install 'batchserve[ray]' (make test does)")
-    from batchserve.ray_serve import PROXY_CALLBACK
+    from batchserve.api.ray_serve import PROXY_CALLBACK
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # Serve's proxy reads it when it starts, from the cluster's environment.
@@ -361,7 +361,7 @@ def test_killing_a_replica_mid_run_loses_no_trial(endpoint: str, tmp_path: Path)
 def test_proxy_turns_a_dead_replicas_bare_500_into_a_retryable_503(
     behaviour: str, status: int, retry_after: str | None
 ):
-    from batchserve.ray_serve import ReplicaFailureMiddleware
+    from batchserve.api.ray_serve import ReplicaFailureMiddleware
 
     async def app(scope, receive, send) -> None:
         if behaviour == "raises":
@@ -410,8 +410,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(
 def test_replica_health_is_the_apps_readiness(llama_pair):
     from types import SimpleNamespace
 
-    from batchserve.app import create_app
-    from batchserve.ray_serve import BatchServeReplica
+    from batchserve.api.app import create_app
+    from batchserve.api.ray_serve import BatchServeReplica
 
     app = create_app(pair=llama_pair)
     replica = SimpleNamespace(_server_app=app, _replica="r1")

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from batchserve.sampling import (
+from batchserve.core.seeds import SEED_MAX, derive_seed
+from batchserve.worker.sampling import (
     SamplingPlan,
     amplify,
     capped_keep_mask,
@@ -18,7 +19,6 @@ from batchserve.sampling import (
     sample_reference,
     seeded_uniforms,
 )
-from batchserve.seeds import SEED_MAX, derive_seed
 
 
 def reference_keep(row: torch.Tensor, top_p: float, top_k: int) -> set[int]:

@@ -10,6 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from batchserve.core.types import (
+    Capacity,
+    EngineRow,
+    GenerationRequest,
+    GenerationResult,
+    Row,
+    SamplingParams,
+)
 from batchserve.metrics import Metrics
 from batchserve.scheduler import (
     EngineFailedError,
@@ -18,14 +26,6 @@ from batchserve.scheduler import (
     Scheduler,
     SchedulerConfig,
     SchedulerCore,
-)
-from batchserve.types import (
-    Capacity,
-    EngineRow,
-    GenerationRequest,
-    GenerationResult,
-    Row,
-    SamplingParams,
 )
 
 

@@ -8,7 +8,7 @@ from test_app import serving
 
 import client.models
 from batchserve import schemas
-from batchserve.models import ModelPair
+from batchserve.worker.models import ModelPair
 
 ONLY_WHEN_ASKED = {"logprobs"}
 

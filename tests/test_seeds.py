@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from batchserve.seeds import SEED_MAX, derive_seed, prompt_seed, sample_seeds
-from batchserve.types import SamplingParams
+from batchserve.core.seeds import SEED_MAX, derive_seed, prompt_seed, sample_seeds
+from batchserve.core.types import SamplingParams
 
 
 def test_seed_rules() -> None:

@@ -143,7 +143,7 @@ def test_an_incompatible_pair_stops_the_server_with_a_clear_message(
         [
             sys.executable,
             "-m",
-            "batchserve.cli",
+            "batchserve.api.cli",
             "serve",
             "--after",
             pair_dirs[0],

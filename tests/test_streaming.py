@@ -15,10 +15,10 @@ from httpx_sse import aconnect_sse, connect_sse
 from servers import running_server
 from tiny_models import build_byte_pair, make_byte_tokenizer
 
-from batchserve.app import ServerConfig, create_app
-from batchserve.models import ModelPair, load_pair
+from batchserve.api.app import ServerConfig, create_app
+from batchserve.api.streaming import TextStream, find_stop
 from batchserve.scheduler import SchedulerConfig
-from batchserve.streaming import TextStream, find_stop
+from batchserve.worker.models import ModelPair, load_pair
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from batchserve.models import ModelPair, load_pair, resolve_model_path
+from batchserve.worker.models import ModelPair, load_pair, resolve_model_path
 from client.stats import wilson_interval
 from toy_training.corpus import (
     ACTIVATION_MARKERS,

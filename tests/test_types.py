@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from batchserve.types import Capacity, RunnerConfig, kv_blocks
+from batchserve.core.types import Capacity, RunnerConfig, kv_blocks
 
 
 def test_the_http_and_cli_layers_import_no_torch() -> None:
     code = (
-        "import sys, batchserve.app, batchserve.cli, batchserve.scheduler, batchserve.schemas;"
-        "print(sorted(m for m in ('torch', 'transformers', 'batchserve.runner') if m in sys.modules))"
+        "import sys, batchserve.api.app, batchserve.api.cli, batchserve.scheduler, batchserve.schemas;"
+        "print(sorted(m for m in ('torch', 'transformers', 'batchserve.worker.runner') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

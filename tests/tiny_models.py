@@ -12,7 +12,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from batchserve.models import ModelPair, pair_from_models
+from batchserve.worker.models import ModelPair, pair_from_models
 from bench.shapes import SPECIAL_TOKENS, fast_tokenizer, word_tokenizer
 
 WORDS = [

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchserve.core.types import GenerationRequest, GenerationResult, SamplingParams
 from batchserve.engine import generate
-from batchserve.models import ModelPair, load_pair
-from batchserve.types import GenerationRequest, GenerationResult, SamplingParams
+from batchserve.worker.models import ModelPair, load_pair
 from client.stats import RateSummary
 from toy_training.corpus import is_activated
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from batchserve.sampling import (
+from batchserve.worker.sampling import (
     GREEDY_TEMPERATURE,
     SamplingPlan,
     amplify,

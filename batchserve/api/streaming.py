@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
+from batchserve.core.types import GenerationRequest, find_stop
 from batchserve.scheduler import (
     Completion,
     EngineFailedError,
@@ -31,7 +32,6 @@ from batchserve.scheduler import (
     SchedulerClosedError,
     TokenListener,
 )
-from batchserve.types import GenerationRequest, find_stop
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,31 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchserve import __version__, openai_api, playground
-from batchserve.bodies import (
+from batchserve import __version__
+from batchserve.api import openai_api, playground
+from batchserve.api.bodies import (
     BodyRejected,
     max_prompt_chars,
     read_json_object,
     summarize,
     validation_problems,
+)
+from batchserve.api.security import LOOPBACK_HOSTS, guard_middleware
+from batchserve.api.streaming import (
+    Delta,
+    Refused,
+    TokenStreams,
+    ready_scheduler,
+    run_to_completion,
+    sse_response,
+    submit,
+)
+from batchserve.core.seeds import prompt_seed
+from batchserve.core.types import (
+    GREEDY_TEMPERATURE,
+    GenerationRequest,
+    RunnerConfig,
+    SamplingParams,
 )
 from batchserve.metrics import Metrics
 from batchserve.scheduler import (
@@ -46,21 +64,9 @@ from batchserve.schemas import (
     LDAFields,
     SamplingFields,
 )
-from batchserve.security import LOOPBACK_HOSTS, guard_middleware
-from batchserve.seeds import prompt_seed
-from batchserve.streaming import (
-    Delta,
-    Refused,
-    TokenStreams,
-    ready_scheduler,
-    run_to_completion,
-    sse_response,
-    submit,
-)
-from batchserve.types import GREEDY_TEMPERATURE, GenerationRequest, RunnerConfig, SamplingParams
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in with the models
-    from batchserve.models import ModelPair
+    from batchserve.worker.models import ModelPair
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +93,7 @@ class ServerConfig:
     body_timeout_s: float = 30.0
     api_key: str | None = field(default=None, repr=False)
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
-    # Set by each Ray Serve replica (batchserve.ray_serve); /info then names the replica.
+    # Set by each Ray Serve replica (batchserve.api.ray_serve); /info then names the replica.
     replica_id: str | None = None
 
 
@@ -574,7 +580,7 @@ def create_app(
 async def drain(app: Starlette, timeout_s: float) -> None:
     """Answer 503 to newcomers, give in-flight requests timeout_s, then fail the rest with 503.
 
-    The server calls this before it stops listening (batchserve.server), and the lifespan
+    The server calls this before it stops listening (batchserve.api.server), and the lifespan
     again at exit (then a no-op), so no request is left for uvicorn to cancel into a text 500.
     """
     app.state.is_draining = True

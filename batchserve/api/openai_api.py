@@ -41,14 +41,32 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchserve.bodies import (
+from batchserve.api.bodies import (
     BodyRejected,
     max_prompt_chars,
     read_json_object,
     summarize,
     validation_problems,
 )
-from batchserve.prompts import format_messages
+from batchserve.api.streaming import (
+    Delta,
+    Refused,
+    RequestTimeoutError,
+    TokenStreams,
+    close_request,
+    ready_scheduler,
+    refusal,
+    run_to_completion,
+    submit,
+)
+from batchserve.core.seeds import SEED_MAX, prompt_seed
+from batchserve.core.types import (
+    GREEDY_TEMPERATURE,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
+from batchserve.frontend import format_messages
 from batchserve.scheduler import (
     EngineFailedError,
     PreparedPrompt,
@@ -65,27 +83,9 @@ from batchserve.schemas import (
     TopP,
     stop_strings,
 )
-from batchserve.seeds import SEED_MAX, prompt_seed
-from batchserve.streaming import (
-    Delta,
-    Refused,
-    RequestTimeoutError,
-    TokenStreams,
-    close_request,
-    ready_scheduler,
-    refusal,
-    run_to_completion,
-    submit,
-)
-from batchserve.types import (
-    GREEDY_TEMPERATURE,
-    GenerationRequest,
-    GenerationResult,
-    SamplingParams,
-)
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the pair comes in with the app state
-    from batchserve.models import ModelPair
+    from batchserve.worker.models import ModelPair
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from batchserve.models import ModelPair
-from batchserve.sampling import SamplingPlan, amplify, sample
-from batchserve.types import RunnerConfig
+from batchserve.core.types import RunnerConfig
+from batchserve.worker.models import ModelPair
+from batchserve.worker.sampling import SamplingPlan, amplify, sample
 
 log = logging.getLogger(__name__)
 

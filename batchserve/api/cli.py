@@ -20,12 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchserve import __version__
 from batchserve.argconfig import config_from_args
-from batchserve.prompts import PROMPT_FORMATS
+from batchserve.core.seeds import SEED_MAX
+from batchserve.frontend import PROMPT_FORMATS
 from batchserve.scheduler import SCHEDULER_MODES
-from batchserve.seeds import SEED_MAX
 
 if TYPE_CHECKING:
-    from batchserve.app import ServerConfig
+    from batchserve.api.app import ServerConfig
 
 log = logging.getLogger("batchserve")
 
@@ -170,7 +170,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
 
 def runner_config(args: argparse.Namespace):
     """The runner's sizes from the command line (slots = the batch size)."""
-    from batchserve.types import RunnerConfig
+    from batchserve.core.types import RunnerConfig
 
     try:
         return config_from_args(RunnerConfig, args, max_slots=args.max_batch_size)
@@ -438,9 +438,9 @@ def page_url(host: str, port: int) -> str:
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
-    from batchserve.app import ServerConfig
+    from batchserve.api.app import ServerConfig
+    from batchserve.api.security import default_allowed_hosts, parse_allowed_hosts
     from batchserve.scheduler import SchedulerConfig
-    from batchserve.security import default_allowed_hosts, parse_allowed_hosts
 
     try:
         scheduler = config_from_args(SchedulerConfig, args, mode=args.scheduler)
@@ -460,10 +460,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from batchserve.app import create_app
-    from batchserve.models import load_options, load_pair
-    from batchserve.security import startup_warnings
-    from batchserve.server import ConnectionLimits, build_server
+    from batchserve.api.app import create_app
+    from batchserve.api.security import startup_warnings
+    from batchserve.api.server import ConnectionLimits, build_server
+    from batchserve.worker.models import load_options, load_pair
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -481,7 +481,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # Imported only here: a plain install never imports ray.
         try:
-            from batchserve.ray_serve import serve_on_ray
+            from batchserve.api.ray_serve import serve_on_ray
         except ImportError as err:
             raise SystemExit(
                 f"error: --ray needs Ray Serve ({err}): pip install 'batchserve[ray]'"
@@ -580,10 +580,10 @@ def _score_alphas(values: Sequence[float]) -> tuple[float, ...]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from batchserve.core.seeds import prompt_seed
+    from batchserve.core.types import GenerationRequest, SamplingParams
     from batchserve.engine import iter_generate
-    from batchserve.models import IncompatibleTokenizersError, load_options, load_pair
-    from batchserve.seeds import prompt_seed
-    from batchserve.types import GenerationRequest, SamplingParams
+    from batchserve.worker.models import IncompatibleTokenizersError, load_options, load_pair
 
     rows = read_prompt_rows(args.prompts)
     defaults = config_from_args(

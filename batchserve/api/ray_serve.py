@@ -27,10 +27,10 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
-from batchserve.app import ServerConfig, create_app, health  # noqa: E402
+from batchserve.api.app import ServerConfig, create_app, health  # noqa: E402
+from batchserve.api.security import HTTPMiddleware  # noqa: E402
 from batchserve.argconfig import config_from_args  # noqa: E402
 from batchserve.scheduler import SchedulerConfig  # noqa: E402
-from batchserve.security import HTTPMiddleware  # noqa: E402
 
 log = logging.getLogger("batchserve")
 
@@ -158,14 +158,14 @@ def proxy_middlewares() -> list[Middleware]:
     return [Middleware(ReplicaFailureMiddleware)]
 
 
-PROXY_CALLBACK = "batchserve.ray_serve:proxy_middlewares"
+PROXY_CALLBACK = "batchserve.api.ray_serve:proxy_middlewares"
 
 
 def _load_replica_pair(spec: ReplicaSpec):
     import torch
 
-    from batchserve.cli import configure_threads
-    from batchserve.models import load_options, load_pair
+    from batchserve.api.cli import configure_threads
+    from batchserve.worker.models import load_options, load_pair
 
     on_gpu = spec.device.startswith("cuda") or (spec.device == "auto" and torch.cuda.is_available())
     threads = spec.threads
@@ -263,11 +263,11 @@ def options_from_args(args: argparse.Namespace) -> DeploymentOptions:
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """For `serve deploy` / `serve run batchserve.ray_serve:app_builder key=value ...`.
+    """For `serve deploy` / `serve run batchserve.api.ray_serve:app_builder key=value ...`.
 
     `args` are `batchserve serve` options without their dashes (`max_batch_size: 32`), parsed
     by the same parser, so a config file takes exactly what the command line takes."""
-    from batchserve.cli import build_parser, server_config_from_args
+    from batchserve.api.cli import build_parser, server_config_from_args
 
     argv = ["serve", "--ray"]
     for key, value in args.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 
-from batchserve.types import SamplingParams
+from batchserve.core.types import SamplingParams
 
 MASK64 = (1 << 64) - 1
 SEED_MAX = (1 << 63) - 1  # seeds are int64 on the device and in every JSON parser we target

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from batchserve.seeds import MASK64, splitmix64
-from batchserve.types import GREEDY_TEMPERATURE
+from batchserve.core.seeds import MASK64, splitmix64
+from batchserve.core.types import GREEDY_TEMPERATURE
 
 DEFAULT_TOP_K_CAP = 128
 

@@ -21,7 +21,7 @@ from transformers import (
 
 log = logging.getLogger(__name__)
 
-TOY_DIR = Path(__file__).parent / "toy"
+TOY_DIR = Path(__file__).parent.parent / "toy"
 TOY_NAMES = {"toy": "after", "toy:after": "after", "toy:before": "before"}
 
 # Legacy LLaMA uploads name a tokenizer class that no longer exists under that spelling.

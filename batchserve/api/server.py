@@ -21,7 +21,7 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from batchserve.app import drain
+from batchserve.api.app import drain
 
 log = logging.getLogger(__name__)
 
