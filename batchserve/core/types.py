@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # Below this temperature a row is greedy, as in vLLM: dividing logits by 1e-45 overflows to
 # inf and samples garbage. The HTTP layer and the sampler both read this one constant.
@@ -189,3 +190,74 @@ class RunnerConfig:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size})")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
+
+
+# --- one engine step: what the scheduler plans and what the runner returns ---------------------
+
+
+@dataclass(frozen=True)
+class ScheduledRow:
+    """One row's part of a step: the tokens it feeds the models and where they go.
+
+    `token_ids` are a prompt chunk (prefill) or the row's last sampled token (decode); they sit
+    at positions `start ..` of the row, whose KV lives in `block_ids` (the row's whole block
+    table). A row `samples` when this step feeds its last known token: it then draws output
+    token number `step` (its seeded draw key), with `params` and `seed`.
+    """
+
+    row_id: int
+    token_ids: tuple[int, ...]
+    start: int
+    block_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    samples: bool
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The scheduler's plan for one step: every scheduled row, in one forward per model."""
+
+    rows: tuple[ScheduledRow, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.rows)
+
+    @property
+    def sampling_rows(self) -> tuple[ScheduledRow, ...]:
+        return tuple(r for r in self.rows if r.samples)
+
+
+INVALID_TOKEN = -1  # drawn for a row whose logits were not finite; the scheduler fails that row
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """The runner's answer: one token per sampling row of the plan, in plan order, and for rows
+    that asked, that token's log-probabilities (after, before, sampled, then one per score
+    alpha; see worker/logprobs.py)."""
+
+    row_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    logprobs: tuple[tuple[float, ...] | None, ...] = ()
+
+
+class Runner(Protocol):
+    """What the engine loop needs of a model runner (worker/runner.py, worker/simulated.py)."""
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """KV blocks in the store, the reserved block 0 included."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def max_row_tokens(self) -> int:
+        """Prompt + max_new_tokens of one row can never exceed this (context and KV store)."""
+
+    def execute(self, plan: StepPlan) -> StepOutput: ...
+
+    def info(self) -> dict[str, object]: ...
