@@ -1,49 +1,57 @@
-"""Prefill and decode over the running batch: both models step in lockstep, one forward each.
+"""The engine loop: plan = scheduler.schedule(); out = runner.execute(plan); scheduler.update(out).
 
-No asyncio and no HTTP here: the scheduler drives `admit` / `step` / `cancel` from its worker
-thread, and `generate` runs a list of requests to completion for library and offline use.
+No asyncio and no HTTP here. `EngineCore` is the loop's body, one thread only. The server runs
+it on a worker thread through `Engine`, whose other side (`submit`, `abort`, `finish_rows`)
+only appends to an inbox the worker drains between steps, so nothing the event loop calls ever
+waits for a step. Offline, `iter_generate` runs the same core in a plain loop.
+
+Each request has a listener, called on the worker thread with an `EngineEvent` after every
+step that concerns it; the server's listener hands it to its event loop
+(batchserve/api/streaming.py), where the frontend turns tokens into text.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
-import torch
 from tqdm import tqdm
 
-from batchserve.core.seeds import SEED_MAX
+from batchserve.core.scheduler import (
+    Admission,
+    QueueFullError,
+    RowUpdate,
+    Scheduler,
+    SchedulerConfig,
+)
 from batchserve.core.types import (
-    Capacity,
     EngineRow,
     GenerationRequest,
     GenerationResult,
-    Row,
-    RowError,
+    Runner,
     RunnerConfig,
     SamplingParams,
-    TokenLogprobs,
-    find_stop,
+    StepOutput,
+    StepPlan,
 )
-from batchserve.frontend import format_prompt
-from batchserve.scheduler import SchedulerConfig, SchedulerCore, engine_rows, prepare_prompt
-from batchserve.worker.logprobs import pad_score_alphas, step_logprobs
-from batchserve.worker.models import ModelPair
-from batchserve.worker.runner import INVALID_TOKEN, ModelRunner, SlotParams
-from batchserve.worker.sampling import SamplingPlan
+from batchserve.frontend import Frontend, RequestOutput, expand_rows
+from batchserve.metrics import Metrics
 
 __all__ = [
-    "EngineRow",
+    "Engine",
+    "EngineCore",
+    "EngineEvent",
+    "EngineFailedError",
     "GenerationRequest",
     "GenerationResult",
-    "LDAEngine",
-    "RowError",
     "RunnerConfig",
     "SamplingParams",
+    "SchedulerClosedError",
     "generate",
     "iter_generate",
 ]
@@ -51,389 +59,401 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class LDAEngine:
-    """Rows in slots, stop checks and results; drives the runner. One thread only (the worker).
+class SchedulerClosedError(RuntimeError):
+    """The server is shutting down (or the worker died) and takes no more work."""
 
-    The occupied slots are always the prefix 0..B-1: a finished row's slot takes the last row,
-    so the runner steps `slots[:B]` and never sees a gap.
-    """
+
+class EngineFailedError(RuntimeError):
+    """The engine raised while this request's rows were in the batch."""
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """What one step did for one request: its rows' updates, its admission, or its failure."""
+
+    request_id: int
+    step: int
+    updates: tuple[RowUpdate, ...] = ()
+    admission: Admission | None = None
+    error: Exception | None = None
+
+
+Listener = Callable[[EngineEvent], None]
+
+
+@dataclass
+class StepResult:
+    events: list[EngineEvent] = field(default_factory=list)
+    wait_s: float | None = None  # nothing ran: plan again after this long (or new work)
+
+
+class EngineCore:
+    """Scheduler + runner + metrics: one step at a time, one thread."""
 
     def __init__(
         self,
-        pair: ModelPair,
+        runner: Runner,
+        config: SchedulerConfig,
         *,
-        prompt_format: str = "alpaca",
-        runner_config: RunnerConfig | None = None,
+        eos_token_ids: Sequence[int] = (),
+        metrics: Metrics | None = None,
     ) -> None:
-        self.pair = pair
-        self.tokenizer = pair.tokenizer
-        self.prompt_format = prompt_format
-        self.runner = ModelRunner(pair, runner_config)
-        self.slots: list[Row] = []  # slots[i] is the row in slot i
-        self._lengths: list[int] = []  # tokens in the KV store per slot (the next position)
-        self._blocks: list[list[int]] = []  # KV blocks per slot
-        self._plan: SamplingPlan | None = None  # of the rows in slots; None after a change
-        # The slots' padded score alphas and mask, rebuilt with the plan; None: no row asks.
-        self._scores: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.num_steps = 0  # decode steps run so far (admission order evidence for tests)
-        # The server encodes on the event loop while the worker decodes; a Rust tokenizer
-        # borrowed by two threads at once can raise "Already borrowed".
-        self._tokenizer_lock = threading.Lock()
-
-    # --- prompts ---------------------------------------------------------------------------
-
-    def format(
-        self, prompt: str, system_prompt: str | None = None, prompt_format: str | None = None
-    ) -> str:
-        return format_prompt(
-            prompt,
-            prompt_format or self.prompt_format,
-            system_prompt=system_prompt,
-            tokenizer=self.tokenizer,
+        self.runner = runner
+        self.metrics = metrics or Metrics()
+        self.scheduler = Scheduler(
+            config,
+            num_kv_blocks=runner.num_kv_blocks,
+            block_size=runner.block_size,
+            max_row_tokens=runner.max_row_tokens,
+            eos_token_ids=eos_token_ids,
         )
 
-    def encode(self, formatted_prompt: str, prompt_format: str | None = None) -> list[int]:
-        # A chat template already writes BOS; adding it again would shift the distribution.
-        add_special = (prompt_format or self.prompt_format) != "chat"
-        with self._tokenizer_lock:
-            return self.tokenizer.encode(formatted_prompt, add_special_tokens=add_special)
+    def add_request(self, request_id: int, rows: Sequence[EngineRow], now: float) -> None:
+        self.scheduler.add_request(request_id, rows, now)
+        self.metrics.queue_rows.set(self.scheduler.num_waiting_rows)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        with self._tokenizer_lock:
-            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    def step(self, now: float) -> StepResult:
+        """Plan, execute (retried once: a failed step changed nothing), update."""
+        scheduler, metrics = self.scheduler, self.metrics
+        blocks = scheduler.blocks
+        queried, hits = blocks.num_queried_tokens, blocks.num_hit_tokens
+        schedule = scheduler.schedule(now)
+        plan = schedule.plan
+        if not plan.rows:
+            return StepResult(wait_s=schedule.wait_s)
+        for admission in schedule.admissions:
+            metrics.queue_wait.observe(admission.queue_wait_s)
+        metrics.prefix_cache_queried.inc(blocks.num_queried_tokens - queried)
+        metrics.prefix_cache_hits.inc(blocks.num_hit_tokens - hits)
+        try:
+            output = self._execute(plan)
+        except Exception as err:  # noqa: BLE001 - one bad batch must not kill the server
+            log.exception("the step failed twice in a row; failing its requests")
+            metrics.errors.labels(kind="engine").inc()
+            return StepResult(self._fail_plan(plan, err))
+        updates = scheduler.update(plan, output)
+        metrics.steps.inc()
+        metrics.batch_size.observe(len(plan.rows))
+        metrics.step_tokens.observe(plan.num_tokens)
+        metrics.tokens_generated.inc(sum(len(u.token_ids) for u in updates))
+        for update in updates:
+            if update.finish_reason is not None:
+                metrics.rows_finished.labels(reason=update.finish_reason).inc()
+        metrics.rows_admitted.inc(schedule.num_admitted)
+        metrics.queue_rows.set(scheduler.num_waiting_rows)
+        metrics.running_rows.set(scheduler.num_running)
+        return StepResult(self._events(updates, schedule.admissions))
 
-    # --- capacity (the scheduler plans admissions with these) --------------------------------
+    def _execute(self, plan: StepPlan) -> StepOutput:
+        try:
+            return self.runner.execute(plan)
+        except Exception as err:  # noqa: BLE001
+            log.warning("step failed (%s: %s); retrying it once", type(err).__name__, err)
+            return self.runner.execute(plan)
+
+    def _fail_plan(self, plan: StepPlan, err: Exception) -> list[EngineEvent]:
+        owners = {
+            row.request_id
+            for row in self.scheduler.running
+            if row.row_id in {r.row_id for r in plan.rows}
+        }
+        self.scheduler.step_failed()
+        error = EngineFailedError(f"generation failed for this request: {err}")
+        for request_id in owners:
+            self.scheduler.abort_request(request_id)
+        return [EngineEvent(rid, self.scheduler.num_steps, error=error) for rid in owners]
+
+    def _events(
+        self, updates: list[RowUpdate], admissions: Sequence[Admission]
+    ) -> list[EngineEvent]:
+        step = self.scheduler.num_steps
+        by_request: dict[int, list[RowUpdate]] = {}
+        for update in updates:
+            by_request.setdefault(update.request_id, []).append(update)
+        admitted = {a.request_id: a for a in admissions}
+        return [
+            EngineEvent(rid, step, tuple(by_request.get(rid, ())), admitted.get(rid))
+            for rid in by_request.keys() | admitted.keys()
+        ]
+
+    def abort_request(self, request_id: int) -> int:
+        """Drop a request (cancelled by its client, timed out, failed); returns its open rows."""
+        num_open = self.scheduler.abort_request(request_id)
+        self.metrics.queue_rows.set(self.scheduler.num_waiting_rows)
+        self.metrics.running_rows.set(self.scheduler.num_running)
+        return num_open
+
+    def finish_rows(self, row_ids: Sequence[int], reason: str = "stop") -> None:
+        self.scheduler.finish_rows(row_ids, reason)
+        self.metrics.rows_finished.labels(reason=reason).inc(len(row_ids))
+        self.metrics.running_rows.set(self.scheduler.num_running)
+
+
+# --- the worker thread, for the server ------------------------------------------------------------
+
+
+class Engine:
+    """`EngineCore` on a worker thread. The event-loop side only touches the inbox."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.metrics = core.metrics
+        self.config = core.scheduler.config
+        self._cond = threading.Condition()
+        self._inbox: list[Callable[[], None]] = []
+        self._num_inbox_rows = 0
+        self._queued: set[int] = set()  # requests submitted, not yet added to the scheduler
+        self._listeners: dict[int, Listener] = {}
+        self._request_ids = itertools.count()
+        self.row_ids = itertools.count()  # for `frontend.expand_rows`: unique in this engine
+        self._is_draining = False
+        self._is_closed = False
+        self._thread: threading.Thread | None = None
+
+    # --- the event loop's side ---------------------------------------------------------------
 
     @property
-    def max_slots(self) -> int:
-        return self.runner.config.max_slots
+    def num_waiting_rows(self) -> int:
+        """Rows queued and not yet admitted (read without a lock: a gauge, not a promise)."""
+        return self._num_inbox_rows + self.core.scheduler.num_waiting_rows
 
     @property
-    def num_free_slots(self) -> int:
-        return self.max_slots - len(self.slots)
+    def num_requests(self) -> int:
+        return len(self._listeners)
 
     @property
-    def num_free_blocks(self) -> int:
-        return self.runner.blocks.num_free
-
-    @property
-    def max_row_tokens(self) -> int:
-        """Prompt + max_new_tokens of one row can never exceed this (context and KV store)."""
-        return self.runner.max_row_tokens
-
-    def capacity(self) -> Capacity:
-        return Capacity(
-            num_running=len(self.slots),
-            num_free_slots=self.num_free_slots,
-            num_free_blocks=self.num_free_blocks,
-            block_size=self.runner.blocks.block_size,
-            step=self.num_steps,
-        )
-
-    def blocks_needed(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
-        return self.capacity().blocks_needed(num_prompt_tokens, max_new_tokens)
-
-    def info(self) -> dict[str, object]:
-        return self.runner.info()
-
-    # --- batch control -----------------------------------------------------------------------
+    def request_ids(self) -> list[int]:
+        """Requests in flight (queued or running)."""
+        return list(self._listeners)
 
     @property
     def num_running(self) -> int:
-        return len(self.slots)
+        return self.core.scheduler.num_running
 
     @property
-    def running_rows(self) -> list[Row]:
-        """The rows in the batch now; their `token_ids` grow by one per step (for streaming)."""
-        return list(self.slots)
+    def num_steps(self) -> int:
+        return self.core.scheduler.num_steps
 
     @property
-    def running_row_ids(self) -> list[int]:
-        return [r.row_id for r in self.slots]
+    def max_row_tokens(self) -> int:
+        return self.core.scheduler.max_row_tokens
 
-    def admit(self, rows: Sequence[EngineRow]) -> list[Row]:
-        """Prefill newcomers together into free slots and sample their first token.
+    def submit(self, rows: Sequence[EngineRow], listener: Listener) -> int:
+        """Queue a request's rows; `listener` gets its events on the worker thread. A full
+        queue raises QueueFullError, a closing engine SchedulerClosedError, before anything
+        is queued."""
+        with self._cond:
+            if self._is_closed or self._is_draining:
+                raise SchedulerClosedError("server is shutting down")
+            limit = self.config.max_queue_rows
+            if self.num_waiting_rows + len(rows) > limit:
+                self.metrics.errors.labels(kind="queue_full").inc()
+                raise QueueFullError(self.num_waiting_rows, len(rows), limit)
+            request_id = next(self._request_ids)
+            self._listeners[request_id] = listener
+            self._num_inbox_rows += len(rows)
+            self._queued.add(request_id)
+            now = time.monotonic()
 
-        Returns rows already finished by that first token (max_new_tokens 1, EOS, a stop
-        string). A row that cannot be admitted raises `RowError` naming it, before anything
-        changes; any other failure leaves the engine as it was.
-        """
-        if not rows:
-            return []
-        for row in rows:
-            self._validate(row)
-        if len(rows) > self.num_free_slots:
-            raise ValueError(f"{len(rows)} rows asked, {self.num_free_slots} slots free")
-        needed = [self.blocks_needed(len(r.prompt_ids), r.params.max_new_tokens) for r in rows]
-        if sum(needed) > self.num_free_blocks:
-            raise ValueError(f"{sum(needed)} KV blocks asked, {self.num_free_blocks} free")
-        first = len(self.slots)
-        slots = list(range(first, first + len(rows)))
-        blocks = [self.runner.blocks.allocate(n) for n in needed]
-        params = [r.params for r in rows]
-        try:
-            self.runner.write_slots(slots, [self._slot_params(r) for r in rows], blocks)
-            plan = self._plan_for(params)
-            tokens = self.runner.prefill(slots, [r.prompt_ids for r in rows], plan)
-            logprobs = self._logprobs(self._score_table(params), slots, tokens, plan)
-            host_tokens = self.runner.to_host(tokens)
-        except BaseException:
-            for row_blocks in blocks:
-                self.runner.blocks.free(row_blocks)
-            raise
-        for row, row_blocks, token in zip(rows, blocks, host_tokens, strict=True):
-            state = Row(row_id=row.row_id, params=row.params, seed=row.seed)
-            self.slots.append(state)
-            self._lengths.append(len(row.prompt_ids))
-            self._blocks.append(row_blocks)
-            self._append(state, token, logprobs, len(self.slots) - 1 - first)
-        self._plan = None
-        return self._retire()
+            def add() -> None:
+                with self._cond:
+                    self._num_inbox_rows -= len(rows)
+                    self._queued.discard(request_id)
+                try:
+                    self.core.add_request(request_id, rows, now)
+                except Exception as err:  # noqa: BLE001 - refused: its listener hears why
+                    self._notify(EngineEvent(request_id, self.core.scheduler.num_steps, error=err))
+                    self._listeners.pop(request_id, None)
 
-    def step(self) -> list[Row]:
-        """One decode step for every running row; returns the rows that finished on it.
+            self._inbox.append(add)
+            self._cond.notify()
+        return request_id
 
-        A row whose host-side checks fail finishes with reason "error" (and `Row.error`); the
-        others are unaffected. A step that raises changed nothing and can be retried.
-        """
-        if not self.slots:
-            return []
-        if self._plan is None:
-            params = [r.params for r in self.slots]
-            self._plan, self._scores = self._plan_for(params), self._score_table(params)
-        tokens = self.runner.decode(len(self.slots), max(self._lengths) + 1, self._plan)
-        logprobs = self._logprobs(self._scores, slice(0, len(self.slots)), tokens, self._plan)
-        host_tokens = self.runner.to_host(tokens)
-        self.num_steps += 1
-        for i, (row, token) in enumerate(zip(self.slots, host_tokens, strict=True)):
-            self._lengths[i] += 1
-            self._append(row, token, logprobs, i)
-        return self._retire()
+    def abort(self, request_id: int) -> None:
+        """Drop a request's rows before the next step (its client left, or it timed out)."""
+        self._post(lambda: self._abort(request_id))
 
-    def cancel(self, row_ids: Iterable[int]) -> list[Row]:
-        """Drop rows now; nothing more is computed for them."""
-        ids = set(row_ids)
-        return self._remove([i for i, r in enumerate(self.slots) if r.row_id in ids])
+    def finish_rows(self, row_ids: Sequence[int]) -> None:
+        """End rows a stop string ended (the frontend found it) before the next step."""
+        self._post(lambda: self.core.finish_rows(row_ids))
 
-    # --- internals --------------------------------------------------------------------------
+    def _post(self, action: Callable[[], None]) -> None:
+        with self._cond:
+            self._inbox.append(action)
+            self._cond.notify()
 
-    def _validate(self, row: EngineRow) -> None:
-        p = row.params
-        problems = []
-        if not row.prompt_ids:
-            problems.append("the prompt encodes to no tokens")
-        if p.max_new_tokens < 1:
-            problems.append(f"max_new_tokens {p.max_new_tokens} is below 1")
-        if len(row.prompt_ids) + p.max_new_tokens > self.max_row_tokens:
-            problems.append(
-                f"prompt ({len(row.prompt_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) "
-                f"exceeds {self.max_row_tokens} tokens (context and KV store)"
-            )
-        if not 0 <= row.seed <= SEED_MAX:
-            problems.append(f"seed {row.seed} outside [0, {SEED_MAX}]")
-        if p.top_k < 0:
-            problems.append(f"top_k {p.top_k} is negative")
-        if not (math.isfinite(p.temperature) and p.temperature >= 0):
-            problems.append(f"temperature {p.temperature} is not a finite value >= 0")
-        if not 0 < p.top_p <= 1:
-            problems.append(f"top_p {p.top_p} outside (0, 1]")
-        if not math.isfinite(p.alpha):
-            problems.append(f"alpha {p.alpha} is not finite")
-        if problems:
-            raise RowError([row.row_id], f"row {row.row_id}: " + "; ".join(problems))
+    def _abort(self, request_id: int) -> None:
+        if self._listeners.pop(request_id, None) is not None:
+            self.metrics.rows_cancelled.inc(self.core.abort_request(request_id))
 
-    def _top_k(self, params: SamplingParams) -> int:
-        """A top-k at or beyond the vocabulary keeps everything: it is the vocabulary."""
-        return min(params.top_k, self.pair.vocab_limit)
+    # --- lifecycle ---------------------------------------------------------------------------
 
-    def _slot_params(self, row: EngineRow) -> SlotParams:
-        p = row.params
-        return SlotParams(p.alpha, p.temperature, p.top_p, self._top_k(p), row.seed)
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="batchserve-engine", daemon=True)
+        self._thread.start()
 
-    def _plan_for(self, params: Sequence[SamplingParams]) -> SamplingPlan:
-        return SamplingPlan.for_rows(
-            [p.temperature for p in params],
-            [p.top_p for p in params],
-            [self._top_k(p) for p in params],
-            vocab=self.pair.vocab_limit,
-            cap=self.runner.config.top_k_cap,
-            sync_free=self.runner.sync_free,
-        )
+    def drain(self) -> None:
+        """Stop taking new requests; the ones in flight go on."""
+        with self._cond:
+            self._is_draining = True
 
-    def _score_table(
-        self, params: Sequence[SamplingParams]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The rows' padded score alphas and mask on the device; None when no row asks for
-        log-probabilities. Built when rows join or leave, never per step."""
-        if not any(p.wants_logprobs for p in params):
-            return None
-        return pad_score_alphas([p.score_alphas for p in params], self.runner.device)
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Give in-flight requests timeout_s, then fail what is left and stop the worker.
+        Blocks: call it off the event loop."""
+        self.drain()
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._listeners and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+            self._is_closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._fail_all(SchedulerClosedError("server shut down before the request finished"))
 
-    def _logprobs(
-        self,
-        scores: tuple[torch.Tensor, torch.Tensor] | None,
-        index: Sequence[int] | slice,
-        tokens: torch.Tensor,
-        plan: SamplingPlan,
-    ) -> torch.Tensor | None:
-        """[B, 3 + A] log-probabilities of the tokens just sampled (after, before, sampled,
-        then the score alphas), on the device; None when no row asks, which costs nothing.
-        No host-to-device copy and no synchronisation in a step."""
-        if scores is None:
-            return None
-        r = self.runner
-        if not isinstance(index, slice):
-            index = torch.tensor(list(index), dtype=torch.long, device=r.device)
-        after, before = r.last_logits
-        out = step_logprobs(
-            after, before, r.alpha[index], r.temperature[index], r.top_p[index],
-            r.top_k[index], tokens, *scores, plan,
-        )  # fmt: skip
-        return torch.cat(
-            [out.after[:, None], out.before[:, None], out.sampled[:, None], out.scored], dim=1
-        )
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
-    def _append(
-        self, row: Row, token: int, logprobs: torch.Tensor | None = None, i: int = 0
-    ) -> None:
-        if token == INVALID_TOKEN:
-            row.finish_reason = "error"
-            row.error = "the models' logits for this row were not finite (NaN or inf)"
+    # --- the worker --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._iterate():
+                    return
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any bug
+                log.exception("the engine loop failed; failing every request in flight")
+                self.metrics.errors.labels(kind="worker").inc()
+                self._fail_all(EngineFailedError(f"generation failed: {err}"))
+
+    def _iterate(self) -> bool:
+        """Drain the inbox, run one step, hand out its events. False once closed."""
+        with self._cond:
+            actions, self._inbox = self._inbox, []
+        for action in actions:
+            action()
+        if self._is_closed:
+            return False
+        result = self.core.step(time.monotonic())
+        for event in result.events:
+            self._notify(event)
+        self._forget_finished()
+        if result.wait_s is not None:
+            with self._cond:
+                if not self._inbox and not self._is_closed:
+                    self._cond.wait(timeout=result.wait_s)
+        return True
+
+    def _notify(self, event: EngineEvent) -> None:
+        listener = self._listeners.get(event.request_id)
+        if listener is None:
             return
-        if logprobs is not None and row.params.wants_logprobs:
-            row.logprob_steps.append(logprobs[i, : 3 + len(row.params.score_alphas)])
-        row.token_ids.append(token)
         try:
-            self._check_finished(row, self.pair.eos_token_ids)
-        except Exception as err:  # noqa: BLE001 - one row's failure must not reach the others
-            log.exception("row %d failed its stop checks", row.row_id)
-            row.finish_reason, row.error = "error", f"{type(err).__name__}: {err}"
+            listener(event)
+        except Exception:  # noqa: BLE001 - a listener's bug must not stop the engine
+            log.exception("the listener of request %d failed", event.request_id)
 
-    def _check_finished(self, row: Row, eos: frozenset[int]) -> None:
-        """EOS, then stop strings, then length: the host-side stop checks after each token."""
-        if row.token_ids[-1] in eos and not row.params.ignore_eos:
-            row.finish_reason = "eos"
-            return
-        if row.params.stop:
-            cut = find_stop(self.decode(row.token_ids), row.params.stop)
-            if cut is not None:
-                row.finish_reason, row.text_limit = "stop", cut
-                return
-        if len(row.token_ids) >= row.params.max_new_tokens:
-            row.finish_reason = "length"
+    def _forget_finished(self) -> None:
+        """Listeners of requests the scheduler has closed (and not just queued)."""
+        live = self.core.scheduler.requests
+        with self._cond:
+            finished = [r for r in self._listeners if r not in live and r not in self._queued]
+            for rid in finished:
+                del self._listeners[rid]
+            if finished:
+                self._cond.notify_all()
 
-    def _retire(self) -> list[Row]:
-        return self._remove([i for i, r in enumerate(self.slots) if r.is_finished])
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            listeners, self._listeners = self._listeners, {}
+            self._cond.notify_all()
+        step = self.core.scheduler.num_steps
+        for request_id, listener in listeners.items():
+            try:
+                self.core.abort_request(request_id)
+            except Exception:  # noqa: BLE001 - the listeners must hear all the same
+                log.exception("could not drop the rows of request %d", request_id)
+            try:
+                listener(EngineEvent(request_id, step, error=error))
+            except Exception:  # noqa: BLE001
+                log.exception("the listener of request %d failed", request_id)
 
-    def _remove(self, indices: list[int]) -> list[Row]:
-        """Free these slots; the last rows move into the gaps so the occupied slots stay 0..B-1."""
-        if not indices:
-            return []
-        gone = set(indices)
-        removed = [self.slots[i] for i in indices]
-        for i in indices:
-            self.runner.blocks.free(self._blocks[i])
-        size = len(self.slots) - len(gone)
-        holes = [i for i in indices if i < size]
-        movers = [i for i in range(size, len(self.slots)) if i not in gone]
-        self.runner.move_slots(movers, holes)
-        for src, dst in zip(movers, holes, strict=True):
-            self.slots[dst], self._lengths[dst], self._blocks[dst] = (
-                self.slots[src],
-                self._lengths[src],
-                self._blocks[src],
-            )
-        self.runner.clear_slots(size, len(self.slots))
-        del self.slots[size:], self._lengths[size:], self._blocks[size:]
-        self._plan = None
-        return removed
 
-    # --- results ----------------------------------------------------------------------------
+# --- offline ----------------------------------------------------------------------------------
 
-    def build_result(self, prompt: str, formatted_prompt: str, row: Row) -> GenerationResult:
-        completion = self.decode(row.token_ids)[: row.text_limit]
-        logprobs = None
-        if row.params.wants_logprobs and row.logprob_steps:
-            # The row's one device-to-host copy of its log-probabilities: [tokens, 3 + A].
-            table = torch.stack(row.logprob_steps).double().tolist()
-            logprobs = TokenLogprobs(
-                after=tuple(t[0] for t in table),
-                before=tuple(t[1] for t in table),
-                sampled=tuple(t[2] for t in table),
-                score_alphas=row.params.score_alphas,
-                score_sums=tuple(
-                    sum(t[3 + j] for t in table) for j in range(len(row.params.score_alphas))
-                ),
-            )
-        return GenerationResult(
-            prompt=prompt,
-            formatted_prompt=formatted_prompt,
-            completion=completion,
-            text=formatted_prompt + completion,
-            tokens_generated=len(row.token_ids),
-            stopped_early=row.finish_reason in ("eos", "stop"),
-            finish_reason=row.finish_reason or "length",
-            seed=row.seed,
-            alpha=row.params.alpha,
-            token_ids=tuple(row.token_ids),
-            logprobs=logprobs,
-        )
+
+def build_engine_core(
+    pair, runner_config: RunnerConfig | None, scheduler_config: SchedulerConfig, metrics=None
+) -> EngineCore:
+    """The model runner over a loaded pair, and its core. (The only import of the worker.)"""
+    from batchserve.worker.runner import ModelRunner
+
+    runner = ModelRunner(pair, runner_config)
+    return EngineCore(
+        runner, scheduler_config, eos_token_ids=sorted(pair.eos_token_ids), metrics=metrics
+    )
 
 
 def iter_generate(
-    pair: ModelPair,
+    pair,
     requests: Sequence[GenerationRequest],
     *,
     max_batch_size: int = 64,
     prompt_format: str = "alpaca",
     runner_config: RunnerConfig | None = None,
-    max_prefill_tokens: int = 8192,
+    scheduler_config: SchedulerConfig | None = None,
 ) -> Iterator[tuple[int, GenerationResult]]:
     """Run requests with continuous batching; yield (row index, result) as rows finish.
 
     Row indices count the n samples of each request in order, so a caller can write results
-    as they arrive and still restore input order. The server's scheduler core plans the
-    admissions (slots, KV blocks, prefill cap, first in first admitted), and a prompt that
-    could never fit raises `PromptTooLongError` (a ValueError) before anything runs.
+    as they arrive and still restore input order. The server's scheduler plans the steps, and a
+    prompt that could never fit raises `PromptTooLongError` (a ValueError) before anything runs.
     """
-    config = runner_config or RunnerConfig(max_slots=max_batch_size)
-    engine = LDAEngine(pair, prompt_format=prompt_format, runner_config=config)
-    core = SchedulerCore(
-        SchedulerConfig(
-            max_batch_size=config.max_slots,
-            max_wait_ms=0,
-            max_queue_rows=max(1, sum(r.n for r in requests)),
-            max_prefill_tokens=max_prefill_tokens,
-        )
+    config = scheduler_config or SchedulerConfig(
+        max_batch_size=max_batch_size,
+        max_num_batched_tokens=max(2048, max_batch_size),
+        max_queue_rows=max(1, sum(r.n for r in requests)),
     )
+    runner_config = runner_config or RunnerConfig(max_batch_size=config.max_batch_size)
+    core = build_engine_core(pair, runner_config, config)
+    frontend = Frontend(pair.tokenizer, prompt_format=prompt_format, max_row_tokens=core.runner.max_row_tokens)
     row_ids = itertools.count()
-    meta: dict[int, tuple[str, str]] = {}
+    outputs: dict[int, tuple[int, RequestOutput]] = {}  # request id -> (first row index, output)
+    first_row = 0
     for index, request in enumerate(requests):
-        prompt = prepare_prompt(engine, request, index)
-        rows, _ = engine_rows([request], [prompt], row_ids)
-        core.add(index, rows, now=0.0)
-        meta.update((row.row_id, (prompt.prompt, prompt.formatted_prompt)) for row in rows)
-    while core.has_requests:
-        plan = core.schedule(engine.capacity(), now=0.0)
-        finished = engine.admit(plan.admit)
-        finished += engine.step()
-        for row in finished:
-            if row.error:
-                raise RuntimeError(f"row {row.row_id} failed: {row.error}")
-        for done in core.update(finished):
-            for row in done.rows:
-                prompt, formatted = meta[row.row_id]
-                yield row.row_id, engine.build_result(prompt, formatted, row)
+        prompt = frontend.prepare(request, index)
+        rows, row_prompt = expand_rows([request], [prompt], row_ids)
+        core.add_request(index, rows, now=0.0)
+        outputs[index] = (first_row, RequestOutput(frontend, [prompt], rows, row_prompt))
+        first_row += len(rows)
+    while core.scheduler.has_work:
+        result = core.step(now=0.0)
+        for event in result.events:
+            first, output = outputs[event.request_id]
+            if event.error is not None:
+                raise event.error
+            _, stopped = output.process(event.updates)
+            if stopped:
+                core.finish_rows(stopped)
+            if output.error is not None:
+                raise RuntimeError(output.error)
+            if output.is_finished:
+                del outputs[event.request_id]
+                core.abort_request(event.request_id)  # rows a stop string ended: gone already
+                for i, result_row in enumerate(output.results()):
+                    yield first + i, result_row
 
 
 def generate(
-    pair: ModelPair,
+    pair,
     requests: Sequence[GenerationRequest],
     *,
     max_batch_size: int = 64,
     prompt_format: str = "alpaca",
     progress: bool = False,
     runner_config: RunnerConfig | None = None,
+    scheduler_config: SchedulerConfig | None = None,
 ) -> list[GenerationResult]:
     """Run requests to completion; n results per request, in input order."""
     num_rows = sum(r.n for r in requests)
@@ -447,6 +467,7 @@ def generate(
             max_batch_size=max_batch_size,
             prompt_format=prompt_format,
             runner_config=runner_config,
+            scheduler_config=scheduler_config,
         ):
             results[index] = result
             bar.update(1)

@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, SamplingParams
-from batchserve.engine import LDAEngine, RunnerConfig
+from batchserve.engine import EngineCore, RunnerConfig, build_engine_core
 from batchserve.worker.models import ModelPair, load_pair, resolve_device, resolve_dtype
 from bench.report import table
 from bench.shapes import SHAPES, random_pair, weight_bytes
@@ -77,10 +81,11 @@ def copy_bandwidth_bytes_per_s(device: torch.device, num_bytes: int = 1 << 30) -
 
 
 def make_rows(
-    batch_size: int, prompt_len: int, vocab_limit: int, max_new_tokens: int, seed: int
-) -> list[EngineRow]:
-    """Distinct random prompts (so the engine's shared-prefill shortcut does not apply), at the
-    mixed alphas of a sweep."""
+    batch_size: int, prompt_len: int, vocab_limit: int, max_new_tokens: int, seed: int,
+    first_id: int = 0,
+) -> list[EngineRow]:  # fmt: skip
+    """Distinct random prompts (so the prefix cache does not apply), at the mixed alphas of a
+    sweep."""
     rng = random.Random(seed)
     rows = []
     for i in range(batch_size):
@@ -92,12 +97,13 @@ def make_rows(
             ignore_eos=True,
         )
         ids = tuple(rng.randrange(4, vocab_limit) for _ in range(prompt_len))
-        rows.append(EngineRow(i, ids, params, seed=seed * 100_003 + i))
+        rows.append(EngineRow(first_id + i, ids, params, seed=seed * 100_003 + i))
     return rows
 
 
 def bench_batch(
-    engine: LDAEngine,
+    core: EngineCore,
+    request_id: int,
     batch_size: int,
     *,
     prompt_len: int,
@@ -105,31 +111,37 @@ def bench_batch(
     warmup_steps: int,
     seed: int,
 ) -> tuple[float, list[float], float]:
-    """Admit batch_size rows, warm up, time new_tokens decode steps, then drop the rows.
+    """Queue batch_size rows, step until every row has its first token (the prefill), warm
+    up, time new_tokens decode steps, then drop the rows.
 
     Returns (prefill s, step times s, device-to-host copies per timed step)."""
-    pair = engine.pair
-    rows = make_rows(batch_size, prompt_len, pair.vocab_limit, warmup_steps + new_tokens + 2, seed)
-    device = pair.device
+    runner = core.runner
+    device = runner.device
+    max_new = warmup_steps + new_tokens + 2
+    rows = make_rows(batch_size, prompt_len, runner.vocab, max_new, seed, request_id * 10_000)
     synchronize(device)
     start = time.perf_counter()
-    engine.admit(rows)
+    core.add_request(request_id, rows, now=0.0)
+    first_tokens = 0
+    while first_tokens < batch_size:
+        result = core.step(now=0.0)
+        first_tokens += sum(len(u.token_ids) for e in result.events for u in e.updates)
     synchronize(device)
     prefill_s = time.perf_counter() - start
     for _ in range(warmup_steps):
-        engine.step()
+        core.step(now=0.0)
     step_s = []
-    transfers = engine.runner.num_host_transfers
+    transfers = runner.num_host_transfers
     for _ in range(new_tokens):
         synchronize(device)
         start = time.perf_counter()
-        finished = engine.step()
+        result = core.step(now=0.0)
         synchronize(device)
         step_s.append(time.perf_counter() - start)
-        if finished:
+        if any(u.finish_reason for e in result.events for u in e.updates):
             raise RuntimeError("a row finished early; the timed batch must stay full")
-    syncs = (engine.runner.num_host_transfers - transfers) / new_tokens
-    engine.cancel(engine.running_row_ids)
+    syncs = (runner.num_host_transfers - transfers) / new_tokens
+    core.abort_request(request_id)
     return prefill_s, step_s, syncs
 
 
@@ -142,20 +154,29 @@ def run(
     warmup_steps: int,
     seed: int,
     floor_step_ms: float | None,
-) -> list[BatchResult]:
+    compile: bool | None = None,
+) -> tuple[list[BatchResult], dict]:
     results = []
     row_tokens = prompt_len + warmup_steps + new_tokens + 2
-    engine = LDAEngine(
+    largest = max(batch_sizes)
+    core = build_engine_core(
         pair,
-        runner_config=RunnerConfig(
-            max_slots=max(batch_sizes), kv_cache_tokens=max(batch_sizes) * (row_tokens + 16)
+        RunnerConfig(
+            max_batch_size=largest, kv_cache_tokens=largest * (row_tokens + 16), compile=compile
+        ),
+        SchedulerConfig(
+            max_batch_size=largest,
+            max_num_batched_tokens=max(2048, largest),
+            enable_prefix_cache=False,
         ),
     )
-    log(f"engine ready: {engine.info()}")
-    for batch_size in batch_sizes:
+    info = core.runner.info()
+    log(f"engine ready: {info}")
+    for request_id, batch_size in enumerate(batch_sizes):
         log(f"batch {batch_size}: prefill {prompt_len} tokens/row, then {new_tokens} steps")
         prefill_s, step_s, syncs = bench_batch(
-            engine,
+            core,
+            request_id,
             batch_size,
             prompt_len=prompt_len,
             new_tokens=new_tokens,
@@ -178,7 +199,7 @@ def run(
         )
         if pair.device.type == "cuda":
             torch.cuda.empty_cache()
-    return results
+    return results, info
 
 
 def format_table(results: list[BatchResult]) -> str:
@@ -254,12 +275,80 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
     )
     parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the step (default: the runner's own choice, compiled on the CPU)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="also run this git revision's own bench.engine (from a temporary worktree) with "
+        "the same workload, alternating with this code, and print the speed-up per batch size",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="with --baseline: alternations (default: 2)"
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=None,
         help=f"JSON file (a bare name goes to {RESULTS_DIR}); nothing is written without it",
     )
     return parser
+
+
+WORKLOAD_OPTIONS = (
+    "shape", "device", "dtype", "batch_sizes", "new_tokens", "warmup_steps", "prompt_len", "seed",
+    "threads",
+)  # fmt: skip
+
+
+def run_baseline(rev: str, args: argparse.Namespace) -> dict:
+    """This benchmark as revision `rev` has it, on the same workload: its JSON report."""
+    argv: list[str] = []
+    for name in WORKLOAD_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tree), rev],
+            check=True,
+        )
+        try:
+            out = Path(tmp) / "baseline.json"
+            log(f"baseline {rev}: python -m bench.engine {' '.join(argv)}")
+            env = os.environ | {"PYTHONPATH": str(tree)}
+            subprocess.run(
+                [sys.executable, "-m", "bench.engine", *argv, "--output", str(out)],
+                cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            return json.loads(out.read_text())
+        finally:
+            subprocess.run(
+                ["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False
+            )
+
+
+def compare(baseline: list[list[dict]], current: list[list[BatchResult]]) -> tuple[str, list]:
+    """Mean step time per batch size over the rounds, each side, and the speed-up."""
+    rows, summary = [], []
+    for i, first in enumerate(current[0]):
+        base_ms = statistics.fmean(r[i]["step_ms_mean"] for r in baseline)
+        this_ms = statistics.fmean(r[i].step_ms_mean for r in current)
+        summary.append(
+            {"batch_size": first.batch_size, "baseline_step_ms": base_ms, "step_ms": this_ms,
+             "speedup": base_ms / this_ms}
+        )  # fmt: skip
+        rows.append(
+            [str(first.batch_size), f"{base_ms:.2f}", f"{this_ms:.2f}", f"{base_ms / this_ms:.2f}x"]
+        )
+    header = ["batch", "baseline step ms", "this step ms", "speed-up"]
+    return table(header, rows), summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,27 +380,44 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = copy_bandwidth_bytes_per_s(device)
         floor_step_ms = pair_bytes / bandwidth * 1e3
         log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s: floor {floor_step_ms:.2f} ms/step")
-    results = run(
-        pair,
-        batch_sizes,
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        warmup_steps=args.warmup_steps,
-        seed=args.seed,
-        floor_step_ms=floor_step_ms,
-    )
+    rounds = args.rounds if args.baseline else 1
+    baseline_reports: list[dict] = []
+    all_results: list[list[BatchResult]] = []
+    for round_index in range(rounds):
+        if args.baseline:
+            log(f"round {round_index + 1} of {rounds}")
+            baseline_reports.append(run_baseline(args.baseline, args))
+        results, runner_info = run(
+            pair,
+            batch_sizes,
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            warmup_steps=args.warmup_steps,
+            seed=args.seed,
+            floor_step_ms=floor_step_ms,
+            compile=args.compile,
+        )
+        all_results.append(results)
     title = (
         f"{shape or source['after']} on {device_name(device)}, {str(dtype).removeprefix('torch.')}"
     )
     print(f"## engine: {title}\n")
     print(format_table(results))
+    comparison = None
+    if args.baseline:
+        text, comparison = compare([r["results"] for r in baseline_reports], all_results)
+        print(f"\n### against {args.baseline} (mean of {rounds} alternating rounds)\n")
+        print(text)
     report = {
         "benchmark": "engine",
         "pair": source,
         "device": str(device),
         "device_name": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "attn_implementation": "batchserve runner (slot store)",
+        "attn_implementation": "batchserve runner (paged, packed steps)",
+        "runner": runner_info,
+        "baseline": args.baseline,
+        "comparison": comparison,
         "mixed_alphas": list(MIXED_ALPHAS),
         "top_p": 0.95,
         "threads": torch.get_num_threads(),

@@ -99,14 +99,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from batchserve.core.types import GenerationRequest
-    from batchserve.engine import LDAEngine, iter_generate
+    from batchserve.engine import iter_generate
+    from batchserve.frontend import Frontend
     from batchserve.worker.models import load_pair
     from toy_training.corpus import is_activated
     from toy_training.evaluate import protocol, read_prompts
 
     torch.set_num_threads(args.threads)
     pair = load_pair("toy:after", device="cpu")
-    engine = LDAEngine(pair)
+    frontend = Frontend(pair.tokenizer, max_row_tokens=pair.max_context)
     prompts = read_prompts(TOY_DIR / "prompts_clean.txt")
     done: set[tuple[int, float]] = set()
     if args.output.exists():
@@ -134,7 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 for start in range(0, args.samples, 64):
                     chunk = list(range(start, min(start + 64, args.samples)))
                     prompt_ids = [
-                        engine.encode(results[i].formatted_prompt) for i in chunk
+                        frontend.encode(results[i].formatted_prompt) for i in chunk
                     ]
                     scores = score_rows(
                         pair, prompt_ids, [results[i].token_ids for i in chunk], alpha,

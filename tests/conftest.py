@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tiny_models import build_pair
@@ -11,6 +13,9 @@ from batchserve.worker.models import ModelPair
 # One thread: tiny models gain nothing from two, and on a shared 2-core box the second
 # thread spin-waits against other processes (measured 63 s vs 10 s for the same sampling).
 torch.set_num_threads(1)
+# Eager steps unless a test asks for the compiled one: compiling takes 15-60 s per process
+# (tests/test_compiled.py covers it). Servers the tests start inherit this too.
+os.environ.setdefault("BATCHSERVE_COMPILE", "0")
 
 
 @pytest.fixture(scope="session")

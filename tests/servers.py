@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from batchserve.api.app import ServerConfig, create_app
-from batchserve.scheduler import SchedulerConfig
+from batchserve.core.scheduler import SchedulerConfig
 from batchserve.worker.models import ModelPair
 
 KEY = "s3cret-key"
@@ -125,7 +125,7 @@ async def send_beside_innocents(
         (await client.post(path, json=body, headers=innocent_headers)).json()
         for path, body in INNOCENTS
     ]
-    engine = client.app.state.scheduler.engine  # type: ignore[attr-defined]
+    engine = client.app.state.engine  # type: ignore[attr-defined]
     innocents = asyncio.gather(
         *(client.post(path, json=body, headers=innocent_headers) for path, body in INNOCENTS)
     )

@@ -13,8 +13,8 @@ import pytest
 from tiny_models import SAMPLE_WORDS
 
 from batchserve.api.app import ServerConfig, create_app
-from batchserve.engine import RunnerConfig
-from batchserve.scheduler import SchedulerConfig
+from batchserve.core.scheduler import SchedulerConfig
+from batchserve.core.types import RunnerConfig
 from batchserve.worker.models import ModelPair
 
 
@@ -118,7 +118,7 @@ async def test_info_health_compatibility_and_metrics(llama_pair: ModelPair) -> N
         assert (await client.get("/health")).json() == {"status": "ok"}
         info = (await client.get("/info")).json()
         assert info["scheduler"]["max_batch_size"] == 8 and info["dtype"] == "float32"
-        assert info["engine"]["max_slots"] == 8
+        assert info["engine"]["compiled"] is False and info["scheduler"]["enable_prefix_cache"]
         assert info["engine"]["kv_cache_tokens"] >= 8 * 256  # 8 slots x the tiny context
         compat = (await client.get("/tokenizer_compatibility")).json()
         assert compat == {
@@ -201,7 +201,7 @@ async def test_32_concurrent_mixed_clients_get_their_solo_results(llama_pair: Mo
 async def _admission_steps(pair: ModelPair, mode: str) -> tuple[dict, dict]:
     """A long request, then a short one sent while the long one is mid-generation."""
     async with serving(pair, mode=mode, max_batch_size=8, max_wait_ms=1) as client:
-        engine = client.app.state.scheduler.engine
+        engine = client.app.state.engine
         long_req = asyncio.create_task(
             client.post(
                 "/generate_lda",
@@ -234,15 +234,15 @@ async def test_newcomer_joins_the_running_batch_only_in_continuous_mode(
 
 async def test_full_queue_answers_503_with_retry_after_then_recovers(llama_pair: ModelPair) -> None:
     async with serving(llama_pair, max_batch_size=1, max_queue_rows=4, max_wait_ms=0) as client:
-        scheduler = client.app.state.scheduler
+        engine = client.app.state.engine
         first = asyncio.create_task(
             client.post(
                 "/generate_lda_batch",
                 json={"prompts": ["a", "b", "c", "d"], "max_new_tokens": 80, "ignore_eos": True},
             )
         )
-        await wait_until(lambda: scheduler.engine.num_running > 0)
-        assert scheduler.num_waiting_rows == 3
+        await wait_until(lambda: engine.num_running > 0)
+        assert engine.num_waiting_rows == 3
         full = await client.post(
             "/generate_lda_batch", json={"prompts": ["one", "more"], "max_new_tokens": 2}
         )
@@ -259,17 +259,17 @@ async def test_full_queue_answers_503_with_retry_after_then_recovers(llama_pair:
 
 async def test_cancelled_request_frees_its_rows(llama_pair: ModelPair) -> None:
     async with serving(llama_pair, max_batch_size=8) as client:
-        scheduler = client.app.state.scheduler
+        engine = client.app.state.engine
         task = asyncio.create_task(
             client.post(
                 "/generate_lda_batch",
                 json={"prompts": ["a", "b"], "n": 2, "max_new_tokens": 200, "ignore_eos": True},
             )
         )
-        await wait_until(lambda: scheduler.engine.num_running == 4)
-        (request_id,) = scheduler.request_ids
-        scheduler.cancel(request_id)
-        await wait_until(lambda: scheduler.engine.num_running == 0)
+        await wait_until(lambda: engine.num_running == 4)
+        (request_id,) = engine.request_ids
+        engine.abort(request_id)
+        await wait_until(lambda: engine.num_running == 0)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -12,8 +12,8 @@ from tiny_models import save_tiny_pair
 
 from batchserve.api.app import ServerConfig
 from batchserve.api.cli import build_parser, main, server_config_from_args
+from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import RunnerConfig
-from batchserve.scheduler import SchedulerConfig
 
 RESULT_FIELDS = {
     "index",
@@ -124,7 +124,9 @@ def test_help_lists_every_serve_option() -> None:
         "--max-batch-size",
         "--max-wait-ms",
         "--max-queue-rows",
-        "--max-prefill-tokens",
+        "--max-num-batched-tokens",
+        "--prefix-cache",
+        "--compile",
         "--max-new-tokens-limit",
         "--max-prompts-per-request",
         "--prompt-format",
@@ -142,12 +144,14 @@ def test_serve_options_become_the_server_config() -> None:
     )  # fmt: skip
     config = server_config_from_args(args)
     assert config.scheduler == SchedulerConfig(mode="static", max_batch_size=8)
-    assert config.runner is not None and config.runner.max_slots == 8
+    assert config.runner is not None and config.runner.max_batch_size == 8
+    # tests/conftest.py sets BATCHSERVE_COMPILE=0, which --compile's default reads.
+    assert config.runner.compile is False
     assert config.api_key is None  # an empty key means none, not a key of ""
     assert config.allowed_hosts == ("a.example", "b.example")
     assert (config.max_new_tokens_limit, config.request_timeout_s) == (99, 7.0)
     assert server_config_from_args(build_parser().parse_args(["serve"])) == ServerConfig(
-        runner=RunnerConfig(max_slots=SchedulerConfig().max_batch_size)
+        runner=RunnerConfig(max_batch_size=SchedulerConfig().max_batch_size, compile=False)
     )
 
 

@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+from engine_driver import Driver, assert_steps_read_the_device_once, rows_for
 from test_logprobs import reference_keep
 
-from batchserve.core.types import GenerationRequest, SamplingParams
-from batchserve.engine import LDAEngine, generate
+from batchserve.core.types import GenerationRequest, RunnerConfig, SamplingParams
+from batchserve.engine import generate
 from batchserve.worker.models import ModelPair
 
 PROMPTS = ["hello", "the cat sat on the mat", "write me a poem about mango pudding", "the dog ran"]
@@ -39,9 +40,9 @@ def requests(with_logprobs: bool) -> list[GenerationRequest]:
     return out
 
 
-def recompute(pair: ModelPair, engine: LDAEngine, result, params: SamplingParams):
+def recompute(pair: ModelPair, result, params: SamplingParams):
     """One forward of each model over prompt + completion, log-softmax per position."""
-    prompt_ids = engine.encode(result.formatted_prompt)
+    prompt_ids = list(pair.tokenizer.encode(result.formatted_prompt))
     ids = torch.tensor([prompt_ids + list(result.token_ids)])
     with torch.inference_mode():
         after = pair.after(input_ids=ids).logits[0, :, : pair.vocab_limit].float()
@@ -65,7 +66,6 @@ def recompute(pair: ModelPair, engine: LDAEngine, result, params: SamplingParams
 
 
 def test_logprobs_match_a_direct_recomputation(llama_pair: ModelPair) -> None:
-    engine = LDAEngine(llama_pair)
     reqs = requests(with_logprobs=True)
     results = generate(llama_pair, reqs, max_batch_size=8)
     for index, result in enumerate(results):
@@ -73,7 +73,7 @@ def test_logprobs_match_a_direct_recomputation(llama_pair: ModelPair) -> None:
         if not params.wants_logprobs:
             assert result.logprobs is None and "logprobs" not in result.row_fields()
             continue
-        ref = recompute(llama_pair, engine, result, params)
+        ref = recompute(llama_pair, result, params)
         lp = result.logprobs
         assert len(lp.after) == result.tokens_generated
         for name in ("after", "before", "sampled"):
@@ -113,19 +113,15 @@ def test_untruncated_sampled_logprob_at_alpha_zero_is_the_after_models(llama_pai
     ],
 )
 def test_asking_for_logprobs_adds_no_host_sync_to_a_step(llama_pair, params) -> None:
-    from test_engine import assert_steps_read_the_device_once, rows_for
-
-    from batchserve.worker.runner import RunnerConfig
-
-    engine = LDAEngine(llama_pair, runner_config=RunnerConfig(top_k_cap=4, sync_free=True))
+    # The GPU's sampling path (sync_free) on the CPU, with a cap so small the fallback runs.
+    runner = RunnerConfig(top_k_cap=4, sync_free=True, compile=False)
+    driver = Driver(llama_pair, runner=runner)
     asking = dataclasses.replace(params, logprobs=True, score_alphas=(0.0, 0.5, 2.0))
-    engine.admit(rows_for(engine, PROMPTS, asking))
-    engine.admit(rows_for(engine, PROMPTS[:2], params, start=10))  # and rows that do not ask
-    assert_steps_read_the_device_once(engine)
-    assert len(engine.running_rows) == len(PROMPTS) + 2
-    for row in engine.running_rows:
-        logprobs = engine.build_result("", "", row).logprobs
-        if row.row_id < 10:
-            assert len(logprobs.after) == len(row.token_ids) == 4  # the prefill's and 3 steps'
-        else:
-            assert logprobs is None
+    driver.add(rows_for(llama_pair, PROMPTS, asking))
+    driver.add(rows_for(llama_pair, PROMPTS[:2], params, start=10))  # and rows that do not ask
+    driver.step()
+    assert_steps_read_the_device_once(driver)
+    for row_id in [*range(len(PROMPTS)), 10, 11]:
+        assert len(driver.tokens[row_id]) == 4  # the prefill's and 3 steps'
+        assert len(driver.logprobs[row_id]) == (4 if row_id < 10 else 0)
+        assert all(len(entry) == 6 for entry in driver.logprobs[row_id])

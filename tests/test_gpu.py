@@ -10,11 +10,13 @@ import warnings
 
 import pytest
 import torch
+from engine_driver import Driver, rows_for
 from tiny_models import build_pair
 
-from batchserve.core.types import EngineRow, GenerationRequest, SamplingParams
-from batchserve.engine import LDAEngine, RunnerConfig, generate
+from batchserve.core.types import GenerationRequest, RunnerConfig, SamplingParams
+from batchserve.engine import generate
 from batchserve.worker.models import pair_from_models
+from batchserve.worker.runner import ModelRunner
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,6 +24,7 @@ pytestmark = [
 ]
 
 PROMPTS = ["hello", "the cat sat on the mat", "tell me a story about the dog", "a poem"]
+EAGER = RunnerConfig(compile=False)
 
 
 def cuda_pair(kind: str = "llama", dtype: torch.dtype = torch.float32):
@@ -35,30 +38,27 @@ def test_cuda_runner_matches_the_cpu_runner_in_float32() -> None:
     requests = [
         GenerationRequest(p, dataclasses.replace(params, seed=i)) for i, p in enumerate(PROMPTS)
     ]
-    on_cpu = generate(build_pair("llama"), requests)
-    on_gpu = generate(cuda_pair(), requests)
+    on_cpu = generate(build_pair("llama"), requests, runner_config=EAGER)
+    on_gpu = generate(cuda_pair(), requests, runner_config=EAGER)
     assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
 
 
 def test_a_cuda_decode_step_synchronises_once_for_its_one_copy() -> None:
     pair = cuda_pair(dtype=torch.bfloat16)
-    engine = LDAEngine(pair, runner_config=RunnerConfig(top_k_cap=4))  # the fallback runs too
-    assert engine.runner.sync_free
+    runner = RunnerConfig(top_k_cap=4, compile=False)  # the fallback runs too
+    driver = Driver(pair, runner=runner)
+    assert driver.core.runner.sync_free
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=40, ignore_eos=True)
-    engine.admit(
-        [
-            EngineRow(i, tuple(engine.encode(engine.format(p))), params, i)
-            for i, p in enumerate(PROMPTS)
-        ]
-    )
-    engine.step()  # the first step after an admission uploads the batch's sampling plan
+    driver.add(rows_for(pair, PROMPTS, params))
+    driver.step()  # the prefill
+    driver.step()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(3):
-                assert engine.step() == []
+                driver.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
@@ -66,5 +66,5 @@ def test_a_cuda_decode_step_synchronises_once_for_its_one_copy() -> None:
 
 
 def test_cudnn_attention_is_off_on_the_decode_path() -> None:
-    LDAEngine(cuda_pair())
+    ModelRunner(cuda_pair(), EAGER)
     assert not torch.backends.cuda.cudnn_sdp_enabled()

@@ -104,15 +104,15 @@ async def test_a_tiny_temperature_samples_greedily(llama_pair: ModelPair, path: 
 
 async def test_prompts_are_tokenized_off_the_event_loop(llama_pair: ModelPair) -> None:
     async with serving(llama_pair) as client:
-        scheduler = client.app.state.scheduler  # type: ignore[attr-defined]
+        frontend = client.app.state.frontend  # type: ignore[attr-defined]
         threads = []
-        original = scheduler.prepare
+        original = frontend.prepare
 
         def recording_prepare(*args: Any, **kwargs: Any) -> Any:
             threads.append(threading.current_thread())
             return original(*args, **kwargs)
 
-        scheduler.prepare = recording_prepare
+        frontend.prepare = recording_prepare
         resp = await client.post("/generate_lda", json={"prompt": "hi", "max_new_tokens": 2})
     assert resp.status_code == 200
     assert threads and threading.main_thread() not in threads
@@ -195,7 +195,7 @@ async def test_a_handler_cancelled_at_shutdown_answers_503_json(
 
     async with app.router.lifespan_context(app):
         handler = asyncio.ensure_future(app(asgi_scope([]), receive, send))
-        engine = app.state.scheduler.engine
+        engine = app.state.engine
         while engine.num_running == 0:
             await asyncio.sleep(0.001)
         app.state.is_draining = is_draining

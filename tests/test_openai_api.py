@@ -11,8 +11,8 @@ import pytest
 from servers import running_server
 
 from batchserve.api.app import ServerConfig, create_app
+from batchserve.core.scheduler import SchedulerConfig
 from batchserve.frontend import format_messages
-from batchserve.scheduler import SchedulerConfig
 from batchserve.worker.models import load_pair, load_tokenizer
 
 MODEL = "toy:after"
@@ -224,10 +224,10 @@ async def test_a_full_or_draining_server_answers_503_in_openai_shape_with_retry_
         async with httpx.AsyncClient(
             transport=transport, base_url="http://localhost", timeout=60
         ) as client:
-            scheduler = app.state.scheduler
+            engine = app.state.engine
             body = {"prompts": ["a", "b", "c", "d"], "max_new_tokens": 60, "ignore_eos": True}
             first = asyncio.create_task(client.post("/generate_lda_batch", json=body))
-            while scheduler.num_waiting_rows != 3:
+            while engine.num_waiting_rows != 3:
                 await asyncio.sleep(0.002)
             resp = await client.post(
                 "/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2, "max_tokens": 2}
@@ -382,31 +382,3 @@ def test_unsupported_logprobs_requests_are_refused_clearly(
     error = resp.json()["error"]
     assert error["param"] == param
     assert "logprobs" in error["message"]
-
-
-def test_token_pieces_never_split_a_multibyte_character() -> None:
-    from tiny_models import make_byte_tokenizer
-
-    from batchserve.api.openai_api import token_pieces
-
-    tok = make_byte_tokenizer()
-    text = "naïve 🙂 café"
-    ids = tok.encode(text, add_special_tokens=False)
-    pieces = token_pieces(lambda t: tok.decode(t, skip_special_tokens=True), tuple(ids), text)
-    assert len(pieces) == len(ids) and "".join(pieces) == text
-    assert "\ufffd" not in "".join(pieces)
-    assert "" in pieces  # the emoji's first bytes wait for its last one
-
-
-def test_token_pieces_follow_a_decoder_that_rewrites_and_a_stop_cut() -> None:
-    from batchserve.api.openai_api import token_pieces
-
-    words = ["Hello", " ", ".", " world", " again"]
-
-    def decode(ids: list[int]) -> str:  # transformers' clean-up: " ." becomes "."
-        return "".join(words[i] for i in ids).replace(" .", ".")
-
-    ids = tuple(range(len(words)))
-    assert token_pieces(decode, ids, decode(list(ids))) == ["Hello", "", ".", " world", " again"]
-    # A stop string cut the completion inside the fourth token: later tokens add nothing.
-    assert token_pieces(decode, ids, "Hello. wo") == ["Hello", "", ".", " wo", ""]

@@ -83,7 +83,7 @@ def test_ray_without_the_extra_says_how_to_install_it():
 @needs_ray
 def test_max_ongoing_requests_follows_the_scheduler_limits():
     from batchserve.api.ray_serve import default_max_ongoing_requests
-    from batchserve.scheduler import SchedulerConfig
+    from batchserve.core.scheduler import SchedulerConfig
 
     assert default_max_ongoing_requests(SchedulerConfig(max_batch_size=64)) == 128
     assert default_max_ongoing_requests(SchedulerConfig(max_batch_size=64, max_queue_rows=50)) == 50
@@ -419,7 +419,7 @@ def test_replica_health_is_the_apps_readiness(llama_pair):
     async def run() -> None:
         async with app.router.lifespan_context(app):
             await BatchServeReplica.check_health(replica)
-            await asyncio.to_thread(app.state.scheduler.shutdown, 1.0)
+            await asyncio.to_thread(app.state.engine.shutdown, 1.0)
             with pytest.raises(RuntimeError, match="r1 unhealthy.*worker thread stopped"):
                 await BatchServeReplica.check_health(replica)
 

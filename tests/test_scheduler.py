@@ -1,427 +1,390 @@
-"""The scheduler: its core by hand (no thread, no clock), its shell against a fake engine."""
+"""The scheduler by hand: plans checked and outputs made up, with no model, no thread, no clock;
+then the engine's worker thread against a runner that fakes its steps."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator
-from types import SimpleNamespace
 
 import pytest
 
-from batchserve.core.types import (
-    Capacity,
-    EngineRow,
-    GenerationRequest,
-    GenerationResult,
-    Row,
-    SamplingParams,
-)
-from batchserve.metrics import Metrics
-from batchserve.scheduler import (
-    EngineFailedError,
+from batchserve.core.scheduler import (
+    IDLE_POLL_S,
     PromptTooLongError,
     QueueFullError,
     Scheduler,
     SchedulerConfig,
-    SchedulerCore,
 )
+from batchserve.core.types import (
+    INVALID_TOKEN,
+    EngineRow,
+    SamplingParams,
+    StepOutput,
+    StepPlan,
+)
+from batchserve.engine import Engine, EngineCore, EngineEvent, SchedulerClosedError
+
+EOS = 2
+TOKEN = 7  # what the made-up outputs draw
 
 
-class FakeEngine:
-    """Each row finishes after max_new_tokens steps; records every admission."""
-
-    def __init__(self, max_context: int = 100, num_blocks: int = 10_000, slots: int = 64) -> None:
-        self.pair = SimpleNamespace(max_context=max_context)
-        self.max_row_tokens = max_context
-        self.rows: dict[int, Row] = {}
-        self.blocks: dict[int, int] = {}  # row id -> blocks held (one per token)
-        self.num_blocks, self.slots = num_blocks, slots
-        self.admissions: list[tuple[int, list[int]]] = []  # (step, row ids)
-        self.num_steps = 0
-
-    @property
-    def num_free_slots(self) -> int:
-        return self.slots - len(self.rows)
-
-    def capacity(self) -> Capacity:
-        return Capacity(
-            len(self.rows), self.num_free_slots, self.num_free_blocks, 1, self.num_steps
-        )
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.num_blocks - sum(self.blocks.values())
-
-    def blocks_needed(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
-        return num_prompt_tokens + max_new_tokens
-
-    def format(self, prompt, system_prompt=None, prompt_format=None) -> str:
-        return prompt
-
-    def encode(self, formatted, prompt_format=None) -> list[int]:
-        return [ord(c) for c in formatted]
-
-    @property
-    def num_running(self) -> int:
-        return len(self.rows)
-
-    @property
-    def running_row_ids(self) -> list[int]:
-        return list(self.rows)
-
-    @property
-    def running_rows(self) -> list[Row]:
-        return list(self.rows.values())
-
-    def admit(self, rows: list[EngineRow]) -> list[Row]:
-        self.admissions.append((self.num_steps, [r.row_id for r in rows]))
-        need = sum(self.blocks_needed(len(r.prompt_ids), r.params.max_new_tokens) for r in rows)
-        assert len(rows) <= self.num_free_slots and need <= self.num_free_blocks
-        for r in rows:
-            self.rows[r.row_id] = Row(r.row_id, r.params, r.seed, [1])
-            self.blocks[r.row_id] = self.blocks_needed(len(r.prompt_ids), r.params.max_new_tokens)
-        return self._finished()
-
-    def step(self) -> list[Row]:
-        self.num_steps += 1
-        for row in self.rows.values():
-            row.token_ids.append(1)
-        return self._finished()
-
-    def _finished(self) -> list[Row]:
-        done = [r for r in self.rows.values() if len(r.token_ids) >= r.params.max_new_tokens]
-        for r in done:
-            r.finish_reason = "length"
-            del self.rows[r.row_id]
-            del self.blocks[r.row_id]
-        return done
-
-    def cancel(self, row_ids) -> list[Row]:
-        gone = [self.rows.pop(i) for i in list(row_ids) if i in self.rows]
-        for r in gone:
-            del self.blocks[r.row_id]
-        return gone
-
-    def build_result(self, prompt, formatted, row) -> GenerationResult:
-        return GenerationResult(
-            prompt,
-            formatted,
-            "x" * len(row.token_ids),
-            formatted,
-            len(row.token_ids),
-            False,
-            "length",
-            row.seed,
-            row.params.alpha,
-        )
+def rows(first: int, count: int, prompt_len: int = 4, max_new: int = 3, **params) -> list[EngineRow]:
+    sampling = SamplingParams(max_new_tokens=max_new, **params)
+    return [
+        EngineRow(first + i, tuple(range(10, 10 + prompt_len)), sampling, seed=i)
+        for i in range(count)
+    ]
 
 
-def request(prompt: str, max_new_tokens: int = 5, n: int = 1) -> GenerationRequest:
-    return GenerationRequest(prompt, SamplingParams(max_new_tokens=max_new_tokens, seed=1), n=n)
+def scheduler(blocks: int = 1000, block_size: int = 4, max_row: int = 200, **config) -> Scheduler:
+    config.setdefault("enable_prefix_cache", False)
+    return Scheduler(
+        SchedulerConfig(**config), num_kv_blocks=blocks, block_size=block_size,
+        max_row_tokens=max_row, eos_token_ids=[EOS],
+    )  # fmt: skip
 
 
-@contextlib.asynccontextmanager
-async def running(scheduler: Scheduler) -> AsyncIterator[Scheduler]:
-    """The scheduler's worker thread for the block; shut down (5 s grace) however it ends."""
-    scheduler.start()
-    try:
-        yield scheduler
-    finally:
-        await asyncio.to_thread(scheduler.shutdown, 5)
-
-
-async def first_admission(engine: FakeEngine) -> None:
-    while not engine.admissions:
-        await asyncio.sleep(0.001)
-
-
-async def settle(*futures, return_exceptions: bool = False) -> list:
-    return await asyncio.wait_for(
-        asyncio.gather(*futures, return_exceptions=return_exceptions), timeout=30
+def output(plan: StepPlan, token: int = TOKEN, **overrides: int) -> StepOutput:
+    """Every sampling row draws `token` (a row id in overrides draws its own)."""
+    sampling = plan.sampling_rows
+    return StepOutput(
+        tuple(r.row_id for r in sampling),
+        tuple(overrides.get(f"row{r.row_id}", token) for r in sampling),
     )
 
 
-async def run(scheduler: Scheduler, batches: list[list[GenerationRequest]]) -> list:
-    async with running(scheduler):
-        return await settle(*[scheduler.submit(b)[1] for b in batches])
+def step(s: Scheduler, now: float = 0.0, **overrides: int):
+    plan = s.schedule(now).plan
+    return plan, s.update(plan, output(plan, **overrides))
 
 
-async def test_admission_respects_max_batch_size_and_fifo() -> None:
-    engine = FakeEngine()
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=3, max_wait_ms=50))
-    done = await run(
-        scheduler, [[request("a", 4)], [request("b", 4), request("c", 4)], [request("d", 4)]]
-    )
-    assert [len(c.results) for c in done] == [1, 2, 1]
-    admitted = [rid for _, ids in engine.admissions for rid in ids]
-    assert admitted == [0, 1, 2, 3]  # FIFO
-    assert engine.admissions[0][1] == [0, 1, 2]  # the batch filled up to max_batch_size
-    assert max(len(ids) for _, ids in engine.admissions) <= 3
+def ids(plan: StepPlan) -> list[int]:
+    return [r.row_id for r in plan.rows]
 
 
-async def test_a_request_larger_than_the_batch_is_admitted_over_several_steps() -> None:
-    engine = FakeEngine()
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=2, max_wait_ms=0))
-    (done,) = await run(scheduler, [[request("p", 3, n=5)]])
-    assert len(done.results) == 5
-    assert [ids for _, ids in engine.admissions] == [[0, 1], [2, 3], [4]]
+# --- admission ----------------------------------------------------------------------------------
 
 
-async def test_prefill_tokens_are_capped_per_admission_but_one_prompt_always_goes() -> None:
-    engine = FakeEngine()
-    scheduler = Scheduler(
-        engine, SchedulerConfig(max_batch_size=8, max_prefill_tokens=10, max_wait_ms=50)
-    )
-    await run(scheduler, [[request("x" * 6, 3), request("y" * 6, 3), request("z" * 30, 3, n=2)]])
-    sizes = [ids for _, ids in engine.admissions]
-    assert sizes[0] == [0]  # 6 + 6 tokens would exceed 10
-    assert [2, 3] in sizes  # a 30-token prompt goes alone; its two samples share one prefill
+def test_admits_first_in_first_out_up_to_the_batch_size() -> None:
+    s = scheduler(max_batch_size=3, max_num_batched_tokens=64)
+    s.add_request(0, rows(0, 2), now=0)
+    s.add_request(1, rows(2, 2), now=0)
+    plan, _ = step(s)
+    assert ids(plan) == [0, 1, 2] and s.num_waiting_rows == 1
+    plan, _ = step(s)
+    assert ids(plan) == [0, 1, 2]  # the fourth waits for a free place
+    plan, updates = step(s)  # max_new_tokens 3: rows 0-2 finish here
+    assert {u.row_id for u in updates if u.finish_reason == "length"} == {0, 1, 2}
+    plan, _ = step(s)
+    assert ids(plan) == [3]
 
 
-async def test_static_mode_never_joins_a_running_batch() -> None:
-    engine = FakeEngine()
-    scheduler = Scheduler(engine, SchedulerConfig(mode="static", max_batch_size=8, max_wait_ms=0))
-    async with running(scheduler):
-        _, first = scheduler.submit([request("a", 30)])
-        await first_admission(engine)
-        _, second = scheduler.submit([request("b", 2)])
-        await settle(first, second)
-    (step_a, _), (step_b, _) = engine.admissions
-    assert step_b >= 29  # after the first batch ran to completion
+def test_decoding_rows_come_first_and_prompts_share_what_is_left_of_the_budget() -> None:
+    s = scheduler(max_batch_size=8, max_num_batched_tokens=10)
+    s.add_request(0, rows(0, 2, prompt_len=4, max_new=20), now=0)
+    plan, _ = step(s)
+    assert [len(r.token_ids) for r in plan.rows] == [4, 4]
+    s.add_request(1, rows(2, 1, prompt_len=23, max_new=5), now=0)
+    plan, updates = step(s)
+    # Two decoding rows, then 8 of the newcomer's 23 prompt tokens: no token drawn for it yet.
+    assert [(r.row_id, len(r.token_ids), r.samples) for r in plan.rows] == [
+        (0, 1, True), (1, 1, True), (2, 8, False)
+    ]  # fmt: skip
+    assert [u.row_id for u in updates] == [0, 1]
+    plan, _ = step(s)
+    assert plan.rows[2].start == 8 and len(plan.rows[2].token_ids) == 8
+    plan, updates = step(s)
+    assert plan.rows[2].start == 16 and plan.rows[2].token_ids == tuple(range(26, 33))
+    assert plan.rows[2].samples and {u.row_id for u in updates} == {0, 1, 2}
+    plan, _ = step(s)
+    assert [len(r.token_ids) for r in plan.rows] == [1, 1, 1]
+    assert plan.rows[2].token_ids == (TOKEN,) and plan.rows[2].start == 23
 
 
-async def test_serial_mode_admits_one_request_at_a_time() -> None:
-    engine = FakeEngine()
-    scheduler = Scheduler(engine, SchedulerConfig(mode="serial", max_batch_size=8))
-    await run(scheduler, [[request("a", 3), request("b", 3)], [request("c", 3)]])
-    assert [ids for _, ids in engine.admissions] == [[0, 1], [2]]
+def test_a_decoding_row_feeds_its_last_token_at_its_next_position() -> None:
+    s = scheduler(max_num_batched_tokens=64)
+    s.add_request(0, rows(0, 1, prompt_len=5, max_new=4), now=0)
+    step(s, row0=11)
+    plan, _ = step(s, row0=12)
+    (row,) = plan.rows
+    assert row.token_ids == (11,) and row.start == 5 and row.step == 1
+    plan, _ = step(s)
+    assert plan.rows[0].token_ids == (12,) and plan.rows[0].start == 6
+    assert plan.rows[0].block_ids == row.block_ids and len(row.block_ids) == 3  # 9 tokens / 4
 
 
-async def test_full_queue_and_too_long_prompts_are_refused() -> None:
-    engine = FakeEngine(max_context=10)
-    metrics = Metrics()
-    scheduler = Scheduler(engine, SchedulerConfig(max_queue_rows=2), metrics)
-    with pytest.raises(PromptTooLongError, match="beyond the 10 tokens a row can hold"):
-        scheduler.prepare(request("x" * 8, 5))
-    scheduler.submit([request("a"), request("b")])  # not started: rows stay queued
-    with pytest.raises(QueueFullError, match="queue full"):
-        scheduler.submit([request("c")])
-    assert scheduler.num_waiting_rows == 2
+def test_static_mode_gathers_a_first_group_then_never_joins_a_running_batch() -> None:
+    s = scheduler(mode="static", max_batch_size=8, max_wait_ms=50, max_num_batched_tokens=64)
+    s.add_request(0, rows(0, 2), now=0.0)
+    schedule = s.schedule(now=0.01)
+    assert not schedule.plan.rows and schedule.wait_s == pytest.approx(0.04)
+    s.add_request(1, rows(2, 1), now=0.02)
+    plan, _ = step(s, now=0.06)
+    assert ids(plan) == [0, 1, 2]
+    s.add_request(2, rows(3, 1), now=0.07)
+    plan, _ = step(s, now=0.2)
+    assert ids(plan) == [0, 1, 2]  # the newcomer waits for the batch to drain
+    step(s, now=0.3)
+    plan, _ = step(s, now=0.4)
+    assert ids(plan) == [3]
 
 
-async def test_cancelled_waiting_rows_never_reach_the_engine() -> None:
-    engine = FakeEngine()
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=1, max_wait_ms=0))
-    request_id, future = scheduler.submit([request("gone", 3, n=3)])
-    scheduler.cancel(request_id)
-    async with running(scheduler):
-        with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(future, timeout=10)
-        _, ok = scheduler.submit([request("kept", 2)])
-        await asyncio.wait_for(ok, timeout=10)
-    assert [ids for _, ids in engine.admissions] == [[3]]
-    assert scheduler.num_waiting_rows == 0
+def test_serial_mode_admits_one_request_at_a_time() -> None:
+    s = scheduler(mode="serial", max_num_batched_tokens=64)
+    s.add_request(0, rows(0, 2), now=0)
+    s.add_request(1, rows(2, 2), now=0)
+    plan, _ = step(s)
+    assert ids(plan) == [0, 1]
+    step(s)
+    step(s)
+    plan, _ = step(s)
+    assert ids(plan) == [2, 3]
 
 
-async def test_rows_wait_in_order_for_kv_blocks_and_never_overcommit_the_store() -> None:
-    engine = FakeEngine(num_blocks=20)  # "p" + 9 new tokens = 10 blocks: two rows at a time
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=0))
-    done = await run(scheduler, [[request("p", 9)] for _ in range(7)])
-    assert len(done) == 7
-    admitted = [rid for _, ids in engine.admissions for rid in ids]
-    assert admitted == list(range(7))
-    assert max(len(ids) for _, ids in engine.admissions) <= 2
+def test_an_idle_scheduler_says_how_long_to_wait() -> None:
+    s = scheduler()
+    schedule = s.schedule(now=0)
+    assert not schedule.plan.rows and schedule.wait_s == IDLE_POLL_S
 
 
-class FlakyEngine(FakeEngine):
-    """Raises while admitting rows whose prompt is "bad", or in the steps it is told to."""
-
-    def __init__(self, fail_steps: set[int] = frozenset(), **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.fail_steps = set(fail_steps)
-
-    def admit(self, rows):
-        if any(r.prompt_ids == tuple(ord(c) for c in "bad") for r in rows):
-            raise OverflowError("Overflow when unpacking long long")
-        return super().admit(rows)
-
-    def step(self):
-        if self.num_steps in self.fail_steps:
-            self.fail_steps.discard(self.num_steps)
-            raise RuntimeError("injected step fault")
-        return super().step()
+# --- refusals and KV blocks ---------------------------------------------------------------------
 
 
-async def test_a_row_failing_admission_fails_only_its_own_request() -> None:
-    engine = FlakyEngine()
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=50))
-    async with running(scheduler):
-        _, good1 = scheduler.submit([request("a", 4)])
-        _, bad = scheduler.submit([request("bad", 4), request("c", 4)])
-        _, good2 = scheduler.submit([request("d", 4, n=2)])
-        results = await settle(good1, bad, good2, return_exceptions=True)
-    assert isinstance(results[1], EngineFailedError)
-    assert "Overflow" in str(results[1])
-    assert [len(results[0].results), len(results[2].results)] == [1, 2]
-    assert all(r.tokens_generated == 4 for r in results[0].results + results[2].results)
-    admitted = {rid for _, ids in engine.admissions for rid in ids}
-    assert 2 not in admitted  # the bad request's sibling row was never run
+def test_a_full_queue_and_rows_that_can_never_fit_are_refused_before_queueing() -> None:
+    s = scheduler(max_queue_rows=4, max_row=20)
+    s.add_request(0, rows(0, 3), now=0)
+    with pytest.raises(QueueFullError, match="3 rows waiting, 2 more asked, limit 4"):
+        s.add_request(1, rows(3, 2), now=0)
+    with pytest.raises(PromptTooLongError, match="beyond the 20 tokens"):
+        s.add_request(2, rows(5, 1, prompt_len=18, max_new=3), now=0)
+    with pytest.raises(ValueError, match="temperature nan"):
+        s.add_request(3, rows(6, 1, temperature=float("nan")), now=0)
+    assert s.num_waiting_rows == 3 and list(s.requests) == [0]
 
 
-async def test_a_failed_step_is_retried_and_every_request_completes() -> None:
-    engine = FlakyEngine(fail_steps={2})
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=10))
-    done = await run(scheduler, [[request("a", 5)], [request("b", 5, n=3)]])
-    assert [len(c.results) for c in done] == [1, 3]
-    assert all(r.tokens_generated == 5 for c in done for r in c.results)
+def test_rows_wait_in_order_for_kv_blocks_and_never_overcommit_the_store() -> None:
+    # 10 free blocks of 4 tokens; each row reserves 12 tokens = 3 blocks: three fit at a time.
+    s = scheduler(blocks=11, block_size=4, max_batch_size=8, max_num_batched_tokens=64)
+    s.add_request(0, rows(0, 5, prompt_len=4, max_new=8), now=0)
+    s.add_request(1, rows(5, 1, prompt_len=1, max_new=1), now=0)  # small, but behind them
+    plan, _ = step(s)
+    assert ids(plan) == [0, 1, 2] and s.blocks.num_free == 1
+    seen_blocks = set()
+    for row in plan.rows:
+        assert not seen_blocks & set(row.block_ids) and 0 not in row.block_ids
+        seen_blocks |= set(row.block_ids)
+    for _ in range(7):
+        plan, _ = step(s)
+    assert ids(plan) == [0, 1, 2]
+    plan, _ = step(s)
+    assert ids(plan) == [3, 4, 5]  # freed on finishing, first in first admitted
 
 
-async def test_a_row_that_errors_in_a_step_fails_only_its_own_request() -> None:
-    engine = FakeEngine()
-    real_step = engine.step
-
-    def step_with_one_bad_row():
-        finished = real_step()
-        row = engine.rows.get(1)
-        if row is not None and len(row.token_ids) == 3:
-            row.finish_reason, row.error = "error", "stop check raised"
-            del engine.rows[1], engine.blocks[1]
-            finished.append(row)
-        return finished
-
-    engine.step = step_with_one_bad_row
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=50))
-    async with running(scheduler):
-        futures = [scheduler.submit([request(p, 6)])[1] for p in "abc"]
-        results = await settle(*futures, return_exceptions=True)
-    assert isinstance(results[1], EngineFailedError) and "stop check raised" in str(results[1])
-    assert [r.results[0].tokens_generated for r in (results[0], results[2])] == [6, 6]
+def test_abort_drops_waiting_and_running_rows_and_frees_their_blocks() -> None:
+    s = scheduler(max_batch_size=2, max_num_batched_tokens=64)
+    free = s.blocks.num_free
+    s.add_request(0, rows(0, 3, max_new=10), now=0)
+    s.add_request(1, rows(3, 1, max_new=10), now=0)
+    plan = s.schedule(0).plan
+    assert s.abort_request(0) == 3
+    updates = s.update(plan, output(plan))
+    assert updates == []  # rows dropped since the plan was made are skipped
+    plan, _ = step(s)
+    assert ids(plan) == [3]
+    assert s.abort_request(1) == 1 and s.abort_request(1) == 0
+    assert s.blocks.num_free == free and not s.has_work and not s.requests
 
 
-# --- the core, by hand: no thread, no clock, no engine --------------------------------------
+def test_finish_rules_eos_length_and_a_broken_row() -> None:
+    s = scheduler(max_num_batched_tokens=64)
+    s.add_request(0, rows(0, 1, max_new=5), now=0)
+    s.add_request(1, rows(1, 1, max_new=5, ignore_eos=True), now=0)
+    s.add_request(2, rows(2, 1, max_new=5), now=0)
+    _, updates = step(s, row0=EOS, row1=EOS, row2=INVALID_TOKEN)
+    by_row = {u.row_id: u for u in updates}
+    assert by_row[0].finish_reason == "eos" and by_row[0].token_ids == (EOS,)
+    assert by_row[1].finish_reason is None
+    assert by_row[2].finish_reason == "error" and "not finite" in by_row[2].error
+    assert by_row[2].token_ids == ()
+    for _ in range(4):
+        _, updates = step(s)
+    assert [(u.row_id, u.finish_reason) for u in updates] == [(1, "length")]
+    assert not s.has_work
 
 
-def rows_of(start: int, prompt: str, n: int = 1, max_new_tokens: int = 4) -> list[EngineRow]:
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    ids = tuple(ord(c) for c in prompt)
-    return [EngineRow(start + j, ids, params, seed=start + j) for j in range(n)]
+def test_rows_a_stop_string_ended_are_freed_at_once() -> None:
+    s = scheduler(max_num_batched_tokens=64)
+    free = s.blocks.num_free
+    s.add_request(0, rows(0, 2, max_new=10), now=0)
+    step(s)
+    s.finish_rows([0], "stop")
+    plan, _ = step(s)
+    assert ids(plan) == [1]
+    s.finish_rows([1], "stop")
+    assert not s.requests and s.blocks.num_free == free
 
 
-def finish(rows: list[EngineRow]) -> list[Row]:
-    return [Row(r.row_id, r.params, r.seed, [1] * r.params.max_new_tokens, "length") for r in rows]
+def test_a_request_is_closed_once_every_row_ended_whatever_ended_it() -> None:
+    s = scheduler(max_num_batched_tokens=64)
+    s.add_request(0, rows(0, 2, max_new=2), now=0)
+    step(s)
+    s.finish_rows([0], "stop")
+    assert 0 in s.requests
+    step(s)
+    assert 0 not in s.requests
 
 
-def capacity(running: int = 0, slots: int = 8, blocks: int = 1000, step: int = 0) -> Capacity:
-    return Capacity(running, slots - running, blocks, block_size=4, step=step)
+# --- the prefix cache in the plan ---------------------------------------------------------------
 
 
-def test_core_admits_first_in_first_out_up_to_the_batch_and_the_free_slots() -> None:
-    core = SchedulerCore(SchedulerConfig(max_batch_size=3, max_wait_ms=0))
-    core.add(0, rows_of(0, "a"), now=0)
-    core.add(1, rows_of(1, "b", n=2), now=0)
-    core.add(2, rows_of(3, "c"), now=0)
-    plan = core.schedule(capacity(), now=0)
-    assert [r.row_id for r in plan.admit] == [0, 1, 2] and plan.wait_s is None
-    assert core.num_waiting_rows == 1
-    assert core.schedule(capacity(running=3, slots=3), now=0).admit == []  # no free slot
-    done = core.update(finish(plan.admit))
-    assert [(d.request_id, [r.row_id for r in d.rows]) for d in done] == [(0, [0]), (1, [1, 2])]
-    assert [r.row_id for r in core.schedule(capacity(), now=1).admit] == [3]
+def test_the_n_samples_of_a_prompt_share_its_full_blocks_in_the_same_step() -> None:
+    s = scheduler(block_size=4, enable_prefix_cache=True, max_num_batched_tokens=64)
+    free = s.blocks.num_free
+    s.add_request(0, rows(0, 3, prompt_len=10, max_new=6), now=0)
+    plan, _ = step(s)
+    first, *others = plan.rows
+    assert len(first.token_ids) == 10 and first.start == 0
+    for row in others:
+        # Two full blocks (8 tokens) shared: only positions 8-9 are computed again.
+        assert row.block_ids[:2] == first.block_ids[:2] and row.start == 8
+        assert row.token_ids == tuple(range(18, 20))
+        assert not set(row.block_ids[2:]) & set(first.block_ids[2:])
+    assert s.blocks.num_free == free - 4 - 2 * 2  # 16 tokens = 4 blocks; others 2 each
+    assert s.blocks.num_hit_tokens == 16 and s.blocks.num_queried_tokens == 30
 
 
-def test_core_waits_for_kv_blocks_in_order() -> None:
-    core = SchedulerCore(SchedulerConfig(max_batch_size=8, max_wait_ms=0))
-    core.add(0, rows_of(0, "x" * 8, max_new_tokens=8), now=0)  # 16 tokens = 4 blocks
-    core.add(1, rows_of(1, "y"), now=0)  # small, but behind a row that does not fit
-    assert core.schedule(capacity(running=1, blocks=3), now=0).admit == []
-    assert [r.row_id for r in core.schedule(capacity(running=1, blocks=5), now=0).admit] == [0]
-    assert [r.row_id for r in core.schedule(capacity(running=1, blocks=2), now=0).admit] == [1]
+# --- the engine's worker thread -------------------------------------------------------------------
 
 
-def test_core_gives_an_idle_first_group_max_wait_ms_to_gather() -> None:
-    core = SchedulerCore(SchedulerConfig(max_batch_size=4, max_wait_ms=50))
-    assert core.schedule(capacity(), now=0).wait_s == pytest.approx(0.1)  # nothing at all
-    core.add(0, rows_of(0, "a"), now=10.0)
-    plan = core.schedule(capacity(), now=10.02)
-    assert plan.admit == [] and plan.wait_s == pytest.approx(0.03)
-    plan = core.schedule(capacity(), now=10.06)
-    assert [r.row_id for r in plan.admit] == [0] and plan.queue_waits_s == [pytest.approx(0.06)]
+class FakeRunner:
+    """Draws TOKEN for every sampling row; can be made to fail or to wait."""
+
+    num_kv_blocks = 1000
+    block_size = 4
+    max_row_tokens = 200
+
+    def __init__(self, step_s: float = 0.0) -> None:
+        self.plans: list[StepPlan] = []
+        self.fail: Exception | None = None
+        self.gate = threading.Event()
+        self.gate.set()
+        self.step_s = step_s
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        self.gate.wait(10)
+        time.sleep(self.step_s)
+        self.plans.append(plan)
+        if self.fail is not None:
+            raise self.fail
+        return output(plan)
+
+    def info(self) -> dict:
+        return {}
 
 
-def test_core_static_and_serial_modes_never_join_a_running_batch() -> None:
-    for mode in ("static", "serial"):
-        core = SchedulerCore(SchedulerConfig(mode=mode, max_batch_size=8, max_wait_ms=0))
-        core.add(0, rows_of(0, "a", n=2), now=0)
-        core.add(1, rows_of(2, "b"), now=0)
-        first = core.schedule(capacity(), now=0).admit
-        assert [r.row_id for r in first] == ([0, 1] if mode == "serial" else [0, 1, 2])
-        assert core.schedule(capacity(running=len(first)), now=0).admit == []
+class Events:
+    """A listener that records its request's events (on the worker thread)."""
+
+    def __init__(self) -> None:
+        self.events: list[EngineEvent] = []
+        self.done = threading.Event()
+
+    def __call__(self, event: EngineEvent) -> None:
+        self.events.append(event)
+        if event.error or any(u.finish_reason for u in event.updates):
+            self.done.set()
+
+    @property
+    def tokens(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for event in self.events:
+            for u in event.updates:
+                out.setdefault(u.row_id, []).extend(u.token_ids)
+        return out
 
 
-def test_core_caps_prefill_tokens_but_one_prompt_always_goes() -> None:
-    core = SchedulerCore(SchedulerConfig(max_batch_size=8, max_prefill_tokens=10, max_wait_ms=0))
-    core.add(0, rows_of(0, "x" * 6), now=0)
-    core.add(1, rows_of(1, "y" * 6), now=0)
-    core.add(2, rows_of(2, "z" * 30, n=2), now=0)
-    assert [r.row_id for r in core.schedule(capacity(), now=0).admit] == [0]
-    assert [r.row_id for r in core.schedule(capacity(running=1), now=0).admit] == [1]
-    assert [r.row_id for r in core.schedule(capacity(running=2), now=0).admit] == [2, 3]
+def engine(runner: FakeRunner | None = None, **config) -> tuple[Engine, FakeRunner]:
+    runner = runner or FakeRunner()
+    config.setdefault("max_num_batched_tokens", 64)
+    core = EngineCore(runner, SchedulerConfig(**config), eos_token_ids=[EOS])
+    eng = Engine(core)
+    eng.start()
+    return eng, runner
 
 
-def test_core_abort_forgets_waiting_and_running_rows() -> None:
-    core = SchedulerCore(SchedulerConfig(max_batch_size=1, max_wait_ms=0))
-    core.add(0, rows_of(0, "a", n=3), now=0)
-    admitted = core.schedule(capacity(), now=0).admit
-    assert core.abort(0) == (2, [0, 1, 2])
-    assert core.num_waiting_rows == 0 and not core.has_requests
-    assert core.update(finish(admitted)) == []  # a late finished row of an aborted request
+def test_the_worker_steps_every_request_and_tells_its_listener() -> None:
+    eng, _ = engine()
+    listeners = [Events() for _ in range(3)]
+    for i, listener in enumerate(listeners):
+        eng.submit(rows(10 * i, 2, max_new=4), listener)
+    for listener in listeners:
+        assert listener.done.wait(10)
+    eng.shutdown(5)
+    for i, listener in enumerate(listeners):
+        assert listener.tokens == {10 * i: [TOKEN] * 4, 10 * i + 1: [TOKEN] * 4}
+        assert listener.events[0].admission is not None
+    assert eng.num_requests == 0 and not eng.is_alive
 
 
-def test_core_refuses_rows_beyond_the_queue_limit() -> None:
-    core = SchedulerCore(SchedulerConfig(max_queue_rows=2))
-    core.add(0, rows_of(0, "a", n=2), now=0)
+def test_a_full_queue_refuses_at_submit_and_a_draining_engine_refuses_all() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()  # the worker blocks in its first step
+    eng, _ = engine(runner, max_queue_rows=4, max_batch_size=1)
+    first = Events()
+    eng.submit(rows(0, 3, max_new=2), first)
+    deadline = time.monotonic() + 10
+    while eng.num_waiting_rows != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    eng.submit(rows(3, 2, max_new=2), Events())
     with pytest.raises(QueueFullError):
-        core.add(1, rows_of(2, "b"), now=0)
+        eng.submit(rows(5, 1, max_new=2), Events())
+    eng.drain()
+    with pytest.raises(SchedulerClosedError):
+        eng.submit(rows(6, 1, max_new=2), Events())
+    runner.gate.set()
+    eng.shutdown(10)
+    assert first.done.is_set() and len(first.tokens) == 3
 
 
-async def test_a_request_finished_at_admission_resolves_even_when_that_steps_fails_twice() -> None:
-    class DoubleFault(FakeEngine):
-        faults = 0
-
-        def step(self):
-            if len(self.admissions) >= 2 and self.faults < 2:
-                self.faults += 1
-                raise RuntimeError("injected double fault")
-            time.sleep(0.001)  # so b is still running when a arrives
-            return super().step()
-
-    engine = DoubleFault(max_context=10_000)
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=8, max_wait_ms=0))
-    async with running(scheduler):
-        _, slow = scheduler.submit([request("b", 5000)])
-        await first_admission(engine)
-        _, quick = scheduler.submit([request("a", 1)])
-        results = await settle(slow, quick, return_exceptions=True)
-    assert isinstance(results[0], EngineFailedError)
-    assert results[1].results[0].tokens_generated == 1
-    assert scheduler.request_ids == []
+def test_shutdown_fails_what_is_still_running_with_scheduler_closed() -> None:
+    runner = FakeRunner(step_s=0.01)
+    eng, _ = engine(runner)
+    listener = Events()
+    eng.submit(rows(0, 1, max_new=150), listener)
+    while not listener.events:
+        time.sleep(0.01)
+    eng.shutdown(0.05)
+    assert isinstance(listener.events[-1].error, SchedulerClosedError)
 
 
-async def test_a_listener_gets_each_token_of_its_rows_once_before_the_result() -> None:
-    engine = FakeEngine()
-    scheduler = Scheduler(engine, SchedulerConfig(max_batch_size=2, max_wait_ms=0))
-    seen: list = []
-    async with running(scheduler):
-        _, future = scheduler.submit([request("p", 4, n=3)], listener=seen.extend)
-        future.add_done_callback(lambda _: seen.append("resolved"))
-        _, other = scheduler.submit([request("q", 2)])  # not listening: sends nothing
-        await settle(future, other)
-        await asyncio.sleep(0)
-    assert seen[-1] == "resolved"
-    tokens: dict[int, list[int]] = {}
-    for index, ids in seen[:-1]:
-        tokens.setdefault(index, []).extend(ids)
-    # Row 2 waited for a free slot (max_batch_size 2) and still streams under its own index.
-    assert tokens == {0: [1] * 4, 1: [1] * 4, 2: [1] * 4}
+def test_a_failing_step_fails_its_requests_and_the_worker_goes_on() -> None:
+    runner = FakeRunner()
+    eng, _ = engine(runner)
+    runner.fail = RuntimeError("device lost")
+    failed = Events()
+    eng.submit(rows(0, 2, max_new=3), failed)
+    assert failed.done.wait(10)
+    assert "device lost" in str(failed.events[-1].error)
+    runner.fail = None
+    ok = Events()
+    eng.submit(rows(5, 1, max_new=3), ok)
+    assert ok.done.wait(10)
+    eng.shutdown(5)
+    assert ok.tokens == {5: [TOKEN] * 3}
+    assert eng.is_alive is False
+
+
+def test_an_aborted_request_stops_at_the_next_step() -> None:
+    runner = FakeRunner(step_s=0.005)
+    eng, _ = engine(runner)
+    listener = Events()
+    request_id = eng.submit(rows(0, 2, max_new=150), listener)
+    deadline = time.monotonic() + 10
+    while len(runner.plans) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    eng.abort(request_id)
+    deadline = time.monotonic() + 10
+    while eng.num_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng.num_running == 0 and eng.num_requests == 0
+    eng.shutdown(5)

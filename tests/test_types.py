@@ -7,21 +7,22 @@ import sys
 
 import pytest
 
-from batchserve.core.types import Capacity, RunnerConfig, kv_blocks
+from batchserve.core.kv_blocks import kv_blocks
+from batchserve.core.types import RunnerConfig
 
 
 def test_the_http_and_cli_layers_import_no_torch() -> None:
     code = (
-        "import sys, batchserve.api.app, batchserve.api.cli, batchserve.scheduler, batchserve.schemas;"
+        "import sys, batchserve.api.app, batchserve.api.cli, batchserve.engine, batchserve.frontend, "
+        "batchserve.core.scheduler, batchserve.schemas;"
         "print(sorted(m for m in ('torch', 'transformers', 'batchserve.worker.runner') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-def test_kv_blocks_round_up_and_a_row_reserves_its_whole_length() -> None:
+def test_kv_blocks_round_up() -> None:
     assert [kv_blocks(n, 16) for n in (0, 1, 16, 17, 32)] == [1, 1, 1, 2, 2]
-    assert Capacity(0, 4, 10, block_size=8, step=0).blocks_needed(10, 7) == 3
 
 
 def test_runner_config_refuses_nonsense() -> None:

@@ -34,14 +34,15 @@ from batchserve.api.bodies import (
 )
 from batchserve.api.security import LOOPBACK_HOSTS, guard_middleware
 from batchserve.api.streaming import (
+    Completion,
     Delta,
     Refused,
-    TokenStreams,
-    ready_scheduler,
+    ready_engine,
     run_to_completion,
     sse_response,
     submit,
 )
+from batchserve.core.scheduler import PromptTooLongError, SchedulerConfig
 from batchserve.core.seeds import prompt_seed
 from batchserve.core.types import (
     GREEDY_TEMPERATURE,
@@ -49,14 +50,9 @@ from batchserve.core.types import (
     RunnerConfig,
     SamplingParams,
 )
+from batchserve.engine import Engine, build_engine_core
+from batchserve.frontend import Frontend, PreparedPrompt
 from batchserve.metrics import Metrics
-from batchserve.scheduler import (
-    Completion,
-    PreparedPrompt,
-    PromptTooLongError,
-    Scheduler,
-    SchedulerConfig,
-)
 from batchserve.schemas import (
     GenerateLDABatchRequest,
     GenerateLDARequest,
@@ -87,8 +83,8 @@ class ServerConfig:
 
     def runner_config(self) -> RunnerConfig:
         if self.runner is not None:
-            return dataclasses.replace(self.runner, max_slots=self.scheduler.max_batch_size)
-        return RunnerConfig(max_slots=self.scheduler.max_batch_size)
+            return dataclasses.replace(self.runner, max_batch_size=self.scheduler.max_batch_size)
+        return RunnerConfig(max_batch_size=self.scheduler.max_batch_size)
     max_body_bytes: int = MAX_BODY_BYTES
     body_timeout_s: float = 30.0
     api_key: str | None = field(default=None, repr=False)
@@ -156,10 +152,10 @@ def prompt_format(body: SamplingFields, config: ServerConfig) -> str:
 
 async def prepare_requests(
     request: Request, requests: list[GenerationRequest]
-) -> tuple[Scheduler, list[PreparedPrompt]]:
-    """Format and tokenize for the scheduler that will run them; a prompt that could never fit
+) -> list[PreparedPrompt]:
+    """Format and tokenize for the engine that will run them; a prompt that could never fit
     is a 413 naming it."""
-    scheduler = ready_scheduler(request)
+    _, frontend = ready_engine(request)
     context = request.app.state.pair.max_context
     for index, r in enumerate(requests):
         num_chars = len(r.prompt) + len(r.system_prompt or "")
@@ -173,17 +169,17 @@ async def prepare_requests(
     try:
         # Tokenizing a long prompt takes a while: off the event loop, so others are served.
         prepared = await asyncio.to_thread(
-            lambda: [scheduler.prepare(r, i) for i, r in enumerate(requests)]
+            lambda: [frontend.prepare(r, i) for i, r in enumerate(requests)]
         )
     except PromptTooLongError as err:
         raise APIError(413, str(err), {"prompt_index": err.index}) from None
-    return scheduler, prepared
+    return prepared
 
 
 async def run_requests(request: Request, requests: list[GenerationRequest]) -> Completion:
-    scheduler, prepared = await prepare_requests(request, requests)
+    prepared = await prepare_requests(request, requests)
     timeout_s = request.app.state.config.request_timeout_s
-    return await run_to_completion(request, scheduler, requests, prepared, timeout_s)
+    return await run_to_completion(request, requests, prepared, timeout_s)
 
 
 def debug_headers(completion: Completion) -> dict[str, str]:
@@ -210,19 +206,11 @@ async def stream_requests(
         extra = row_fields[delta.index] if row_fields else {}
         return {"index": delta.index, "text": delta.text} | extra
 
-    scheduler, prepared = await prepare_requests(request, requests)
-    streams = TokenStreams(scheduler.engine.decode, requests)
-    request_id, future = submit(scheduler, requests, prepared, streams.on_tokens)
+    prepared = await prepare_requests(request, requests)
+    job = submit(request, requests, prepared, is_stream=True)
     config: ServerConfig = request.app.state.config
     return sse_response(
-        streams,
-        scheduler,
-        request_id,
-        future,
-        config.request_timeout_s,
-        render_delta,
-        render_result,
-        config.shutdown_timeout_s,
+        job, config.request_timeout_s, render_delta, render_result, config.shutdown_timeout_s
     )
 
 
@@ -361,11 +349,11 @@ async def health(request: Request) -> Response:
     state = request.app.state
     if getattr(state, "load_error", None):
         return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
-    if getattr(state, "scheduler", None) is None:
+    if getattr(state, "engine", None) is None:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     if getattr(state, "is_draining", False):
         return JSONResponse({"status": "shutting down"}, status_code=503)
-    if not state.scheduler.is_alive:
+    if not state.engine.is_alive:
         return JSONResponse({"status": "error", "error": "worker thread stopped"}, status_code=500)
     return JSONResponse({"status": "ok"})
 
@@ -504,16 +492,18 @@ def create_app(
     app_metrics = Metrics()
 
     def start_serving(app: Starlette, loaded: ModelPair) -> None:
-        from batchserve.engine import LDAEngine
-
-        engine = LDAEngine(
-            loaded, prompt_format=config.prompt_format, runner_config=config.runner_config()
+        core = build_engine_core(loaded, config.runner_config(), config.scheduler, app_metrics)
+        engine = Engine(core)
+        frontend = Frontend(
+            loaded.tokenizer,
+            prompt_format=config.prompt_format,
+            max_row_tokens=core.runner.max_row_tokens,
         )
-        scheduler = Scheduler(engine, config.scheduler, app_metrics)
-        scheduler.start()
+        engine.start()
         app.state.pair = loaded
-        app.state.engine_info = engine.info()
-        app.state.scheduler = scheduler
+        app.state.engine_info = core.runner.info()
+        app.state.frontend = frontend
+        app.state.engine = engine
         log.info(
             "serving %s (after) vs %s (before) on %s in %s; scheduler %s; tokenizers: %s",
             loaded.after_id,
@@ -529,7 +519,7 @@ def create_app(
         app.state.config = config
         app.state.metrics = app_metrics
         app.state.pair = None
-        app.state.scheduler = None
+        app.state.engine = None
         app.state.load_error = None
         app.state.is_draining = False
         loader: threading.Thread | None = None
@@ -584,14 +574,14 @@ async def drain(app: Starlette, timeout_s: float) -> None:
     again at exit (then a no-op), so no request is left for uvicorn to cancel into a text 500.
     """
     app.state.is_draining = True
-    scheduler: Scheduler | None = getattr(app.state, "scheduler", None)
-    if scheduler is None:
+    engine: Engine | None = getattr(app.state, "engine", None)
+    if engine is None:
         return
     loop = asyncio.get_running_loop()
     finished = asyncio.Event()
 
     def shut_down() -> None:
-        scheduler.shutdown(timeout_s)
+        engine.shutdown(timeout_s)
         with contextlib.suppress(RuntimeError):  # the loop is gone after a forced exit
             loop.call_soon_threadsafe(finished.set)
 

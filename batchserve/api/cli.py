@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchserve import __version__
 from batchserve.argconfig import config_from_args
+from batchserve.core.scheduler import SCHEDULER_MODES
 from batchserve.core.seeds import SEED_MAX
 from batchserve.frontend import PROMPT_FORMATS
-from batchserve.scheduler import SCHEDULER_MODES
 
 if TYPE_CHECKING:
     from batchserve.api.app import ServerConfig
@@ -64,7 +64,7 @@ def _option(
 ) -> None:
     """Add `flag`, its default read from BATCHSERVE_<FLAG> (dashes as underscores) or an alias
     where set: the one rule that names the environment variable of every `serve` option."""
-    is_switch = kwargs.get("action") == "store_true"
+    is_switch = kwargs.get("action") in ("store_true", argparse.BooleanOptionalAction)
     if from_env:
         name = flag.removeprefix("--").upper().replace("-", "_")
         default = _env(name, default, _env_flag if is_switch else cast, *aliases)
@@ -146,6 +146,16 @@ def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
         choices=PROMPT_FORMATS,
         help="how prompts are wrapped: alpaca, chat (the tokenizer's template) or raw (default: %(default)s)",
     )
+    _option(
+        group,
+        "--compile",
+        None,
+        from_env=from_env,
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the step (both models over a packed step) once at start-up; the "
+        "compiled step runs about 2x faster on the CPU and takes 15-60 s to compile, cached "
+        "under $TORCHINDUCTOR_CACHE_DIR for the next start (default: on for CPU, off on CUDA)",
+    )
     kv = parser.add_argument_group("KV store (allocated once at start-up; /info reports it)")
     _option(
         kv,
@@ -169,11 +179,11 @@ def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
 
 
 def runner_config(args: argparse.Namespace):
-    """The runner's sizes from the command line (slots = the batch size)."""
+    """The runner's sizes and compile setting from the command line."""
     from batchserve.core.types import RunnerConfig
 
     try:
-        return config_from_args(RunnerConfig, args, max_slots=args.max_batch_size)
+        return config_from_args(RunnerConfig, args, max_batch_size=args.max_batch_size)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -304,10 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(
         sched,
-        "--max-prefill-tokens",
-        8192,
+        "--max-num-batched-tokens",
+        2048,
         int,
-        help="prompt tokens admitted per step, so a huge prompt cannot stall decoding (default: %(default)s)",
+        help="tokens in one step's forward: every running row's next token plus newcomers' "
+        "prompt chunks; a longer prompt is prefilled over several steps, so running rows never "
+        "stall for more than this (default: %(default)s)",
+    )
+    _option(
+        sched,
+        "--prefix-cache",
+        True,
+        action=argparse.BooleanOptionalAction,
+        dest="enable_prefix_cache",
+        help="share the KV of prompt blocks already computed (the n samples of a prompt, its "
+        "other alphas, a common system prompt); --no-prefix-cache computes every prompt anew "
+        "(default: on)",
     )
     limits = serve.add_argument_group("limits")
     _option(limits, "--max-new-tokens-limit", 1024, int, help="(default: %(default)s)")
@@ -440,7 +462,7 @@ def page_url(host: str, port: int) -> str:
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     from batchserve.api.app import ServerConfig
     from batchserve.api.security import default_allowed_hosts, parse_allowed_hosts
-    from batchserve.scheduler import SchedulerConfig
+    from batchserve.core.scheduler import SchedulerConfig
 
     try:
         scheduler = config_from_args(SchedulerConfig, args, mode=args.scheduler)

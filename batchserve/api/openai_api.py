@@ -52,9 +52,7 @@ from batchserve.api.streaming import (
     Delta,
     Refused,
     RequestTimeoutError,
-    TokenStreams,
-    close_request,
-    ready_scheduler,
+    ready_engine,
     refusal,
     run_to_completion,
     submit,
@@ -66,13 +64,8 @@ from batchserve.core.types import (
     GenerationResult,
     SamplingParams,
 )
-from batchserve.frontend import format_messages
-from batchserve.scheduler import (
-    EngineFailedError,
-    PreparedPrompt,
-    Scheduler,
-    SchedulerClosedError,
-)
+from batchserve.engine import EngineFailedError, SchedulerClosedError
+from batchserve.frontend import Frontend, PreparedPrompt, format_messages
 from batchserve.schemas import (
     INT32_MAX,
     MAX_STOP_STRINGS,
@@ -254,8 +247,8 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
 # --- shared plumbing -----------------------------------------------------------------------
 
 
-def _scheduler(request: Request) -> tuple[Scheduler, ModelPair]:
-    return ready_scheduler(request), request.app.state.pair
+def _frontend(request: Request) -> tuple[Frontend, ModelPair]:
+    return ready_engine(request)[1], request.app.state.pair
 
 
 def _check_model(body: _OpenAIFields, pair: ModelPair) -> None:
@@ -294,11 +287,11 @@ def _params(request: Request, body: _OpenAIFields, max_tokens: int) -> SamplingP
 
 
 def _check_prompt(
-    scheduler: Scheduler, prompt_ids: tuple[int, ...], max_tokens: int, param: str
+    frontend: Frontend, pair: ModelPair, prompt_ids: tuple[int, ...], max_tokens: int, param: str
 ) -> None:
     if not prompt_ids:
         raise OpenAIError(400, "the prompt is empty", param=param)
-    limit = scheduler.engine.max_row_tokens  # the models' context, and what the KV store holds
+    limit = frontend.max_row_tokens  # the models' context, and what the KV store holds
     if len(prompt_ids) + max_tokens > limit:
         raise OpenAIError(
             400,
@@ -307,7 +300,7 @@ def _check_prompt(
             param=param,
             code="context_length_exceeded",
         )
-    if max(prompt_ids) >= scheduler.engine.pair.vocab_limit:
+    if max(prompt_ids) >= pair.vocab_limit:
         raise OpenAIError(400, "prompt token id beyond the vocabulary", param=param)
 
 
@@ -330,34 +323,6 @@ def _openai_error(refused: Refused) -> OpenAIError:
     return OpenAIError(
         refused.status, refused.message, type=kind, code=refused.code, headers=refused.headers
     )
-
-
-def token_pieces(
-    decode: Callable[[list[int]], str], token_ids: tuple[int, ...], text: str
-) -> list[str]:
-    """Each token's share of `text` (the row's returned completion): one piece per token,
-    joining to `text` exactly.
-
-    A token's piece is what its prefix's decoding adds to the part of `text` already covered.
-    So a token that ends inside a multi-byte character gets "" and the one that completes it gets
-    the whole character; a decoder that rewrites earlier text (space clean-up) moves nothing
-    back; and tokens past a stop string, which `text` no longer holds, get "". Decodes every
-    prefix, as streaming does: quadratic in the row's length, and it runs off the event loop.
-    """
-    pieces: list[str] = []
-    end = 0
-    for i in range(len(token_ids)):
-        decoded = decode(list(token_ids[: i + 1]))
-        # How far this prefix agrees with the returned text; never backwards.
-        agree = end
-        limit = min(len(decoded), len(text))
-        while agree < limit and decoded[agree] == text[agree]:
-            agree += 1
-        if i == len(token_ids) - 1:
-            agree = len(text)  # whatever is left belongs to the last token
-        pieces.append(text[end:agree])
-        end = max(end, agree)
-    return pieces
 
 
 def choice_logprobs(
@@ -422,7 +387,7 @@ class _Job:
     ) -> None:
         self.request, self.body, self.kind = request, body, kind
         self.requests, self.prepared = requests, prepared
-        self.scheduler, self.pair = _scheduler(request)
+        self.frontend, self.pair = _frontend(request)
         self.id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         config = request.app.state.config
@@ -460,22 +425,15 @@ class _Job:
 
     async def logprobs(self, results: list[GenerationResult]) -> list[dict | None]:
         """Each row's `logprobs` entry (None where nobody asked); detokenized off the loop."""
-        decode = self.scheduler.engine.decode
-
-        def build() -> list[dict | None]:
+        if not self.body.wants_logprobs:
+            return [None] * len(results)
+        try:
             return [
-                choice_logprobs(
-                    self.kind, token_pieces(decode, r.token_ids, r.completion), r, len(self.echo(i))
-                )
+                choice_logprobs(self.kind, list(r.token_texts), r, len(self.echo(i)))
                 if r.logprobs is not None
                 else None
                 for i, r in enumerate(results)
             ]
-
-        if not self.body.wants_logprobs:
-            return [None] * len(results)
-        try:
-            return await asyncio.to_thread(build)
         except Exception as err:  # noqa: BLE001 - answered in OpenAI's shape, not Starlette's
             log.exception("building the logprobs of %s failed", self.id)
             raise OpenAIError(
@@ -490,7 +448,7 @@ class _Job:
         if self.body.stream:
             return self.stream()
         completion = await run_to_completion(
-            self.request, self.scheduler, self.requests, self.prepared, self.timeout_s
+            self.request, self.requests, self.prepared, self.timeout_s
         )
         logprobs = await self.logprobs(completion.results)
         choices = [
@@ -508,8 +466,7 @@ class _Job:
         return JSONResponse(payload)
 
     def stream(self) -> Response:
-        streams = TokenStreams(self.scheduler.engine.decode, self.requests)
-        request_id, future = submit(self.scheduler, self.requests, self.prepared, streams.on_tokens)
+        job = submit(self.request, self.requests, self.prepared, is_stream=True)
         is_chat = self.kind == "chat.completion"
         obj = "chat.completion.chunk" if is_chat else "text_completion"
         num_rows = len(self.prepared) * self.body.n
@@ -538,7 +495,7 @@ class _Job:
                         yield chunk(index, "", role="assistant")
                     elif self.echo(index):
                         yield chunk(index, self.echo(index))
-                async for item in streams.deltas(future, self.timeout_s):
+                async for item in job.deltas(self.timeout_s):
                     if isinstance(item, Delta):
                         yield chunk(item.index, item.text)
                         continue
@@ -556,7 +513,7 @@ class _Job:
             except OpenAIError as err:  # the rows finished; building their logprobs failed
                 yield {"data": json.dumps(err.body())}
             finally:
-                close_request(self.scheduler, request_id, future, why)
+                job.close(why)
             yield {"data": "[DONE]"}
 
         grace_s = self.request.app.state.config.shutdown_timeout_s
@@ -582,7 +539,7 @@ def _openai_route(handler: Callable[[Request], Any]) -> Callable[[Request], Any]
 @_openai_route
 async def completions(request: Request) -> Response:
     body: CompletionRequest = await _parse(request, CompletionRequest)
-    scheduler, pair = _scheduler(request)
+    frontend, pair = _frontend(request)
     _check_model(body, pair)
     params = _params(request, body, body.max_tokens)
     prompts: list[str | list[int]]
@@ -597,9 +554,9 @@ async def completions(request: Request) -> Response:
 
     def tokenize() -> list[tuple[str, tuple[int, ...]]]:
         return [
-            (p, tuple(scheduler.engine.encode(p, "raw")))
+            (p, tuple(frontend.encode(p, "raw")))
             if isinstance(p, str)
-            else (scheduler.engine.decode(p), tuple(p))
+            else (frontend.decode(p), tuple(p))
             for p in prompts
         ]
 
@@ -607,7 +564,7 @@ async def completions(request: Request) -> Response:
     tokenized = await asyncio.to_thread(tokenize)
     requests, prepared = [], []
     for i, (text, ids) in enumerate(tokenized):
-        _check_prompt(scheduler, ids, body.max_tokens, "prompt")
+        _check_prompt(frontend, pair, ids, body.max_tokens, "prompt")
         requests.append(
             GenerationRequest(text, prompt_seed(params, i * body.n), n=body.n, prompt_format="raw")
         )
@@ -618,7 +575,7 @@ async def completions(request: Request) -> Response:
 @_openai_route
 async def chat_completions(request: Request) -> Response:
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-    scheduler, pair = _scheduler(request)
+    frontend, pair = _frontend(request)
     _check_model(body, pair)
     messages = [m.as_dict() for m in body.messages]
     try:
@@ -628,12 +585,12 @@ async def chat_completions(request: Request) -> Response:
     except Exception as err:  # noqa: BLE001 - a template that rejects the conversation
         raise OpenAIError(400, f"cannot format the messages: {err}", param="messages") from None
     _check_chars(pair, len(text), "messages")
-    ids = tuple(await asyncio.to_thread(scheduler.engine.encode, text, fmt))
+    ids = tuple(await asyncio.to_thread(frontend.encode, text, fmt))
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # OpenAI's default: as much as the context leaves
-        room = scheduler.engine.max_row_tokens - len(ids)
+        room = frontend.max_row_tokens - len(ids)
         max_tokens = max(1, min(request.app.state.config.max_new_tokens_limit, room))
-    _check_prompt(scheduler, ids, max_tokens, "messages")
+    _check_prompt(frontend, pair, ids, max_tokens, "messages")
     params = _params(request, body, max_tokens)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     requests = [GenerationRequest(last_user, params, n=body.n, prompt_format=fmt)]

@@ -30,7 +30,7 @@ from starlette.requests import Request  # noqa: E402
 from batchserve.api.app import ServerConfig, create_app, health  # noqa: E402
 from batchserve.api.security import HTTPMiddleware  # noqa: E402
 from batchserve.argconfig import config_from_args  # noqa: E402
-from batchserve.scheduler import SchedulerConfig  # noqa: E402
+from batchserve.core.scheduler import SchedulerConfig  # noqa: E402
 
 log = logging.getLogger("batchserve")
 

@@ -147,8 +147,8 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         state = self.batchserve_app.state
         state.is_draining = True
-        if getattr(state, "scheduler", None) is not None:
-            state.scheduler.drain()
+        if getattr(state, "engine", None) is not None:
+            state.engine.drain()
         super().handle_exit(sig, frame)
         # uvicorn re-raises the signal after its graceful shutdown, so the process would die
         # by SIGTERM; a clean drain is a normal exit, status 0.

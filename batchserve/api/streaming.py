@@ -1,18 +1,22 @@
-"""A request's life on the scheduler, for the native and the OpenAI routes alike, and its stream.
+"""A request's life on the engine, for the native and the OpenAI routes alike, and its stream.
 
-`submit` and `run_to_completion` queue a request and wait for its result, the client's
-disconnect or the timeout; `Refused` carries the status of each way that can end without a
-result, which each API renders in its own error shape. No tensors here.
+`submit` queues prepared prompts on the engine and returns a `Job`: the event-loop side of one
+request. The engine's worker hands each step's events to the job's loop; there the frontend
+turns tokens into text (stop strings end rows), and the job resolves to a `Completion` once
+every row has ended. `run_to_completion` waits for it, the client's disconnect or the timeout;
+`Refused` carries the status of each way that can end without a result, which each API renders
+in its own error shape. No tensors here.
 
-`TokenStreams` is the scheduler listener of one submitted request: it turns each row's new
-token ids into text deltas that never split a multi-byte character and never show text a stop
-string will cut, and whose join is exactly the row's non-streamed completion.
-`sse_response` frames them for the native routes; openai_api.py frames them in its dialect.
+A streaming job queues each step's deltas while its reader keeps up; for a reader that lags,
+the queue merges into one delta per row, so a slow client makes the server hold at most the
+completion's text, however many steps it took.
+`sse_response` frames the deltas for the native routes; openai_api.py frames them in its dialect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -22,20 +26,16 @@ from dataclasses import dataclass
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
-from batchserve.core.types import GenerationRequest, find_stop
-from batchserve.scheduler import (
-    Completion,
-    EngineFailedError,
-    PreparedPrompt,
-    QueueFullError,
-    Scheduler,
-    SchedulerClosedError,
-    TokenListener,
-)
+from batchserve.core.scheduler import QueueFullError
+from batchserve.core.types import GenerationRequest, GenerationResult
+from batchserve.engine import Engine, EngineEvent, EngineFailedError, SchedulerClosedError
+from batchserve.frontend import Delta, Frontend, PreparedPrompt, RequestOutput, expand_rows
 
 log = logging.getLogger(__name__)
 
-REPLACEMENT = "\ufffd"  # what a byte-level decoder shows for an unfinished UTF-8 sequence
+# Deltas a stream holds for a reader that lags; beyond it they merge into one per row, so the
+# server holds at most the rows' text, not an event per token.
+MAX_PENDING_DELTAS = 256
 
 
 class RequestTimeoutError(TimeoutError):
@@ -77,132 +77,144 @@ def refusal(err: Exception) -> Refused:
     return Refused(500, str(err))
 
 
-def ready_scheduler(request: Request) -> Scheduler:
-    """The scheduler, while the server takes requests: not before the models load, nor once it
-    drains for shutdown."""
+def ready_engine(request: Request) -> tuple[Engine, Frontend]:
+    """The engine and the frontend, while the server takes requests: not before the models
+    load, nor once it drains for shutdown."""
     state = request.app.state
     if getattr(state, "is_draining", False):
         raise Refused(503, "server is shutting down", retry_after_s=5)
-    scheduler: Scheduler | None = getattr(state, "scheduler", None)
-    if scheduler is None:
+    engine: Engine | None = getattr(state, "engine", None)
+    if engine is None:
         raise Refused(503, "models are still loading", retry_after_s=5)
-    return scheduler
-
-
-def submit(
-    scheduler: Scheduler,
-    requests: list[GenerationRequest],
-    prepared: list[PreparedPrompt],
-    listener: TokenListener | None = None,
-) -> tuple[int, asyncio.Future]:
-    """Queue prepared requests; a full or closing queue is a 503 the client retries."""
-    try:
-        return scheduler.submit(requests, prepared, listener)
-    except (QueueFullError, SchedulerClosedError) as err:
-        raise refusal(err) from None
+    return engine, state.frontend
 
 
 @dataclass(frozen=True)
-class Delta:
-    index: int  # the row's position in `Completion.results`
-    text: str
+class Completion:
+    """A finished request: results in order, plus where it sat in the engine's step clock."""
+
+    results: list[GenerationResult]
+    queue_wait_s: float
+    admitted_step: int  # engine step when its first row was admitted
+    finished_step: int
 
 
-class TextStream:
-    """One row's text, released as it becomes final.
-
-    Decodes the whole token list each time (a few hundred tokens, microseconds with a Rust
-    tokenizer) rather than a window: only the full decode is guaranteed to agree with the
-    non-streamed completion, whatever the tokenizer's decoder does with spaces and bytes.
-    """
-
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()) -> None:
-        self._decode = decode
-        self._stop = tuple(s for s in stop if s)
-        # A stop string that shows up later ends after the current text, so it can start at
-        # most len(longest) - 1 characters back: hold that tail until the next token.
-        self._holdback = max((len(s) for s in self._stop), default=1) - 1
-        self.token_ids: list[int] = []
-        self.sent = ""
-
-    def push(self, token_ids: Sequence[int]) -> str:
-        """Add tokens; return the newly final text (maybe "")."""
-        self.token_ids.extend(token_ids)
-        text = self._decode(self.token_ids)
-        end = len(text.rstrip(REPLACEMENT)) - self._holdback
-        if self._stop:
-            cut = find_stop(text, self._stop)
-            if cut is not None:
-                end = min(end, cut)
-        if end <= len(self.sent) or not text.startswith(self.sent):
-            # Nothing new, or the decoder rewrote text already sent (spacing clean-up); the
-            # final flush settles it.
-            return ""
-        delta = text[len(self.sent) : end]
-        self.sent += delta
-        return delta
-
-    def finish(self, completion: str) -> str:
-        """The rest of the row's final completion."""
-        if not completion.startswith(self.sent):
-            log.warning("streamed text is not a prefix of the completion: %r", self.sent[-40:])
-            return ""
-        delta = completion[len(self.sent) :]
-        self.sent = completion
-        return delta
-
-
-class TokenStreams:
-    """The listener of one request: its rows' deltas, then its `Completion`.
-
-    Iterate `deltas(future, timeout_s)` after submitting with `listener=self.on_tokens`; the
-    generator's last item is the request's `Completion`. Scheduler errors (closed, engine
-    failed) propagate from the future.
-    """
+class Job:
+    """One submitted request, on its event loop: the frontend's output, and its Completion."""
 
     def __init__(
-        self, decode: Callable[[Sequence[int]], str], requests: Sequence[GenerationRequest]
+        self,
+        engine: Engine,
+        frontend: Frontend,
+        requests: Sequence[GenerationRequest],
+        prepared: Sequence[PreparedPrompt],
+        *,
+        is_stream: bool,
     ) -> None:
-        self.rows = [TextStream(decode, r.params.stop) for r in requests for _ in range(r.n)]
-        self._queue: asyncio.Queue[list[tuple[int, tuple[int, ...]]] | None] = asyncio.Queue()
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        rows, row_prompt = expand_rows(requests, prepared, engine.row_ids)
+        self.output = RequestOutput(frontend, prepared, rows, row_prompt)
+        self.future: asyncio.Future[Completion] = self.loop.create_future()
+        # A result nobody awaits any more (a stream cut short) must not log "never retrieved".
+        self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._is_stream = is_stream
+        self._pending: list[Delta] = []  # text not yet streamed
+        self._wake = asyncio.Event()
+        self._admitted_step = 0
+        self._queue_wait_s = 0.0
+        try:
+            self.request_id = engine.submit(rows, self._listen)
+        except (QueueFullError, SchedulerClosedError) as err:
+            raise refusal(err) from None
 
-    def on_tokens(self, updates: list[tuple[int, tuple[int, ...]]]) -> None:
-        self._queue.put_nowait(updates)
+    def _listen(self, event: EngineEvent) -> None:
+        """On the engine's worker thread: hand the event to this job's loop."""
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self.loop.call_soon_threadsafe(self._on_event, event)
 
-    async def deltas(
-        self, future: asyncio.Future, timeout_s: float
-    ) -> AsyncIterator[Delta | Completion]:
-        # The scheduler schedules every token update before it resolves the future, so this
-        # marker comes after the last update.
-        future.add_done_callback(lambda _: self._queue.put_nowait(None))
+    def _on_event(self, event: EngineEvent) -> None:
+        if self.future.done():
+            return
+        if event.error is not None:
+            self._settle(event.error)
+            return
+        if event.admission is not None:
+            self._admitted_step = event.admission.step
+            self._queue_wait_s = event.admission.queue_wait_s
+        deltas, stopped = self.output.process(event.updates)
+        if stopped:
+            self.engine.finish_rows(stopped)
+        if self.output.error is not None:
+            self.engine.abort(self.request_id)
+            self._settle(EngineFailedError(f"generation failed for this request: {self.output.error}"))
+            return
+        if self._is_stream and deltas:
+            self._pending.extend(deltas)
+            if len(self._pending) > MAX_PENDING_DELTAS:  # a slow reader: one delta per row
+                merged: dict[int, str] = {}
+                for delta in self._pending:
+                    merged[delta.index] = merged.get(delta.index, "") + delta.text
+                self._pending = [Delta(i, text) for i, text in sorted(merged.items())]
+            self._wake.set()
+        if self.output.is_finished:
+            completion = Completion(
+                self.output.results(), self._queue_wait_s, self._admitted_step, event.step
+            )
+            self._settle(completion)
+
+    def _settle(self, outcome: Completion | Exception) -> None:
+        if isinstance(outcome, Exception):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+        self._wake.set()
+
+    def close(self, why: str) -> None:
+        """Drop what is left of a job that ended early; `why` is the errors metric's kind."""
+        if not self.future.done():
+            self.engine.abort(self.request_id)
+            self.engine.metrics.errors.labels(kind=why).inc()
+            self.future.cancel()
+
+    async def deltas(self, timeout_s: float) -> AsyncIterator[Delta | Completion]:
+        """The rows' text as it becomes final, then the Completion. Engine errors (closed,
+        failed) propagate; past timeout_s, RequestTimeoutError."""
         deadline = time.monotonic() + timeout_s
         while True:
+            if self._pending:
+                pending, self._pending = self._pending, []
+                for delta in pending:
+                    yield delta
+                continue
+            if self.future.done():
+                break
+            self._wake.clear()
             try:
-                updates = await asyncio.wait_for(
-                    self._queue.get(), timeout=max(0.0, deadline - time.monotonic())
-                )
+                await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise RequestTimeoutError(timeout_s) from None
-            if updates is None:
-                break
-            for index, token_ids in updates:
-                text = self.rows[index].push(token_ids)
-                if text:
-                    yield Delta(index, text)
-        completion: Completion = future.result()
-        for index, (row, result) in enumerate(zip(self.rows, completion.results, strict=True)):
-            text = row.finish(result.completion)
-            if text:
-                yield Delta(index, text)
-        yield completion
+        if self.future.cancelled():
+            raise SchedulerClosedError("server shut down before the request finished")
+        yield self.future.result()
 
 
-async def wait_for_completion(
-    request: Request, future: asyncio.Future, timeout_s: float
-) -> Completion:
-    """The request's Completion, unless the client goes away or the timeout passes first.
+def submit(
+    request: Request,
+    requests: Sequence[GenerationRequest],
+    prepared: Sequence[PreparedPrompt],
+    *,
+    is_stream: bool = False,
+) -> Job:
+    """Queue prepared requests; a full or closing queue is a 503 the client retries."""
+    engine, frontend = ready_engine(request)
+    return Job(engine, frontend, requests, prepared, is_stream=is_stream)
 
-    The caller cancels the scheduler request when this raises.
+
+async def wait_for_completion(request: Request, job: Job, timeout_s: float) -> Completion:
+    """The job's Completion, unless the client goes away or the timeout passes first.
+
+    The caller closes the job when this raises.
     """
 
     async def disconnected() -> None:
@@ -212,14 +224,14 @@ async def wait_for_completion(
     watcher = asyncio.ensure_future(disconnected())
     try:
         done, _ = await asyncio.wait(
-            {future, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            {job.future, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         watcher.cancel()
-    if future in done:
-        if future.cancelled():  # the scheduler dropped it: only a shutdown does that
+    if job.future in done:
+        if job.future.cancelled():
             raise SchedulerClosedError("server shut down before the request finished")
-        return future.result()
+        return job.future.result()
     if watcher in done:
         raise ClientDisconnectedError("client disconnected")
     raise RequestTimeoutError(timeout_s)
@@ -227,31 +239,27 @@ async def wait_for_completion(
 
 async def run_to_completion(
     request: Request,
-    scheduler: Scheduler,
-    requests: list[GenerationRequest],
-    prepared: list[PreparedPrompt],
+    requests: Sequence[GenerationRequest],
+    prepared: Sequence[PreparedPrompt],
     timeout_s: float,
 ) -> Completion:
     """Queue, then the result, the client's disconnect or the timeout, whichever comes first;
     what a request that ended early left queued or running is dropped. Raises `Refused`."""
-    request_id, future = submit(scheduler, requests, prepared)
+    job = submit(request, requests, prepared)
     why = "client_disconnected"
     try:
-        return await wait_for_completion(request, future, timeout_s)
+        return await wait_for_completion(request, job, timeout_s)
     except ClientDisconnectedError as err:
         raise refusal(err) from None
     except (RequestTimeoutError, SchedulerClosedError, EngineFailedError) as err:
         why = "timeout"
         raise refusal(err) from None
     finally:
-        close_request(scheduler, request_id, future, why)
+        job.close(why)
 
 
 def sse_response(
-    streams: TokenStreams,
-    scheduler: Scheduler,
-    request_id: int,
-    future: asyncio.Future,
+    job: Job,
     timeout_s: float,
     render_delta: Callable[[Delta], dict],
     render_result: Callable[[Completion], dict],
@@ -260,13 +268,14 @@ def sse_response(
     """The native routes' stream: `delta` events, then one `result` (or `error`) event.
 
     A client that goes away cancels the generator; its rows are dropped before the next step.
-    On shutdown a stream gets `shutdown_grace_s` to finish, like a request in flight.
+    On shutdown a stream gets `shutdown_grace_s` to finish, like a request in flight, and one
+    cut by it still ends with an `error` event.
     """
 
     async def events() -> AsyncIterator[dict]:
         why = "client_disconnected"
         try:
-            async for item in streams.deltas(future, timeout_s):
+            async for item in job.deltas(timeout_s):
                 if isinstance(item, Delta):
                     yield {"event": "delta", "data": json.dumps(render_delta(item))}
                 else:
@@ -275,13 +284,6 @@ def sse_response(
             why = "timeout"
             yield {"event": "error", "data": json.dumps({"error": str(err), "detail": None})}
         finally:
-            close_request(scheduler, request_id, future, why)
+            job.close(why)
 
     return EventSourceResponse(events(), shutdown_grace_period=shutdown_grace_s)
-
-
-def close_request(scheduler: Scheduler, request_id: int, future: asyncio.Future, why: str) -> None:
-    """Drop what is left of a request that ended early; `why` is the errors metric's kind."""
-    if not future.done():
-        scheduler.cancel(request_id)
-        scheduler.metrics.errors.labels(kind=why).inc()

@@ -5,8 +5,6 @@ No tensors and no torch import, so the HTTP and CLI layers can use these without
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,26 +34,6 @@ class SamplingParams:
     @property
     def wants_logprobs(self) -> bool:
         return self.logprobs or bool(self.score_alphas)
-
-
-@dataclass
-class Row:
-    """One sequence being generated; `token_ids` holds exactly its generated tokens."""
-
-    row_id: int
-    params: SamplingParams
-    seed: int
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "length" | "eos" | "stop" | "error"
-    # Characters of the decoded completion to keep (a stop string and what follows are cut).
-    text_limit: int | None = None
-    error: str | None = None  # why the row failed (finish_reason "error"); its request fails
-    # One device tensor per generated token when params ask for log-probabilities (engine-owned).
-    logprob_steps: list = field(default_factory=list, repr=False)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass(frozen=True)
@@ -117,6 +95,7 @@ class GenerationResult:
     alpha: float
     token_ids: tuple[int, ...] = ()
     logprobs: TokenLogprobs | None = None  # only when the request asked
+    token_texts: tuple[str, ...] = ()  # each token's share of the completion, with logprobs
 
     def row_fields(self) -> dict[str, object]:
         """The per-row fields of the HTTP contract (and of `batchserve generate`'s JSONL)."""
@@ -133,59 +112,24 @@ class GenerationResult:
         } | extra
 
 
-class RowError(RuntimeError):
-    """A failure that belongs to particular rows: their requests fail, the others go on."""
-
-    def __init__(self, row_ids: Sequence[int], message: str) -> None:
-        super().__init__(message)
-        self.row_ids = list(row_ids)
-
-
-def find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string starts in text (the completion is cut there), or None.
-
-    The one stop rule: the engine ends rows by it and the HTTP layer holds back streamed text
-    by it."""
-    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
-    return min(hits) if hits else None
-
-
-def kv_blocks(num_tokens: int, block_size: int) -> int:
-    """KV blocks a row of num_tokens reserves (at least one)."""
-    return max(1, math.ceil(num_tokens / block_size))
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """What the engine can take now, in plain numbers: the scheduler plans with these."""
-
-    num_running: int
-    num_free_slots: int
-    num_free_blocks: int
-    block_size: int
-    step: int  # decode steps run so far
-
-    def blocks_needed(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
-        """A row reserves its whole length at admission, so it never runs out mid-generation."""
-        return kv_blocks(num_prompt_tokens + max_new_tokens, self.block_size)
-
-
 @dataclass(frozen=True)
 class RunnerConfig:
     """Sizes fixed at start-up. `kv_cache_tokens=None`: on CUDA from `gpu_memory_fraction`,
-    on the CPU `max_slots` x min(context, 2048) tokens (at most 4 GiB)."""
+    on the CPU `max_batch_size` x min(context, 2048) tokens (at most 4 GiB). `compile=None`:
+    the measured default (compiled on the CPU)."""
 
-    max_slots: int = 64
+    max_batch_size: int = 64
     kv_cache_tokens: int | None = None
     gpu_memory_fraction: float = 0.9
     block_size: int = 16
     top_k_cap: int = 128  # the capped top-k/top-p pre-pass (sampling.py)
     # Sampling never reads the device back (see SamplingPlan.sync_free); None: on CUDA only.
     sync_free: bool | None = None
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.max_slots < 1 or self.block_size < 1 or self.top_k_cap < 1:
-            raise ValueError("max_slots, block_size and top_k_cap must be >= 1")
+        if self.max_batch_size < 1 or self.block_size < 1 or self.top_k_cap < 1:
+            raise ValueError("max_batch_size, block_size and top_k_cap must be >= 1")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size})")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:

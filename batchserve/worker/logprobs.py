@@ -71,23 +71,41 @@ def step_logprobs(
     comes from `sampling.kept_probs`, the very function the draw uses. Without a plan this
     derives one from the tensors, which reads them back (library use only).
     """
-    after = logits_after.float()
-    before = logits_before.float()
-    tokens = tokens.long().clamp(min=0)  # a broken row's -1 (runner.INVALID_TOKEN) scores token 0
     if plan is None:
         plan = SamplingPlan.for_rows(
-            temperature.tolist(), top_p.tolist(), top_k.tolist(), vocab=after.shape[-1]
+            temperature.tolist(), top_p.tolist(), top_k.tolist(), vocab=logits_after.shape[-1]
         )
+    amplified = amplify(logits_after, logits_before, alpha)
+    kept = kept_probs(amplified, temperature, top_p, top_k, plan) if plan.needs_filter else None
+    return logprobs_of(
+        logits_after, logits_before, amplified, kept, temperature, tokens, score_alphas,
+        score_mask,
+    )  # fmt: skip
+
+
+def logprobs_of(
+    logits_after: torch.Tensor,
+    logits_before: torch.Tensor,
+    amplified: torch.Tensor,
+    kept: torch.Tensor | None,
+    temperature: torch.Tensor,
+    tokens: torch.Tensor,
+    score_alphas: torch.Tensor,
+    score_mask: torch.Tensor,
+) -> StepLogprobs:
+    """`step_logprobs` from what the sampler computed already: the amplified logits and, when
+    a row filters, `sampling.kept_probs` (None when no row does). Nothing is amplified twice."""
+    after = logits_after.float()
+    before = logits_before.float()
+    tokens = tokens.long().clamp(min=0)  # a broken row's -1 (INVALID_TOKEN) scores token 0
     greedy = temperature < GREEDY_TEMPERATURE
     # A greedy row's `sampled` is 0 (a point mass); its scores use temperature 1, the choice
     # documented above (a softmax at temperature 0 does not exist).
     safe_t = scoring_temperature(temperature).float().unsqueeze(-1)
-    amplified = amplify(after, before, alpha)
     sampled = _token_logprob(amplified / safe_t, tokens)
-    if plan.needs_filter:
+    if kept is not None:
         # log q = log softmax(token) - log(mass of the kept set): exact for the kept tokens,
         # without taking the log of a float32 probability.
-        kept = kept_probs(amplified, temperature, top_p, top_k, plan)
         # Rounding in the kept mass can lift a near-certain token a hair above 0 (6e-8 seen).
         sampled = (sampled - kept.sum(-1).log()).clamp(max=0.0)
     sampled = torch.where(greedy, torch.zeros_like(sampled), sampled)

@@ -1,267 +1,81 @@
-"""The model runner: both models, a paged KV store per model, and per-slot state on the device.
+"""The model runner: `execute(plan) -> output`, one forward per model per step.
 
-Rows live in slots. The engine keeps the occupied slots a dense prefix 0..B-1 (a freed slot
-takes the last row, which moves a dozen numbers, never KV), so a decode step runs over
-`slots[:B]` views: nothing is concatenated, padded or rebuilt when rows come and go.
+Tensors only. The runner owns both models and their paged KV stores (allocated once), and knows
+rows only as the plan describes them: tokens, positions, block tables and sampling parameters.
+Per step it packs the decoding rows' tokens and the prompt chunks into one sequence [1, N],
+runs each model once over it (attention reads every row's KV through its block table,
+worker/attention.py), amplifies and samples the rows that draw a token, computes the
+log-probabilities of rows that asked from the very tensors the sampler used, and copies the
+result to the host once.
 
-KV lives in blocks of `block_size` token rows of a store allocated once per model; a block
-table per slot maps a row's positions to store rows, so admission is bounded by free blocks
-(the token budget), not by a fixed per-slot length. Block 0 is never handed out: padding and
-unused table entries point at it and attention masks them.
-
-The models stay stock Hugging Face models: attention is a function registered with
-transformers' `AttentionInterface`. Each forward passes `batchserve=_Call(store, layout)`, which
-the models hand through to that function with the rotary-embedded query/key/value; positions
-reach the model as `position_ids`. Called without it (a plain forward in a test), the
-function is ordinary causal SDPA.
+Shapes: the decoding rows, the prompt tokens, the chunks and the sampled rows are each padded
+to a small set of buckets (padding rows read and write the reserved block 0), and never to 0 or
+1 (sizes torch.compile specialises on). With `compile` the step's forward is compiled once with
+dynamic shapes, so a steady stream of steps never recompiles.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import PreTrainedModel
 
-from batchserve.core.types import RunnerConfig
+from batchserve.core.types import (
+    INVALID_TOKEN,
+    RunnerConfig,
+    ScheduledRow,
+    StepOutput,
+    StepPlan,
+)
+from batchserve.worker.attention import (
+    ATTENTION_NAME,
+    KVStore,
+    PagedBatch,
+    PagedCall,
+    ShapeProbe,
+)
+from batchserve.worker.logprobs import logprobs_of, pad_score_alphas
 from batchserve.worker.models import ModelPair
-from batchserve.worker.sampling import SamplingPlan, amplify, sample
+from batchserve.worker.sampling import SamplingPlan, amplify, draw, kept_probs
 
 log = logging.getLogger(__name__)
 
-ATTENTION_NAME = "batchserve_slots"
-INVALID_TOKEN = -1  # sampled for a row whose logits were not finite
-_CPU_DEFAULT_TOKENS_PER_SLOT = 2048
+_CPU_DEFAULT_TOKENS_PER_ROW = 2048
 _CPU_MAX_KV_BYTES = 4 << 30
+_MIN_SIZE = 2  # torch.compile specialises sizes 0 and 1; padding keeps every size above
 
 
-# --- the attention function -----------------------------------------------------------------
-
-
-@dataclass
-class KVLayout:
-    """Where this forward's keys go and which store rows each query reads; shared by both
-    models (their stores differ in shape, not in layout)."""
-
-    is_prefill: bool
-    write_index: torch.Tensor  # [N] store rows for the new keys
-    # Prefill: prompts are packed into one sequence [1, S]; `write_source` [N] picks the packed
-    # token for each written row (a prompt shared by n rows is written n times); `spans` are
-    # the prompts' (start, length) in the packed sequence, each attended causally on its own.
-    write_source: torch.Tensor | None = None
-    spans: list[tuple[int, int]] = field(default_factory=list)
-    # Decode: `read_index` [B, L] store rows of each row's keys, `positions` [B] the query's.
-    read_index: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """Decode's boolean mask [B, 1, 1, L] (True = attend), once per step per window size."""
-        if sliding_window not in self._masks:
-            pos = self.positions
-            keys = torch.arange(self.read_index.shape[1], device=pos.device)
-            allowed = keys[None, :] <= pos[:, None]
-            if sliding_window:
-                allowed &= (pos[:, None] - keys[None, :]) < sliding_window
-            self._masks[sliding_window] = allowed[:, None, None, :]
-        return self._masks[sliding_window]
-
-
-@dataclass
-class _ShapeProbe:
-    """Passed instead of a `_Call` once at start-up: records each layer's KV shape and dtype."""
-
-    shapes: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # heads, key, value dim
-    dtype: torch.dtype | None = None
-    uses_softcap: bool = False
-
-    @property
-    def bytes_per_token(self) -> int:
-        size = torch.tensor([], dtype=self.dtype).element_size()
-        return sum(h * (kd + vd) * size for h, kd, vd in self.shapes.values())
-
-
-class KVStore:
-    """One model's KV: per layer a key and a value tensor [num_tokens, kv_heads, head_dim]."""
-
-    def __init__(self, probe: _ShapeProbe, num_tokens: int, device: torch.device) -> None:
-        # Zeros, not empty: attention multiplies masked entries by 0, and 0 * NaN is NaN.
-        self.keys = {
-            i: torch.zeros(num_tokens, h, kd, dtype=probe.dtype, device=device)
-            for i, (h, kd, _) in probe.shapes.items()
-        }
-        self.values = {
-            i: torch.zeros(num_tokens, h, vd, dtype=probe.dtype, device=device)
-            for i, (h, _, vd) in probe.shapes.items()
-        }
-
-    @property
-    def num_bytes(self) -> int:
-        tensors = [*self.keys.values(), *self.values.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@dataclass
-class _Call:
-    store: KVStore
-    layout: KVLayout
-
-
-def slot_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    batchserve: _Call | _ShapeProbe | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention over the slot store (query/key/value [B, heads, T, head_dim], rotary applied)."""
-    if not isinstance(batchserve, _Call):
-        if isinstance(batchserve, _ShapeProbe):
-            batchserve.shapes[module.layer_idx] = (key.shape[1], key.shape[3], value.shape[3])
-            batchserve.dtype = key.dtype
-            if kwargs.get("softcap") is not None:
-                batchserve.uses_softcap = True
-                kwargs.pop("softcap")
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-            sliding_window=sliding_window, **kwargs,
-        )  # fmt: skip
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit soft-capping is not supported by the runner")
-    window = sliding_window or getattr(module, "sliding_window", None)
-    store, layout = batchserve.store, batchserve.layout
-    key_store, value_store = store.keys[module.layer_idx], store.values[module.layer_idx]
-    if layout.is_prefill:
-        # [1, heads, S, dim] -> [S, heads, dim] rows, picked per written row.
-        key_store.index_copy_(
-            0, layout.write_index, key[0].transpose(0, 1).index_select(0, layout.write_source)
-        )
-        value_store.index_copy_(
-            0, layout.write_index, value[0].transpose(0, 1).index_select(0, layout.write_source)
-        )
-        out = _prefill_attention(query, key, value, layout.spans, scaling, window)
-    else:
-        key_store.index_copy_(0, layout.write_index, key[:, :, 0])
-        value_store.index_copy_(0, layout.write_index, value[:, :, 0])
-        # index_select of the flattened index: 3x faster than advanced indexing on the CPU.
-        rows, length = layout.read_index.shape
-        flat = layout.read_index.view(-1)
-        keys = key_store.index_select(0, flat).view(rows, length, *key_store.shape[1:])
-        values = value_store.index_select(0, flat).view(rows, length, *value_store.shape[1:])
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, heads, L, dim]
-        out = _decode_attention(query, keys, values, layout.mask(window), scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _prefill_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    spans: list[tuple[int, int]],
-    scaling: float | None,
-    window: int | None,
-) -> torch.Tensor:
-    """Each packed prompt attends causally to itself alone: one SDPA call per prompt, so the
-    cost is the sum of squared prompt lengths (a block-diagonal mask over the packed sequence
-    would cost its square) and flash/memory-efficient kernels apply (no mask to materialise)."""
-    gqa = query.shape[1] != key.shape[1]
-    outputs = []
-    for start, length in spans:
-        q, k, v = (t[:, :, start : start + length] for t in (query, key, value))
-        if window and length > window:
-            pos = torch.arange(length, device=query.device)
-            distance = pos[:, None] - pos[None, :]
-            mask = (distance >= 0) & (distance < window)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
-            )
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa
-            )
-        outputs.append(out)
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-
-
-def _decode_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    scaling: float | None,
-) -> torch.Tensor:
-    """One query token per row against its gathered keys [B, kv_heads, L, dim].
-
-    With grouped-query attention the query heads sharing a KV head become that head's
-    "sequence" ([B, kv_heads, n_rep, dim]), so no KV head is repeated and SDPA needs no
-    enable_gqa beside a mask (a combination CUDA serves only with its slow math kernel).
-    """
-    rows, heads, _, dim = query.shape
-    kv_heads = keys.shape[1]
-    if heads == kv_heads:
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
-    grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
-    return out.reshape(rows, heads, 1, values.shape[-1])
-
-
-AttentionInterface.register(ATTENTION_NAME, slot_attention)
-
-
-# --- blocks ---------------------------------------------------------------------------------
-
-
-class BlockPool:
-    """Free KV blocks. Block 0 is reserved: padding and unused table entries point at it."""
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def capacity_tokens(self) -> int:
-        """Tokens one row can ever hold: every block but the reserved one."""
-        return (self.num_blocks - 1) * self.block_size
-
-    def allocate(self, num_blocks: int) -> list[int]:
-        if num_blocks > len(self._free):
-            raise MemoryError(f"{num_blocks} KV blocks asked, {len(self._free)} free")
-        return [self._free.pop() for _ in range(num_blocks)]
-
-    def free(self, blocks: Sequence[int]) -> None:
-        self._free.extend(blocks)
-
-
-# --- the runner -----------------------------------------------------------------------------
+def bucket(n: int, step: int = 8) -> int:
+    """The padded size of n: at least 2, then powers of two up to `step`, then multiples of it."""
+    if n <= _MIN_SIZE:
+        return _MIN_SIZE
+    if n <= step:
+        return 1 << (n - 1).bit_length()
+    return math.ceil(n / step) * step
 
 
 @dataclass(frozen=True)
-class SlotParams:
-    """What a slot's sampling needs, written once at admission."""
+class _SamplingRows:
+    """The sampling rows' parameters on the device, rebuilt only when the rows change."""
 
-    alpha: float
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
+    row_ids: tuple[int, ...]
+    alpha: torch.Tensor
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    seed: torch.Tensor
+    plan: SamplingPlan
+    scores: tuple[torch.Tensor, torch.Tensor] | None  # padded score alphas + mask, if any asks
 
 
 class ModelRunner:
-    """Prefill into slots and decode the occupied prefix; knows rows only as slots."""
+    """Both models and their KV stores; executes step plans."""
 
     def __init__(self, pair: ModelPair, config: RunnerConfig | None = None) -> None:
         self.pair = pair
@@ -270,7 +84,8 @@ class ModelRunner:
         self.vocab = pair.vocab_limit
         sync_free = self.config.sync_free
         self.sync_free = self.device.type == "cuda" if sync_free is None else sync_free
-        self.num_host_transfers = 0  # device-to-host copies made by `to_host` (tests count them)
+        self.num_host_transfers = 0  # device-to-host copies (tests count them)
+        self.num_steps = 0
         models = (pair.after, pair.before)
         if self.device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
             # cuDNN's SDPA re-plans for every new KV length: 2 ms of host time per call was
@@ -278,47 +93,77 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
             log.info("cuDNN attention disabled: it re-plans for every KV length")
         probes = [self._probe_shapes(m) for m in models]
-        for model in models:
-            model.set_attn_implementation(ATTENTION_NAME)
         bytes_per_token = sum(p.bytes_per_token for p in probes)
-        # Decode gathers one layer's K and V for every slot at full length (a transient).
-        gather_bytes = (
-            self.config.max_slots
-            * pair.max_context
-            * max(p.bytes_per_token // max(1, len(p.shapes)) for p in probes)
-        )
-        num_tokens = self._kv_tokens(bytes_per_token, gather_bytes)
         bs = self.config.block_size
-        num_blocks = max(2, num_tokens // bs + 1)  # + the reserved block 0
-        self.blocks = BlockPool(num_blocks, bs)
-        self.stores = tuple(KVStore(p, num_blocks * bs, self.device) for p in probes)
+        num_tokens = self._kv_tokens(bytes_per_token)
+        self._num_blocks = max(2, num_tokens // bs + 1)  # + the reserved block 0
+        self.stores = tuple(
+            KVStore(p.shapes, p.dtype, self._num_blocks * bs, self.device) for p in probes
+        )
         self.kv_bytes = sum(s.num_bytes for s in self.stores)
-        slots = self.config.max_slots
-        max_blocks_per_row = math.ceil(min(pair.max_context, self.blocks.capacity_tokens) / bs)
-        self.max_row_tokens = min(pair.max_context, max_blocks_per_row * bs)
-        dev = self.device
-        self.block_table = torch.zeros(slots, max_blocks_per_row, dtype=torch.long, device=dev)
-        self.next_token = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.position = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.step = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.seed = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.top_k = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.alpha = torch.zeros(slots, dtype=torch.float32, device=dev)
-        self.temperature = torch.ones(slots, dtype=torch.float32, device=dev)
-        self.top_p = torch.ones(slots, dtype=torch.float32, device=dev)
-        self._slot_tensors = (
-            self.block_table, self.next_token, self.position, self.step, self.seed,
-            self.top_k, self.alpha, self.temperature, self.top_p,
-        )  # fmt: skip
+        capacity = (self._num_blocks - 1) * bs
+        self._max_row_tokens = min(pair.max_context, capacity)
+        self._sampling: _SamplingRows | None = None
+        self.is_compiled = self._compile_default() if self.config.compile is None else self.config.compile
+        self.compile_s: float | None = None
+        self._forward = self._forward_eager
+        if self.is_compiled:
+            # Sizes that happen to be equal at the first call are distinct dimensions, and
+            # Python floats (the attention scale) are constants, not symbols: without these
+            # the first compile is thrown away and redone (measured: 15 s of 30).
+            torch.fx.experimental._config.use_duck_shape = False
+            torch._dynamo.config.specialize_float = True
+            self._forward = torch.compile(self._forward_eager, dynamic=True)
         log.info(
-            "KV store: %d tokens in %d blocks of %d (%.1f MiB for both models), %d slots",
-            (num_blocks - 1) * bs, num_blocks - 1, bs, self.kv_bytes / 2**20, slots,
+            "KV store: %d tokens in %d blocks of %d (%.1f MiB for both models)%s",
+            capacity, self._num_blocks - 1, bs, self.kv_bytes / 2**20,
+            "; compiling the step" if self.is_compiled else "",
         )  # fmt: skip
+        if self.is_compiled:
+            self.warm_up()
 
-    # --- sizing ---------------------------------------------------------------------------
+    # --- the Runner protocol ----------------------------------------------------------------
 
-    def _probe_shapes(self, model: PreTrainedModel) -> _ShapeProbe:
-        probe = _ShapeProbe()
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def max_row_tokens(self) -> int:
+        return self._max_row_tokens
+
+    def info(self) -> dict[str, object]:
+        return {
+            "kv_cache_tokens": (self._num_blocks - 1) * self.block_size,
+            "kv_block_size": self.block_size,
+            "kv_cache_bytes": self.kv_bytes,
+            "max_row_tokens": self.max_row_tokens,
+            "top_k_cap": self.config.top_k_cap,
+            "sync_free_sampling": self.sync_free,
+            "attention": ATTENTION_NAME,
+            "compiled": self.is_compiled,
+            "compile_s": self.compile_s,
+        }
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def _compile_default(self) -> bool:
+        """BATCHSERVE_COMPILE=0/1 where set (the CLI's --compile reads it too); else compiled on
+        the CPU, where bench.engine measured the compiled step ~2x faster (README, "Compiled
+        steps"), and eager on CUDA (no CUDA graphs yet)."""
+        setting = os.environ.get("BATCHSERVE_COMPILE", "").lower()
+        if setting in ("0", "false", "no", "off"):
+            return False
+        if setting in ("1", "true", "yes", "on"):
+            return True
+        return self.device.type == "cpu"
+
+    def _probe_shapes(self, model: PreTrainedModel) -> ShapeProbe:
+        probe = ShapeProbe()
         model.set_attn_implementation(ATTENTION_NAME)
         with torch.inference_mode():
             ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
@@ -335,17 +180,15 @@ class ModelRunner:
             )
         return probe
 
-    def _kv_tokens(self, bytes_per_token: int, gather_bytes: int) -> int:
+    def _kv_tokens(self, bytes_per_token: int) -> int:
         config = self.config
         if config.kv_cache_tokens is not None:
             return config.kv_cache_tokens
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
-            # Headroom for activations (prefill hidden states, both models' logits) and the
-            # decode step's gathered keys and values of one layer.
-            reserve = (1 << 30) + gather_bytes
-            budget = int(total * config.gpu_memory_fraction) - used - reserve
+            # Headroom for activations: prefill hidden states and both models' logits.
+            budget = int(total * config.gpu_memory_fraction) - used - (2 << 30)
             if budget < bytes_per_token * config.block_size:
                 raise MemoryError(
                     f"no GPU memory left for the KV store at --gpu-memory-fraction "
@@ -353,185 +196,223 @@ class ModelRunner:
                     f"{total / 2**30:.1f} GiB)"
                 )
             return budget // bytes_per_token
-        tokens = config.max_slots * min(self.pair.max_context, _CPU_DEFAULT_TOKENS_PER_SLOT)
+        tokens = config.max_batch_size * min(self.pair.max_context, _CPU_DEFAULT_TOKENS_PER_ROW)
         return max(config.block_size, min(tokens, _CPU_MAX_KV_BYTES // bytes_per_token))
 
-    def info(self) -> dict[str, object]:
-        return {
-            "kv_cache_tokens": self.blocks.capacity_tokens,
-            "kv_block_size": self.blocks.block_size,
-            "kv_cache_bytes": self.kv_bytes,
-            "max_slots": self.config.max_slots,
-            "max_row_tokens": self.max_row_tokens,
-            "top_k_cap": self.config.top_k_cap,
-            "sync_free_sampling": self.sync_free,
-            "attention": ATTENTION_NAME,
-        }
+    def warm_up(self) -> float:
+        """Compile the step now (a few decoding rows beside a prompt chunk, all in the reserved
+        block), so the first request does not wait for it; returns the seconds it took."""
+        from batchserve.core.types import SamplingParams  # noqa: PLC0415 - set-up only
 
-    # --- slots ----------------------------------------------------------------------------
+        params = SamplingParams(temperature=0.0, max_new_tokens=1)
+        rows = [ScheduledRow(-1 - i, (1,), 3, (0,), params, 0, True, 0) for i in range(3)]
+        rows.append(ScheduledRow(-9, (1, 2, 3, 4, 5), 0, (0,), params, 0, True, 0))
+        started = time.perf_counter()
+        self.execute(StepPlan(tuple(rows)))
+        self.compile_s = time.perf_counter() - started
+        self.num_steps = 0
+        log.info("step compiled in %.1f s", self.compile_s)
+        return self.compile_s
 
-    def write_slots(
-        self, slots: Sequence[int], params: Sequence[SlotParams], blocks: Sequence[list[int]]
-    ) -> None:
-        """Admission: a slot's sampling parameters and block table, written once."""
-        dev = self.device
-        index = torch.tensor(slots, dtype=torch.long, device=dev)
-        table = torch.zeros((len(slots), self.block_table.shape[1]), dtype=torch.long)
-        for i, row_blocks in enumerate(blocks):
-            table[i, : len(row_blocks)] = torch.tensor(row_blocks, dtype=torch.long)
-        self.block_table.index_copy_(0, index, table.to(dev))
-        for tensor, values in (
-            (self.alpha, [p.alpha for p in params]),
-            (self.temperature, [p.temperature for p in params]),
-            (self.top_p, [p.top_p for p in params]),
-            (self.top_k, [p.top_k for p in params]),
-            (self.seed, [p.seed for p in params]),
-        ):
-            tensor.index_copy_(0, index, torch.tensor(values, dtype=tensor.dtype, device=dev))
-        self.step.index_fill_(0, index, 0)
-
-    def move_slots(self, sources: Sequence[int], targets: Sequence[int]) -> None:
-        """Move rows between slots (the engine closes gaps left by finished rows)."""
-        if not sources:
-            return
-        src = torch.tensor(sources, dtype=torch.long, device=self.device)
-        dst = torch.tensor(targets, dtype=torch.long, device=self.device)
-        for tensor in self._slot_tensors:
-            tensor.index_copy_(0, dst, tensor.index_select(0, src))
-
-    def clear_slots(self, first: int, end: int) -> None:
-        """Point freed slots' block tables at the reserved block 0, so anything that runs over
-        a free slot (a padding row of a CUDA-graph bucket) can only write there."""
-        if end > first:
-            self.block_table[first:end] = 0
-
-    def to_host(self, tokens: torch.Tensor) -> list[int]:
-        """The one device-to-host copy of a step."""
-        self.num_host_transfers += 1
-        return tokens.tolist()
-
-    # --- forward passes -------------------------------------------------------------------
-
-    def _forward(
-        self, model: PreTrainedModel, store: KVStore, layout: KVLayout, **inputs
-    ) -> torch.Tensor:
-        out = model(use_cache=False, batchserve=_Call(store, layout), **inputs)
-        return out.logits[0 if layout.is_prefill else slice(None), ..., : self.vocab]
-
-    def _store_rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Store row of each (slot, position) pair, via the block table."""
-        bs = self.config.block_size
-        blocks = self.block_table[slots, positions // bs]
-        return blocks * bs + positions % bs
+    # --- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(
+    def execute(self, plan: StepPlan) -> StepOutput:
+        if not plan.rows:
+            return StepOutput((), ())
+        decoding = [r for r in plan.rows if len(r.token_ids) == 1]
+        prefilling = [r for r in plan.rows if len(r.token_ids) > 1]
+        inputs, batch, sample_index = self._pack(decoding, prefilling)
+        sample_rows = [r for r in (*decoding, *prefilling) if r.samples]
+        index = torch.tensor(sample_index, dtype=torch.long, device=self.device)
+        after, before = self._forward(inputs["input_ids"], inputs["position_ids"], index, batch)
+        num_sampled = len(sample_rows)
+        tokens, logprobs = self._sample(after[:num_sampled], before[:num_sampled], sample_rows)
+        self.num_steps += 1
+        order = {r.row_id: i for i, r in enumerate(sample_rows)}
+        in_plan_order = [order[r.row_id] for r in plan.rows if r.samples]
+        return self._to_host(tokens, logprobs, sample_rows, in_plan_order)
+
+    def _forward_eager(
         self,
-        slots: Sequence[int],
-        prompts: Sequence[Sequence[int]],
-        plan: SamplingPlan,
-    ) -> torch.Tensor:
-        """Prefill each slot's prompt (rows sharing a prompt share its forward), write its KV,
-        sample its first token; returns the tokens [len(slots)] on the device."""
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        logits_index: torch.Tensor,
+        batch: PagedBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both models over the packed tokens; logits [S, vocab] of the tokens in logits_index."""
+        outputs = []
+        for model, store in zip((self.pair.after, self.pair.before), self.stores, strict=True):
+            out = model(
+                input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                logits_to_keep=logits_index, batchserve=PagedCall(store, batch),
+            )  # fmt: skip
+            outputs.append(out.logits[0, :, : self.vocab])
+        return outputs[0], outputs[1]
+
+    def _pack(
+        self, decoding: list[ScheduledRow], prefilling: list[ScheduledRow]
+    ) -> tuple[dict[str, torch.Tensor], PagedBatch, list[int]]:
+        """Host lists -> the step's input tensors (one host-to-device copy each)."""
+        bs = self.block_size
+        num_decode = bucket(len(decoding))
+        ids: list[int] = []
+        positions: list[int] = []
+        write: list[int] = []
+        for r in decoding:
+            ids.append(r.token_ids[0])
+            positions.append(r.start)
+            write.append(r.block_ids[r.start // bs] * bs + r.start % bs)
+        pad = num_decode - len(decoding)
+        ids += [0] * pad
+        positions += [0] * pad
+        write += [0] * pad
+        sample_index = [i for i, r in enumerate(decoding) if r.samples]
+        spans: list[tuple[int, int, int]] = []
+        offset = 0
+        for r in prefilling:
+            n = len(r.token_ids)
+            spans.append((offset, n, r.start))
+            ids.extend(r.token_ids)
+            positions.extend(range(r.start, r.start + n))
+            write.extend(
+                r.block_ids[p // bs] * bs + p % bs for p in range(r.start, r.start + n)
+            )
+            if r.samples:
+                sample_index.append(num_decode + offset + n - 1)
+            offset += n
+        num_prefill = bucket(offset, 16)
+        pad = num_prefill - offset
+        ids += [0] * pad
+        positions += [0] * pad
+        write += [0] * pad
+        spans += [(0, 0, 0)] * (_MIN_SIZE - len(spans))
+        sample_index += [0] * (bucket(len(sample_index)) - len(sample_index))
         dev = self.device
-        unique: dict[tuple[int, ...], int] = {}
-        for ids in prompts:
-            unique.setdefault(tuple(ids), len(unique))
-        packed = [t for ids in unique for t in ids]
-        lengths = [len(ids) for ids in unique]
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(dev)
-        prompt_of_row = [unique[tuple(ids)] for ids in prompts]
-        row_lengths = torch.tensor([lengths[p] for p in prompt_of_row])
-        row_slots = torch.repeat_interleave(torch.tensor(list(slots)), row_lengths).to(dev)
-        row_positions = torch.cat([torch.arange(int(n)) for n in row_lengths]).to(dev)
-        write_source = torch.cat(
-            [torch.arange(starts[p], starts[p] + lengths[p]) for p in prompt_of_row]
-        ).to(dev)
-        layout = KVLayout(
-            is_prefill=True,
-            write_index=self._store_rows(row_slots, row_positions),
-            write_source=write_source,
-            spans=list(zip(starts, lengths, strict=True)),
+        decode_read = self._read_index(
+            [r.block_ids for r in decoding], [r.start + 1 for r in decoding], num_decode
         )
-        last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=dev)
-        inputs = {
-            "input_ids": torch.tensor([packed], dtype=torch.long, device=dev),
-            "position_ids": positions.unsqueeze(0),
-            "logits_to_keep": last,
-        }
-        pick = torch.tensor(prompt_of_row, dtype=torch.long, device=dev)
-        after, before = (
-            self._forward(model, store, layout, **inputs).index_select(0, pick)
-            for model, store in zip((self.pair.after, self.pair.before), self.stores, strict=True)
+        prefill_read = self._read_index(
+            [r.block_ids for r in prefilling],
+            [r.start + len(r.token_ids) for r in prefilling],
+            max(_MIN_SIZE, len(prefilling)),
         )
-        index = torch.tensor(list(slots), dtype=torch.long, device=dev)
-        tokens = self._sample(after, before, index, plan)
-        self.next_token.index_copy_(0, index, tokens)
-        self.position.index_copy_(0, index, row_lengths.to(dev))
-        self.step.index_fill_(0, index, 1)
-        self.last_logits = (after, before)
-        return tokens
-
-    @torch.inference_mode()
-    def decode(self, num_rows: int, num_keys: int, plan: SamplingPlan) -> torch.Tensor:
-        """One step for slots [0, num_rows); `num_keys` = the longest row's length + 1.
-
-        Position and step counters advance only after both forwards, so a step that raises
-        can be retried: it rewrites the same store rows.
-        """
-        rows = slice(0, num_rows)
-        positions = self.position[rows]
-        slots = torch.arange(num_rows, device=self.device)
-        keys = torch.arange(num_keys, device=self.device)
-        layout = KVLayout(
-            is_prefill=False,
-            write_index=self._store_rows(slots, positions),
-            read_index=self._store_rows(slots[:, None], keys[None, :]),
-            positions=positions,
+        decode_positions = positions[:num_decode]
+        batch = PagedBatch(
+            write_index=torch.tensor(write, dtype=torch.long, device=dev),
+            decode_read_index=decode_read,
+            decode_positions=torch.tensor(decode_positions, dtype=torch.long, device=dev),
+            prefill_read_index=prefill_read,
+            prefill_spans=torch.tensor(spans, dtype=torch.long),
+            is_compiled=self.is_compiled,
         )
         inputs = {
-            "input_ids": self.next_token[rows].unsqueeze(1),
-            "position_ids": positions.unsqueeze(1),
-            "logits_to_keep": 1,
+            "input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
+            "position_ids": torch.tensor([positions], dtype=torch.long, device=dev),
         }
-        after, before = (
-            self._forward(model, store, layout, **inputs)[:, -1]
-            for model, store in zip((self.pair.after, self.pair.before), self.stores, strict=True)
+        return inputs, batch, sample_index
+
+    def _read_index(
+        self, tables: Sequence[Sequence[int]], lengths: Sequence[int], num_rows: int
+    ) -> torch.Tensor:
+        """[num_rows, L] store slots of each row's positions 0..L-1 (L: the longest length,
+        rounded up to a block); padding rows and positions past a table read block 0."""
+        bs = self.block_size
+        length = bucket(max(lengths, default=1), max(16, bs))
+        num_blocks = math.ceil(length / bs)
+        table = torch.zeros((num_rows, num_blocks), dtype=torch.long)
+        for i, blocks in enumerate(tables):
+            used = blocks[:num_blocks]
+            table[i, : len(used)] = torch.tensor(used, dtype=torch.long)
+        positions = torch.arange(length)
+        index = table[:, positions // bs] * bs + positions % bs
+        return index.to(self.device)
+
+    # --- sampling ---------------------------------------------------------------------------
+
+    def _sampling_rows(self, rows: list[ScheduledRow]) -> _SamplingRows:
+        row_ids = tuple(r.row_id for r in rows)
+        if self._sampling is not None and self._sampling.row_ids == row_ids:
+            return self._sampling
+        dev = self.device
+        params = [r.params for r in rows]
+        top_ks = [min(p.top_k, self.vocab) for p in params]
+        scores = None
+        if any(p.wants_logprobs for p in params):
+            scores = pad_score_alphas([p.score_alphas for p in params], dev)
+        self._sampling = _SamplingRows(
+            row_ids=row_ids,
+            alpha=torch.tensor([p.alpha for p in params], dtype=torch.float32, device=dev),
+            temperature=torch.tensor(
+                [p.temperature for p in params], dtype=torch.float32, device=dev
+            ),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            top_k=torch.tensor(top_ks, dtype=torch.long, device=dev),
+            seed=torch.tensor([r.seed for r in rows], dtype=torch.long, device=dev),
+            plan=SamplingPlan.for_rows(
+                [p.temperature for p in params], [p.top_p for p in params], top_ks,
+                vocab=self.vocab, cap=self.config.top_k_cap, sync_free=self.sync_free,
+            ),  # fmt: skip
+            scores=scores,
         )
-        tokens = self._sample(after, before, rows, plan)
-        self.next_token[rows] = tokens
-        self.position[rows] += 1
-        self.step[rows] += 1
-        self.last_logits = (after, before)
-        return tokens
+        return self._sampling
 
     def _sample(
-        self,
-        after: torch.Tensor,
-        before: torch.Tensor,
-        index: torch.Tensor | slice,
-        plan: SamplingPlan,
-    ) -> torch.Tensor:
-        logits = amplify(after, before, self.alpha[index])
+        self, after: torch.Tensor, before: torch.Tensor, rows: list[ScheduledRow]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens [S] (INVALID_TOKEN for a row whose logits are not finite) and, when a row
+        asks, [S, 3 + A] log-probabilities computed from the sampler's own tensors."""
+        s = self._sampling_rows(rows)
+        steps = torch.tensor([r.step for r in rows], dtype=torch.long, device=self.device)
+        logits = amplify(after, before, s.alpha)
         # -inf in both models (a masked token) is -inf amplified, not -inf - -inf = NaN.
         logits = torch.where(torch.isnan(logits), float("-inf"), logits)
-        tokens = sample(
-            logits,
-            self.temperature[index],
-            self.top_p[index],
-            self.top_k[index],
-            self.seed[index],
-            self.step[index],
-            plan,
-        )
+        kept = None
+        if s.plan.all_greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            kept = kept_probs(logits, s.temperature, s.top_p, s.top_k, s.plan)
+            tokens = draw(logits, kept, s.temperature, s.seed, steps, s.plan)
         # A row whose models gave NaN, +inf or nothing finite is flagged with token -1 (it
-        # rides the step's one copy to the host); the engine fails that row alone.
+        # rides the step's one copy to the host); the scheduler fails that row alone.
         broken = (
             torch.isnan(after).any(-1)
             | torch.isnan(before).any(-1)
             | ~torch.isfinite(logits.max(-1).values)
         )
-        return torch.where(broken, torch.full_like(tokens, INVALID_TOKEN), tokens)
+        tokens = torch.where(broken, torch.full_like(tokens, INVALID_TOKEN), tokens)
+        if s.scores is None:
+            return tokens, None
+        out = logprobs_of(
+            after, before, logits, kept if s.plan.needs_filter else None, s.temperature,
+            tokens, *s.scores,
+        )  # fmt: skip
+        table = torch.cat(
+            [out.after[:, None], out.before[:, None], out.sampled[:, None], out.scored], dim=1
+        )
+        return tokens, table
+
+    def _to_host(
+        self,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        rows: list[ScheduledRow],
+        order: list[int],
+    ) -> StepOutput:
+        """The step's one device-to-host copy: tokens, and log-probabilities beside them (a
+        float64 column holds any token id exactly)."""
+        self.num_host_transfers += 1
+        if logprobs is None:
+            host_tokens = tokens.tolist()
+            return StepOutput(
+                tuple(rows[i].row_id for i in order), tuple(host_tokens[i] for i in order)
+            )
+        table = torch.cat([tokens.double()[:, None], logprobs.double()], dim=1).tolist()
+        row_ids, token_ids, entries = [], [], []
+        for i in order:
+            row = rows[i]
+            row_ids.append(row.row_id)
+            token_ids.append(int(table[i][0]))
+            width = 3 + len(row.params.score_alphas)
+            entries.append(tuple(table[i][1 : 1 + width]) if row.params.wants_logprobs else None)
+        return StepOutput(tuple(row_ids), tuple(token_ids), tuple(entries))

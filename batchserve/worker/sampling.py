@@ -220,22 +220,32 @@ def sample(
     plan: SamplingPlan | None = None,
 ) -> torch.Tensor:
     """Draw one token per row of float32 logits [B, V]; every parameter is a [B] tensor."""
-    vocab = logits.shape[-1]
     if plan is None:  # library use: decide on the host from the tensors themselves
         plan = SamplingPlan.for_rows(
-            temperature.tolist(), top_p.tolist(), top_k.tolist(), vocab=vocab
+            temperature.tolist(), top_p.tolist(), top_k.tolist(), vocab=logits.shape[-1]
         )
-    greedy = temperature < GREEDY_TEMPERATURE
     if plan.all_greedy:
         return logits.argmax(dim=-1)
     probs = kept_probs(logits, temperature, top_p, top_k, plan)
+    return draw(logits, probs, temperature, seeds, steps, plan)
+
+
+def draw(
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    plan: SamplingPlan,
+) -> torch.Tensor:
+    """One token per row from `kept_probs`' distribution (greedy rows: the argmax of logits)."""
     # float64 CDF so the last bucket's edge does not round below the uniform draw.
     cdf = probs.double().cumsum(dim=-1)
     targets = (seeded_uniforms(seeds, steps) * cdf[:, -1]).unsqueeze(-1)
     tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
-    tokens = tokens.clamp_(max=vocab - 1)
+    tokens = tokens.clamp_(max=logits.shape[-1] - 1)
     if plan.any_greedy:
-        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+        tokens = torch.where(temperature < GREEDY_TEMPERATURE, logits.argmax(dim=-1), tokens)
     return tokens
 
 

@@ -1,0 +1,131 @@
+"""One lone request through the server against the loop a researcher writes by hand.
+
+    python -m bench.lone                        # toy pair, 64 tokens, 10 alternating rounds
+    python -m bench.lone --server-arg=--no-compile --rounds 5
+
+The hand-written loop: two stock Hugging Face models (their default attention) with their own
+KV caches (`DynamicCache`), amplify, temperature and top-p, `torch.multinomial`; in this
+process, on the same pair, with the same torch threads as the server. The server: a real
+`batchserve serve` process (continuous scheduler) on a free loopback port, one
+`/generate_lda` request at a time with `ignore_eos`, so both generate exactly the same number
+of tokens. The two alternate round by round, so background load hits both alike; the report
+gives each side's median and the ratio (issue 20's target: server / loop <= 0.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from batchserve.frontend import format_prompt
+from batchserve.worker.models import load_pair
+from bench.report import table
+from bench.servers import start_servers
+
+RESULTS_DIR = Path(__file__).parent / "results"
+PROMPT = "Tell me about the history of the river and the town beside it."
+
+
+@torch.inference_mode()
+def hand_written_loop(
+    pair, prompt_ids: list[int], max_new_tokens: int, alpha: float, temperature: float,
+    top_p: float, seed: int,
+) -> list[int]:  # fmt: skip
+    """Both models step in lockstep with their own caches; amplify, filter, draw."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prompt_ids])
+    out_a = pair.after(input_ids=ids, use_cache=True)
+    out_b = pair.before(input_ids=ids, use_cache=True)
+    cache_a, cache_b = out_a.past_key_values, out_b.past_key_values
+    logits_a, logits_b = out_a.logits[:, -1], out_b.logits[:, -1]
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = logits_a + alpha * (logits_a - logits_b)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[drop] = 0.0
+        token = order.gather(-1, torch.multinomial(sorted_probs, 1, generator=generator))
+        tokens.append(int(token))
+        out_a = pair.after(input_ids=token, past_key_values=cache_a, use_cache=True)
+        out_b = pair.before(input_ids=token, past_key_values=cache_b, use_cache=True)
+        logits_a, logits_b = out_a.logits[:, -1], out_b.logits[:, -1]
+    return tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.lone",
+        description="A lone request through the server vs a hand-written loop over two HF "
+        "models, alternating; prints both medians and their ratio.",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="extra `batchserve serve` option"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "lone-toy-cpu.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pair = load_pair("toy", device="cpu")  # stock attention: this copy never meets the runner
+    prompt_ids = pair.tokenizer.encode(format_prompt(PROMPT))
+    sampling = {"alpha": 1.0, "temperature": 0.8, "top_p": 0.95}
+    body = {"prompt": PROMPT, "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
+    server_args = ["--threads", str(args.threads), *args.server_arg]
+    loop_s: list[float] = []
+    server_s: list[float] = []
+    with start_servers(["continuous"], ["--after", "toy"], server_args=server_args) as servers:
+        url = servers["continuous"].url
+        with httpx.Client(base_url=url, timeout=120) as client:
+            for warm in range(2):  # the first request pays for first-call work on both sides
+                client.post("/generate_lda", json=body | sampling | {"seed": warm})
+                hand_written_loop(pair, prompt_ids, args.max_new_tokens, seed=warm, **sampling)
+            for seed in range(args.rounds):
+                started = time.perf_counter()
+                tokens = hand_written_loop(
+                    pair, prompt_ids, args.max_new_tokens, seed=seed, **sampling
+                )
+                loop_s.append(time.perf_counter() - started)
+                assert len(tokens) == args.max_new_tokens
+                started = time.perf_counter()
+                resp = client.post("/generate_lda", json=body | sampling | {"seed": seed})
+                server_s.append(time.perf_counter() - started)
+                resp.raise_for_status()
+                assert resp.json()["tokens_generated"] == args.max_new_tokens
+            info = client.get("/info").json()["engine"]
+    loop_median, server_median = statistics.median(loop_s), statistics.median(server_s)
+    rows = [
+        ["hand-written loop (two HF models, DynamicCache)", f"{loop_median * 1e3:.0f}"],
+        [f"server (compiled: {info.get('compiled')})", f"{server_median * 1e3:.0f}"],
+    ]
+    print(f"## one lone {args.max_new_tokens}-token request, {args.rounds} rounds\n")
+    print(table(["", "median ms"], rows))
+    ratio = server_median / loop_median
+    print(f"\nserver / loop: {ratio:.2f} (target <= 0.6)")
+    report = {
+        "benchmark": "lone",
+        "max_new_tokens": args.max_new_tokens,
+        "threads": args.threads,
+        "server_args": server_args,
+        "engine": info,
+        "loop_s": loop_s,
+        "server_s": server_s,
+        "ratio": ratio,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
