@@ -1,6 +1,6 @@
 """The wire contract: request bodies and response bodies of the HTTP API, in one place.
 
-The server validates requests with these models and the client (`client/`) builds its
+The server validates requests with these models and the client (`batchserve_client/`) builds its
 requests and reads its responses with the same ones, so the two cannot drift; this module
 imports no torch, so the client stays light. Field names and defaults follow DESIGN.md.
 

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import table
-from client.estimators import (
+from batchserve_client.estimators import (
     PATH_CANDIDATES,
     importance_estimates,
     logit_path_estimate,
@@ -38,7 +37,8 @@ from client.estimators import (
     naive_equivalent_samples,
     naive_width,
 )
-from client.stats import wilson_interval
+from batchserve_client.stats import wilson_interval
+from bench.report import table
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"
 

@@ -171,7 +171,10 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, stem: Path) -> list[Path]:
     """Per workload: throughput vs clients, and latency CDFs per level. Returns the PNG paths."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[plots]' (make setup has it)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

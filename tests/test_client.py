@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from client import (
+from batchserve_client import (
     AsyncLDAClient,
     InvalidRequestError,
     LDAClient,
@@ -18,8 +18,8 @@ from client import (
     ServerUnavailableError,
     ServerUnreachableError,
 )
-from client.fake_server import FakeServerProcess, FakeState, create_app, free_port
-from client.models import error_from_response, parse_retry_after_s
+from batchserve_client.fake_server import FakeServerProcess, FakeState, create_app, free_port
+from batchserve_client.models import error_from_response, parse_retry_after_s
 
 FAST_RETRY = RetryPolicy(max_retries=4, backoff_s=0.01, max_backoff_s=0.05)
 

@@ -19,7 +19,7 @@ import pytest
 from servers import running_server
 from tiny_models import save_tiny_pair
 
-from client import LDAClient
+from batchserve_client import LDAClient
 
 
 @pytest.fixture(scope="module")

@@ -275,7 +275,7 @@ def _sleeper(url: str, output: Path, *extra: str) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-m",
-            "client.sleeper",
+            "batchserve_client.sleeper",
             "--server",
             url,
             "--quiet",

