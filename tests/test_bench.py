@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,12 +38,26 @@ RUN_FIELDS = {
 }
 
 
-def test_workload_is_a_function_of_seed_and_index() -> None:
+def test_request_i_depends_only_on_the_seed_and_i() -> None:
+    """What lets every mode at a level be sent the same requests: no draw carries state to the
+    next, and nothing but the seed (not the mode's name, level or duration) changes them."""
+
+    def workload(**changes: Any) -> Workload:
+        base = {"name": "w", "concurrency": (1,), "max_new_tokens": IntRange(16, 128)}
+        return Workload(**(base | {"mix": Mix(0.5, IntRange(2, 4)), "seed": 3} | changes))
+
+    forward = [workload().request(i) for i in range(50)]
+    assert [workload().request(i) for i in reversed(range(50))][::-1] == forward
+    other_run = workload(name="continuous", concurrency=(32,), duration_s=5.0)
+    assert [other_run.request(i) for i in range(50)] == forward
+    assert [workload(seed=4).request(i) for i in range(50)] != forward
+    assert len({json.dumps(s.body, sort_keys=True) for s in forward}) == 50
+
+
+def test_workload_draws_within_its_ranges_and_mix() -> None:
     workload = Workload(
         name="w", concurrency=(1,), max_new_tokens=IntRange(16, 128), mix=Mix(0.5, IntRange(2, 4))
     )
-    assert workload.request(7) == workload.request(7)
-    assert workload.request(7) != workload.request(8)
     specs = [workload.request(i) for i in range(400)]
     assert all(16 <= s.body["max_new_tokens"] <= 128 for s in specs)
     batches = [s for s in specs if s.route == "/generate_lda_batch"]

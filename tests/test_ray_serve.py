@@ -384,6 +384,22 @@ def test_proxy_turns_a_dead_replicas_bare_500_into_a_retryable_503(
     assert "error" in response.json()
 
 
+async def _until_rows_in_flight(url: str, num_rows: int, timeout_s: float = 60.0) -> None:
+    """Scrape /metrics through the proxy until the replicas' latest answers hold `num_rows`
+    rows between them, waiting or running."""
+    in_flight: dict[str, float] = {}
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        while sum(in_flight.values()) < num_rows:
+            assert time.monotonic() < deadline, f"rows in flight per replica: {in_flight}"
+            scraped = await client.get("/metrics")
+            gauges = re.findall(
+                r"^batchserve_(?:queue|running)_rows (\S+)$", scraped.text, flags=re.MULTILINE
+            )
+            in_flight[scraped.headers["x-batchserve-replica"]] = sum(map(float, gauges))
+            await asyncio.sleep(0.01)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_then_exits_0(
@@ -394,15 +410,16 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(
 
     async def run() -> list[httpx.Response]:
         pending = asyncio.ensure_future(
-            _post_all(url, [b | {"max_new_tokens": 80} for b in _bodies(8)])
+            _post_all(url, [b | {"max_new_tokens": 200} for b in _bodies(8)])
         )
-        await asyncio.sleep(0.5)
+        await _until_rows_in_flight(url, 8)
+        assert not pending.done(), "the requests finished before SIGTERM: nothing was drained"
         proc.send_signal(signal.SIGTERM)
         return await pending
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 8
-    assert all(r.json()["tokens_generated"] == 80 for r in responses)
+    assert all(r.json()["tokens_generated"] == 200 for r in responses)
     assert proc.wait(timeout=120) == 0
 
 
