@@ -1,6 +1,7 @@
 """Engine micro-benchmark: decode tokens/s and step time by batch size, no HTTP, no scheduler.
 
     python -m bench.engine                                   # CPU: random-init `tiny` pair
+    python -m bench.engine --after toy --threads 1 --output engine-toy-cpu.json   # the CPU report
     python -m bench.engine --shape llama-7b --device cuda --dtype bfloat16 \\
         --output bench/results/engine-llama-7b-h200.json      # the GPU reference run
     python -m bench.engine --after DIR --before DIR           # a real pair
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(both models + amplification + sampling per step), on a random-init pair at a named "
         "shape or on a real pair. Table on stdout, progress on stderr.",
         epilog="GPU reference: python -m bench.engine --shape llama-7b --device cuda "
-        "--dtype bfloat16 --output bench/results/engine-llama-7b.json",
+        "--dtype bfloat16 --output bench/results/engine-llama-7b-h200.json (named for the card)",
     )
     parser.add_argument(
         "--shape",

@@ -156,8 +156,10 @@ def markdown(report: dict) -> str:
         f"- pair: {setup['pair']}",
         f"- host: {setup['host']}",
         f"- server: {setup['server']}",
-        "",
     ]
+    if report.get("command"):
+        out.append(f"- command: `{report['command']}`")
+    out.append("")
     if report.get("targets"):
         out += ["## Targets (issue 6)", "", targets_table(report["targets"]), ""]
     for w in report["workloads"]:

