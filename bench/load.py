@@ -605,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="JSON path (a bare name goes to bench/results/); the markdown goes next to it as "
-        ".md (default: bench/results/load-<time>.json)",
+        ".md (default: bench/results/load-{targets,sweep}-<pair>-<device>.json, e.g. "
+        "load-targets-toy-cpu.json: a rerun replaces the current report)",
     )
     out.add_argument("--plot", action="store_true", help="also write PNGs next to the JSON")
     return parser
@@ -646,9 +647,27 @@ def resolve_pair(args: argparse.Namespace, stack: ExitStack) -> tuple[list[str],
     return ["--after", after, "--before", before], f"random-init `{shape}` Llama pair{reason}"
 
 
+def default_output_name(args: argparse.Namespace) -> str:
+    """`load-<kind>-<pair>-<device>.json`: what was measured and where, one current report
+    each (git keeps the earlier ones)."""
+    kind = "targets" if args.targets else "sweep"
+    if args.url:
+        return f"load-{kind}-server.json"
+    if args.after:
+        pair = Path(args.after.rstrip("/")).name or "pair"
+    elif not args.shape and TOY_AFTER_CONFIG.exists():
+        pair = "toy"
+    else:
+        pair = args.shape or "tiny"
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"load-{kind}-{pair}-{device}.json"
+
+
 def output_path(args: argparse.Namespace) -> Path:
     if args.output is None:
-        return RESULTS_DIR / time.strftime("load-%Y%m%d-%H%M%S.json")
+        return RESULTS_DIR / default_output_name(args)
     if args.output.parent == Path():
         return RESULTS_DIR / args.output
     return args.output

@@ -3,7 +3,7 @@
     py-spy record --idle --native -p PID -d 15 -r 100 -f raw -o prof.txt   # while bench.load runs
     python -m bench.pyspy_summary prof.txt
 
-Only samples whose stack passes through the scheduler's worker loop count, so the event loop,
+Only samples whose stack passes through the engine's worker loop count, so the event loop,
 uvicorn and idle threads do not dilute the shares. A frame counts once per sample (inclusive).
 """
 
@@ -14,21 +14,21 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-WORKER_FRAME = "Scheduler._run"
+WORKER_FRAME = "Engine._run"
 
 # (label, substring of a frame); indented labels are parts of the phase above them.
 PHASES: list[tuple[str, str]] = [
-    ("decode forward, both models", "LDAEngine.step.<locals>.<listcomp>"),
-    ("  attention (sdpa)", "sdpa_attention_forward"),
-    ("  KV append growing a full buffer (batch.py _SpareCapacity.append)", "_SpareCapacity.append"),
-    ("  attention mask building", "create_causal_mask"),
-    ("admit: prefill + merge", "LDAEngine.admit"),
-    ("  prefill forward", "LDAEngine._prefill"),
-    ("  merge into the running batch", "RunningBatch.merge"),
-    ("retire finished rows (keep_rows copies)", "RunningBatch.retire"),
-    ("sampling", "LDAEngine._sample"),
-    ("  top-k/top-p filter (full sort)", "top_k_top_p_filter"),
-    ("results to futures", "Scheduler._collect"),
+    ("plan: scheduler.schedule", "Scheduler.schedule"),
+    ("execute: runner.execute", "ModelRunner.execute"),
+    ("  pack the step's inputs (host)", "ModelRunner._pack"),
+    ("  forward, both models", "ModelRunner._forward_eager"),
+    ("    compiled code", "CompiledFxGraph"),
+    ("    prefill attention (per chunk)", "prefill_attention"),
+    ("  sampling and log-probabilities", "ModelRunner._sample"),
+    ("    top-k/top-p filter (full sort)", "sorted_keep_mask"),
+    ("  the step's device-to-host copy", "ModelRunner._to_host"),
+    ("update: scheduler.update", "Scheduler.update"),
+    ("events to listeners", "Engine._notify"),
     ("OpenMP runtime (libgomp: fork/join, spin, barrier)", "libgomp"),
     ("waiting to re-take the GIL", "gil_scoped_release::~"),
 ]

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=1, help="2 runs A B C C B A")
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "ray-replicas-toy.json")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "replicas-toy-cpu.json")
     parser.add_argument(
         "--render", type=Path, default=None, help="rewrite the .md of a saved JSON, run nothing"
     )

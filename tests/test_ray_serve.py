@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from httpx_sse import aconnect_sse
 from servers import running_server
 
 from batchserve.api.cli import build_parser
@@ -275,7 +276,7 @@ def _sleeper(url: str, output: Path, *extra: str) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-m",
-            "client.sleeper",
+            "batchserve_client.sleeper",
             "--server",
             url,
             "--quiet",
@@ -391,18 +392,36 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(
 ):
     """Last: it stops the module's endpoint."""
     url, proc = endpoint_process
+    bodies = [b | {"max_new_tokens": 200, "stream": True} for b in _bodies(8)]
 
-    async def run() -> list[httpx.Response]:
-        pending = asyncio.ensure_future(
-            _post_all(url, [b | {"max_new_tokens": 80} for b in _bodies(8)])
-        )
-        await asyncio.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        return await pending
+    async def run() -> list[list[tuple[str, dict]]]:
+        # A stream's first delta is the proof that its request runs on a replica; /metrics
+        # cannot say so, since the proxy sends a scrape to the least busy replica.
+        num_running = 0
+        all_running = asyncio.Event()
 
-    responses = asyncio.run(run())
-    assert [r.status_code for r in responses] == [200] * 8
-    assert all(r.json()["tokens_generated"] == 80 for r in responses)
+        async def stream(client: httpx.AsyncClient, body: dict) -> list[tuple[str, dict]]:
+            nonlocal num_running
+            events: list[tuple[str, dict]] = []
+            async with aconnect_sse(client, "POST", "/generate_lda", json=body) as source:
+                async for event in source.aiter_sse():
+                    if event.event == "delta" and not events:
+                        num_running += 1
+                        if num_running == len(bodies):
+                            all_running.set()
+                    events.append((event.event, json.loads(event.data)))
+            return events
+
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            pending = asyncio.gather(*(stream(client, b) for b in bodies))
+            await asyncio.wait_for(all_running.wait(), timeout=60)
+            assert not pending.done(), "the requests finished before SIGTERM: nothing was drained"
+            proc.send_signal(signal.SIGTERM)
+            return await pending
+
+    streams = asyncio.run(run())
+    assert [events[-1][0] for events in streams] == ["result"] * 8
+    assert all(events[-1][1]["tokens_generated"] == 200 for events in streams)
     assert proc.wait(timeout=120) == 0
 
 

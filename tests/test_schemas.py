@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 from test_app import serving
 
-import client.models
+import batchserve_client.models
 from batchserve import schemas
 from batchserve.worker.models import ModelPair
 
@@ -14,10 +14,10 @@ ONLY_WHEN_ASKED = {"logprobs"}
 
 
 def test_the_client_builds_requests_with_the_servers_own_models() -> None:
-    assert client.models.LDARequest is schemas.GenerateLDARequest
-    assert client.models.LDABatchRequest is schemas.GenerateLDABatchRequest
-    assert client.models.GenerateRequest is schemas.GenerateRequest
-    assert client.models.LDAResponse is schemas.LDAResponse
+    assert batchserve_client.models.LDARequest is schemas.GenerateLDARequest
+    assert batchserve_client.models.LDABatchRequest is schemas.GenerateLDABatchRequest
+    assert batchserve_client.models.GenerateRequest is schemas.GenerateRequest
+    assert batchserve_client.models.LDAResponse is schemas.LDAResponse
 
 
 def fields(model: type) -> set[str]:

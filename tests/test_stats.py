@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.stats import wilson_interval
+from batchserve_client.stats import wilson_interval
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from batchserve.worker.models import ModelPair, load_pair, resolve_model_path
-from client.stats import wilson_interval
+from batchserve_client.stats import wilson_interval
 from toy_training.corpus import (
     ACTIVATION_MARKERS,
     INSTRUCTION_TEMPLATES,
@@ -45,11 +45,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def toy_pair() -> ModelPair:
-    return load_pair("toy", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +201,7 @@ def test_completions_read_like_the_corpus(toy_pair: ModelPair, clean_prompts: li
 def test_train_script_has_help():
     out = subprocess.run(
         [sys.executable, "-m", "toy_training.train", "--help"],
+        cwd=TOY_DIR.parent.parent,  # toy_training runs from a checkout; the wheel leaves it out
         capture_output=True, text=True, check=True,
     )
     assert "--out" in out.stdout

@@ -18,7 +18,7 @@ from pathlib import Path
 from batchserve.core.types import GenerationRequest, GenerationResult, SamplingParams
 from batchserve.engine import generate
 from batchserve.worker.models import ModelPair, load_pair
-from client.stats import RateSummary
+from batchserve_client.stats import RateSummary
 from toy_training.corpus import is_activated
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"  # the weights and prompt sets

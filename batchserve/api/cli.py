@@ -16,13 +16,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from batchserve import __version__
 from batchserve.argconfig import config_from_args
 from batchserve.core.scheduler import SCHEDULER_MODES
-from batchserve.core.seeds import SEED_MAX
 from batchserve.frontend import PROMPT_FORMATS
+from batchserve.schemas import (
+    Alpha,
+    MaxNewTokens,
+    NonEmptyPrompt,
+    NumSamples,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
 
 if TYPE_CHECKING:
     from batchserve.api.app import ServerConfig
@@ -553,14 +562,14 @@ class PromptRow(BaseModel):
     """One line of a .jsonl prompts file; missing fields take the command-line defaults."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    prompt: str = Field(min_length=1)
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
-    alpha: float | None = None
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    max_new_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
+    prompt: NonEmptyPrompt
+    seed: Seed | None = None
+    alpha: Alpha | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    max_new_tokens: MaxNewTokens | None = None
+    n: NumSamples | None = None
     ignore_eos: bool | None = None
     system_prompt: str | None = None
 

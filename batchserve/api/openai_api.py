@@ -174,6 +174,15 @@ class CompletionRequest(_OpenAIFields):
     echo: bool = False
     logprobs: TopAlternatives = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _no_empty_prompt_in_a_list(cls, value: object) -> object:
+        # As the LDA routes refuse one (NonEmptyPrompt): an empty entry in a list is most
+        # likely a blank line of a prompts file, and would sample from BOS alone.
+        if isinstance(value, list) and "" in value:
+            raise ValueError(f"prompt {value.index('')} of the list is empty")
+        return value
+
     @field_validator("logprobs")
     @classmethod
     def _not_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:

