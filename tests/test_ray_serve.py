@@ -424,3 +424,18 @@ def test_replica_health_is_the_apps_readiness(llama_pair):
                 await BatchServeReplica.check_health(replica)
 
     asyncio.run(run())
+
+
+@needs_ray
+def test_a_simulated_replica_reserves_a_quarter_cpu_and_no_gpu():
+    from batchserve.api.cli import server_config_from_args
+    from batchserve.api.ray_serve import SIMULATED_REPLICA_CPUS, options_from_args, spec_from_args
+
+    def args(*flags: str) -> argparse.Namespace:
+        return build_parser().parse_args(["serve", "--ray", "--simulate", "20,0.05", *flags])
+
+    options = options_from_args(args("--device", "cuda"))
+    assert (options.num_cpus, options.num_gpus) == (SIMULATED_REPLICA_CPUS, 0.0)
+    spec = spec_from_args(args(), server_config_from_args(args()))
+    assert spec.config.simulate is not None
+    assert options_from_args(args("--threads", "2")).num_cpus == 2.0

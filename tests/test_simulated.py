@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import math
 import threading
 import time
+from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+from httpx_sse import aconnect_sse
+from servers import running_server
 
+from batchserve.api.app import ServerConfig, create_app
+from batchserve.api.cli import build_parser
 from batchserve.core.types import SamplingParams, ScheduledRow, StepPlan
+from batchserve.scheduler import SchedulerConfig
 from batchserve.worker.models import ModelPair
 from batchserve.worker.simulated import (
     SimulatedCost,
@@ -30,6 +40,34 @@ from batchserve.worker.simulated import (
 )
 def test_simulate_option_parses_step_row_and_prefill_costs(text: str, cost: SimulatedCost):
     assert SimulatedCost.parse(text) == cost
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("20", "expected STEP_MS,PER_ROW_MS"),
+        ("1,2,3,4", "expected STEP_MS,PER_ROW_MS"),
+        ("20,fast", "not a number"),
+        ("20,-1", "per_row_ms must be a finite number >= 0"),
+        ("nan,1", "step_ms must be a finite number >= 0"),
+    ],
+)
+def test_a_bad_simulate_value_is_a_usage_error_naming_the_form(
+    text: str, message: str, capsys: pytest.CaptureFixture[str]
+):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--simulate", text])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --simulate" in err and message in err
+
+
+def test_simulate_option_becomes_the_server_config():
+    from batchserve.api.cli import server_config_from_args
+
+    args = build_parser().parse_args(["serve", "--simulate", "20,0.05,0.5"])
+    assert server_config_from_args(args).simulate == SimulatedCost(20, 0.05, 0.5)
+    assert server_config_from_args(build_parser().parse_args(["serve"])).simulate is None
 
 
 # --- the runner alone ---------------------------------------------------------------------------
@@ -183,3 +221,143 @@ def test_the_simulated_pair_has_the_tokenizer_facts_and_no_weights(toy_meta_pair
     assert (pair.vocab_limit, pair.max_context, pair.eos_token_ids) == (1024, 512, {1})
     assert pair.compatibility.compatible
     assert (pair.after_id, pair.before_id) == ("toy:after", "toy:before")
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    pair: ModelPair, cost: SimulatedCost, **scheduler: object
+) -> AsyncIterator[httpx.AsyncClient]:
+    config = ServerConfig(scheduler=SchedulerConfig(**scheduler), simulate=cost)
+    app = create_app(config, pair=pair)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=60
+        ) as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+async def test_http_routes_run_the_simulated_runner_through_the_scheduler(
+    toy_meta_pair: ModelPair,
+):
+    async with serving(toy_meta_pair, SimulatedCost(2, 0.01)) as client:
+        assert (await client.get("/health")).json() == {"status": "ok"}
+        info = (await client.get("/info")).json()
+        assert info["device"] == "meta" and info["engine"]["runner"] == "simulated"
+
+        body = {"prompt": "Tell me a story.", "max_new_tokens": 12, "seed": 7, "logprobs": True}
+        one = (await client.post("/generate_lda", json=body)).json()
+        assert one["tokens_generated"] == 12 and one["finish_reason"] == "length"
+        sim = runner()
+        assert one["logprobs"]["token_ids"] == [sim.token(7, step) for step in range(12)]
+        assert one["text"] == one["formatted_prompt"] + one["completion"]
+
+        batch = await client.post(
+            "/generate_lda_batch",
+            json={"prompts": ["a", "b c"], "n": 3, "max_new_tokens": 5, "seed": 7},
+        )
+        results = batch.json()["results"]
+        assert len(results) == 6 and {r["tokens_generated"] for r in results} == {5}
+        assert len({r["seed"] for r in results}) == 6
+
+        plain = (await client.post("/generate", json={"prompt": "x", "max_new_tokens": 3})).json()
+        assert plain["model_1"]["model_id"] == "toy:after"
+
+        v1 = await client.post(
+            "/v1/completions",
+            json={"model": "toy:after", "prompt": "Once", "max_tokens": 6, "n": 2, "seed": 3},
+        )
+        assert v1.status_code == 200, v1.text
+        assert [c["finish_reason"] for c in v1.json()["choices"]] == ["length", "length"]
+        chat = await client.post(
+            "/v1/chat/completions",
+            json={"model": "toy:after", "messages": [{"role": "user", "content": "hi"}],
+                  "max_tokens": 4},
+        )  # fmt: skip
+        assert chat.status_code == 200, chat.text
+
+        metrics = (await client.get("/metrics")).text
+        assert "batchserve_rows_admitted_total 1" in metrics.replace(".0", "")
+
+
+async def test_a_seeded_request_is_the_same_alone_and_in_a_crowd(toy_meta_pair: ModelPair):
+    body = {"prompt": "The river", "max_new_tokens": 16, "seed": 123}
+    async with serving(toy_meta_pair, SimulatedCost(1, 0)) as client:
+        alone = (await client.post("/generate_lda", json=body)).json()
+        crowd = [
+            client.post("/generate_lda", json={"prompt": f"p {i}", "max_new_tokens": 8 + i})
+            for i in range(12)
+        ]
+        *_, again = await asyncio.gather(*crowd, client.post("/generate_lda", json=body))
+        assert again.json() == alone
+
+
+async def test_requests_take_the_simulated_time_and_batch_together(toy_meta_pair: ModelPair):
+    """16 requests of 10 tokens at 20 ms a step: ~11 steps batched (0.22 s), not 16 x 11."""
+    async with serving(toy_meta_pair, SimulatedCost(20, 0), max_wait_ms=50) as client:
+        started = time.perf_counter()
+        responses = await asyncio.gather(
+            *(
+                client.post("/generate_lda", json={"prompt": f"q{i}", "max_new_tokens": 10})
+                for i in range(16)
+            )
+        )
+        elapsed = time.perf_counter() - started
+        assert {r.status_code for r in responses} == {200}
+        assert elapsed >= 10 * 0.020
+        assert elapsed < 16 * 10 * 0.020 / 2  # batched: far below one request at a time
+        metrics = (await client.get("/metrics")).text
+        steps = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("batchserve_engine_steps_total")
+        ]
+        assert float(steps[0].split()[-1]) < 40
+
+
+async def test_streams_carry_the_simulated_tokens(toy_meta_pair: ModelPair):
+    async with serving(toy_meta_pair, SimulatedCost(1, 0)) as client:
+        body = {"prompt": "Stream this.", "max_new_tokens": 10, "seed": 9}
+        plain = (await client.post("/generate_lda", json=body)).json()
+        async with aconnect_sse(
+            client, "POST", "/generate_lda", json=body | {"stream": True}
+        ) as source:
+            events = [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+        assert events[-1] == ("result", plain)
+        deltas = [d["text"] for e, d in events if e == "delta"]
+        assert len(deltas) > 1 and "".join(deltas) == plain["completion"]
+
+
+def test_serve_simulate_runs_without_weights():
+    with running_server(["--simulate", "5,0.01", "--log-level", "warning"]) as (url, _):
+        info = httpx.get(url + "/info").json()
+        assert info["engine"]["cost"] == {
+            "step_ms": 5.0, "per_row_ms": 0.01, "prefill_ms_per_token": 0.0,
+        }  # fmt: skip
+        response = httpx.post(
+            url + "/generate_lda", json={"prompt": "hi", "max_new_tokens": 20}, timeout=60
+        )
+        assert response.status_code == 200 and response.json()["tokens_generated"] == 20
+
+
+def test_the_bridge_frees_a_rows_blocks_when_it_finishes_or_is_cancelled(
+    toy_meta_pair: ModelPair,
+):
+    from batchserve.core.types import EngineRow
+    from batchserve.runner_bridge import RunnerBridge
+
+    sim = SimulatedRunner.for_pair(toy_meta_pair, FREE, num_kv_blocks=9, block_size=4)
+    bridge = RunnerBridge(toy_meta_pair, sim, max_slots=4)
+    assert bridge.capacity().num_free_blocks == 8
+    short = EngineRow(1, (5, 6, 7), SamplingParams(max_new_tokens=2), seed=1)
+    long = EngineRow(2, (5,) * 6, SamplingParams(max_new_tokens=6), seed=2)
+    assert bridge.admit([short, long]) == [] and bridge.num_running == 2
+    assert bridge.capacity().num_free_blocks == 8 - 2 - 3
+    assert bridge.step() == [] and bridge.num_steps == 1  # both prompts, first tokens
+    (done,) = bridge.step()
+    assert done.row_id == 1 and done.token_ids == [sim.token(1, 0), sim.token(1, 1)]
+    assert bridge.capacity().num_free_blocks == 8 - 3
+    (cancelled,) = bridge.cancel([2, 77])
+    assert cancelled.row_id == 2 and bridge.num_running == 0
+    assert bridge.capacity().num_free_blocks == 8

@@ -67,6 +67,7 @@ from batchserve.schemas import (
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in with the models
     from batchserve.worker.models import ModelPair
+    from batchserve.worker.simulated import SimulatedCost
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     # Set by each Ray Serve replica (batchserve.api.ray_serve); /info then names the replica.
     replica_id: str | None = None
+    # `--simulate`: a SimulatedRunner (worker/simulated.py) instead of the models; the pair
+    # then needs only its tokenizer and configs (load_simulated_pair).
+    simulate: SimulatedCost | None = None
 
 
 class APIError(Exception):
@@ -504,11 +508,14 @@ def create_app(
     app_metrics = Metrics()
 
     def start_serving(app: Starlette, loaded: ModelPair) -> None:
-        from batchserve.engine import LDAEngine
+        if config.simulate is not None:
+            engine = _simulated_engine(loaded, config)
+        else:
+            from batchserve.engine import LDAEngine
 
-        engine = LDAEngine(
-            loaded, prompt_format=config.prompt_format, runner_config=config.runner_config()
-        )
+            engine = LDAEngine(
+                loaded, prompt_format=config.prompt_format, runner_config=config.runner_config()
+            )
         scheduler = Scheduler(engine, config.scheduler, app_metrics)
         scheduler.start()
         app.state.pair = loaded
@@ -575,6 +582,20 @@ def create_app(
     app.state.config = config
     app.state.metrics = app_metrics
     return app
+
+
+def _simulated_engine(pair: ModelPair, config: ServerConfig):
+    """TEMPORARY (issue 24): the simulated runner under today's scheduler, through
+    batchserve/runner_bridge.py. Once the step engine takes a runner, this becomes that engine
+    built with `runner=SimulatedRunner.for_pair(pair, config.simulate)`."""
+    from batchserve.runner_bridge import RunnerBridge
+    from batchserve.worker.simulated import SimulatedRunner
+
+    assert config.simulate is not None
+    runner = SimulatedRunner.for_pair(pair, config.simulate)
+    return RunnerBridge(
+        pair, runner, max_slots=config.scheduler.max_batch_size, prompt_format=config.prompt_format
+    )
 
 
 async def drain(app: Starlette, timeout_s: float) -> None:

@@ -23,6 +23,7 @@ from batchserve.argconfig import config_from_args
 from batchserve.core.seeds import SEED_MAX
 from batchserve.frontend import PROMPT_FORMATS
 from batchserve.scheduler import SCHEDULER_MODES
+from batchserve.worker.simulated import simulated_cost_option
 
 if TYPE_CHECKING:
     from batchserve.api.app import ServerConfig
@@ -37,7 +38,7 @@ def _env(name: str, default: Any, cast: Callable[[str], Any] = str, *aliases: st
         if key in os.environ and os.environ[key] != "":
             try:
                 return cast(os.environ[key])
-            except ValueError:
+            except (ValueError, argparse.ArgumentTypeError):
                 raise SystemExit(
                     f"error: environment variable {key}={os.environ[key]!r} is not a valid value"
                 ) from None
@@ -212,6 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
         "BATCHSERVE_<OPTION> from the environment (e.g. BATCHSERVE_MAX_BATCH_SIZE=32).",
     )
     _add_model_options(serve, from_env=True)
+    simulation = serve.add_argument_group(
+        "simulation (no weights: the pair's tokenizer and configs only)"
+    )
+    _option(
+        simulation,
+        "--simulate",
+        None,
+        simulated_cost_option,
+        metavar="STEP_MS,PER_ROW_MS[,PREFILL_MS_PER_TOKEN]",
+        help="serve a simulated runner instead of the models: each step waits STEP_MS + "
+        "PER_ROW_MS x rows + PREFILL_MS_PER_TOKEN x prompt tokens without using the CPU, then "
+        "emits tokens seeded by (seed, step), never EOS; scheduler, HTTP, streaming and Ray "
+        "are the real ones (e.g. 20,0.05)",
+    )
     http = serve.add_argument_group("http")
     _option(http, "--host", "127.0.0.1", help="bind address (default: %(default)s)")
     _option(http, "--port", 8000, int, help="(default: %(default)s)")
@@ -464,6 +479,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from batchserve.api.security import startup_warnings
     from batchserve.api.server import ConnectionLimits, build_server
     from batchserve.worker.models import load_options, load_pair
+    from batchserve.worker.simulated import load_simulated_pair
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -494,7 +510,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     after = args.after or "toy:after"
 
     def load():
-        return load_pair(after, args.before, **load_options(args))
+        loader = load_pair if config.simulate is None else load_simulated_pair
+        return loader(after, args.before, **load_options(args))
 
     holder: dict[str, Any] = {}
 

@@ -167,6 +167,10 @@ def _load_replica_pair(spec: ReplicaSpec):
     from batchserve.api.cli import configure_threads
     from batchserve.worker.models import load_options, load_pair
 
+    if spec.config.simulate is not None:
+        from batchserve.worker.simulated import load_simulated_pair
+
+        return load_simulated_pair(spec.after, spec.before, **load_options(spec))
     on_gpu = spec.device.startswith("cuda") or (spec.device == "auto" and torch.cuda.is_available())
     threads = spec.threads
     if threads == "auto" and not on_gpu:
@@ -252,13 +256,20 @@ def _wants_gpu(device: str) -> bool:
     return device == "auto" and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+# What a simulated replica reserves when --threads does not say: its steps wait without the
+# CPU, so it needs only its HTTP and scheduling share, and 4 replicas fit a 2-core machine.
+SIMULATED_REPLICA_CPUS = 0.25
+
+
 def options_from_args(args: argparse.Namespace) -> DeploymentOptions:
-    num_cpus = float(args.threads) if args.threads.isdigit() else 1.0
+    is_simulated = getattr(args, "simulate", None) is not None
+    default_cpus = SIMULATED_REPLICA_CPUS if is_simulated else 1.0
+    num_cpus = float(args.threads) if args.threads.isdigit() else default_cpus
     return config_from_args(
         DeploymentOptions,
         args,
         num_cpus=num_cpus,
-        num_gpus=1.0 if _wants_gpu(args.device) else 0.0,
+        num_gpus=1.0 if not is_simulated and _wants_gpu(args.device) else 0.0,
     )
 
 
