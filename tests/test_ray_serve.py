@@ -85,7 +85,7 @@ def test_max_ongoing_requests_follows_the_scheduler_limits():
     from batchserve.api.ray_serve import default_max_ongoing_requests
     from batchserve.scheduler import SchedulerConfig
 
-    assert default_max_ongoing_requests(SchedulerConfig(max_batch_size=64)) == 128
+    assert default_max_ongoing_requests(SchedulerConfig(max_batch_size=64)) == 4096
     assert default_max_ongoing_requests(SchedulerConfig(max_batch_size=64, max_queue_rows=50)) == 50
 
 
@@ -102,7 +102,7 @@ def test_cli_options_become_the_deployments_settings():
         return built._bound_deployment
 
     fixed = deployment("--replicas", "3", "--threads", "2", "--device", "cpu")
-    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 32
+    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 4096
     assert fixed.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0}
     scaled = deployment("--min-replicas", "1", "--max-replicas", "4", "--replicas", "2")
     autoscaling = scaled._deployment_config.autoscaling_config

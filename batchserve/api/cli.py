@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         None,
         int,
         help="requests one replica takes before Serve queues the rest for the next free replica "
-        "(default: 2 x --max-batch-size, at most --max-queue-rows)",
+        "(default: --max-queue-rows, what the replica's own queue takes)",
     )
     serve.set_defaults(func=cmd_serve)
 
