@@ -182,6 +182,7 @@ class RequestRecord:
     tokens: int = 0
     queue_wait_ms: float | None = None
     error: str | None = None
+    replica: str | None = None  # x-batchserve-replica: which Ray Serve replica answered
 
 
 @dataclass
@@ -231,7 +232,13 @@ async def send(client: httpx.AsyncClient, spec: RequestSpec) -> RequestRecord:
         tokens = payload["tokens_generated"]
     wait = response.headers.get("x-batchserve-queue-wait-ms")
     return RequestRecord(
-        spec.index, spec.num_rows, latency_s, 200, tokens, float(wait) if wait else None
+        spec.index,
+        spec.num_rows,
+        latency_s,
+        200,
+        tokens,
+        float(wait) if wait else None,
+        replica=response.headers.get("x-batchserve-replica"),
     )
 
 
@@ -315,6 +322,10 @@ def summarize(
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     num_steps = delta("batchserve_batch_size_count")
+    rows_by_replica: Counter[str] = Counter()
+    for r in ok:
+        if r.replica:
+            rows_by_replica[r.replica] += r.num_rows
     return {
         "mode": mode,
         "concurrency": concurrency,
@@ -339,6 +350,8 @@ def summarize(
         "server_decode_tokens_per_s": delta("batchserve_batch_size_sum") / wall_s,
         "step_ms_mean": wall_s / num_steps * 1e3 if num_steps else None,
         "latencies_s": [round(x, 4) for x in latencies_s],
+        # Behind Ray Serve: rows each replica answered (empty from a plain server).
+        "rows_by_replica": dict(rows_by_replica),
     }
 
 

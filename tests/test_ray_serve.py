@@ -86,7 +86,7 @@ def test_max_ongoing_requests_follows_the_scheduler_limits():
     from batchserve.api.ray_serve import default_max_ongoing_requests
     from batchserve.core.scheduler import SchedulerConfig
 
-    assert default_max_ongoing_requests(SchedulerConfig(max_batch_size=64)) == 128
+    assert default_max_ongoing_requests(SchedulerConfig(max_batch_size=64)) == 4096
     assert default_max_ongoing_requests(SchedulerConfig(max_batch_size=64, max_queue_rows=50)) == 50
 
 
@@ -103,7 +103,7 @@ def test_cli_options_become_the_deployments_settings():
         return built._bound_deployment
 
     fixed = deployment("--replicas", "3", "--threads", "2", "--device", "cpu")
-    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 32
+    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 4096
     assert fixed.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0}
     scaled = deployment("--min-replicas", "1", "--max-replicas", "4", "--replicas", "2")
     autoscaling = scaled._deployment_config.autoscaling_config
@@ -443,3 +443,18 @@ def test_replica_health_is_the_apps_readiness(llama_pair):
                 await BatchServeReplica.check_health(replica)
 
     asyncio.run(run())
+
+
+@needs_ray
+def test_a_simulated_replica_reserves_a_quarter_cpu_and_no_gpu():
+    from batchserve.api.cli import server_config_from_args
+    from batchserve.api.ray_serve import SIMULATED_REPLICA_CPUS, options_from_args, spec_from_args
+
+    def args(*flags: str) -> argparse.Namespace:
+        return build_parser().parse_args(["serve", "--ray", "--simulate", "20,0.05", *flags])
+
+    options = options_from_args(args("--device", "cuda"))
+    assert (options.num_cpus, options.num_gpus) == (SIMULATED_REPLICA_CPUS, 0.0)
+    spec = spec_from_args(args(), server_config_from_args(args()))
+    assert spec.config.simulate is not None
+    assert options_from_args(args("--threads", "2")).num_cpus == 2.0

@@ -50,7 +50,7 @@ from batchserve.core.types import (
     RunnerConfig,
     SamplingParams,
 )
-from batchserve.engine import Engine, build_engine_core
+from batchserve.engine import Engine, EngineCore, build_engine_core
 from batchserve.frontend import Frontend, PreparedPrompt
 from batchserve.metrics import Metrics
 from batchserve.schemas import (
@@ -63,6 +63,7 @@ from batchserve.schemas import (
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in with the models
     from batchserve.worker.models import ModelPair
+    from batchserve.worker.simulated import SimulatedCost
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +79,22 @@ class ServerConfig:
     max_samples_per_prompt: int = 64
     request_timeout_s: float = 600.0
     shutdown_timeout_s: float = 30.0
-    # KV store and slots; None: one slot per scheduler batch row, default KV sizing.
+    # KV store sizes and the compile setting; None: the defaults for the batch size.
     runner: RunnerConfig | None = None
-
-    def runner_config(self) -> RunnerConfig:
-        if self.runner is not None:
-            return dataclasses.replace(self.runner, max_batch_size=self.scheduler.max_batch_size)
-        return RunnerConfig(max_batch_size=self.scheduler.max_batch_size)
     max_body_bytes: int = MAX_BODY_BYTES
     body_timeout_s: float = 30.0
     api_key: str | None = field(default=None, repr=False)
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     # Set by each Ray Serve replica (batchserve.api.ray_serve); /info then names the replica.
     replica_id: str | None = None
+    # `--simulate`: a SimulatedRunner (worker/simulated.py) instead of the models; the pair
+    # then needs only its tokenizer and configs (load_simulated_pair).
+    simulate: SimulatedCost | None = None
+
+    def runner_config(self) -> RunnerConfig:
+        if self.runner is not None:
+            return dataclasses.replace(self.runner, max_batch_size=self.scheduler.max_batch_size)
+        return RunnerConfig(max_batch_size=self.scheduler.max_batch_size)
 
 
 class APIError(Exception):
@@ -492,7 +496,16 @@ def create_app(
     app_metrics = Metrics()
 
     def start_serving(app: Starlette, loaded: ModelPair) -> None:
-        core = build_engine_core(loaded, config.runner_config(), config.scheduler, app_metrics)
+        if config.simulate is not None:
+            from batchserve.worker.simulated import SimulatedRunner
+
+            runner = SimulatedRunner.for_pair(loaded, config.simulate)
+            core = EngineCore(
+                runner, config.scheduler, eos_token_ids=sorted(loaded.eos_token_ids),
+                metrics=app_metrics,
+            )  # fmt: skip
+        else:
+            core = build_engine_core(loaded, config.runner_config(), config.scheduler, app_metrics)
         engine = Engine(core)
         frontend = Frontend(
             loaded.tokenizer,

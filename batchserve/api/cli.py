@@ -32,6 +32,7 @@ from batchserve.schemas import (
     TopK,
     TopP,
 )
+from batchserve.worker.simulated import simulated_cost_option
 
 if TYPE_CHECKING:
     from batchserve.api.app import ServerConfig
@@ -46,7 +47,7 @@ def _env(name: str, default: Any, cast: Callable[[str], Any] = str, *aliases: st
         if key in os.environ and os.environ[key] != "":
             try:
                 return cast(os.environ[key])
-            except ValueError:
+            except (ValueError, argparse.ArgumentTypeError):
                 raise SystemExit(
                     f"error: environment variable {key}={os.environ[key]!r} is not a valid value"
                 ) from None
@@ -231,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
         "BATCHSERVE_<OPTION> from the environment (e.g. BATCHSERVE_MAX_BATCH_SIZE=32).",
     )
     _add_model_options(serve, from_env=True)
+    simulation = serve.add_argument_group(
+        "simulation (no weights: the pair's tokenizer and configs only)"
+    )
+    _option(
+        simulation,
+        "--simulate",
+        None,
+        simulated_cost_option,
+        metavar="STEP_MS,PER_ROW_MS[,PREFILL_MS_PER_TOKEN]",
+        help="serve a simulated runner instead of the models: each step waits STEP_MS + "
+        "PER_ROW_MS x rows + PREFILL_MS_PER_TOKEN x prompt tokens without using the CPU, then "
+        "emits tokens seeded by (seed, step), never EOS; scheduler, HTTP, streaming and Ray "
+        "are the real ones (e.g. 20,0.05)",
+    )
     http = serve.add_argument_group("http")
     _option(http, "--host", "127.0.0.1", help="bind address (default: %(default)s)")
     _option(http, "--port", 8000, int, help="(default: %(default)s)")
@@ -405,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         None,
         int,
         help="requests one replica takes before Serve queues the rest for the next free replica "
-        "(default: 2 x --max-batch-size, at most --max-queue-rows)",
+        "(default: --max-queue-rows, what the replica's own queue takes)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -495,6 +510,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from batchserve.api.security import startup_warnings
     from batchserve.api.server import ConnectionLimits, build_server
     from batchserve.worker.models import load_options, load_pair
+    from batchserve.worker.simulated import load_simulated_pair
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -525,7 +541,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     after = args.after or "toy:after"
 
     def load():
-        return load_pair(after, args.before, **load_options(args))
+        loader = load_pair if config.simulate is None else load_simulated_pair
+        return loader(after, args.before, **load_options(args))
 
     holder: dict[str, Any] = {}
 

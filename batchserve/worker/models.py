@@ -178,8 +178,8 @@ def load_model(
     return model
 
 
-def _context_length(model: PreTrainedModel) -> int:
-    config = model.config
+def context_length(config: object) -> int:
+    """The context a model config declares (2048 where it names none)."""
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
@@ -187,9 +187,10 @@ def _context_length(model: PreTrainedModel) -> int:
     return 2048
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+def eos_ids(*sources: object) -> frozenset[int]:
+    """Every eos_token_id the sources name (generation config, model config, tokenizer)."""
     ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+    for source in sources:
         value = getattr(source, "eos_token_id", None)
         if isinstance(value, int):
             ids.add(value)
@@ -235,8 +236,8 @@ def pair_from_models(
         dtype=param.dtype,
         compatibility=report,
         vocab_limit=vocab_limit,
-        max_context=min(_context_length(after), _context_length(before)),
-        eos_token_ids=_eos_ids(after, tokenizer),
+        max_context=min(context_length(after.config), context_length(before.config)),
+        eos_token_ids=eos_ids(getattr(after, "generation_config", None), after.config, tokenizer),
     )
 
 
