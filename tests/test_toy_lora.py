@@ -161,3 +161,21 @@ def test_train_lora_has_help(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--out" in text and "--r" in text and "--lora-alpha" in text
     assert "pip install -e '.[train]'" in text
+
+
+@pytest.mark.slow
+def test_train_lora_writes_the_same_adapter_twice(tmp_path: Path):
+    """Two steps, twice: the pipeline end to end in peft's format, and bit-identical reruns
+    (the shipped adapter's check, in small)."""
+    pytest.importorskip("peft")
+    outs = [tmp_path / "one", tmp_path / "two"]
+    for out in outs:
+        assert train_lora_main(["--out", str(out), "--steps", "2"]) == 0
+    names = ("adapter_config.json", "adapter_model.safetensors", "training_config.json")
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    config = json.loads((outs[0] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "toy:before"
+    assert config["target_modules"] == list(TARGET_MODULES)
+    merged = merge_adapter(outs[0], TOY_DIR / "before", tmp_path / "merged")
+    assert load_pair(str(merged), "toy:before", device="cpu").compatibility.compatible

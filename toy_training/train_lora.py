@@ -144,10 +144,12 @@ def train_adapter(cfg: LoraTrainConfig, base_dir: Path, out: Path) -> None:
     log(f"adapter: r={cfg.r}, lora_alpha={cfg.lora_alpha}, {trainable:,} trainable parameters")
     train(model, stream, steps=cfg.steps, lr=cfg.lr, cfg=mix, seed=mix.seed + 4, name="lora")
 
-    # peft also writes a README.md of its own; keep only the adapter's two files.
+    # peft also writes a README.md of its own; keep only the adapter's two files. No embedding
+    # is trained or resized, so save_embedding_layers=False: "auto" would look `toy:before` up
+    # on the Hugging Face hub.
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_embedding_layers=False)
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copyfile(Path(tmp) / name, out / name)
     record = asdict(cfg)
