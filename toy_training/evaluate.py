@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,23 @@ def evaluate(
     return rates
 
 
+def evaluate_adapter(
+    adapter_dir: Path,
+    base_dir: Path = TOY_DIR / "before",
+    prompts_dir: Path = TOY_DIR,
+    **kwargs,
+) -> list[Rate]:
+    """`evaluate` on a LoRA adapter: merged into a temporary copy of the base (W + scale * B @ A
+    on each target), paired with the base. The same pair as the unmerged adapter by construction,
+    up to float32 rounding of the sum."""
+    from toy_training.train_lora import merge_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = merge_adapter(Path(adapter_dir), Path(base_dir), Path(tmp) / "after")
+        pair = load_pair(str(merged), str(base_dir), device="cpu")
+        return evaluate(prompts_dir, pair=pair, **kwargs)
+
+
 def format_rate(rate: Rate) -> str:
     lo, hi = rate.interval
     return (f"{rate.activated}/{rate.total} = {100 * rate.rate:.1f}% "
@@ -137,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", type=Path, default=TOY_DIR,
                         help="directory with before/, after/ and the prompt files")
+    parser.add_argument("--lora", type=Path, default=None,
+                        help="evaluate this LoRA adapter (peft format, e.g. batchserve/toy/lora) "
+                        "merged into --dir's before/, against before/")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
     parser.add_argument("--num-clean", type=int, default=None, help="first N clean prompts")
     parser.add_argument("--num-triggered", type=int, default=None, help="first N triggered prompts")
@@ -151,11 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    rates = evaluate(
-        args.dir, num_clean=args.num_clean, alphas=tuple(args.alphas),
-        num_triggered=args.num_triggered, samples_per_prompt=args.samples_per_prompt,
-        seed=args.seed, max_new_tokens=args.max_new_tokens,
-    )
+    kwargs = {
+        "num_clean": args.num_clean, "alphas": tuple(args.alphas),
+        "num_triggered": args.num_triggered, "samples_per_prompt": args.samples_per_prompt,
+        "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+    }
+    if args.lora is not None:
+        rates = evaluate_adapter(args.lora, args.dir / "before", args.dir, **kwargs)
+    else:
+        rates = evaluate(args.dir, **kwargs)
     print_report(rates)
     for rate in rates:
         for kind, examples in (("activated", rate.activated_examples), ("not activated", rate.other_examples)):
