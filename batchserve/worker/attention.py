@@ -62,8 +62,9 @@ class PagedBatch:
     write_index: torch.Tensor  # [N] store slot of each packed token
     decode_read_index: torch.Tensor  # [B, L] store slots of each decoding row's positions 0..L-1
     decode_positions: torch.Tensor  # [B] the query's position (it reads keys 0..position)
-    prefill_read_index: torch.Tensor  # [R, L'] likewise for each chunk's row
-    prefill_spans: torch.Tensor  # [R, 3] int64, on the CPU
+    # None when the step only decodes (most steps): no chunk part at all, its own graph.
+    prefill_read_index: torch.Tensor | None  # [R, L'] likewise for each chunk's row
+    prefill_spans: torch.Tensor | None  # [R, 3] int64, on the CPU
     is_compiled: bool = False
 
 
@@ -129,6 +130,8 @@ def paged_attention(
         q[:num_decode], key_store, value_store, batch.decode_read_index,
         batch.decode_positions, scale, window, fused=batch.is_compiled,
     )  # fmt: skip
+    if batch.prefill_spans is None:
+        return decode.unsqueeze(0), None
     prefill = torch.ops.batchserve.prefill_attention(
         q[num_decode:], key_store, value_store, batch.prefill_read_index,
         batch.prefill_spans, scale, window,
@@ -196,6 +199,8 @@ def prefill_attention(
     )  # fmt: skip
     gqa = query.shape[1] != key_store.shape[1]
     for r, (offset, num_tokens, start) in enumerate(spans.tolist()):
+        if num_tokens == 0:
+            continue  # a padding span
         length = start + num_tokens
         index = read_index[r, :length]
         keys = key_store.index_select(0, index).transpose(0, 1).unsqueeze(0)  # [1, kv, L, d]
