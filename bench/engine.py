@@ -167,7 +167,7 @@ def run(
         ),
         SchedulerConfig(
             max_batch_size=largest,
-            max_num_batched_tokens=max(2048, largest),
+            max_num_batched_tokens=max(2048, largest * prompt_len),  # one prefill step
             enable_prefix_cache=False,
         ),
     )
