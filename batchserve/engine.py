@@ -38,6 +38,7 @@ from batchserve.core.types import (
     SamplingParams,
     StepOutput,
     StepPlan,
+    adapter_key,
 )
 from batchserve.frontend import Frontend, RequestOutput, expand_rows
 from batchserve.metrics import Metrics
@@ -109,7 +110,8 @@ class EngineCore:
         )
 
     def add_request(self, request_id: int, rows: Sequence[EngineRow], now: float) -> None:
-        self.scheduler.add_request(request_id, rows, now)
+        key = adapter_key(rows[0].params) if rows else b""
+        self.scheduler.add_request(request_id, rows, now, extra_key=key)
         self.metrics.queue_rows.set(self.scheduler.num_waiting_rows)
 
     def step(self, now: float) -> StepResult:

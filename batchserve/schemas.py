@@ -34,6 +34,7 @@ TopK = Annotated[int, Field(ge=0, le=INT32_MAX)]  # 0 or >= vocab: no top-k
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 MaxNewTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
 NumSamples = Annotated[int, Field(ge=1, le=INT32_MAX)]  # samples per prompt (`n`)
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
 
 class _Strict(BaseModel):
@@ -52,6 +53,10 @@ class SamplingFields(_Strict):
     # A row finishes when its text contains one of these (cut from the completion).
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False  # text/event-stream: `delta` events, then one `result` event
+    # A LoRA pair: the adapters (or the base) to run as the after and before model, by the
+    # names /v1/models lists; None: the server's default after adapter, and the base.
+    after: ModelName | None = None
+    before: ModelName | None = None
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -49,6 +49,7 @@ from batchserve.core.types import (
     GenerationRequest,
     RunnerConfig,
     SamplingParams,
+    UnknownModelError,
 )
 from batchserve.engine import Engine, EngineCore, build_engine_core
 from batchserve.frontend import Frontend, PreparedPrompt
@@ -147,6 +148,17 @@ def sampling_params(body: SamplingFields, config: ServerConfig, alpha: float) ->
     )
 
 
+def with_models(request: Request, body: SamplingFields, params: SamplingParams) -> SamplingParams:
+    """The row's after/before adapters by name (a LoRA pair); an unknown one is a 422."""
+    pair = _loaded_pair(request)
+    try:
+        after, before = pair.model_names(body.after, body.before)
+    except UnknownModelError as err:
+        problem = {"field": err.field, "message": str(err), "type": "unknown_model"}
+        raise APIError(422, f"invalid request: {err}", [problem]) from None
+    return dataclasses.replace(params, after=after, before=before)
+
+
 def prompt_format(body: SamplingFields, config: ServerConfig) -> str:
     return config.prompt_format if body.apply_chat_template else "raw"
 
@@ -219,10 +231,11 @@ async def stream_requests(
 
 
 def _lda_requests(
-    body: LDAFields, prompts: list[str], n: int, config: ServerConfig
+    request: Request, body: LDAFields, prompts: list[str], n: int
 ) -> list[GenerationRequest]:
+    config: ServerConfig = request.app.state.config
     params = dataclasses.replace(
-        sampling_params(body, config, body.alpha),
+        with_models(request, body, sampling_params(body, config, body.alpha)),
         logprobs=body.logprobs,
         score_alphas=tuple(body.score_alphas),
     )
@@ -250,13 +263,16 @@ async def respond(
     return JSONResponse(render_result(completion), headers=debug_headers(completion))
 
 
-def _lda_echo(completion: Completion, pair: ModelPair) -> dict:
+def _model_ids(requests: list[GenerationRequest], pair: ModelPair) -> tuple[str, str]:
+    """The after and before models the request ran (its adapters, on a LoRA pair)."""
+    params = requests[0].params
+    return params.after or pair.after_id, params.before or pair.before_id
+
+
+def _lda_echo(completion: Completion, requests: list[GenerationRequest], pair: ModelPair) -> dict:
     # The alpha the rows ran with (one per request), as generate's JSONL reports it.
-    return {
-        "alpha": completion.results[0].alpha,
-        "model_after": pair.after_id,
-        "model_before": pair.before_id,
-    }
+    after, before = _model_ids(requests, pair)
+    return {"alpha": completion.results[0].alpha, "model_after": after, "model_before": before}
 
 
 # --- routes ---------------------------------------------------------------------------------
@@ -264,12 +280,11 @@ def _lda_echo(completion: Completion, pair: ModelPair) -> dict:
 
 async def generate_lda(request: Request) -> Response:
     body = await parse_body(request, GenerateLDARequest)
-    config: ServerConfig = request.app.state.config
     pair: ModelPair = request.app.state.pair
-    requests = _lda_requests(body, [body.prompt], 1, config)
+    requests = _lda_requests(request, body, [body.prompt], 1)
 
     def payload(completion: Completion) -> dict:
-        return completion.results[0].row_fields() | _lda_echo(completion, pair)
+        return completion.results[0].row_fields() | _lda_echo(completion, requests, pair)
 
     return await respond(request, requests, payload, is_stream=body.stream)
 
@@ -295,12 +310,12 @@ async def generate_lda_batch(request: Request) -> Response:
             f"{num_rows} rows (prompts x n) exceed the queue's {config.scheduler.max_queue_rows}",
         )
     pair: ModelPair = request.app.state.pair
-    requests = _lda_requests(body, body.prompts, body.n, config)
+    requests = _lda_requests(request, body, body.prompts, body.n)
 
     def payload(completion: Completion) -> dict:
         return {
             "results": [r.row_fields() for r in completion.results],
-            **_lda_echo(completion, pair),
+            **_lda_echo(completion, requests, pair),
             "batch_size": len(body.prompts),
             "n": body.n,
         }
@@ -316,25 +331,26 @@ async def generate_plain(request: Request) -> Response:
     requests = [
         GenerationRequest(
             body.prompt,
-            sampling_params(body, config, alpha),
+            with_models(request, body, sampling_params(body, config, alpha)),
             system_prompt=body.system_prompt,
             prompt_format=fmt,
         )
         for alpha in (0.0, -1.0)
     ]
     pair: ModelPair = request.app.state.pair
+    after_id, before_id = _model_ids(requests, pair)
 
     def payload(completion: Completion) -> dict:
         after, before = completion.results
         return {
             "prompt": body.prompt,
             "model_1": {
-                "model_id": pair.after_id,
+                "model_id": after_id,
                 "completion": after.completion,
                 "text": after.text,
             },
             "model_2": {
-                "model_id": pair.before_id,
+                "model_id": before_id,
                 "completion": before.completion,
                 "text": before.text,
             },
@@ -370,7 +386,13 @@ async def info(request: Request) -> Response:
         {
             **replica,
             "version": __version__,
-            "models": {"after": pair.after_id, "before": pair.before_id},
+            "models": {
+                "after": pair.after_id,
+                "before": pair.before_id,
+                # A LoRA pair: one base carrying its adapters unmerged (rank, targets each).
+                "kind": "full" if pair.lora is None else "lora",
+                "lora": None if pair.lora is None else pair.lora.describe(),
+            },
             "device": str(pair.device),
             "dtype": str(pair.dtype).removeprefix("torch."),
             "vocab": {

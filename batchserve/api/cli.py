@@ -83,6 +83,13 @@ def _option(
     group.add_argument(flag, default=default, **kwargs)
 
 
+def _adapter_option(value: str) -> tuple[str, str]:
+    name, sep, folder = value.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    return name, folder
+
+
 def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> None:
     group = parser.add_argument_group("models")
     _option(
@@ -91,7 +98,8 @@ def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
         None,
         aliases=("MODEL_AFTER_ID",),
         from_env=from_env,
-        help="fine-tuned model: local dir, hub id, or toy (default: the embedded toy pair)",
+        help="fine-tuned model: local dir, hub id, or toy (default: the embedded toy pair); a "
+        "LoRA adapter (adapter_config.json; toy:lora) is served unmerged on one base copy",
     )
     _option(
         group,
@@ -99,9 +107,15 @@ def _add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> No
         None,
         aliases=("MODEL_BEFORE_ID",),
         from_env=from_env,
-        help="base model: local dir or hub id (default: the toy base when --after is the toy)",
+        help="base model: local dir or hub id (default: the toy base when --after is the toy, "
+        "the adapter's base_model_name_or_path when it is a LoRA adapter)",
     )
     _option(group, "--revision", None, from_env=from_env, help="hub revision of both models")
+    group.add_argument(
+        "--adapter", action="append", type=_adapter_option, default=[], dest="adapters",
+        metavar="NAME=DIR", help="LoRA pairs: serve this adapter on the same base too "
+        "(repeatable); a request names it as its after (or before) model",
+    )  # fmt: skip
     _option(
         group,
         "--trust-remote-code",
@@ -657,7 +671,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         )
     configure_threads(args.threads, args.device)
-    if args.after is None and args.before is not None:
+    if args.after is None and args.before is not None and not args.adapters:
         raise SystemExit("error: --before given without --after")
     try:
         pair = load_pair(args.after or "toy:after", args.before, **load_options(args))

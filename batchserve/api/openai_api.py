@@ -63,6 +63,7 @@ from batchserve.core.types import (
     GenerationRequest,
     GenerationResult,
     SamplingParams,
+    UnknownModelError,
 )
 from batchserve.engine import EngineFailedError, SchedulerClosedError
 from batchserve.frontend import Frontend, PreparedPrompt, format_messages
@@ -137,6 +138,8 @@ class _OpenAIFields(BaseModel):
     alpha: Alpha = 1.0
     top_k: TopK = 0
     ignore_eos: bool = False
+    # A LoRA pair: the adapter (or base) amplified against; `model` is the after adapter.
+    before: str | None = Field(None, min_length=1, max_length=1024)
     # Accepted at their neutral values only, since tools send them by default.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -260,18 +263,25 @@ def _frontend(request: Request) -> tuple[Frontend, ModelPair]:
     return ready_engine(request)[1], request.app.state.pair
 
 
-def _check_model(body: _OpenAIFields, pair: ModelPair) -> None:
-    if body.model != pair.after_id:
+def _check_model(body: _OpenAIFields, pair: ModelPair) -> tuple[str | None, str | None]:
+    """`model` (and LDA's `before`) as the row's (after, before) names; unknown ones: 404."""
+    try:
+        return pair.model_names(body.model, body.before)
+    except UnknownModelError as err:
+        param = "model" if err.field == "after" else err.field
+        served = pair.after_id if pair.lora is None else ", ".join(pair.lora.names)
         raise OpenAIError(
             404,
-            f"model {body.model!r} is not served here; this server serves {pair.after_id!r} "
-            f"(amplified against {pair.before_id!r}; see GET /v1/models)",
-            param="model",
+            f"{param} {getattr(body, param)!r} is not served here; this server serves "
+            f"{served} (amplified against {pair.before_id!r}; see GET /v1/models)",
+            param=param,
             code="model_not_found",
-        )
+        ) from None
 
 
-def _params(request: Request, body: _OpenAIFields, max_tokens: int) -> SamplingParams:
+def _params(
+    request: Request, body: _OpenAIFields, max_tokens: int, models: tuple[str | None, str | None]
+) -> SamplingParams:
     limit = request.app.state.config.max_new_tokens_limit
     if max_tokens > limit:
         raise OpenAIError(
@@ -292,6 +302,8 @@ def _params(request: Request, body: _OpenAIFields, max_tokens: int) -> SamplingP
         seed=body.seed,
         stop=stop_strings(body.stop),
         logprobs=getattr(body, "wants_logprobs", False),
+        after=models[0],
+        before=models[1],
     )
 
 
@@ -549,8 +561,7 @@ def _openai_route(handler: Callable[[Request], Any]) -> Callable[[Request], Any]
 async def completions(request: Request) -> Response:
     body: CompletionRequest = await _parse(request, CompletionRequest)
     frontend, pair = _frontend(request)
-    _check_model(body, pair)
-    params = _params(request, body, body.max_tokens)
+    params = _params(request, body, body.max_tokens, _check_model(body, pair))
     prompts: list[str | list[int]]
     if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)):
         prompts = [body.prompt]  # type: ignore[list-item]
@@ -585,7 +596,7 @@ async def completions(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
     frontend, pair = _frontend(request)
-    _check_model(body, pair)
+    models = _check_model(body, pair)
     messages = [m.as_dict() for m in body.messages]
     try:
         text, fmt = format_messages(
@@ -600,7 +611,7 @@ async def chat_completions(request: Request) -> Response:
         room = frontend.max_row_tokens - len(ids)
         max_tokens = max(1, min(request.app.state.config.max_new_tokens_limit, room))
     _check_prompt(frontend, pair, ids, max_tokens, "messages")
-    params = _params(request, body, max_tokens)
+    params = _params(request, body, max_tokens, models)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     requests = [GenerationRequest(last_user, params, n=body.n, prompt_format=fmt)]
     prepared = [PreparedPrompt(last_user, text, ids)]
@@ -612,14 +623,18 @@ async def models(request: Request) -> Response:
     if pair is None:
         error = OpenAIError(503, "models are still loading", type="server_error")
         return JSONResponse(error.body(), status_code=503, headers={"Retry-After": "5"})
-    model = {
-        "id": pair.after_id,
-        "object": "model",
-        "created": 0,
-        "owned_by": "batchserve",
-        "lda": {"after": pair.after_id, "before": pair.before_id},
-    }
-    return JSONResponse({"object": "list", "data": [model]})
+    if pair.lora is None:
+        entries = [(pair.after_id, {"after": pair.after_id, "before": pair.before_id})]
+    else:  # a LoRA pair: each adapter is a model, amplified against the base by default
+        entries = [
+            (a.name, {"after": a.name, "before": pair.before_id, "lora": a.describe()})
+            for a in pair.lora.adapters
+        ]
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "batchserve", "lda": lda}
+        for name, lda in entries
+    ]
+    return JSONResponse({"object": "list", "data": data})
 
 
 ROUTES = [

@@ -30,10 +30,30 @@ class SamplingParams:
     # sum of log q_alpha (see logprobs.py); off by default, and free when off.
     logprobs: bool = False
     score_alphas: tuple[float, ...] = ()
+    # A LoRA pair: the adapters this row runs as its after and before model, by name (None:
+    # the pair's default after adapter, and the base). A full pair leaves both None.
+    after: str | None = None
+    before: str | None = None
 
     @property
     def wants_logprobs(self) -> bool:
         return self.logprobs or bool(self.score_alphas)
+
+
+class UnknownModelError(ValueError):
+    """A request names an after/before model (adapter) the server does not serve."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def adapter_key(params: SamplingParams) -> bytes:
+    """The prefix-cache key part of a row's models: KV computed with one pair of adapters is
+    never shared with rows that run another (Scheduler.add_request's `extra_key`)."""
+    if params.after is None and params.before is None:
+        return b""
+    return f"lora:{params.after or ''}\0{params.before or ''}\0".encode()
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ class PagedBatch:
     prefill_read_index: torch.Tensor | None  # [R, L'] likewise for each chunk's row
     prefill_spans: torch.Tensor | None  # [R, 3] int64, on the CPU
     is_compiled: bool = False
+    # A LoRA pair: each packed token's adapter index (worker/lora.py; -1 = the base alone).
+    token_adapters: torch.Tensor | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ says otherwise.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +20,19 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from batchserve.core.types import UnknownModelError
+from batchserve.worker.lora import (
+    AdapterError,
+    LoraSet,
+    apply_adapters,
+    find_adapter_dir,
+    read_adapter,
+)
+
 log = logging.getLogger(__name__)
 
 TOY_DIR = Path(__file__).parent.parent / "toy"
-TOY_NAMES = {"toy": "after", "toy:after": "after", "toy:before": "before"}
+TOY_NAMES = {"toy": "after", "toy:after": "after", "toy:before": "before", "toy:lora": "lora"}
 
 # Legacy LLaMA uploads name a tokenizer class that no longer exists under that spelling.
 _LEGACY_TOKENIZER_CLASSES = {"LLaMATokenizer": "LlamaTokenizer"}
@@ -67,13 +77,48 @@ class ModelPair:
     vocab_limit: int
     max_context: int
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # A LoRA pair: `after` and `before` are one base model carrying the adapters' deltas,
+    # unmerged (worker/lora.py); the runner runs both halves in one forward.
+    lora: LoraSet | None = None
+
+    def model_names(self, after: str | None, before: str | None) -> tuple[str | None, str | None]:
+        """The (after, before) names a request gives, canonical: a LoRA pair fills in its
+        default adapter and the base; a full pair takes only its own ids and returns Nones.
+        Raises UnknownModelError naming the field."""
+        lora = self.lora
+        if lora is None:
+            for name, given, served in (
+                ("after", after, self.after_id), ("before", before, self.before_id)
+            ):  # fmt: skip
+                if given is not None and given != served:
+                    raise UnknownModelError(
+                        name, f"{name}: {given!r} is not served here (this pair: "
+                        f"{self.after_id!r} after {self.before_id!r})",
+                    )  # fmt: skip
+            return None, None
+        names = []
+        for name, given, default in (
+            ("after", after, lora.names[0]), ("before", before, lora.base_id)
+        ):  # fmt: skip
+            given = default if given is None else given
+            if given == "base":
+                given = lora.base_id
+            if given != lora.base_id and given not in lora.names:
+                choices = ", ".join(repr(n) for n in (*lora.names, lora.base_id))
+                raise UnknownModelError(
+                    name, f"{name}: no adapter named {given!r} (this server has {choices})"
+                )
+            names.append(given)
+        return names[0], names[1]
 
 
 def resolve_model_path(name: str) -> str:
-    """Map `toy`, `toy:after`, `toy:before` to the packaged pair; anything else passes through."""
+    """Map `toy`, `toy:after`, `toy:before`, `toy:lora` to the packaged models; anything else
+    passes through."""
     if name in TOY_NAMES:
         path = TOY_DIR / TOY_NAMES[name]
-        if not (path / "config.json").exists():
+        marker = "adapter_config.json" if name == "toy:lora" else "config.json"
+        if not (path / marker).exists():
             raise FileNotFoundError(
                 f"the embedded toy pair is missing at {path}; "
                 "build it with `python -m toy_training.train --out batchserve/toy`"
@@ -249,7 +294,8 @@ LOAD_OPTIONS = (
 def load_options(source: object) -> dict[str, object]:
     """load_pair's keyword arguments from anything that carries them as attributes (parsed
     command-line options, a Ray replica's spec): one place that maps options to loading."""
-    return {name: getattr(source, name) for name in LOAD_OPTIONS}
+    options = {name: getattr(source, name) for name in LOAD_OPTIONS}
+    return options | {"adapters": tuple(getattr(source, "adapters", None) or ())}
 
 
 def load_pair(
@@ -263,8 +309,23 @@ def load_pair(
     trust_remote_code: bool = False,
     tokenizer_class: str | None = None,
     allow_incompatible: bool = False,
+    adapters: Sequence[tuple[str, str]] = (),
 ) -> ModelPair:
-    """Load both models onto one device. `before` defaults to the toy base when `after` is toy."""
+    """Load both models onto one device. `before` defaults to the toy base when `after` is toy.
+
+    A LoRA adapter as `after` (a folder with adapter_config.json, `toy:lora`), or `adapters`
+    ((name, folder) pairs), makes a LoRA pair: see load_lora_pair."""
+    after_adapter = find_adapter_dir(resolve_model_path(after)) if after else None
+    if after_adapter is not None or adapters:
+        named = list(adapters)
+        if after_adapter is not None:
+            named.insert(0, (after, after_adapter))
+        elif after not in (None, "toy", "toy:after"):
+            raise ValueError(f"--adapter needs a LoRA base pair, but --after {after} is a full model")
+        return load_lora_pair(
+            named, before, device=device, dtype=dtype, revision=revision_before or revision,
+            trust_remote_code=trust_remote_code, tokenizer_class=tokenizer_class,
+        )  # fmt: skip
     if before is None:
         if after not in TOY_NAMES:
             raise ValueError("before model not given (only the toy pair has a default)")
@@ -293,3 +354,55 @@ def load_pair(
         before_id=before,
         compatibility=report,
     )
+
+
+def load_lora_pair(
+    adapters: Sequence[tuple[str, str]],
+    before: str | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    tokenizer_class: str | None = None,
+) -> ModelPair:
+    """One copy of the base (`before`, by default the first adapter's base_model_name_or_path)
+    carrying every adapter unmerged; the first adapter is the default `after`. A request may
+    name another adapter, or the base, as either side (ModelPair.lora)."""
+    read = []
+    for name, folder in adapters:
+        if name in (a.name for a in read) or name == "base":
+            raise AdapterError(f"adapter name {name!r} is given twice or reserved")
+        read.append(read_adapter(resolve_model_path(folder), name))
+    base = before or read[0].base_model
+    if not base:
+        raise AdapterError(
+            f"adapter {read[0].name} names no base_model_name_or_path; give the base with --before"
+        )
+    for adapter in read:
+        if adapter.base_model and adapter.base_model != base:
+            log.warning(
+                "adapter %s was trained on %s, served on %s", adapter.name, adapter.base_model, base
+            )
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    tokenizer = load_tokenizer(
+        base, revision=revision, trust_remote_code=trust_remote_code,
+        tokenizer_class=tokenizer_class,
+    )  # fmt: skip
+    model = load_model(
+        base, torch_device, torch_dtype, revision=revision, trust_remote_code=trust_remote_code
+    )
+    lora = apply_adapters(model, read, base)
+    size = len(tokenizer)
+    pair = pair_from_models(
+        model, model, tokenizer, after_id=read[0].name, before_id=base,
+        compatibility=CompatibilityReport(True, size, size, True),
+    )  # fmt: skip
+    pair.lora = lora
+    log.info(
+        "LoRA pair on %s: %s (%d modules, %.1f MiB of adapter weights)",
+        base, ", ".join(f"{a.name} (r={a.rank})" for a in read), lora.num_modules,
+        lora.num_bytes() / 2**20,
+    )  # fmt: skip
+    return pair

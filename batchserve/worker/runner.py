@@ -16,6 +16,7 @@ dynamic shapes, so a steady stream of steps never recompiles.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ from batchserve.worker.attention import (
     ShapeProbe,
 )
 from batchserve.worker.logprobs import logprobs_of, pad_score_alphas
+from batchserve.worker.lora import BASE
 from batchserve.worker.models import ModelPair
 from batchserve.worker.sampling import SamplingPlan, amplify, draw, kept_probs
 
@@ -92,14 +94,20 @@ class ModelRunner:
             # measured on an H200, more than a whole 7B decode step's weight streaming.
             torch.backends.cuda.enable_cudnn_sdp(False)
             log.info("cuDNN attention disabled: it re-plans for every KV length")
-        probes = [self._probe_shapes(m) for m in models]
-        bytes_per_token = sum(p.bytes_per_token for p in probes)
+        # A LoRA pair is one model: its store holds each row twice, the before copy in
+        # blocks 0..num_blocks-1 and the after copy in the same blocks shifted by num_blocks.
+        self.lora = pair.lora
+        probes = [self._probe_shapes(m) for m in (models[:1] if self.lora else models)]
+        copies = 2 if self.lora else 1
+        bytes_per_token = sum(p.bytes_per_token for p in probes) * copies
         bs = self.config.block_size
         num_tokens = self._kv_tokens(bytes_per_token)
         self._num_blocks = max(2, num_tokens // bs + 1)  # + the reserved block 0
         self.stores = tuple(
-            KVStore(p.shapes, p.dtype, self._num_blocks * bs, self.device) for p in probes
+            KVStore(p.shapes, p.dtype, copies * self._num_blocks * bs, self.device)
+            for p in probes
         )
+        self._adapter_index: dict[tuple[str | None, str | None], tuple[int, int]] = {}
         self.kv_bytes = sum(s.num_bytes for s in self.stores)
         capacity = (self._num_blocks - 1) * bs
         self._max_row_tokens = min(pair.max_context, capacity)
@@ -148,6 +156,7 @@ class ModelRunner:
             "attention": ATTENTION_NAME,
             "compiled": self.is_compiled,
             "compile_s": self.compile_s,
+            "lora": None if self.lora is None else self.lora.describe(),
         }
 
     # --- set-up -----------------------------------------------------------------------------
@@ -224,10 +233,26 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepOutput:
         if not plan.rows:
             return StepOutput((), ())
+        after, before, sample_rows = self.logits(plan)
+        tokens, logprobs = self._sample(after, before, sample_rows)
+        self.num_steps += 1
+        order = {r.row_id: i for i, r in enumerate(sample_rows)}
+        in_plan_order = [order[r.row_id] for r in plan.rows if r.samples]
+        return self._to_host(tokens, logprobs, sample_rows, in_plan_order)
+
+    @torch.inference_mode()
+    def logits(
+        self, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, list[ScheduledRow]]:
+        """Run the step's forward (writing its KV): the after and before logits [S, vocab] of
+        its sampling rows, decoding rows first, and those rows in that order."""
         decoding = [r for r in plan.rows if len(r.token_ids) == 1]
         prefilling = [r for r in plan.rows if len(r.token_ids) > 1]
-        inputs, batch, sample_index = self._pack(decoding, prefilling)
         sample_rows = [r for r in (*decoding, *prefilling) if r.samples]
+        if self.lora is None:
+            inputs, batch, sample_index = self._pack(decoding, prefilling)
+        else:
+            inputs, batch, sample_index = self._pack_lora(decoding, prefilling)
         index = torch.tensor(sample_index, dtype=torch.long, device=self.device)
         # Once both graphs exist, dynamo need only tell them apart: checking every guard (on
         # each model parameter) cost 0.8 ms a step. A step they do not cover raises.
@@ -236,11 +261,7 @@ class ModelRunner:
                 inputs["input_ids"], inputs["position_ids"], index, batch
             )
         num_sampled = len(sample_rows)
-        tokens, logprobs = self._sample(after[:num_sampled], before[:num_sampled], sample_rows)
-        self.num_steps += 1
-        order = {r.row_id: i for i, r in enumerate(sample_rows)}
-        in_plan_order = [order[r.row_id] for r in plan.rows if r.samples]
-        return self._to_host(tokens, logprobs, sample_rows, in_plan_order)
+        return after[:num_sampled], before[:num_sampled], sample_rows
 
     def _forward_eager(
         self,
@@ -249,7 +270,19 @@ class ModelRunner:
         logits_index: torch.Tensor,
         batch: PagedBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both models over the packed tokens; logits [S, vocab] of the tokens in logits_index."""
+        """Both models over the packed tokens; logits [S, vocab] of the tokens in logits_index
+        (a LoRA pair: one forward over both copies; the index's first half is the before
+        copies' tokens, its second half the after copies')."""
+        if self.lora is not None:
+            self.lora.tokens.index = batch.token_adapters
+            out = self.pair.after(
+                input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                logits_to_keep=logits_index, batchserve=PagedCall(self.stores[0], batch),
+            )  # fmt: skip
+            self.lora.tokens.index = None
+            logits = out.logits[0, :, : self.vocab]
+            half = logits.shape[0] // 2
+            return logits[half:], logits[:half]
         outputs = []
         for model, store in zip((self.pair.after, self.pair.before), self.stores, strict=True):
             out = model(
@@ -259,15 +292,57 @@ class ModelRunner:
             outputs.append(out.logits[0, :, : self.vocab])
         return outputs[0], outputs[1]
 
-    def _pack(
+    def _adapters(self, row: ScheduledRow) -> tuple[int, int]:
+        """The row's (after, before) adapter indices (BASE: the base alone)."""
+        key = (row.params.after, row.params.before)
+        found = self._adapter_index.get(key)
+        if found is None:
+            assert self.lora is not None
+            found = (self.lora.index_of(key[0], 0), self.lora.index_of(key[1], BASE))
+            self._adapter_index[key] = found
+        return found
+
+    def _pack_lora(
         self, decoding: list[ScheduledRow], prefilling: list[ScheduledRow]
     ) -> tuple[dict[str, torch.Tensor], PagedBatch, list[int]]:
-        """Host lists -> the step's input tensors (one host-to-device copy each)."""
+        """Each row twice, as in `_pack`: its before copy (its own blocks, its before adapter
+        or the base) then its after copy (blocks shifted by num_blocks, its after adapter).
+        The logits index holds the before copies' sampled tokens, then the after copies'."""
+        shift = self._num_blocks
+
+        def copies(rows: list[ScheduledRow]) -> tuple[list[ScheduledRow], list[int]]:
+            sides = [self._adapters(r) for r in rows]
+            shifted = [
+                dataclasses.replace(r, block_ids=tuple(b + shift for b in r.block_ids))
+                for r in rows
+            ]
+            return [*rows, *shifted], [s[1] for s in sides] + [s[0] for s in sides]
+
+        dec, dec_adapters = copies(decoding)
+        pre, pre_adapters = copies(prefilling)
+        inputs, batch, index = self._pack(dec, pre, dec_adapters + pre_adapters)
+        num_dec = sum(r.samples for r in decoding)
+        num_pre = sum(r.samples for r in prefilling)
+        before = index[:num_dec] + index[2 * num_dec : 2 * num_dec + num_pre]
+        after = index[num_dec : 2 * num_dec] + index[2 * num_dec + num_pre : 2 * (num_dec + num_pre)]
+        padded = bucket(len(before))
+        index = before + [0] * (padded - len(before)) + after + [0] * (padded - len(after))
+        return inputs, batch, index
+
+    def _pack(
+        self,
+        decoding: list[ScheduledRow],
+        prefilling: list[ScheduledRow],
+        adapters: list[int] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], PagedBatch, list[int]]:
+        """Host lists -> the step's input tensors (one host-to-device copy each); `adapters`
+        (a LoRA pair): each row's adapter index, decoding rows then prefilling rows."""
         bs = self.block_size
         num_decode = bucket(len(decoding))
         ids: list[int] = []
         positions: list[int] = []
         write: list[int] = []
+        token_adapters: list[int] = []
         for r in decoding:
             ids.append(r.token_ids[0])
             positions.append(r.start)
@@ -276,6 +351,10 @@ class ModelRunner:
         ids += [0] * pad
         positions += [0] * pad
         write += [0] * pad
+        if adapters is not None:
+            token_adapters = adapters[: len(decoding)] + [BASE] * pad
+            for r, adapter in zip(prefilling, adapters[len(decoding) :], strict=True):
+                token_adapters += [adapter] * len(r.token_ids)
         sample_index = [i for i, r in enumerate(decoding) if r.samples]
         spans: list[tuple[int, int, int]] = []
         offset = 0
@@ -295,6 +374,7 @@ class ModelRunner:
             ids += [0] * pad
             positions += [0] * pad
             write += [0] * pad
+            token_adapters += [BASE] * pad
         spans += [(0, 0, 0)] * (_MIN_SIZE - len(spans))
         sample_index += [0] * (bucket(len(sample_index)) - len(sample_index))
         dev = self.device
@@ -316,7 +396,11 @@ class ModelRunner:
             prefill_read_index=prefill_read,
             prefill_spans=torch.tensor(spans, dtype=torch.long) if prefilling else None,
             is_compiled=self.is_compiled,
-        )
+            token_adapters=(
+                None if adapters is None
+                else torch.tensor(token_adapters, dtype=torch.long, device=dev)
+            ),
+        )  # fmt: skip
         inputs = {
             "input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
             "position_ids": torch.tensor([positions], dtype=torch.long, device=dev),

@@ -1,0 +1,279 @@
+"""LoRA pairs: read peft's adapter files by hand and apply them unmerged, per token.
+
+A LoRA "after" model is `W + s * B A` on its targeted linear layers, so both models of a pair
+can run as one forward over one copy of the base: the runner packs each row twice (its before
+copy and its after copy) and every token carries the index of the adapter it runs with
+(-1: the base alone). Each targeted `nn.Linear` becomes a `LoraLinear` that adds
+
+    ((x A_cat^T) * mask) (s B)_cat^T,   mask[t, c] = (column c belongs to token t's adapter)
+
+over all loaded adapters at once: one dense product per layer whatever the mix of adapters in
+the step, no data-dependent shapes (so torch.compile sees one graph), and a base token's delta
+is exactly 0. The extra work is sum(r) * (in + out) per token and layer, a few percent of the
+base product at ranks of 8-64.
+
+peft is not needed at run time: its files are a JSON config and a safetensors file with keys
+`base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r]; its
+mixed-batch forward (`adapter_names=`) builds Python index lists in hooks on every call.
+Adapters this code cannot apply exactly are refused at start-up, naming why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+BASE = -1  # a token's adapter index when it runs the base alone
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+_EMBEDDING_KEY = re.compile(r"lora_embedding_[AB]")
+
+
+class AdapterError(ValueError):
+    """An adapter the server cannot apply exactly (refused at start-up)."""
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One adapter as read from disk: per module, A [r, in] and B [out, r] with its scale."""
+
+    name: str
+    path: str
+    base_model: str | None
+    rank: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
+
+    def describe(self) -> dict[str, object]:
+        """What /info and /v1/models say about it."""
+        return {
+            "name": self.name,
+            "path": self.path,
+            "base_model": self.base_model,
+            "rank": self.rank,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": list(self.target_modules),
+            "num_modules": len(self.weights),
+        }
+
+
+def find_adapter_dir(name: str) -> str | None:
+    """The folder holding `adapter_config.json` if `name` is a LoRA adapter (a local folder or
+    a hub id), else None."""
+    path = Path(name)
+    if path.is_dir():
+        return str(path) if (path / "adapter_config.json").is_file() else None
+    if path.exists() or name.startswith((".", "/")):
+        return None
+    try:
+        from transformers.utils import find_adapter_config_file  # noqa: PLC0415
+
+        found = find_adapter_config_file(name)
+    except (OSError, ValueError):
+        return None
+    return str(Path(found).parent) if found else None
+
+
+def _pattern_value(pattern: dict, module: str, default: float) -> float:
+    """peft's per-module override: a key matches a module name that ends with it."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _check_config(config: dict, where: str) -> None:
+    def refuse(why: str) -> None:
+        raise AdapterError(f"adapter {where}: {why}")
+
+    if config.get("peft_type", "LORA") != "LORA":
+        refuse(f"peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        refuse("DoRA (use_dora) rescales each output column by the merged weight's norm; only "
+               "plain LoRA is served unmerged (merge it into a full model instead)")  # fmt: skip
+    if config.get("modules_to_save"):
+        refuse(f"modules_to_save {config['modules_to_save']} replaces whole modules (e.g. the "
+               "embeddings or the head); serve a merged full model instead")  # fmt: skip
+    if config.get("trainable_token_indices"):
+        refuse("trainable_token_indices changes embedding rows, which is not supported")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        refuse("trained biases (bias / lora_bias) are not supported")
+    if config.get("fan_in_fan_out"):
+        refuse("fan_in_fan_out targets Conv1D layers (GPT-2 style); only nn.Linear is supported")
+    if config.get("target_parameters"):
+        refuse("target_parameters (LoRA on raw parameters, e.g. MoE experts) is not supported")
+    for option in ("use_qalora", "use_bdlora", "alora_invocation_tokens", "layer_replication"):
+        if config.get(option):
+            refuse(f"{option} is not supported")
+
+
+def read_adapter(path: str, name: str | None = None) -> LoraAdapter:
+    """Read peft's `adapter_config.json` + `adapter_model.safetensors` from a folder."""
+    folder = Path(path)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterError(f"{path} has no adapter_config.json")
+    config = json.loads(config_path.read_text())
+    _check_config(config, str(path))
+    weights_path = folder / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        raise AdapterError(f"adapter {path}: no adapter_model.safetensors (only that format is read)")
+    tensors = load_file(weights_path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if _EMBEDDING_KEY.search(key):
+            raise AdapterError(f"adapter {path}: LoRA on an embedding ({key}) is not supported")
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(f"adapter {path}: unexpected tensor {key!r} (not a LoRA A/B weight)")
+        parts.setdefault(m["module"], {})[m["ab"]] = tensor
+    lora_alpha = float(config.get("lora_alpha", 8))
+    weights = {}
+    for module, ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter {path}: {module} has lora_{''.join(ab)} only")
+        a, b = ab["A"], ab["B"]
+        rank = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != rank:
+            raise AdapterError(
+                f"adapter {path}: {module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not "
+                "a linear layer's [r, in] and [out, r]"
+            )
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, lora_alpha)
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        weights[module] = (a, b, scale)
+    if not weights:
+        raise AdapterError(f"adapter {path}: no LoRA weights in adapter_model.safetensors")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    return LoraAdapter(
+        name=name or str(path),
+        path=str(path),
+        base_model=config.get("base_model_name_or_path"),
+        rank=int(config.get("r", 8)),
+        lora_alpha=lora_alpha,
+        target_modules=tuple(targets),
+        weights=weights,
+    )
+
+
+class TokenAdapters:
+    """The step's per-token adapter indices [T] (BASE for base tokens), shared by every
+    LoraLinear of a model; None outside the runner's step (a plain forward is the base)."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+
+
+class LoraLinear(nn.Module):
+    """A base nn.Linear plus the low-rank deltas of every adapter that targets it."""
+
+    def __init__(
+        self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor,
+        tokens: TokenAdapters,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.base = base
+        # Buffers, not parameters: never trained, moved with the model, shared by no one.
+        self.register_buffer("lora_a", a, persistent=False)  # [R, in], all adapters' rows
+        self.register_buffer("lora_b", b, persistent=False)  # [out, R], scale folded in
+        self.register_buffer("owner", owner, persistent=False)  # [R]: adapter of each column
+        self.tokens = tokens
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects a linear layer's weight still can
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        index = self.tokens.index
+        if index is None:
+            return out
+        mask = (index[:, None] == self.owner[None, :]).to(x.dtype)  # [T, R]
+        return out + ((x @ self.lora_a.T) * mask) @ self.lora_b.T
+
+
+@dataclass
+class LoraSet:
+    """The adapters applied to one base model, by index; `tokens` is what the runner sets."""
+
+    adapters: tuple[LoraAdapter, ...]
+    tokens: TokenAdapters
+    base_id: str
+    num_modules: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.adapters)
+
+    def index_of(self, name: str | None, default: int) -> int:
+        """An adapter's index; the base's id (or "base") is BASE; None is `default`."""
+        if name is None:
+            return default
+        if name in (self.base_id, "base"):
+            return BASE
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(name) from None
+
+    def describe(self) -> dict[str, object]:
+        return {"base": self.base_id, "adapters": [a.describe() for a in self.adapters]}
+
+    def num_bytes(self) -> int:
+        return sum(
+            (a.numel() + b.numel()) * a.element_size()
+            for adapter in self.adapters for a, b, _ in adapter.weights.values()
+        )  # fmt: skip
+
+
+def apply_adapters(
+    model: nn.Module, adapters: list[LoraAdapter], base_id: str
+) -> LoraSet:
+    """Wrap every linear layer some adapter targets, in place; checks each adapter against
+    the base's modules and shapes first, so a mismatch changes nothing."""
+    if not adapters:
+        raise AdapterError("no adapters to apply")
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for index, adapter in enumerate(adapters):
+        for name, (a, b, scale) in adapter.weights.items():
+            module = modules.get(name)
+            where = f"adapter {adapter.name}: {name}"
+            if module is None:
+                raise AdapterError(f"{where} is not a module of the base model {base_id}")
+            if module is head:
+                raise AdapterError(f"{where} is the output head, which is not supported")
+            if isinstance(module, LoraLinear):
+                raise AdapterError(f"{where} already carries a LoRA delta")
+            if type(module) is not nn.Linear:
+                raise AdapterError(
+                    f"{where} is a {type(module).__name__}; only nn.Linear layers are supported"
+                )
+            if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
+                raise AdapterError(
+                    f"{where}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the base's "
+                    f"{module.in_features} -> {module.out_features} layer (another base model?)"
+                )
+            targets.setdefault(name, []).append((index, a, b * scale))
+    tokens = TokenAdapters()
+    weight = next(model.parameters())
+    for name, parts in targets.items():
+        base = modules[name]
+        a = torch.cat([p[1] for p in parts]).to(weight.device, weight.dtype)
+        b = torch.cat([p[2] for p in parts], dim=1).to(weight.device, weight.dtype)
+        owner = torch.cat(
+            [torch.full((p[1].shape[0],), p[0], dtype=torch.long) for p in parts]
+        ).to(weight.device)
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, LoraLinear(base, a, b, owner, tokens))
+    return LoraSet(tuple(adapters), tokens, base_id, len(targets))
