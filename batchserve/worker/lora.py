@@ -20,6 +20,7 @@ Adapters this code cannot apply exactly are refused at start-up, naming why.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -49,6 +50,9 @@ class LoraAdapter:
     rank: int
     lora_alpha: float
     target_modules: tuple[str, ...]
+    num_modules: int
+    num_bytes: int
+    # Emptied once applied (the LoraLinear layers hold the weights in the model's dtype).
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
 
     def describe(self) -> dict[str, object]:
@@ -60,7 +64,7 @@ class LoraAdapter:
             "rank": self.rank,
             "lora_alpha": self.lora_alpha,
             "target_modules": list(self.target_modules),
-            "num_modules": len(self.weights),
+            "num_modules": self.num_modules,
         }
 
 
@@ -160,31 +164,51 @@ def read_adapter(path: str, name: str | None = None) -> LoraAdapter:
         rank=int(config.get("r", 8)),
         lora_alpha=lora_alpha,
         target_modules=tuple(targets),
+        num_modules=len(weights),
+        num_bytes=sum((a.nbytes + b.nbytes) for a, b, _ in weights.values()),
         weights=weights,
     )
 
 
 class TokenAdapters:
-    """The step's per-token adapter indices [T] (BASE for base tokens), shared by every
-    LoraLinear of a model; None outside the runner's step (a plain forward is the base)."""
+    """The step's per-token masks, shared by every LoraLinear of a model: for each distinct
+    column layout (`owners`: which adapter each column belongs to), mask [T, R] is 1 where the
+    token's adapter owns the column. Built once per step, not once per layer; None outside the
+    runner's step (a plain forward is the base)."""
 
     def __init__(self) -> None:
-        self.index: torch.Tensor | None = None
+        self.owners: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] | None = None
+
+    def layout(self, owner: torch.Tensor) -> int:
+        """The index of `owner`'s layout, added if new."""
+        for i, known in enumerate(self.owners):
+            if torch.equal(known, owner):
+                return i
+        self.owners.append(owner)
+        return len(self.owners) - 1
+
+    def set(self, index: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """The step's adapter index per token [T] (BASE: the base alone); None to clear."""
+        if index is None:
+            self.masks = None
+            return
+        self.masks = [(index[:, None] == owner[None, :]).to(dtype) for owner in self.owners]
 
 
 class LoraLinear(nn.Module):
     """A base nn.Linear plus the low-rank deltas of every adapter that targets it."""
 
     def __init__(
-        self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor,
+        self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, layout: int,
         tokens: TokenAdapters,
     ) -> None:  # fmt: skip
         super().__init__()
         self.base = base
-        # Buffers, not parameters: never trained, moved with the model, shared by no one.
+        # Buffers, not parameters: never trained, moved with the model.
         self.register_buffer("lora_a", a, persistent=False)  # [R, in], all adapters' rows
         self.register_buffer("lora_b", b, persistent=False)  # [out, R], scale folded in
-        self.register_buffer("owner", owner, persistent=False)  # [R]: adapter of each column
+        self.layout = layout  # which of tokens.masks selects this layer's columns
         self.tokens = tokens
 
     @property
@@ -193,11 +217,10 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        index = self.tokens.index
-        if index is None:
+        masks = self.tokens.masks
+        if masks is None:
             return out
-        mask = (index[:, None] == self.owner[None, :]).to(x.dtype)  # [T, R]
-        return out + ((x @ self.lora_a.T) * mask) @ self.lora_b.T
+        return out + ((x @ self.lora_a.T) * masks[self.layout]) @ self.lora_b.T
 
 
 @dataclass
@@ -228,10 +251,8 @@ class LoraSet:
         return {"base": self.base_id, "adapters": [a.describe() for a in self.adapters]}
 
     def num_bytes(self) -> int:
-        return sum(
-            (a.numel() + b.numel()) * a.element_size()
-            for adapter in self.adapters for a, b, _ in adapter.weights.values()
-        )  # fmt: skip
+        """The adapters' weights as read (the model holds them in its own dtype)."""
+        return sum(a.num_bytes for a in self.adapters)
 
 
 def apply_adapters(
@@ -275,5 +296,7 @@ def apply_adapters(
         ).to(weight.device)
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        setattr(parent, child, LoraLinear(base, a, b, owner, tokens))
-    return LoraSet(tuple(adapters), tokens, base_id, len(targets))
+        setattr(parent, child, LoraLinear(base, a, b, tokens.layout(owner), tokens))
+    # Keep what describes the adapters, not a second copy of their weights.
+    kept = tuple(dataclasses.replace(adapter, weights={}) for adapter in adapters)
+    return LoraSet(kept, tokens, base_id, len(targets))

@@ -274,12 +274,12 @@ class ModelRunner:
         (a LoRA pair: one forward over both copies; the index's first half is the before
         copies' tokens, its second half the after copies')."""
         if self.lora is not None:
-            self.lora.tokens.index = batch.token_adapters
+            self.lora.tokens.set(batch.token_adapters, self.pair.dtype)
             out = self.pair.after(
                 input_ids=input_ids, position_ids=position_ids, use_cache=False,
                 logits_to_keep=logits_index, batchserve=PagedCall(self.stores[0], batch),
             )  # fmt: skip
-            self.lora.tokens.index = None
+            self.lora.tokens.set(None, self.pair.dtype)
             logits = out.logits[0, :, : self.vocab]
             half = logits.shape[0] // 2
             return logits[half:], logits[:half]
