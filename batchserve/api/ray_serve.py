@@ -51,6 +51,7 @@ class ReplicaSpec:
     trust_remote_code: bool = False
     tokenizer_class: str | None = None
     allow_incompatible: bool = False
+    adapters: tuple[tuple[str, str], ...] | list[tuple[str, str]] = ()  # LoRA pairs: --adapter
     threads: str = "auto"
     log_level: str = "info"
 

@@ -76,13 +76,17 @@ def find_adapter_dir(name: str) -> str | None:
         return str(path) if (path / "adapter_config.json").is_file() else None
     if path.exists() or name.startswith((".", "/")):
         return None
-    try:
-        from transformers.utils import find_adapter_config_file  # noqa: PLC0415
+    from transformers.utils import cached_file, find_adapter_config_file  # noqa: PLC0415
 
+    try:
         found = find_adapter_config_file(name)
     except (OSError, ValueError):
         return None
-    return str(Path(found).parent) if found else None
+    if not found:
+        return None
+    # A hub adapter: its weights land in the same snapshot folder as its config.
+    cached_file(name, "adapter_model.safetensors")
+    return str(Path(found).parent)
 
 
 def _pattern_value(pattern: dict, module: str, default: float) -> float:
