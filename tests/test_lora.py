@@ -321,3 +321,21 @@ def test_the_compiled_step_gives_the_eager_results(lora_pair):
             compiled_run.add(_rows([mixed] * (1 + i % 3), PROMPTS[: 1 + i % 3], first_id=100 + 10 * i))
             compiled_run.step()
         compiled_run.run()
+
+
+def test_peft_mixed_batch_forward_agrees(lora_pair):
+    """With peft installed (the train extra): its own mixed-batch forward (`adapter_names`,
+    "__base__" for base rows) over the same prompts gives the same logits."""
+    peft = pytest.importorskip("peft")
+    runner = runner_for(lora_pair)
+    params = dataclasses.replace(GREEDY, after="toy:lora", before="toy:before")
+    prompt = PROMPTS[0]
+    after, before, _ = runner.logits(StepPlan((_row(0, prompt, params, (1, 2)),)))
+    base = AutoModelForCausalLM.from_pretrained(TOY_DIR / "before", dtype=torch.float32).eval()
+    model = peft.PeftModel.from_pretrained(base, LORA_DIR).eval()
+    ids = torch.tensor([prompt, prompt])
+    with torch.no_grad():
+        logits = model(input_ids=ids, adapter_names=["default", "__base__"]).logits
+    vocab = lora_pair.vocab_limit
+    torch.testing.assert_close(after[0], logits[0, -1, :vocab], rtol=0, atol=2e-5)
+    torch.testing.assert_close(before[0], logits[1, -1, :vocab], rtol=0, atol=2e-5)
