@@ -187,6 +187,58 @@ def run_child(args: argparse.Namespace) -> dict:
     }
 
 
+def run_peft_child(args: argparse.Namespace) -> dict:
+    """Forward only, one step of 2B single-token rows (B before, B after): batchserve's
+    LoraLinear (per-token mask, rows packed as one sequence) vs peft's mixed-batch forward
+    (`adapter_names=[...]`, "__base__" for the before rows) vs the base alone."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from batchserve.worker.lora import BASE, apply_adapters, read_adapter
+
+    torch.set_num_threads(args.threads)
+    folders = json.loads(args.folders)
+
+    def base_model():
+        return AutoModelForCausalLM.from_pretrained(folders["base"], dtype=torch.float32).eval()
+
+    ours = base_model()
+    lora = apply_adapters(ours, [read_adapter(folders["adapter"])], "base")
+    theirs = peft.PeftModel.from_pretrained(base_model(), folders["adapter"]).eval()
+    plain = base_model()
+    results = {}
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        ids = torch.randint(10, SHAPE["vocab_size"], (2 * batch,))
+        positions = torch.full((2 * batch,), 16)
+        names = ["__base__"] * batch + ["default"] * batch
+        index = torch.tensor([BASE] * batch + [0] * batch)
+
+        def run_ours(ids=ids, positions=positions, index=index):
+            lora.tokens.set(index, torch.float32)
+            ours(input_ids=ids[None], position_ids=positions[None], logits_to_keep=0)
+            lora.tokens.set(None, torch.float32)
+
+        calls = {
+            "batchserve_delta": run_ours,
+            "peft_mixed_batch": lambda ids=ids, positions=positions, names=names: theirs(
+                input_ids=ids[:, None], position_ids=positions[:, None], adapter_names=names
+            ),
+            "base_alone": lambda ids=ids, positions=positions: plain(
+                input_ids=ids[:, None], position_ids=positions[:, None]
+            ),
+        }
+        timings = {name: [] for name in calls}
+        with torch.inference_mode():
+            for repeat in range(3 + args.steps):
+                for name, call in calls.items():  # interleaved: the same load for each
+                    t0 = time.perf_counter()
+                    call()
+                    if repeat >= 3:
+                        timings[name].append((time.perf_counter() - t0) * 1000)
+        results[str(batch)] = {name: statistics.median(t) for name, t in timings.items()}
+    return {"variant": "peft", "peft_version": peft.__version__, "forward_ms": results}
+
+
 # --- the run (parent) --------------------------------------------------------------------------
 
 
@@ -197,6 +249,8 @@ def child(variant: str, folders: dict, args: argparse.Namespace) -> dict:
         "--steps", str(args.steps), "--prompt-len", str(args.prompt_len),
         *(["--compile"] if args.compile else []),
     ]  # fmt: skip
+    if variant == "peft":
+        cmd = [c for c in cmd if c != "--compile"]
     env = dict(os.environ, BATCHSERVE_COMPILE="1" if args.compile else "0")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -283,11 +337,36 @@ def markdown(report: dict) -> str:
         "it is what applying the adapter costs. 1-minute load average during the runs: "
         f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores (other jobs shared the "
         "machine; the variants alternate so both see the same load). peft's mixed-batch "
-        "forward (`adapter_names=`): not measured (peft is not installed where this ran).",
+        "forward (`adapter_names=`): "
+        + ("below." if report.get("peft") else "not measured (run with --peft, peft installed)."),
         "",
         report["why"],
         "",
+        *peft_section(report.get("peft")),
     ])
+
+
+def peft_section(peft_run: dict | None) -> list[str]:
+    if peft_run is None:
+        return []
+    rows = [
+        [b, *(f"{x[k]:.2f}" for k in ("base_alone", "batchserve_delta", "peft_mixed_batch")),
+         f"{x['peft_mixed_batch'] / x['batchserve_delta']:.2f}x"]
+        for b, x in peft_run["forward_ms"].items()
+    ]  # fmt: skip
+    return [
+        f"## One forward of 2B rows: this delta vs peft {peft_run['peft_version']}'s mixed batch",
+        "",
+        table(["rows B", "base alone ms", "batchserve delta ms", "peft adapter_names ms",
+               "peft / batchserve"], rows),  # fmt: skip
+        "",
+        "Forward only, B before rows and B after rows of one token each, interleaved calls, "
+        "median. batchserve: the rows packed as one sequence, one mask per step and two "
+        "rank-r products per layer; peft: `adapter_names` with `__base__` for the before "
+        "rows, which hooks every LoRA layer and slices its input per adapter in Python on "
+        "every call. Base alone: the same forward with no adapter at all.",
+        "",
+    ]
 
 
 def why(summary: dict) -> str:
@@ -300,9 +379,9 @@ def why(summary: dict) -> str:
 
     return (
         "Why: the merged pair runs two forwards, each over its own weight copy; the LoRA pair "
-        "runs one forward of 2B rows over one copy, plus per targeted layer (7 x 8 here) two rank-r products "
-        "and a multiply by the step's adapter mask, over all 2B rows. With few rows a step is bound by "
-        "reading the weights and by per-forward overhead (the eager step runs each layer's "
+        "runs one forward of 2B rows over one copy, plus per targeted layer (7 x 8 here) two "
+        "rank-r products and a multiply by the step's adapter mask, over all 2B rows. With "
+        "few rows a step is bound by reading the weights and by per-forward overhead (the eager step runs each layer's "
         "Python and op dispatch once per forward), so the LoRA pair, paying both once, is "
         f"faster: {small['lora_over_merged']:.2f}x the merged step at B={min(steps, key=int)}; "
         "the delta's extra ops cost "
@@ -329,11 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the step")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"JSON path (default: bench/results/lora-{SHAPE_NAME}-cpu.json)")  # fmt: skip
-    parser.add_argument("--child", choices=["lora", "merged"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--peft", action="store_true",
+        help="also time one forward of 2B rows: this delta vs peft's mixed-batch adapter_names "
+        "(needs peft) vs the base alone",
+    )  # fmt: skip
+    parser.add_argument("--child", choices=["lora", "merged", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--folders", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args)))
+        print(json.dumps(run_peft_child(args) if args.child == "peft" else run_child(args)))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         log("writing the base, the adapter and the merged model ...")
@@ -343,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in ("lora", "merged"):
                 log(f"run {repeat + 1}/{args.repeats}: {variant} ...")
                 runs.append(child(variant, folders, args))
+        peft_run = child("peft", folders, args) if args.peft else None
     lora_run = next(r for r in runs if r["variant"] == "lora")
     base_bytes = lora_run["weight_bytes"]
     report = {
@@ -354,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_len": args.prompt_len, "steps": args.steps,
         },  # fmt: skip
         "runs": runs,
+        "peft": peft_run,
         "summary": summarize(runs, base_bytes, args.batch_sizes.split(",")),
         "gpu": "not measured",
     }
