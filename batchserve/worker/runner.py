@@ -8,6 +8,11 @@ worker/attention.py), amplifies and samples the rows that draw a token, computes
 log-probabilities of rows that asked from the very tensors the sampler used, and copies the
 result to the host once.
 
+A LoRA pair (worker/lora.py) is one model: every row is packed twice, its before copy and its
+after copy, and the one forward over the base gives each token its adapter's delta; the copies
+keep their KV in one store of twice the blocks (the after copy's blocks are the row's own,
+shifted by the number of blocks), so the scheduler's block tables serve both.
+
 Shapes: the decoding rows, the prompt tokens, the chunks and the sampled rows are each padded
 to a small set of buckets (padding rows read and write the reserved block 0), and never to 0 or
 1 (sizes torch.compile specialises on). With `compile` the step's forward is compiled once with
