@@ -424,6 +424,8 @@ def iter_generate(
     outputs: dict[int, tuple[int, RequestOutput]] = {}  # request id -> (first row index, output)
     first_row = 0
     for index, request in enumerate(requests):
+        # A LoRA pair's adapter names, checked before anything runs (UnknownModelError).
+        pair.model_names(request.params.after, request.params.before)
         prompt = frontend.prepare(request, index)
         rows, row_prompt = expand_rows([request], [prompt], row_ids)
         core.add_request(index, rows, now=0.0)

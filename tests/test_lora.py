@@ -339,3 +339,15 @@ def test_peft_mixed_batch_forward_agrees(lora_pair):
     vocab = lora_pair.vocab_limit
     torch.testing.assert_close(after[0], logits[0, -1, :vocab], rtol=0, atol=2e-5)
     torch.testing.assert_close(before[0], logits[1, -1, :vocab], rtol=0, atol=2e-5)
+
+
+def test_generate_refuses_an_unknown_adapter_before_anything_runs(lora_pair):
+    from batchserve.core.types import GenerationRequest
+    from batchserve.engine import generate
+
+    good = GenerationRequest("hello", dataclasses.replace(GREEDY, max_new_tokens=2, after="other"))
+    bad = GenerationRequest("hello", dataclasses.replace(GREEDY, after="missing"))
+    with pytest.raises(UnknownModelError, match="missing"):
+        generate(lora_pair, [good, bad])
+    (result,) = generate(lora_pair, [good])
+    assert result.tokens_generated == 2
