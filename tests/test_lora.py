@@ -95,7 +95,7 @@ def test_reads_the_peft_saved_toy_adapter():
     assert len(adapter.weights) == 4 * 7
     a, b, scale = adapter.weights["model.layers.0.self_attn.q_proj"]
     assert a.shape == (16, 128) and b.shape == (128, 16)
-    assert scale == config["lora_alpha"] / config["r"]
+    assert scale == adapter.scale == config["lora_alpha"] / config["r"]
     assert adapter.describe()["target_modules"] == sorted(config["target_modules"])
 
 
@@ -351,3 +351,16 @@ def test_generate_refuses_an_unknown_adapter_before_anything_runs(lora_pair):
         generate(lora_pair, [good, bad])
     (result,) = generate(lora_pair, [good])
     assert result.tokens_generated == 2
+
+
+def test_rslora_and_alpha_pattern_set_each_modules_scale(tmp_path):
+    r = 4
+    tensors = {}
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"):
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.ones(r, 32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.ones(64, r)
+    config = {"r": r, "lora_alpha": 8, "use_rslora": True, "alpha_pattern": {"up_proj": 2}}
+    adapter = read_adapter(str(write_adapter(tmp_path / "rs", config, tensors)))
+    assert adapter.scale == 8 / 2
+    assert adapter.weights["model.layers.0.self_attn.q_proj"][2] == 8 / 2
+    assert adapter.weights["model.layers.0.mlp.up_proj"][2] == 2 / 2

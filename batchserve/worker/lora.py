@@ -49,6 +49,7 @@ class LoraAdapter:
     base_model: str | None
     rank: int
     lora_alpha: float
+    scale: float  # lora_alpha / r (rsLoRA: / sqrt(r)); alpha_pattern may override per module
     target_modules: tuple[str, ...]
     num_modules: int
     num_bytes: int
@@ -63,6 +64,7 @@ class LoraAdapter:
             "base_model": self.base_model,
             "rank": self.rank,
             "lora_alpha": self.lora_alpha,
+            "scale": self.scale,
             "target_modules": list(self.target_modules),
             "num_modules": self.num_modules,
         }
@@ -159,14 +161,16 @@ def read_adapter(path: str, name: str | None = None) -> LoraAdapter:
         weights[module] = (a, b, scale)
     if not weights:
         raise AdapterError(f"adapter {path}: no LoRA weights in adapter_model.safetensors")
+    rank = int(config.get("r", 8))
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else sorted(targets)
     return LoraAdapter(
         name=name or str(path),
         path=str(path),
         base_model=config.get("base_model_name_or_path"),
-        rank=int(config.get("r", 8)),
+        rank=rank,
         lora_alpha=lora_alpha,
+        scale=lora_alpha / math.sqrt(rank) if config.get("use_rslora") else lora_alpha / rank,
         target_modules=tuple(targets),
         num_modules=len(weights),
         num_bytes=sum((a.nbytes + b.nbytes) for a, b, _ in weights.values()),
