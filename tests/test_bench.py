@@ -3,6 +3,7 @@ timings on a shared CI machine say nothing, so only the report's shape is checke
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -194,3 +195,51 @@ def test_load_bench_runs_two_modes_and_reports(tmp_path: Path) -> None:
     assert out.with_suffix(".md").read_text().startswith("# Load benchmark")
     assert (tmp_path / "load-load-throughput.png").stat().st_size > 0
     assert (tmp_path / "load-load-latency-cdf.png").stat().st_size > 0
+
+
+def test_the_hand_written_loop_does_the_servers_job() -> None:
+    """bench.lone's baseline must generate what the engine generates, or its ratio compares two
+    different jobs: greedy (top_p keeps only the top token) against the engine at temperature 0."""
+    from batchserve.core.types import GenerationRequest, SamplingParams
+    from batchserve.engine import generate
+    from batchserve.frontend import format_prompt
+    from batchserve.worker.models import load_pair
+    from bench.lone import PROMPT, hand_written_loop
+
+    stock = load_pair("toy", device="cpu")
+    prompt_ids = stock.tokenizer.encode(format_prompt(PROMPT))
+    loop_tokens = hand_written_loop(
+        stock, prompt_ids, 12, alpha=2.0, temperature=1.0, top_p=1e-9, seed=0
+    )
+    params = SamplingParams(alpha=2.0, temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    (result,) = generate(load_pair("toy", device="cpu"), [GenerationRequest(PROMPT, params)])
+    assert list(result.token_ids) == loop_tokens
+
+
+def test_open_loop_arrivals_are_a_seeded_poisson_process() -> None:
+    from bench.openloop import arrival_times
+
+    arrivals = arrival_times(50.0, 20.0, seed=3)
+    assert arrivals == arrival_times(50.0, 20.0, seed=3)
+    assert arrivals != arrival_times(50.0, 20.0, seed=4)
+    assert all(0 < a < b < 20.0 for a, b in itertools.pairwise(arrivals))
+    assert 850 <= len(arrivals) <= 1150  # 1,000 expected; sd about 32
+
+
+def test_threads_bench_neighbours_spin_and_stop() -> None:
+    import multiprocessing
+
+    from bench.threads import default_settings, markdown, neighbours
+
+    with neighbours(2):
+        children = multiprocessing.active_children()
+        assert len(children) == 2 and all(c.is_alive() for c in children)
+    assert not multiprocessing.active_children()
+    assert [s.name for s in default_settings(1)] == ["auto (default)", "threads 1"]
+    quiet = {"lone_p50_s": 0.5, "tokens_per_s": 1000.0}
+    busy = {"lone_p50_s": 1.0, "tokens_per_s": 0.0}
+    report = {
+        "created_at": "now", "host": "h", "neighbours": 1, "num_lone": 3, "clients_s": 5.0,
+        "command": "c", "results": {"threads 1": {"quiet": quiet, "busy": busy}},
+    }  # fmt: skip
+    assert "| threads 1 | 500 | 1000 | 2.00 | 1,000 | 0 | 0.00 |" in markdown(report)
