@@ -22,7 +22,7 @@ client. Each replica then reserves 0.25 of a Ray CPU.
 Tokens/s, requests/s and latencies come from the client side, so they count every replica; rows
 per replica come from each response's x-batchserve-replica header. `--kill` ends the run by
 killing the busiest replica of the largest deployment under load, with the bundled client
-(client/api.py, which retries 503 + Retry-After), and counts what came back.
+(batchserve_client/api.py, which retries 503 + Retry-After), and counts what came back.
 """
 
 from __future__ import annotations
@@ -481,7 +481,7 @@ def markdown(report: dict) -> str:
             "## A replica killed under load",
             "",
             f"{kill['num_replicas']} replicas, {workload['concurrency'][0]} clients of the "
-            f"bundled client (client/api.py: retries 503 after Retry-After, and connection "
+            f"bundled client (batchserve_client/api.py: retries 503 after Retry-After, and connection "
             f"errors), {kill['duration_s']:g} s; the busiest replica killed at "
             f"{kill['kill'].get('at_s')} s with {kill['kill'].get('ongoing_requests')} requests "
             "in flight (ray.kill, no restart: Serve starts a replacement).",
