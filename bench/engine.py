@@ -403,15 +403,21 @@ def main(argv: list[str] | None = None) -> int:
     title = (
         f"{shape or source['after']} on {device_name(device)}, {str(dtype).removeprefix('torch.')}"
     )
-    print(f"## engine: {title}\n")
-    print(format_table(results))
+    command = "python -m bench.engine " + " ".join(argv if argv is not None else sys.argv[1:])
+    markdown = (
+        f"## engine: {title}, {torch.get_num_threads()} torch threads "
+        f"({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
+        f"- host: {platform.machine()}, {os.cpu_count()} CPUs; command: `{command}`\n\n"
+        + format_table(results) + "\n"
+    )  # fmt: skip
     comparison = None
     if args.baseline:
         text, comparison = compare([r["results"] for r in baseline_reports], all_results)
-        print(f"\n### against {args.baseline} (mean of {rounds} alternating rounds)\n")
-        print(text)
+        markdown += f"\n### against {args.baseline} (mean of {rounds} alternating rounds)\n\n{text}\n"
+    print(markdown)
     report = {
         "benchmark": "engine",
+        "command": command,
         "pair": source,
         "device": str(device),
         "device_name": device_name(device),
@@ -436,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         path = args.output if args.output.parent != Path() else RESULTS_DIR / args.output
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"wrote {path}")
+        path.with_suffix(".md").write_text(markdown)
+        log(f"wrote {path} and its .md")
     return 0
 
 
