@@ -13,6 +13,7 @@ from typing import TextIO
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from batchserve.api.cli_options import add_model_options, configure_threads, runner_config
+from batchserve.api.responses import row_result
 from batchserve.argconfig import config_from_args
 from batchserve.schemas import (
     Alpha,
@@ -182,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 held[index] = {
                     "index": index,
                     "alpha": result.alpha,
-                    **result.row_fields(),
+                    **row_result(result).model_dump(mode="json"),
                     "prompt_index": request_of_row[index],
                     "temperature": request.params.temperature,
                     "top_p": request.params.top_p,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from batchserve.api.cli_serve import serve_parser, server_config_from_args  # no
 from batchserve.api.security import HTTPMiddleware  # noqa: E402
 from batchserve.argconfig import config_from_args  # noqa: E402
 from batchserve.core.scheduler import SchedulerConfig  # noqa: E402
+from batchserve.schemas import ErrorResponse  # noqa: E402
 
 log = logging.getLogger("batchserve")
 
@@ -141,9 +141,8 @@ class ReplicaFailureMiddleware(HTTPMiddleware):
 
 
 async def _send_replica_failed(send: Any) -> None:
-    body = json.dumps(
-        {"error": "the replica serving this request failed; retry", "detail": None}
-    ).encode()
+    error = ErrorResponse(error="the replica serving this request failed; retry")
+    body = error.model_dump_json().encode()
     await send(
         {
             "type": "http.response.start",

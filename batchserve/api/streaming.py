@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
@@ -30,6 +30,7 @@ from batchserve.core.scheduler import QueueFullError
 from batchserve.core.types import GenerationRequest, GenerationResult
 from batchserve.engine import Engine, EngineEvent, EngineFailedError, SchedulerClosedError
 from batchserve.frontend import Delta, Frontend, PreparedPrompt, RequestOutput, expand_rows
+from batchserve.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,8 @@ async def run_to_completion(
 def sse_response(
     job: Job,
     timeout_s: float,
-    render_delta: Callable[[Delta], dict],
-    render_result: Callable[[Completion], dict],
+    render_delta: Callable[[Delta], BaseModel],
+    render_result: Callable[[Completion], BaseModel],
     shutdown_grace_s: float = 0.0,
 ) -> EventSourceResponse:
     """The native routes' stream: `delta` events, then one `result` (or `error`) event.
@@ -277,12 +278,12 @@ def sse_response(
         try:
             async for item in job.deltas(timeout_s):
                 if isinstance(item, Delta):
-                    yield {"event": "delta", "data": json.dumps(render_delta(item))}
+                    yield {"event": "delta", "data": render_delta(item).model_dump_json()}
                 else:
-                    yield {"event": "result", "data": json.dumps(render_result(item))}
+                    yield {"event": "result", "data": render_result(item).model_dump_json()}
         except (SchedulerClosedError, EngineFailedError, RequestTimeoutError) as err:
             why = "timeout"
-            yield {"event": "error", "data": json.dumps({"error": str(err), "detail": None})}
+            yield {"event": "error", "data": ErrorResponse(error=str(err)).model_dump_json()}
         finally:
             job.close(why)
 

@@ -40,15 +40,6 @@ class CompatibilityReport:
     vocabs_match: bool
     warning: str | None = None
 
-    def as_dict(self) -> dict:
-        return {
-            "compatible": self.compatible,
-            "vocab_size_1": self.vocab_size_1,
-            "vocab_size_2": self.vocab_size_2,
-            "vocabs_match": self.vocabs_match,
-            "warning": self.warning,
-        }
-
 
 @dataclass
 class ModelPair:
