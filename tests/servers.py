@@ -34,8 +34,10 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    args: list[str], timeout_s: float = 120.0, env: dict | None = None
+    args: list[str], timeout_s: float = 120.0, env: dict | None = None, log_path: str | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`batchserve serve ARGS` on a free port until healthy; its output goes to `log_path`
+    where given (to read once it has exited), else to a temporary file."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -49,7 +51,8 @@ def running_server(
         *args,
     ]
     # A file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it.
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in the finally below
+    # Closed in the finally below.
+    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     proc = subprocess.Popen(
         cmd,
         stdout=log,
