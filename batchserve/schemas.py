@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from batchserve.core.seeds import SEED_MAX
+from batchserve.core.types import SamplingParams
 
 NonEmptyPrompt = Annotated[str, StringConstraints(min_length=1)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -48,11 +49,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+# The engine's row defaults are the wire's: written once, in core/types.py.
+DEFAULTS = SamplingParams()
+
+
 class SamplingFields(_Strict):
-    max_new_tokens: MaxNewTokens = 80
-    temperature: Temperature = 0.8
-    top_p: TopP = 0.95
-    top_k: TopK = 0
+    max_new_tokens: MaxNewTokens = DEFAULTS.max_new_tokens
+    temperature: Temperature = DEFAULTS.temperature
+    top_p: TopP = DEFAULTS.top_p
+    top_k: TopK = DEFAULTS.top_k
     apply_chat_template: bool = True
     system_prompt: str | None = None
     seed: Seed | None = None
@@ -67,8 +72,8 @@ class SamplingFields(_Strict):
 
 
 class LDAFields(SamplingFields):
-    alpha: Alpha = 1.0
-    ignore_eos: bool = False
+    alpha: Alpha = DEFAULTS.alpha
+    ignore_eos: bool = DEFAULTS.ignore_eos
     # Per-token log-probabilities, and per listed alpha the row's sum of log q_alpha (logprobs.py).
     logprobs: bool = False
     score_alphas: list[Alpha] = Field(default_factory=list, max_length=MAX_SCORE_ALPHAS)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 from batchserve.frontend import format_prompt
 from batchserve.worker.models import load_pair
 from bench.load import host_description
-from bench.report import table
+from bench.report import table, write_report
 from bench.servers import start_servers
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -142,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": ratio,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(text)
-    print(f"wrote {args.output} and its .md", file=sys.stderr)
+    write_report(args.output, report, text)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -36,7 +35,7 @@ from bench.load import (
     send,
     wait_idle,
 )
-from bench.report import table
+from bench.report import table, write_report
 from bench.servers import start_servers
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -170,10 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "short_p50_ratio": short_ratio,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(text)
-    print(f"wrote {args.output} and its .md", file=sys.stderr)
+    write_report(args.output, report, text)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import statistics
@@ -33,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from bench.load import IntRange, Mix, Workload, host_description, log, run_level, wait_idle
-from bench.report import ratio, table
+from bench.report import ratio, table, write_report
 from bench.servers import start_servers
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -207,12 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    args.output.with_suffix(".md").write_text(text)
     print(text)
-    log(f"wrote {args.output} and its .md")
+    write_report(args.output, report, text)
     return 0
 
 

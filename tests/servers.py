@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+from httpx_sse import aconnect_sse
 from starlette.applications import Starlette
 
 from batchserve.api.app import ServerConfig, create_app
@@ -154,15 +156,32 @@ def uvicorn_thread(app: Starlette, timeout_s: float = 60.0) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def serving(
-    pair: ModelPair, base_url: str = "http://localhost", **config: Any
+async def client_of(
+    app: Starlette, base_url: str = "http://localhost"
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = make_app(pair, **config)
+    """`app` with its lifespan running, and an httpx client that calls it in-process (the
+    app is the client's `.app`)."""
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=base_url, timeout=60) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+async def stream_events(client: httpx.AsyncClient, path: str, body: dict) -> list:
+    """POST `body` with `"stream": true`; the SSE events as (event, parsed data) pairs."""
+    async with aconnect_sse(client, "POST", path, json=body | {"stream": True}) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        return [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    pair: ModelPair, base_url: str = "http://localhost", **config: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_of(make_app(pair, **config), base_url) as client:
+        yield client
 
 
 # Seeded, long enough to be mid-generation while each bad request arrives.

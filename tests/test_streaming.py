@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from httpx_sse import aconnect_sse, connect_sse
-from servers import running_server
+from servers import client_of, running_server, stream_events
 from tiny_models import build_byte_pair
 
 from batchserve.api.app import ServerConfig, create_app
@@ -42,19 +42,8 @@ def byte_pair() -> ModelPair:
 @contextlib.asynccontextmanager
 async def serving(pair: ModelPair, **scheduler: object) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(ServerConfig(scheduler=SchedulerConfig(**scheduler)), pair=pair)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://localhost", timeout=60
-        ) as client:
-            yield client
-
-
-async def stream_events(client: httpx.AsyncClient, path: str, body: dict) -> list:
-    async with aconnect_sse(client, "POST", path, json=body | {"stream": True}) as source:
-        assert source.response.status_code == 200
-        assert source.response.headers["content-type"].startswith("text/event-stream")
-        return [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+    async with client_of(app) as client:
+        yield client
 
 
 def joined(events: list, index: int = 0) -> str:

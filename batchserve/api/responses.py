@@ -16,17 +16,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
+from batchserve import schemas
 from batchserve.core.types import GenerationResult, TokenLogprobs
-from batchserve.schemas import (
-    ErrorResponse,
-    GenerateResponse,
-    LDABatchResponse,
-    LDABatchResult,
-    LDAResponse,
-    ModelOutput,
-    RowLogprobs,
-    TokenizerCompatibility,
-)
 
 if TYPE_CHECKING:
     from batchserve.worker.models import CompatibilityReport
@@ -42,11 +33,11 @@ def error_response(
     status_code: int, error: str, detail: Any = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     """`{"error": ..., "detail": ...}` with its status: every error of the native routes."""
-    return json_response(ErrorResponse(error=error, detail=detail), status_code, headers)
+    return json_response(schemas.ErrorResponse(error=error, detail=detail), status_code, headers)
 
 
-def row_logprobs(logprobs: TokenLogprobs, token_ids: Sequence[int]) -> RowLogprobs:
-    return RowLogprobs(
+def row_logprobs(logprobs: TokenLogprobs, token_ids: Sequence[int]) -> schemas.RowLogprobs:
+    return schemas.RowLogprobs(
         token_ids=list(token_ids),
         after=list(logprobs.after),
         before=list(logprobs.before),
@@ -75,14 +66,16 @@ def _row_fields(result: GenerationResult) -> dict[str, Any]:
     }
 
 
-def row_result(result: GenerationResult) -> LDABatchResult:
+def row_result(result: GenerationResult) -> schemas.LDABatchResult:
     """One row of the contract (a batch's result, a line of `batchserve generate`)."""
-    return LDABatchResult(**_row_fields(result))
+    return schemas.LDABatchResult(**_row_fields(result))
 
 
-def lda_response(result: GenerationResult, model_after: str, model_before: str) -> LDAResponse:
+def lda_response(
+    result: GenerationResult, model_after: str, model_before: str
+) -> schemas.LDAResponse:
     """/generate_lda: its one row, and the echo a batch response carries once."""
-    return LDAResponse(
+    return schemas.LDAResponse(
         **_row_fields(result),
         alpha=result.alpha,
         model_after=model_after,
@@ -92,10 +85,10 @@ def lda_response(result: GenerationResult, model_after: str, model_before: str) 
 
 def lda_batch_response(
     results: Sequence[GenerationResult], n: int, model_after: str, model_before: str
-) -> LDABatchResponse:
+) -> schemas.LDABatchResponse:
     """/generate_lda_batch: prompt 0's n rows, then prompt 1's, ...; `batch_size` counts
     prompts (the model checks that results = batch_size x n)."""
-    return LDABatchResponse(
+    return schemas.LDABatchResponse(
         results=[row_result(r) for r in results],
         # The alpha the rows ran with (one per request), as generate's JSONL reports it.
         alpha=results[0].alpha,
@@ -112,14 +105,18 @@ def generate_response(
     before: GenerationResult,
     model_after: str,
     model_before: str,
-) -> GenerateResponse:
+) -> schemas.GenerateResponse:
     """/generate: each model alone (model_1 is the after model, model_2 the before)."""
-    return GenerateResponse(
+    return schemas.GenerateResponse(
         prompt=prompt,
-        model_1=ModelOutput(model_id=model_after, completion=after.completion, text=after.text),
-        model_2=ModelOutput(model_id=model_before, completion=before.completion, text=before.text),
+        model_1=schemas.ModelOutput(
+            model_id=model_after, completion=after.completion, text=after.text
+        ),
+        model_2=schemas.ModelOutput(
+            model_id=model_before, completion=before.completion, text=before.text
+        ),
     )
 
 
-def compatibility(report: CompatibilityReport) -> TokenizerCompatibility:
-    return TokenizerCompatibility(**dataclasses.asdict(report))
+def compatibility(report: CompatibilityReport) -> schemas.TokenizerCompatibility:
+    return schemas.TokenizerCompatibility(**dataclasses.asdict(report))
