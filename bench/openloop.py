@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import httpx
 
@@ -35,10 +34,8 @@ from bench.load import (
     send,
     wait_idle,
 )
-from bench.report import table, write_report
+from bench.report import add_output_option, table, write_report
 from bench.servers import start_servers
-
-RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def arrival_times(rate_per_s: float, duration_s: float, seed: int) -> list[float]:
@@ -100,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="arrivals and requests (0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
     parser.add_argument("--server-arg", action="append", default=[], help="extra serve option")
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_DIR / "openloop-toy-cpu.json",
-        help="JSON report; the markdown goes beside it",
-    )  # fmt: skip
+    add_output_option(parser, "openloop-toy-cpu.json")
     args = parser.parse_args(argv)
     low, _, high = args.max_new_tokens.partition("-")
     workload = Workload(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -33,6 +34,20 @@ def parse_prometheus(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return values
+
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def add_output_option(parser: argparse.ArgumentParser, default_name: str) -> None:
+    """`--output`: where the report's JSON goes (the markdown goes beside it); by default the
+    benchmark's one current report in bench/results/."""
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS_DIR / default_name,
+        help="JSON report; the markdown goes beside it (default: %(default)s)",
+    )
 
 
 def write_report(path: Path, report: dict[str, Any], markdown: str) -> None:

@@ -27,15 +27,13 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
 from bench.load import IntRange, Mix, Workload, host_description, log, run_level, wait_idle
-from bench.report import ratio, table, write_report
+from bench.report import add_output_option, ratio, table, write_report
 from bench.servers import start_servers
 
-RESULTS_DIR = Path(__file__).parent / "results"
 LONE_BODY = {
     "prompt": "Tell me about the history of the river and the town beside it.",
     "max_new_tokens": 64,
@@ -163,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lone", type=int, default=7, help="lone requests per setting; the median counts (7)"
     )
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_DIR / "threads-toy-cpu.json",
-        help="JSON report; the markdown goes beside it",
-    )  # fmt: skip
+    add_output_option(parser, "threads-toy-cpu.json")
     args = parser.parse_args(argv)
     if args.neighbours < 1 or args.clients_s <= 0 or args.lone < 1:
         parser.error("--neighbours and --lone must be >= 1 and --clients-s > 0")
