@@ -58,6 +58,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# How long `Engine.shutdown` waits for the worker to finish the step in flight before it fails
+# what is left (streams wait for that failure: api/streaming.event_stream).
+WORKER_STOP_TIMEOUT_S = 10.0
+
 
 class SchedulerClosedError(RuntimeError):
     """The server is shutting down (or the worker died) and takes no more work."""
@@ -308,7 +312,7 @@ class Engine:
             self._is_closed = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=WORKER_STOP_TIMEOUT_S)
         self._fail_all(SchedulerClosedError("server shut down before the request finished"))
 
     @property

@@ -35,7 +35,7 @@ from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, SamplingParams
 from batchserve.engine import EngineCore, RunnerConfig, build_engine_core
 from batchserve.worker.models import ModelPair, load_pair, resolve_device, resolve_dtype
-from bench.report import table
+from bench.report import table, write_report
 from bench.shapes import SHAPES, random_pair, weight_bytes
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128)
@@ -440,10 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.output:
         path = args.output if args.output.parent != Path() else RESULTS_DIR / args.output
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        path.with_suffix(".md").write_text(markdown)
-        log(f"wrote {path} and its .md")
+        write_report(path, report, markdown)
     return 0
 
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import torch
@@ -29,10 +27,9 @@ from transformers import DynamicCache, LlamaForCausalLM
 from batchserve.frontend import format_prompt
 from batchserve.worker.models import load_pair
 from bench.load import host_description
-from bench.report import table
+from bench.report import add_output_option, table, write_report
 from bench.servers import start_servers
 
-RESULTS_DIR = Path(__file__).parent / "results"
 # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); 5.17 knows only
 # the old one. The caches are filled in place, so the outputs' copies are never read.
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else (
@@ -84,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra `batchserve serve` option"
     )
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_DIR / "lone-toy-cpu.json",
-        help="JSON report; the markdown goes beside it",
-    )  # fmt: skip
+    add_output_option(parser, "lone-toy-cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pair = load_pair("toy", device="cpu")  # stock attention: this copy never meets the runner
@@ -142,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": ratio,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(text)
-    print(f"wrote {args.output} and its .md", file=sys.stderr)
+    write_report(args.output, report, text)
     return 0
 
 

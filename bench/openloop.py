@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import httpx
 
@@ -36,10 +34,8 @@ from bench.load import (
     send,
     wait_idle,
 )
-from bench.report import table
+from bench.report import add_output_option, table, write_report
 from bench.servers import start_servers
-
-RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def arrival_times(rate_per_s: float, duration_s: float, seed: int) -> list[float]:
@@ -101,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="arrivals and requests (0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
     parser.add_argument("--server-arg", action="append", default=[], help="extra serve option")
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_DIR / "openloop-toy-cpu.json",
-        help="JSON report; the markdown goes beside it",
-    )  # fmt: skip
+    add_output_option(parser, "openloop-toy-cpu.json")
     args = parser.parse_args(argv)
     low, _, high = args.max_new_tokens.partition("-")
     workload = Workload(
@@ -170,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "short_p50_ratio": short_ratio,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(text)
-    print(f"wrote {args.output} and its .md", file=sys.stderr)
+    write_report(args.output, report, text)
     return 0
 
 

@@ -53,7 +53,7 @@ from bench.load import (
     run_level,
     warm_up,
 )
-from bench.report import percentile, ratio, table
+from bench.report import percentile, ratio, table, write_report
 from bench.servers import free_port, start_servers
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -218,7 +218,7 @@ def _replica_actors() -> list[dict[str, str]]:
     ]
 
 
-def _busiest_replica() -> tuple[dict[str, str], int]:
+def busiest_replica() -> tuple[dict[str, str], int]:
     """The replica actor with the most requests in flight right now, and that count."""
     import ray
 
@@ -279,7 +279,7 @@ async def kill_under_load(
 
         async def killer() -> None:
             await asyncio.sleep(kill_after_s)
-            victim, ongoing = await asyncio.to_thread(_busiest_replica)
+            victim, ongoing = await asyncio.to_thread(busiest_replica)
             actor = ray.get_actor(victim["name"], namespace=victim["namespace"])
             ray.kill(actor, no_restart=True)
             kill.update(
@@ -590,8 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             _add_cpu_metrics(run)
         targets = report["summary"].get("targets_over_ray1", TOY_TARGETS)
         report["summary"] = summarize(report["runs"], targets)
-        args.render.write_text(json.dumps(report, indent=2) + "\n")
-        args.render.with_suffix(".md").write_text(markdown(report))
+        write_report(args.render, report, markdown(report))
         print(markdown(report))
         return 0
 
@@ -726,9 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         "kill": kill,
         "summary": summarize(runs, targets),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(report))
+    write_report(output, report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import statistics
@@ -28,15 +27,13 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
 from bench.load import IntRange, Mix, Workload, host_description, log, run_level, wait_idle
-from bench.report import ratio, table
+from bench.report import add_output_option, ratio, table, write_report
 from bench.servers import start_servers
 
-RESULTS_DIR = Path(__file__).parent / "results"
 LONE_BODY = {
     "prompt": "Tell me about the history of the river and the town beside it.",
     "max_new_tokens": 64,
@@ -164,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lone", type=int, default=7, help="lone requests per setting; the median counts (7)"
     )
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_DIR / "threads-toy-cpu.json",
-        help="JSON report; the markdown goes beside it",
-    )  # fmt: skip
+    add_output_option(parser, "threads-toy-cpu.json")
     args = parser.parse_args(argv)
     if args.neighbours < 1 or args.clients_s <= 0 or args.lone < 1:
         parser.error("--neighbours and --lone must be >= 1 and --clients-s > 0")
@@ -207,12 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    args.output.with_suffix(".md").write_text(text)
     print(text)
-    log(f"wrote {args.output} and its .md")
+    write_report(args.output, report, text)
     return 0
 
 

@@ -121,6 +121,21 @@ def test_every_file_in_results_belongs_to_a_report_the_readme_describes() -> Non
     assert strays == []
 
 
+def test_detok_bench_shows_flat_work_per_token_against_a_growing_re_decode(
+    tmp_path: Path, capsys
+) -> None:
+    from bench import detok
+
+    output = tmp_path / "detok.json"
+    assert detok.main(["--lengths", "40,80", "--repeats", "1", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())["results"]
+    assert [r["tokens"] for r in results] == [40, 80]
+    # The whole row each step: (n + 1) / 2 tokens per token; the frontend's window: a few.
+    assert [r["naive"]["decoded_tokens_per_token"] for r in results] == [20.5, 40.5]
+    assert all(r["incremental"]["decoded_tokens_per_token"] <= 4 for r in results)
+    assert "naive / incremental" in output.with_suffix(".md").read_text()
+
+
 def test_report_helpers() -> None:
     assert percentile([], 50) is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5

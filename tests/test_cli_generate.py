@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from tiny_models import save_tiny_pair
 
 from batchserve.api.app import ServerConfig
-from batchserve.api.cli import build_parser, main, read_prompt_rows, server_config_from_args
+from batchserve.api.cli import build_parser, main, server_config_from_args
+from batchserve.api.cli_generate import read_prompt_rows
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import RunnerConfig
 from batchserve.schemas import GenerateLDABatchRequest

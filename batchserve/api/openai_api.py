@@ -36,7 +36,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -52,6 +51,7 @@ from batchserve.api.streaming import (
     Delta,
     Refused,
     RequestTimeoutError,
+    event_stream,
     ready_engine,
     refusal,
     run_to_completion,
@@ -525,8 +525,7 @@ class _Job:
                 job.close(why)
             yield {"data": "[DONE]"}
 
-        grace_s = self.request.app.state.config.shutdown_timeout_s
-        return EventSourceResponse(events(), shutdown_grace_period=grace_s)
+        return event_stream(events(), self.request.app.state.config.shutdown_timeout_s)
 
 
 def _openai_route(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:

@@ -68,19 +68,6 @@ class TokenLogprobs:
     score_alphas: tuple[float, ...] = ()
     score_sums: tuple[float, ...] = ()
 
-    def as_dict(self, token_ids: tuple[int, ...]) -> dict[str, object]:
-        return {
-            "token_ids": list(token_ids),
-            "after": list(self.after),
-            "before": list(self.before),
-            "sampled": list(self.sampled),
-            "sum_after": sum(self.after),
-            "sum_before": sum(self.before),
-            "sum_sampled": sum(self.sampled),
-            "score_alphas": list(self.score_alphas),
-            "sum_score_alphas": list(self.score_sums),
-        }
-
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -96,20 +83,6 @@ class GenerationResult:
     token_ids: tuple[int, ...] = ()
     logprobs: TokenLogprobs | None = None  # only when the request asked
     token_texts: tuple[str, ...] = ()  # each token's share of the completion, with logprobs
-
-    def row_fields(self) -> dict[str, object]:
-        """The per-row fields of the HTTP contract (and of `batchserve generate`'s JSONL)."""
-        extra = {} if self.logprobs is None else {"logprobs": self.logprobs.as_dict(self.token_ids)}
-        return {
-            "prompt": self.prompt,
-            "formatted_prompt": self.formatted_prompt,
-            "completion": self.completion,
-            "text": self.text,
-            "tokens_generated": self.tokens_generated,
-            "stopped_early": self.stopped_early,
-            "finish_reason": self.finish_reason,
-            "seed": self.seed,
-        } | extra
 
 
 @dataclass(frozen=True)
