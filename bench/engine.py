@@ -405,8 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = "python -m bench.engine " + " ".join(argv if argv is not None else sys.argv[1:])
     markdown = (
-        f"## engine: {title}, {torch.get_num_threads()} torch threads "
-        f"({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
+        f"## engine: {title} ({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
         f"- host: {platform.machine()}, {os.cpu_count()} CPUs; command: `{command}`\n\n"
         + format_table(results) + "\n"
     )  # fmt: skip

@@ -50,14 +50,18 @@ class Setting:
 
 
 def default_settings(num_cpus: int) -> list[Setting]:
-    """auto (the default), one thread, every core; every core again with passive OpenMP waits."""
+    """auto (the default), one thread, every core with OpenMP's own wait policy (an empty
+    OMP_WAIT_POLICY: the server then leaves it alone, and libgomp spins before it sleeps),
+    every core with passive waits (what the server sets when the variable is unset)."""
     settings = [
         Setting("auto (default)", ("--threads", "auto")),
         Setting("threads 1", ("--threads", "1")),
     ]
     if num_cpus > 1:
         settings += [
-            Setting(f"threads {num_cpus}", ("--threads", str(num_cpus))),
+            Setting(
+                f"threads {num_cpus}", ("--threads", str(num_cpus)), {"OMP_WAIT_POLICY": ""}
+            ),
             Setting(
                 f"threads {num_cpus}, OMP_WAIT_POLICY=PASSIVE",
                 ("--threads", str(num_cpus)),

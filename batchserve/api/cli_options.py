@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -176,6 +177,16 @@ def runner_config(args: argparse.Namespace):
 
 
 def configure_threads(threads: str, device: str) -> None:
+    """The worker's torch threads, and OpenMP threads that sleep when they wait.
+
+    OpenMP's default lets a waiting thread spin, which steals the core the event loop and any
+    neighbour need: bench.threads measured two spinning threads on a 2-core machine serve 0
+    tokens/s beside one busy process, where passive waits held. libgomp reads the policy when
+    torch loads it, so it is set before the first import; an OMP_WAIT_POLICY already in the
+    environment (even empty: OpenMP's default) is left alone.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     if threads == "auto":
