@@ -77,12 +77,17 @@ class Run:
     def prompt_tokens_computed(self, row_id: int) -> int:
         """Prompt tokens this row fed the models (its prefill chunks; a decode step has step >= 1)."""
         return sum(
-            len(r.token_ids) for p in self.plans for r in p.rows if r.row_id == row_id and r.step == 0
+            len(r.token_ids)
+            for p in self.plans
+            for r in p.rows
+            if r.row_id == row_id and r.step == 0
         )
 
 
 def rows(start: int, prompt: Sequence[int], n: int, max_new: int) -> list[EngineRow]:
-    return [EngineRow(start + i, tuple(prompt), params(max_new), seed=100 + start + i) for i in range(n)]
+    return [
+        EngineRow(start + i, tuple(prompt), params(max_new), seed=100 + start + i) for i in range(n)
+    ]
 
 
 def assert_same_outputs(on: Run, off: Run) -> None:
@@ -97,7 +102,9 @@ def assert_same_outputs(on: Run, off: Run) -> None:
 
 
 def both(pair: ModelPair, arrivals: dict[int, list[list[EngineRow]]], **kwargs) -> tuple[Run, Run]:
-    return Run(pair, cache=True, **kwargs).play(arrivals), Run(pair, cache=False, **kwargs).play(arrivals)
+    return Run(pair, cache=True, **kwargs).play(arrivals), Run(pair, cache=False, **kwargs).play(
+        arrivals
+    )
 
 
 # --- outputs with the cache on and off ------------------------------------------------------------
@@ -216,7 +223,9 @@ async def serving(pair: ModelPair, cache: bool) -> AsyncIterator[httpx.AsyncClie
     app = create_app(config, pair=pair)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=60
+        ) as c:
             yield c
 
 
@@ -264,6 +273,9 @@ async def test_cache_salt_separates_requests_over_http(llama_pair: ModelPair) ->
             assert resp.status_code == 200, resp.text
         assert (await cache_counts(client))[1] > hits[3]
         # An empty salt is refused, naming the field (OpenAI's routes answer 400, as OpenAI).
-        for route, bad, status in (("/generate_lda", body, 422), ("/v1/completions", completion, 400)):
+        for route, bad, status in (
+            ("/generate_lda", body, 422),
+            ("/v1/completions", completion, 400),
+        ):
             resp = await client.post(route, json=bad | {"cache_salt": ""})
             assert resp.status_code == status and "cache_salt" in resp.text
