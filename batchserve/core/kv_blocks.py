@@ -6,9 +6,10 @@ reserved: padding and unused table entries point at it, and it is never handed o
 
 Prefix caching (vLLM's automatic prefix caching, SGLang's RadixAttention): a full block of
 prompt tokens is keyed by a SHA-256 chained over its parent block's key, its tokens and an
-extra key (whatever else changes its contents, e.g. the adapter pair with LoRA). A row whose
-prompt starts with cached blocks references them instead of computing them again, so the n
-samples of a prompt, every alpha of it and any request sharing a system prompt share one copy.
+extra key (whatever else changes its contents: the pair, a request's `cache_salt`; built by
+`cache_extra_key`). A row whose prompt starts with cached blocks references them instead of
+computing them again, so the n samples of a prompt, every alpha of it and any request sharing
+a system prompt share one copy.
 Blocks carry reference counts; a block nobody references keeps its key (a later prompt can
 revive it) until it is needed for new data, oldest first (LRU). A block in use is never
 evicted. Only full prompt blocks are shared: the partial last block and generated tokens are

@@ -213,12 +213,12 @@ class Scheduler:
         if len(self.waiting) + len(rows) > limit:
             raise QueueFullError(len(self.waiting), len(rows), limit)
         # The n samples of a prompt: hashed once, and one list of keys.
-        keys: dict[tuple[tuple[int, ...], str | None], list[bytes]] = {}
+        keys: dict[tuple[tuple[int, ...], bytes], list[bytes]] = {}
         states = []
         for row in rows:
-            prompt = (row.prompt_ids, row.cache_salt)
+            extra_key = cache_extra_key(self.model_ids, row.cache_salt)
+            prompt = (row.prompt_ids, extra_key)
             if prompt not in keys:
-                extra_key = cache_extra_key(self.model_ids, row.cache_salt)
                 keys[prompt] = self.blocks.prompt_keys(row.prompt_ids, extra_key)
             states.append(
                 RowState(
