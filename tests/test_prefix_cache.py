@@ -215,10 +215,12 @@ def test_rows_hit_only_blocks_cached_under_the_same_pair_and_salt(llama_pair: Mo
 
 
 @contextlib.asynccontextmanager
-async def serving(pair: ModelPair, cache: bool) -> AsyncIterator[httpx.AsyncClient]:
+async def serving(
+    pair: ModelPair, cache: bool, kv_cache_tokens: int | None = None, max_batch_size: int = 8
+) -> AsyncIterator[httpx.AsyncClient]:
     config = ServerConfig(
-        scheduler=SchedulerConfig(max_batch_size=8, enable_prefix_cache=cache),
-        runner=RunnerConfig(max_batch_size=8, block_size=BLOCK, compile=False),
+        scheduler=SchedulerConfig(max_batch_size=max_batch_size, enable_prefix_cache=cache),
+        runner=RunnerConfig(block_size=BLOCK, kv_cache_tokens=kv_cache_tokens, compile=False),
     )
     app = create_app(config, pair=pair)
     async with app.router.lifespan_context(app):
@@ -279,3 +281,26 @@ async def test_cache_salt_separates_requests_over_http(llama_pair: ModelPair) ->
         ):
             resp = await client.post(route, json=bad | {"cache_salt": ""})
             assert resp.status_code == status and "cache_salt" in resp.text
+
+
+@pytest.mark.parametrize("cache", [True, False])
+async def test_sixteen_samples_over_http_run_at_once_only_with_the_cache(
+    llama_pair: ModelPair, cache: bool
+) -> None:
+    """The server's side of the n = 16 case: its step headers show one wave or four."""
+    words = " ".join(["the cat sat on the mat"] * 7).split()[:39]
+    body = {"prompts": [" ".join(words)], "n": 16, "max_new_tokens": 8, "seed": 1,
+            "ignore_eos": True, "apply_chat_template": False}  # fmt: skip
+    async with serving(llama_pair, cache, kv_cache_tokens=58 * BLOCK, max_batch_size=16) as client:
+        resp = await client.post("/generate_lda_batch", json=body)
+        assert resp.status_code == 200, resp.text
+        queried, _ = await cache_counts(client)
+    assert [r["tokens_generated"] for r in resp.json()["results"]] == [8] * 16
+    steps = int(resp.headers["x-batchserve-finished-step"]) - int(
+        resp.headers["x-batchserve-admitted-step"]
+    )
+    if cache:
+        assert queried == 16 * 39  # 39 words, one token each (raw, no BOS)
+        assert steps == 8 - 1  # one wave: admitted and finished 7 steps apart
+    else:
+        assert steps == 4 * 8 - 1  # four waves of four rows
