@@ -101,6 +101,7 @@ class EngineCore:
         *,
         eos_token_ids: Sequence[int] = (),
         metrics: Metrics | None = None,
+        model_ids: Sequence[str] = (),
     ) -> None:
         self.runner = runner
         self.metrics = metrics or Metrics()
@@ -110,6 +111,7 @@ class EngineCore:
             block_size=runner.block_size,
             max_row_tokens=runner.max_row_tokens,
             eos_token_ids=eos_token_ids,
+            model_ids=model_ids,
         )
 
     def add_request(self, request_id: int, rows: Sequence[EngineRow], now: float) -> None:
@@ -395,7 +397,11 @@ def build_engine_core(
 
     runner = ModelRunner(pair, runner_config)
     return EngineCore(
-        runner, scheduler_config, eos_token_ids=sorted(pair.eos_token_ids), metrics=metrics
+        runner,
+        scheduler_config,
+        eos_token_ids=sorted(pair.eos_token_ids),
+        metrics=metrics,
+        model_ids=(pair.after_id, pair.before_id),
     )
 
 

@@ -307,7 +307,11 @@ def expand_rows(
     row_prompt: list[int] = []
     for index, (request, prompt) in enumerate(zip(requests, prepared, strict=True)):
         for seed in sample_seeds(request.params.seed, request.n):
-            rows.append(EngineRow(next(row_ids), prompt.prompt_ids, request.params, seed))
+            rows.append(
+                EngineRow(
+                    next(row_ids), prompt.prompt_ids, request.params, seed, request.cache_salt
+                )
+            )
             row_prompt.append(index)
     return rows, row_prompt
 

@@ -29,6 +29,9 @@ from batchserve.core.types import SamplingParams
 NonEmptyPrompt = Annotated[str, StringConstraints(min_length=1)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 MAX_STOP_STRINGS = 16
+# Mixed into the prefix-cache keys of a request's prompts (as vLLM's `cache_salt`): only
+# requests with the same salt share cached blocks, so cache timing leaks nothing across tenants.
+CacheSalt = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
 # Every integer that ends up in a tensor gets an upper bound here, at the door: an unbounded
 # top_k of 2**63 once passed validation and overflowed in the worker, failing the whole batch.
@@ -77,6 +80,7 @@ class LDAFields(SamplingFields):
     # Per-token log-probabilities, and per listed alpha the row's sum of log q_alpha (logprobs.py).
     logprobs: bool = False
     score_alphas: list[Alpha] = Field(default_factory=list, max_length=MAX_SCORE_ALPHAS)
+    cache_salt: CacheSalt | None = None
 
 
 class GenerateLDARequest(LDAFields):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from bench import engine as bench_engine
+from bench import prefix as bench_prefix
 from bench.load import RESULTS_DIR, IntRange, Mix, Workload, build_parser, output_path
 from bench.report import parse_prometheus, percentile, ratios
 
@@ -177,6 +178,34 @@ def test_engine_bench_reports_every_batch_size(tmp_path: Path, capsys) -> None:
         assert 0 < result["step_ms_min"] <= result["step_ms_mean"]
         assert result["prefill_s"] > 0
         assert result["floor_step_ms"] is None  # CPU: no bandwidth floor
+
+
+def test_prefix_bench_runs_the_cache_on_and_off_and_reports(tmp_path: Path, capsys) -> None:
+    code = bench_prefix.main(
+        ["--prompts", "10", "--samples", "2", "--system-tokens", "40", "--user-tokens", "3-9",
+         "--max-new-tokens", "2", "--long-prompt-tokens", "64", "--ttft-repeats", "1",
+         "--vocab", "128", "--hidden", "32", "--intermediate", "64", "--layers", "1",
+         "--heads", "2", "--kv-heads", "1", "--max-batch-size", "8",
+         "--output", str(tmp_path / "prefix")]
+    )  # fmt: skip
+    assert code == 0
+    assert "| prompt tokens computed (prefill) |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "prefix.json").read_text())
+    on, off = report["runs"]["on"], report["runs"]["off"]
+    assert report["num_rows"] == 10 * 3 * 2
+    assert on["generated_tokens"] == off["generated_tokens"] == 10 * 3 * 2 * 2
+    # Off computes every prompt token it is asked; on, the cache hits what it saves.
+    assert off["hit_tokens"] == off["queried_tokens"] == 0
+    assert on["queried_tokens"] == off["prefill_tokens"]
+    assert on["prefill_tokens"] + on["hit_tokens"] == off["prefill_tokens"]
+    assert 0 < on["prefill_tokens"] < off["prefill_tokens"]
+    assert report["rows_differing"] == 0
+    assert {g["name"] for g in report["goals"]} == {
+        "prompt tokens computed",
+        "time to first token, repeated long prompt",
+    }
+    assert off["ttft_repeated_s"] > 0 and len(on["ttft_repeated_all_s"]) == 1
+    assert (tmp_path / "prefix.md").read_text().startswith("# Prefix caching")
 
 
 @pytest.mark.slow

@@ -240,7 +240,12 @@ def _lda_requests(
     fmt = prompt_format(body, config)
     return [
         GenerationRequest(
-            p, prompt_seed(params, i * n), n=n, system_prompt=body.system_prompt, prompt_format=fmt
+            p,
+            prompt_seed(params, i * n),
+            n=n,
+            system_prompt=body.system_prompt,
+            prompt_format=fmt,
+            cache_salt=body.cache_salt,
         )
         for i, p in enumerate(prompts)
     ]
@@ -480,7 +485,7 @@ def create_app(
             runner = SimulatedRunner.for_pair(loaded, config.simulate)
             core = EngineCore(
                 runner, config.scheduler, eos_token_ids=sorted(loaded.eos_token_ids),
-                metrics=app_metrics,
+                metrics=app_metrics, model_ids=(loaded.after_id, loaded.before_id),
             )  # fmt: skip
         else:
             core = build_engine_core(loaded, config.runner_config(), config.scheduler, app_metrics)

@@ -70,6 +70,7 @@ from batchserve.schemas import (
     INT32_MAX,
     MAX_STOP_STRINGS,
     Alpha,
+    CacheSalt,
     StopString,
     Temperature,
     TopK,
@@ -137,6 +138,7 @@ class _OpenAIFields(BaseModel):
     alpha: Alpha = 1.0
     top_k: TopK = 0
     ignore_eos: bool = False
+    cache_salt: CacheSalt | None = None  # as vLLM's: prefix-cache hits only within one salt
     # Accepted at their neutral values only, since tools send them by default.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -574,7 +576,13 @@ async def completions(request: Request) -> Response:
     for i, (text, ids) in enumerate(tokenized):
         _check_prompt(frontend, pair, ids, body.max_tokens, "prompt")
         requests.append(
-            GenerationRequest(text, prompt_seed(params, i * body.n), n=body.n, prompt_format="raw")
+            GenerationRequest(
+                text,
+                prompt_seed(params, i * body.n),
+                n=body.n,
+                prompt_format="raw",
+                cache_salt=body.cache_salt,
+            )
         )
         prepared.append(PreparedPrompt(text, text, ids))
     return await _Job(request, body, requests, prepared, "text_completion").respond()
@@ -601,7 +609,11 @@ async def chat_completions(request: Request) -> Response:
     _check_prompt(frontend, pair, ids, max_tokens, "messages")
     params = _params(request, body, max_tokens)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    requests = [GenerationRequest(last_user, params, n=body.n, prompt_format=fmt)]
+    requests = [
+        GenerationRequest(
+            last_user, params, n=body.n, prompt_format=fmt, cache_salt=body.cache_salt
+        )
+    ]
     prepared = [PreparedPrompt(last_user, text, ids)]
     return await _Job(request, body, requests, prepared, "chat.completion").respond()
 

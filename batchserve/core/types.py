@@ -44,6 +44,8 @@ class EngineRow:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     seed: int
+    # Part of its prompt's prefix-cache keys: rows hit only blocks cached under the same salt.
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class GenerationRequest:
     n: int = 1
     system_prompt: str | None = None
     prompt_format: str | None = None  # None: the engine's default
+    cache_salt: str | None = None  # prefix-cache hits only among requests with the same salt
 
 
 @dataclass(frozen=True)
