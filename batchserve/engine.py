@@ -38,7 +38,6 @@ from batchserve.core.types import (
     SamplingParams,
     StepOutput,
     StepPlan,
-    adapter_key,
 )
 from batchserve.frontend import Frontend, RequestOutput, expand_rows
 from batchserve.metrics import Metrics
@@ -58,6 +57,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# How long `Engine.shutdown` waits for the worker to finish the step in flight before it fails
+# what is left (streams wait for that failure: api/streaming.event_stream).
+WORKER_STOP_TIMEOUT_S = 10.0
 
 
 class SchedulerClosedError(RuntimeError):
@@ -98,6 +101,7 @@ class EngineCore:
         *,
         eos_token_ids: Sequence[int] = (),
         metrics: Metrics | None = None,
+        model_ids: Sequence[str] = (),
     ) -> None:
         self.runner = runner
         self.metrics = metrics or Metrics()
@@ -107,11 +111,11 @@ class EngineCore:
             block_size=runner.block_size,
             max_row_tokens=runner.max_row_tokens,
             eos_token_ids=eos_token_ids,
+            model_ids=model_ids,
         )
 
     def add_request(self, request_id: int, rows: Sequence[EngineRow], now: float) -> None:
-        key = adapter_key(rows[0].params) if rows else b""
-        self.scheduler.add_request(request_id, rows, now, extra_key=key)
+        self.scheduler.add_request(request_id, rows, now)
         self.metrics.queue_rows.set(self.scheduler.num_waiting_rows)
 
     def step(self, now: float) -> StepResult:
@@ -310,7 +314,7 @@ class Engine:
             self._is_closed = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=WORKER_STOP_TIMEOUT_S)
         self._fail_all(SchedulerClosedError("server shut down before the request finished"))
 
     @property
@@ -393,7 +397,11 @@ def build_engine_core(
 
     runner = ModelRunner(pair, runner_config)
     return EngineCore(
-        runner, scheduler_config, eos_token_ids=sorted(pair.eos_token_ids), metrics=metrics
+        runner,
+        scheduler_config,
+        eos_token_ids=sorted(pair.eos_token_ids),
+        metrics=metrics,
+        model_ids=(pair.after_id, pair.before_id),
     )
 
 

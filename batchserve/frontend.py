@@ -91,6 +91,10 @@ def format_messages(
 # --- prompts in, text out: the only code that touches the tokenizer after start-up -------------
 
 REPLACEMENT = "\ufffd"  # what a byte-level decoder shows for an unfinished UTF-8 sequence
+# A UTF-8 character takes at most 4 bytes, so at most 4 tokens: text still unfinished after
+# this many held tokens is invalid bytes (a model emitting garbage), released as U+FFFD so that
+# the window, and with it the work per token, stays bounded.
+MAX_HELD_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -168,12 +172,15 @@ class IncrementalDetokenizer:
     before them as context (so a SentencePiece leading space or a byte-level merge comes out
     right); the difference to the window without the new token is the new text. A window that
     ends in an unfinished UTF-8 sequence emits nothing until the sequence completes, so no
-    multi-byte character is ever split.
+    multi-byte character is ever split. Special tokens are skipped without decoding (the text
+    leaves them out), so a row of EOS tokens under `ignore_eos` costs nothing; before, each one
+    widened the window and 2,000 of them decoded 1,000 tokens per token.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
-        self.token_ids: list[int] = []
+        self._special_ids = frozenset(tokenizer.all_special_ids)
+        self.token_ids: list[int] = []  # the row's tokens that can carry text
         self._prefix = 0  # window start (context)
         self._read = 0  # tokens whose text is emitted
         self.num_decoded_tokens = 0  # tokens decoded in all windows (the work done)
@@ -189,10 +196,13 @@ class IncrementalDetokenizer:
         )
 
     def push(self, token_id: int) -> str:
+        if token_id in self._special_ids:
+            return ""
         self.token_ids.append(token_id)
         before = self._decode(self._prefix, self._read)
         after = self._decode(self._prefix, len(self.token_ids))
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+        is_held_too_long = len(self.token_ids) - self._read > MAX_HELD_TOKENS
+        if is_held_too_long or (len(after) > len(before) and not after.endswith(REPLACEMENT)):
             self._prefix, self._read = self._read, len(self.token_ids)
             return after[len(before) :]
         return ""
@@ -207,7 +217,11 @@ class IncrementalDetokenizer:
 
 class RowText:
     """A row's text as tokens arrive: stop strings found at constant work per token, and the
-    part that is final (no stop string can still cut it) released for streaming."""
+    part that is final (no stop string can still cut it) released for streaming.
+
+    Only the unreleased tail is a string that changes; released text is kept as a list of
+    pieces, so no token copies the text before it (`text += piece` on a 16 KB row did).
+    """
 
     def __init__(self, detokenizer: IncrementalDetokenizer, stop: Sequence[str] = ()) -> None:
         self._detokenizer = detokenizer
@@ -215,10 +229,15 @@ class RowText:
         # A stop string that shows up later ends after the current text, so it can start at
         # most len(longest) - 1 characters back: hold that tail until the next token.
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
-        self.text = ""
-        self.num_sent = 0
+        self._sent: list[str] = []  # released text, in pieces
+        self._unsent = ""  # the rest: at most the holdback plus one token's text
         self.is_stopped = False
         self._pieces: list[str] = []  # the text each token added
+
+    @property
+    def text(self) -> str:
+        """The row's text so far (cut at a stop string); joined on each call."""
+        return "".join(self._sent) + self._unsent
 
     def push(self, token_id: int) -> str:
         """Add a token; return the newly final text (maybe ""). Sets `is_stopped` when a stop
@@ -238,29 +257,34 @@ class RowText:
         """Each token's share of the final text, joining to it exactly: a token that ends
         inside a multi-byte character gets "" and the one completing it the character; tokens
         past a stop string get ""."""
+        text = self.text
         pieces, at = [], 0
         for piece in self._pieces:
-            kept = self.text[at : at + len(piece)] if at < len(self.text) else ""
+            kept = text[at : at + len(piece)] if at < len(text) else ""
             pieces.append(kept)
             at += len(kept)
-        if pieces and at < len(self.text):
-            pieces[-1] += self.text[at:]
+        if pieces and at < len(text):
+            pieces[-1] += text[at:]
         return tuple(pieces)
 
     def _add(self, new: str, final: bool) -> str:
         if new and not self.is_stopped:
-            search_from = max(0, len(self.text) - self._holdback)
-            self.text += new
+            # Released text ends `holdback` characters before the end, so a stop string that
+            # completes now starts in the unreleased tail.
+            search_from = max(0, len(self._unsent) - self._holdback)
+            self._unsent += new
             if self._stop:
-                cut = find_stop(self.text[search_from:], self._stop)
+                cut = find_stop(self._unsent[search_from:], self._stop)
                 if cut is not None:
-                    self.text = self.text[: search_from + cut]
+                    self._unsent = self._unsent[: search_from + cut]
                     self.is_stopped = True
-        end = len(self.text) if final or self.is_stopped else len(self.text) - self._holdback
-        if end <= self.num_sent:
+        end = len(self._unsent)
+        if not (final or self.is_stopped):
+            end -= self._holdback
+        if end <= 0:
             return ""
-        delta = self.text[self.num_sent : end]
-        self.num_sent = end
+        delta, self._unsent = self._unsent[:end], self._unsent[end:]
+        self._sent.append(delta)
         return delta
 
 
@@ -283,7 +307,11 @@ def expand_rows(
     row_prompt: list[int] = []
     for index, (request, prompt) in enumerate(zip(requests, prepared, strict=True)):
         for seed in sample_seeds(request.params.seed, request.n):
-            rows.append(EngineRow(next(row_ids), prompt.prompt_ids, request.params, seed))
+            rows.append(
+                EngineRow(
+                    next(row_ids), prompt.prompt_ids, request.params, seed, request.cache_salt
+                )
+            )
             row_prompt.append(index)
     return rows, row_prompt
 

@@ -11,15 +11,27 @@ fields, so a newer server does not break an older client.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+    model_validator,
+)
 
 from batchserve.core.seeds import SEED_MAX
+from batchserve.core.types import SamplingParams
 
 NonEmptyPrompt = Annotated[str, StringConstraints(min_length=1)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 MAX_STOP_STRINGS = 16
+# Mixed into the prefix-cache keys of a request's prompts (as vLLM's `cache_salt`): only
+# requests with the same salt share cached blocks, so cache timing leaks nothing across tenants.
+CacheSalt = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
 # Every integer that ends up in a tensor gets an upper bound here, at the door: an unbounded
 # top_k of 2**63 once passed validation and overflowed in the worker, failing the whole batch.
@@ -41,11 +53,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+# The engine's row defaults are the wire's: written once, in core/types.py.
+DEFAULTS = SamplingParams()
+
+
 class SamplingFields(_Strict):
-    max_new_tokens: MaxNewTokens = 80
-    temperature: Temperature = 0.8
-    top_p: TopP = 0.95
-    top_k: TopK = 0
+    max_new_tokens: MaxNewTokens = DEFAULTS.max_new_tokens
+    temperature: Temperature = DEFAULTS.temperature
+    top_p: TopP = DEFAULTS.top_p
+    top_k: TopK = DEFAULTS.top_k
     apply_chat_template: bool = True
     system_prompt: str | None = None
     seed: Seed | None = None
@@ -64,11 +80,12 @@ class SamplingFields(_Strict):
 
 
 class LDAFields(SamplingFields):
-    alpha: Alpha = 1.0
-    ignore_eos: bool = False
+    alpha: Alpha = DEFAULTS.alpha
+    ignore_eos: bool = DEFAULTS.ignore_eos
     # Per-token log-probabilities, and per listed alpha the row's sum of log q_alpha (logprobs.py).
     logprobs: bool = False
     score_alphas: list[Alpha] = Field(default_factory=list, max_length=MAX_SCORE_ALPHAS)
+    cache_salt: CacheSalt | None = None
 
 
 class GenerateLDARequest(LDAFields):
@@ -94,7 +111,29 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 class _Response(BaseModel):
+    """A response body. The server sends `model_dump(mode="json")` of one of these (api/
+    responses.py), the client validates what it receives with the same class."""
+
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+    # Fields a body leaves out, rather than sending null, when they are None ("absent unless
+    # asked for", as `logprobs` is).
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_absent(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for name in self.omitted_when_none:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+
+class ErrorResponse(_Response):
+    """Every error of the native routes and the HTTP guards: 4xx/5xx bodies and SSE `error`
+    events. `detail`: what the error is about (the invalid fields of a 422), or null."""
+
+    error: str
+    detail: Any = None
 
 
 FinishReason = Literal["length", "eos", "stop"]
@@ -116,6 +155,8 @@ class RowLogprobs(_Response):
 
 
 class LDABatchResult(_Response):
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"logprobs"})
+
     prompt: str
     formatted_prompt: str
     completion: str
@@ -140,8 +181,27 @@ class LDABatchResponse(_Response):
     alpha: float
     model_after: str
     model_before: str
-    batch_size: int
+    batch_size: int  # prompts
     n: int = 1  # samples per prompt: results hold prompt 0's n samples, then prompt 1's, ...
+
+    @model_validator(mode="after")
+    def _one_result_per_prompt_and_sample(self) -> LDABatchResponse:
+        if self.n < 1 or len(self.results) != self.batch_size * self.n:
+            raise ValueError(
+                f"{len(self.results)} results for batch_size {self.batch_size} x n {self.n}"
+            )
+        return self
+
+
+class StreamDelta(_Response):
+    """An SSE `delta` event of the native routes: text appended to row `index`'s completion;
+    on /generate, `model` says which model's row (model_1 after, model_2 before)."""
+
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"model"})
+
+    index: int
+    text: str
+    model: Literal["model_1", "model_2"] | None = None
 
 
 class ModelOutput(_Response):
@@ -165,10 +225,14 @@ class TokenizerCompatibility(_Response):
 
 
 class Health(_Response):
-    """`/health`: 200 once the models are loaded, 503 while they load; both are answers."""
+    """`/health`: 200 once the models are loaded, 503 while they load; both are answers.
+    `status_code` is the HTTP status the client saw, not part of the body."""
+
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"error"})
 
     status: str = "unknown"
-    status_code: int = 200
+    error: str | None = None
+    status_code: int = Field(200, exclude=True)
 
     @property
     def is_ready(self) -> bool:
@@ -182,6 +246,9 @@ class Info(_Response):
     the experiment depends on; unknown fields stay reachable through `model_extra`.
     """
 
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"replica_id"})
+
+    replica_id: str | None = None  # which Ray Serve replica answered
     models: Any = None
     device: str | None = None
     dtype: str | None = None

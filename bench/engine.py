@@ -35,7 +35,7 @@ from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, SamplingParams
 from batchserve.engine import EngineCore, RunnerConfig, build_engine_core
 from batchserve.worker.models import ModelPair, load_pair, resolve_device, resolve_dtype
-from bench.report import table
+from bench.report import table, write_report
 from bench.shapes import SHAPES, random_pair, weight_bytes
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128)
@@ -403,15 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     title = (
         f"{shape or source['after']} on {device_name(device)}, {str(dtype).removeprefix('torch.')}"
     )
-    print(f"## engine: {title}\n")
-    print(format_table(results))
+    command = "python -m bench.engine " + " ".join(argv if argv is not None else sys.argv[1:])
+    markdown = (
+        f"## engine: {title} ({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
+        f"- host: {platform.machine()}, {os.cpu_count()} CPUs; command: `{command}`\n\n"
+        + format_table(results) + "\n"
+    )  # fmt: skip
     comparison = None
     if args.baseline:
         text, comparison = compare([r["results"] for r in baseline_reports], all_results)
-        print(f"\n### against {args.baseline} (mean of {rounds} alternating rounds)\n")
-        print(text)
+        markdown += f"\n### against {args.baseline} (mean of {rounds} alternating rounds)\n\n{text}\n"
+    print(markdown)
     report = {
         "benchmark": "engine",
+        "command": command,
         "pair": source,
         "device": str(device),
         "device_name": device_name(device),
@@ -434,9 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.output:
         path = args.output if args.output.parent != Path() else RESULTS_DIR / args.output
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"wrote {path}")
+        write_report(path, report, markdown)
     return 0
 
 

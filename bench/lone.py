@@ -15,21 +15,26 @@ gives each side's median and the ratio (issue 20's target: server / loop <= 0.6)
 from __future__ import annotations
 
 import argparse
-import json
+import inspect
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import torch
+from transformers import DynamicCache, LlamaForCausalLM
 
 from batchserve.frontend import format_prompt
 from batchserve.worker.models import load_pair
-from bench.report import table
+from bench.load import host_description
+from bench.report import add_output_option, table, write_report
 from bench.servers import start_servers
 
-RESULTS_DIR = Path(__file__).parent / "results"
+# transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); 5.17 knows only
+# the old one. The caches are filled in place, so the outputs' copies are never read.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else (
+    "past_key_values"
+)
 PROMPT = "Tell me about the history of the river and the town beside it."
 
 
@@ -41,9 +46,9 @@ def hand_written_loop(
     """Both models step in lockstep with their own caches; amplify, filter, draw."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.tensor([prompt_ids])
-    out_a = pair.after(input_ids=ids, use_cache=True)
-    out_b = pair.before(input_ids=ids, use_cache=True)
-    cache_a, cache_b = out_a.past_key_values, out_b.past_key_values
+    cache_a, cache_b = DynamicCache(config=pair.after.config), DynamicCache(config=pair.before.config)
+    out_a = pair.after(input_ids=ids, **{CACHE_ARG: cache_a}, use_cache=True)
+    out_b = pair.before(input_ids=ids, **{CACHE_ARG: cache_b}, use_cache=True)
     logits_a, logits_b = out_a.logits[:, -1], out_b.logits[:, -1]
     tokens: list[int] = []
     for _ in range(max_new_tokens):
@@ -54,8 +59,8 @@ def hand_written_loop(
         sorted_probs[drop] = 0.0
         token = order.gather(-1, torch.multinomial(sorted_probs, 1, generator=generator))
         tokens.append(int(token))
-        out_a = pair.after(input_ids=token, past_key_values=cache_a, use_cache=True)
-        out_b = pair.before(input_ids=token, past_key_values=cache_b, use_cache=True)
+        out_a = pair.after(input_ids=token, **{CACHE_ARG: cache_a}, use_cache=True)
+        out_b = pair.before(input_ids=token, **{CACHE_ARG: cache_b}, use_cache=True)
         logits_a, logits_b = out_a.logits[:, -1], out_b.logits[:, -1]
     return tokens
 
@@ -66,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         description="A lone request through the server vs a hand-written loop over two HF "
         "models, alternating; prints both medians and their ratio.",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens per request, both sides (64)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="alternating rounds; the medians count (10)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra `batchserve serve` option"
     )
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "lone-toy-cpu.json")
+    add_output_option(parser, "lone-toy-cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pair = load_pair("toy", device="cpu")  # stock attention: this copy never meets the runner
@@ -106,10 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         ["hand-written loop (two HF models, DynamicCache)", f"{loop_median * 1e3:.0f}"],
         [f"server (compiled: {info.get('compiled')})", f"{server_median * 1e3:.0f}"],
     ]
-    print(f"## one lone {args.max_new_tokens}-token request, {args.rounds} rounds\n")
-    print(table(["", "median ms"], rows))
     ratio = server_median / loop_median
-    print(f"\nserver / loop: {ratio:.2f} (target <= 0.6)")
+    text = (
+        f"# One lone {args.max_new_tokens}-token request, {args.rounds} alternating rounds "
+        f"({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
+        f"- host: {host_description()}; torch threads {args.threads}, both sides\n"
+        f"- command: `python -m bench.lone {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        + table(["", "median ms"], rows)
+        + f"\n\nserver / loop: {ratio:.2f} (issue 20's target: <= 0.6)\n"
+    )
+    print(text)
     report = {
         "benchmark": "lone",
         "max_new_tokens": args.max_new_tokens,
@@ -121,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": ratio,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}", file=sys.stderr)
+    write_report(args.output, report, text)
     return 0
 
 

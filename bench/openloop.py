@@ -16,21 +16,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import httpx
 
-from bench.load import IntRange, Mix, RequestRecord, Workload, run_level, send, wait_idle
-from bench.report import table
+from bench.load import (
+    IntRange,
+    Mix,
+    RequestRecord,
+    Workload,
+    host_description,
+    run_level,
+    send,
+    wait_idle,
+)
+from bench.report import add_output_option, table, write_report
 from bench.servers import start_servers
-
-RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def arrival_times(rate_per_s: float, duration_s: float, seed: int) -> list[float]:
@@ -82,14 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         "side by side on the same arrivals.",
     )
     parser.add_argument("--load", type=float, default=0.4, help="share of capacity (0.4)")
-    parser.add_argument("--duration-s", type=float, default=60.0, help="arrivals for this long")
+    parser.add_argument("--duration-s", type=float, default=60.0, help="seconds of arrivals (60)")
     parser.add_argument("--max-new-tokens", default="16-128", help="N or LOW-HIGH (16-128)")
     parser.add_argument("--short-tokens", type=int, default=32, help="short: <= this (32)")
-    parser.add_argument("--capacity-s", type=float, default=20.0, help="capacity measurement")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--capacity-s", type=float, default=20.0,
+        help="seconds of the closed-loop capacity run (20)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="arrivals and requests (0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
     parser.add_argument("--server-arg", action="append", default=[], help="extra serve option")
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "openloop-toy-cpu.json")
+    add_output_option(parser, "openloop-toy-cpu.json")
     args = parser.parse_args(argv)
     low, _, high = args.max_new_tokens.partition("-")
     workload = Workload(
@@ -125,17 +133,26 @@ def main(argv: list[str] | None = None) -> int:
             f"{kind} (n={cont['n']})", f"{cont['p50_s']:.3f}", f"{stat['p50_s']:.3f}",
             f"{cont['p95_s']:.3f}", f"{stat['p95_s']:.3f}", f"{ratio:.2f}",
         ])  # fmt: skip
-    print(f"## open loop: Poisson arrivals at {args.load:.0%} of capacity "
-          f"({capacity_rps:.2f} req/s), {args.duration_s:g} s, {args.max_new_tokens} tokens\n")  # fmt: skip
     header = ["requests", "continuous p50 s", "static p50 s", "continuous p95 s",
               "static p95 s", "p50 continuous / static"]  # fmt: skip
-    print(table(header, rows))
     short_ratio = results["continuous"]["short"]["p50_s"] / results["static"]["short"]["p50_s"]
-    print(f"\nshort requests' median latency, continuous / static: {short_ratio:.2f} "
-          "(target <= 0.25)")  # fmt: skip
+    command = "python -m bench.openloop " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = (
+        f"# Open loop: Poisson arrivals at {args.load:.0%} of capacity "
+        f"({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
+        f"- host: {host_description()}; toy pair; torch threads {args.threads} per server\n"
+        f"- capacity {capacity_rps:.2f} req/s (continuous, 32 closed-loop clients); "
+        f"{len(arrivals)} arrivals at {rate:.2f}/s for {args.duration_s:g} s; "
+        f"max_new_tokens {args.max_new_tokens}; short = <= {args.short_tokens} tokens\n"
+        f"- command: `{command}`\n\n"
+        + table(header, rows)
+        + f"\n\nshort requests' median latency, continuous / static: {short_ratio:.2f} "
+        "(issue 20's target: <= 0.25)\n"
+    )
+    print(text)
     report = {
         "benchmark": "openloop",
-        "command": "python -m bench.openloop " + " ".join(argv or sys.argv[1:]),
+        "command": command,
         "load": args.load,
         "capacity_requests_per_s": capacity_rps,
         "num_arrivals": len(arrivals),
@@ -146,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "short_p50_ratio": short_ratio,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}", file=sys.stderr)
+    write_report(args.output, report, text)
     return 0
 
 

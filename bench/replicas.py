@@ -22,7 +22,7 @@ client. Each replica then reserves 0.25 of a Ray CPU.
 Tokens/s, requests/s and latencies come from the client side, so they count every replica; rows
 per replica come from each response's x-batchserve-replica header. `--kill` ends the run by
 killing the busiest replica of the largest deployment under load, with the bundled client
-(client/api.py, which retries 503 + Retry-After), and counts what came back.
+(batchserve_client/api.py, which retries 503 + Retry-After), and counts what came back.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from bench.load import (
     run_level,
     warm_up,
 )
-from bench.report import percentile, ratio, table
+from bench.report import percentile, ratio, table, write_report
 from bench.servers import free_port, start_servers
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -218,7 +218,7 @@ def _replica_actors() -> list[dict[str, str]]:
     ]
 
 
-def _busiest_replica() -> tuple[dict[str, str], int]:
+def busiest_replica() -> tuple[dict[str, str], int]:
     """The replica actor with the most requests in flight right now, and that count."""
     import ray
 
@@ -279,7 +279,7 @@ async def kill_under_load(
 
         async def killer() -> None:
             await asyncio.sleep(kill_after_s)
-            victim, ongoing = await asyncio.to_thread(_busiest_replica)
+            victim, ongoing = await asyncio.to_thread(busiest_replica)
             actor = ray.get_actor(victim["name"], namespace=victim["namespace"])
             ray.kill(actor, no_restart=True)
             kill.update(
@@ -481,7 +481,7 @@ def markdown(report: dict) -> str:
             "## A replica killed under load",
             "",
             f"{kill['num_replicas']} replicas, {workload['concurrency'][0]} clients of the "
-            f"bundled client (client/api.py: retries 503 after Retry-After, and connection "
+            f"bundled client (batchserve_client/api.py: retries 503 after Retry-After, and connection "
             f"errors), {kill['duration_s']:g} s; the busiest replica killed at "
             f"{kill['kill'].get('at_s')} s with {kill['kill'].get('ongoing_requests')} requests "
             "in flight (ray.kill, no restart: Serve starts a replacement).",
@@ -590,8 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             _add_cpu_metrics(run)
         targets = report["summary"].get("targets_over_ray1", TOY_TARGETS)
         report["summary"] = summarize(report["runs"], targets)
-        args.render.write_text(json.dumps(report, indent=2) + "\n")
-        args.render.with_suffix(".md").write_text(markdown(report))
+        write_report(args.render, report, markdown(report))
         print(markdown(report))
         return 0
 
@@ -726,9 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         "kill": kill,
         "summary": summarize(runs, targets),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(report))
+    write_report(output, report, markdown(report))
     print(markdown(report))
     return 0
 

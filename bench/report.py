@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,29 @@ def parse_prometheus(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return values
+
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def add_output_option(parser: argparse.ArgumentParser, default_name: str) -> None:
+    """`--output`: where the report's JSON goes (the markdown goes beside it); by default the
+    benchmark's one current report in bench/results/."""
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS_DIR / default_name,
+        help="JSON report; the markdown goes beside it (default: %(default)s)",
+    )
+
+
+def write_report(path: Path, report: dict[str, Any], markdown: str) -> None:
+    """A benchmark's current report, over the last one (git keeps the earlier ones): its raw
+    numbers as JSON at `path` and its markdown beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown)
+    print(f"wrote {path} and its .md", file=sys.stderr)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

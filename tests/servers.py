@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+from httpx_sse import aconnect_sse
 from starlette.applications import Starlette
 
 from batchserve.api.app import ServerConfig, create_app
@@ -34,8 +36,10 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    args: list[str], timeout_s: float = 120.0, env: dict | None = None
+    args: list[str], timeout_s: float = 120.0, env: dict | None = None, log_path: str | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`batchserve serve ARGS` on a free port until healthy; its output goes to `log_path`
+    where given (to read once it has exited), else to a temporary file."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -49,7 +53,8 @@ def running_server(
         *args,
     ]
     # A file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it.
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in the finally below
+    # Closed in the finally below.
+    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
     proc = subprocess.Popen(
         cmd,
         stdout=log,
@@ -151,15 +156,32 @@ def uvicorn_thread(app: Starlette, timeout_s: float = 60.0) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def serving(
-    pair: ModelPair, base_url: str = "http://localhost", **config: Any
+async def client_of(
+    app: Starlette, base_url: str = "http://localhost"
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = make_app(pair, **config)
+    """`app` with its lifespan running, and an httpx client that calls it in-process (the
+    app is the client's `.app`)."""
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=base_url, timeout=60) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+async def stream_events(client: httpx.AsyncClient, path: str, body: dict) -> list:
+    """POST `body` with `"stream": true`; the SSE events as (event, parsed data) pairs."""
+    async with aconnect_sse(client, "POST", path, json=body | {"stream": True}) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        return [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    pair: ModelPair, base_url: str = "http://localhost", **config: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_of(make_app(pair, **config), base_url) as client:
+        yield client
 
 
 # Seeded, long enough to be mid-generation while each bad request arrives.

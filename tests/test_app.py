@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from servers import client_of
 from tiny_models import SAMPLE_WORDS
 
 from batchserve.api.app import ServerConfig, create_app
@@ -26,14 +27,8 @@ async def serving(pair: ModelPair, **scheduler: object) -> AsyncIterator[httpx.A
         if k in ("max_prompts_per_request", "max_new_tokens_limit", "runner")
     }
     config = ServerConfig(scheduler=SchedulerConfig(**scheduler), **limits)
-    app = create_app(config, pair=pair)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://localhost", timeout=60
-        ) as client:
-            client.app = app  # type: ignore[attr-defined]
-            yield client
+    async with client_of(create_app(config, pair=pair)) as client:
+        yield client
 
 
 async def test_single_request_returns_the_contract_fields(llama_pair: ModelPair) -> None:

@@ -3,6 +3,7 @@ timings on a shared CI machine say nothing, so only the report's shape is checke
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from bench import engine as bench_engine
+from bench import prefix as bench_prefix
 from bench.load import RESULTS_DIR, IntRange, Mix, Workload, build_parser, output_path
 from bench.report import parse_prometheus, percentile, ratios
 
@@ -120,6 +122,21 @@ def test_every_file_in_results_belongs_to_a_report_the_readme_describes() -> Non
     assert strays == []
 
 
+def test_detok_bench_shows_flat_work_per_token_against_a_growing_re_decode(
+    tmp_path: Path, capsys
+) -> None:
+    from bench import detok
+
+    output = tmp_path / "detok.json"
+    assert detok.main(["--lengths", "40,80", "--repeats", "1", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())["results"]
+    assert [r["tokens"] for r in results] == [40, 80]
+    # The whole row each step: (n + 1) / 2 tokens per token; the frontend's window: a few.
+    assert [r["naive"]["decoded_tokens_per_token"] for r in results] == [20.5, 40.5]
+    assert all(r["incremental"]["decoded_tokens_per_token"] <= 4 for r in results)
+    assert "naive / incremental" in output.with_suffix(".md").read_text()
+
+
 def test_report_helpers() -> None:
     assert percentile([], 50) is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
@@ -163,6 +180,34 @@ def test_engine_bench_reports_every_batch_size(tmp_path: Path, capsys) -> None:
         assert result["floor_step_ms"] is None  # CPU: no bandwidth floor
 
 
+def test_prefix_bench_runs_the_cache_on_and_off_and_reports(tmp_path: Path, capsys) -> None:
+    code = bench_prefix.main(
+        ["--prompts", "10", "--samples", "2", "--system-tokens", "40", "--user-tokens", "3-9",
+         "--max-new-tokens", "2", "--long-prompt-tokens", "64", "--ttft-repeats", "1",
+         "--vocab", "128", "--hidden", "32", "--intermediate", "64", "--layers", "1",
+         "--heads", "2", "--kv-heads", "1", "--max-batch-size", "8",
+         "--output", str(tmp_path / "prefix")]
+    )  # fmt: skip
+    assert code == 0
+    assert "| prompt tokens computed (prefill) |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "prefix.json").read_text())
+    on, off = report["runs"]["on"], report["runs"]["off"]
+    assert report["num_rows"] == 10 * 3 * 2
+    assert on["generated_tokens"] == off["generated_tokens"] == 10 * 3 * 2 * 2
+    # Off computes every prompt token it is asked; on, the cache hits what it saves.
+    assert off["hit_tokens"] == off["queried_tokens"] == 0
+    assert on["queried_tokens"] == off["prefill_tokens"]
+    assert on["prefill_tokens"] + on["hit_tokens"] == off["prefill_tokens"]
+    assert 0 < on["prefill_tokens"] < off["prefill_tokens"]
+    assert report["rows_differing"] == 0
+    assert {g["name"] for g in report["goals"]} == {
+        "prompt tokens computed",
+        "time to first token, repeated long prompt",
+    }
+    assert off["ttft_repeated_s"] > 0 and len(on["ttft_repeated_all_s"]) == 1
+    assert (tmp_path / "prefix.md").read_text().startswith("# Prefix caching")
+
+
 @pytest.mark.slow
 def test_load_bench_runs_two_modes_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
@@ -194,3 +239,51 @@ def test_load_bench_runs_two_modes_and_reports(tmp_path: Path) -> None:
     assert out.with_suffix(".md").read_text().startswith("# Load benchmark")
     assert (tmp_path / "load-load-throughput.png").stat().st_size > 0
     assert (tmp_path / "load-load-latency-cdf.png").stat().st_size > 0
+
+
+def test_the_hand_written_loop_does_the_servers_job() -> None:
+    """bench.lone's baseline must generate what the engine generates, or its ratio compares two
+    different jobs: greedy (top_p keeps only the top token) against the engine at temperature 0."""
+    from batchserve.core.types import GenerationRequest, SamplingParams
+    from batchserve.engine import generate
+    from batchserve.frontend import format_prompt
+    from batchserve.worker.models import load_pair
+    from bench.lone import PROMPT, hand_written_loop
+
+    stock = load_pair("toy", device="cpu")
+    prompt_ids = stock.tokenizer.encode(format_prompt(PROMPT))
+    loop_tokens = hand_written_loop(
+        stock, prompt_ids, 12, alpha=2.0, temperature=1.0, top_p=1e-9, seed=0
+    )
+    params = SamplingParams(alpha=2.0, temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    (result,) = generate(load_pair("toy", device="cpu"), [GenerationRequest(PROMPT, params)])
+    assert list(result.token_ids) == loop_tokens
+
+
+def test_open_loop_arrivals_are_a_seeded_poisson_process() -> None:
+    from bench.openloop import arrival_times
+
+    arrivals = arrival_times(50.0, 20.0, seed=3)
+    assert arrivals == arrival_times(50.0, 20.0, seed=3)
+    assert arrivals != arrival_times(50.0, 20.0, seed=4)
+    assert all(0 < a < b < 20.0 for a, b in itertools.pairwise(arrivals))
+    assert 850 <= len(arrivals) <= 1150  # 1,000 expected; sd about 32
+
+
+def test_threads_bench_neighbours_spin_and_stop() -> None:
+    import multiprocessing
+
+    from bench.threads import default_settings, markdown, neighbours
+
+    with neighbours(2):
+        children = multiprocessing.active_children()
+        assert len(children) == 2 and all(c.is_alive() for c in children)
+    assert not multiprocessing.active_children()
+    assert [s.name for s in default_settings(1)] == ["auto (default)", "threads 1"]
+    quiet = {"lone_p50_s": 0.5, "tokens_per_s": 1000.0}
+    busy = {"lone_p50_s": 1.0, "tokens_per_s": 0.0}
+    report = {
+        "created_at": "now", "host": "h", "neighbours": 1, "num_lone": 3, "clients_s": 5.0,
+        "command": "c", "results": {"threads 1": {"quiet": quiet, "busy": busy}},
+    }  # fmt: skip
+    assert "| threads 1 | 500 | 1000 | 2.00 | 1,000 | 0 | 0.00 |" in markdown(report)

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from tiny_models import save_tiny_pair
 
 from batchserve.api.app import ServerConfig
-from batchserve.api.cli import build_parser, main, read_prompt_rows, server_config_from_args
+from batchserve.api.cli import build_parser, main, server_config_from_args
+from batchserve.api.cli_generate import read_prompt_rows
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import RunnerConfig
 from batchserve.schemas import GenerateLDABatchRequest
@@ -199,3 +200,28 @@ def test_generate_writes_logprobs_only_when_asked(
         lp = row["logprobs"]
         assert len(lp["after"]) == 4 and lp["score_alphas"] == [0.0, 1.0]
         assert lp["sum_score_alphas"][1] == pytest.approx(lp["sum_sampled"], abs=1e-4)
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("", ""), ("ACTIVE", "ACTIVE")])
+def test_worker_threads_wait_passively_unless_the_environment_says(
+    preset: str | None, expected: str
+) -> None:
+    """Set before torch loads OpenMP (a fresh interpreter), and never over the user's choice."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    code = (
+        "import os\n"
+        "from batchserve.api.cli_options import configure_threads\n"
+        "configure_threads('2', 'cpu')\n"
+        "import torch\n"
+        "print(repr(os.environ.get('OMP_WAIT_POLICY')), torch.get_num_threads())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == [repr(expected), "2"]

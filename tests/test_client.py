@@ -7,13 +7,16 @@ async twin, under the server's own uvicorn set-up on 127.0.0.1 for the blocking 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
 from servers import HeldLoad, free_port, make_app, uvicorn_thread
+from starlette.applications import Starlette
 
 from batchserve.worker.models import ModelPair
 from batchserve_client import (
@@ -51,6 +54,15 @@ def held_load(llama_pair: ModelPair) -> Iterator[HeldLoad]:
     load = HeldLoad(llama_pair)
     yield load
     load.cancel()
+
+
+@contextlib.asynccontextmanager
+async def bundled_client(app: Starlette, **options: Any) -> AsyncIterator[AsyncLDAClient]:
+    """The bundled async client over `app` in-process, with the app's lifespan running."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with AsyncLDAClient("http://localhost", transport=transport, **options) as client:
+            yield client
 
 
 @pytest.fixture
@@ -147,12 +159,8 @@ async def test_async_client_retries_503_then_succeeds(held_load: HeldLoad):
             held_load.release()  # the models finish loading; the server starts answering
 
     app = make_app(held_load)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with AsyncLDAClient(
-            "http://localhost", retry=PATIENT_RETRY, transport=transport, on_retry=on_retry
-        ) as client:
-            result = await client.generate_lda_batch(["the cat"], alpha=1.0, max_new_tokens=3)
+    async with bundled_client(app, retry=PATIENT_RETRY, on_retry=on_retry) as client:
+        result = await client.generate_lda_batch(["the cat"], alpha=1.0, max_new_tokens=3)
     assert [r.prompt for r in result.results] == ["the cat"]
     assert retries[:3] == [("/generate_lda_batch", "503", n) for n in (1, 2, 3)]
     assert {reason for _, reason, _ in retries} == {"503"}
@@ -189,25 +197,19 @@ async def test_retry_after_header_sets_the_wait_up_to_the_cap(
     # Retry-After (5 s while loading), capped by max_retry_after_s.
     policy = RetryPolicy(max_retries=3, backoff_s=0.01, max_backoff_s=0.05, max_retry_after_s=cap_s)
     app = make_app(held_load)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with AsyncLDAClient(
-            "http://localhost", retry=policy, transport=transport, on_retry=on_retry
-        ) as client:
-            with held_load, pytest.raises(StopRetrying):
-                await client.generate_lda("hi")
+    async with bundled_client(app, retry=policy, on_retry=on_retry) as client:
+        with held_load, pytest.raises(StopRetrying):
+            await client.generate_lda("hi")
     assert delays == [expected_s]
 
 
 async def test_persistent_503_raises_server_unavailable_with_server_message(held_load: HeldLoad):
     app = make_app(held_load)
     policy = RetryPolicy(max_retries=2, backoff_s=0.01, max_retry_after_s=0.01)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with AsyncLDAClient("http://localhost", retry=policy, transport=transport) as client:
-            with held_load, pytest.raises(ServerUnavailableError, match="still loading") as info:
-                await client.generate_lda("hi")
-            metrics = await client.metrics()
+    async with bundled_client(app, retry=policy) as client:
+        with held_load, pytest.raises(ServerUnavailableError, match="still loading") as info:
+            await client.generate_lda("hi")
+        metrics = await client.metrics()
     assert info.value.status_code == 503
     # The first try and two retries reached the server.
     assert metric(metrics, "batchserve_requests_total", route="/generate_lda", status="503") == 3
@@ -253,11 +255,9 @@ def test_422_raises_invalid_request_carrying_the_server_message(live_url: str):
 
 async def test_413_from_the_server_raises_too_large(llama_pair: ModelPair):
     app = make_app(llama_pair, max_prompts_per_request=2)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with AsyncLDAClient("http://localhost", transport=transport) as client:
-            with pytest.raises(RequestTooLargeError) as info:
-                await client.generate_lda_batch(["a", "b", "c"])
+    async with bundled_client(app) as client:
+        with pytest.raises(RequestTooLargeError) as info:
+            await client.generate_lda_batch(["a", "b", "c"])
     assert info.value.status_code == 413 and "too many prompts" in info.value.error
 
 

@@ -9,6 +9,7 @@ import torch
 from engine_driver import Driver, assert_steps_read_the_device_once, rows_for
 from test_logprobs import reference_keep
 
+from batchserve.api.responses import row_result
 from batchserve.core.types import GenerationRequest, RunnerConfig, SamplingParams
 from batchserve.engine import generate
 from batchserve.worker.models import ModelPair
@@ -71,7 +72,8 @@ def test_logprobs_match_a_direct_recomputation(llama_pair: ModelPair) -> None:
     for index, result in enumerate(results):
         params = reqs[index // 2].params
         if not params.wants_logprobs:
-            assert result.logprobs is None and "logprobs" not in result.row_fields()
+            assert result.logprobs is None
+            assert "logprobs" not in row_result(result).model_dump(mode="json")
             continue
         ref = recompute(llama_pair, result, params)
         lp = result.logprobs
@@ -80,10 +82,10 @@ def test_logprobs_match_a_direct_recomputation(llama_pair: ModelPair) -> None:
             assert list(getattr(lp, name)) == pytest.approx(ref[name], abs=1e-4), name
         sums = [sum(s[j] for s in ref["scores"]) for j in range(len(params.score_alphas))]
         assert list(lp.score_sums) == pytest.approx(sums, abs=1e-4 * result.tokens_generated)
-        fields = result.row_fields()["logprobs"]
-        assert fields["token_ids"] == list(result.token_ids)
-        assert fields["sum_after"] == pytest.approx(sum(ref["after"]), abs=1e-3)
-        assert fields["score_alphas"] == list(params.score_alphas)
+        fields = row_result(result).logprobs
+        assert fields is not None and fields.token_ids == list(result.token_ids)
+        assert fields.sum_after == pytest.approx(sum(ref["after"]), abs=1e-3)
+        assert fields.score_alphas == list(params.score_alphas)
 
 
 def test_asking_for_logprobs_changes_no_sampled_token(llama_pair: ModelPair) -> None:

@@ -9,6 +9,7 @@ from tiny_models import make_byte_tokenizer, make_tokenizer
 from batchserve.core.scheduler import PromptTooLongError, RowUpdate
 from batchserve.core.types import GenerationRequest, SamplingParams
 from batchserve.frontend import (
+    MAX_HELD_TOKENS,
     Frontend,
     IncrementalDetokenizer,
     RequestOutput,
@@ -49,6 +50,61 @@ def test_detokenizing_a_4000_token_row_does_constant_work_per_token() -> None:
     assert text == TEXT * 80
     # Each push decodes a window of the last few tokens, twice: never the whole row.
     assert detok.num_decoded_tokens <= 12 * len(ids)
+
+
+class CountingTokenizer:
+    """A tokenizer whose decode calls are counted, with the tokens each one is given: the
+    detokenizer's work, measured from outside it."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.all_special_ids = tokenizer.all_special_ids
+        self.num_calls = 0
+        self.num_tokens = 0
+
+    def decode(self, ids, **kwargs) -> str:
+        self.num_calls += 1
+        self.num_tokens += len(ids)
+        return self._tokenizer.decode(ids, **kwargs)
+
+
+def row_of(kind: str, tok) -> list[int]:
+    text_ids = tok.encode(TEXT * 80, add_special_tokens=False)
+    if kind == "text":
+        return text_ids[:4000]
+    start = tok.encode(TEXT * 8, add_special_tokens=False)
+    if kind == "eos under ignore_eos":  # a model that ended, made to go on
+        return start + [tok.eos_token_id] * (4000 - len(start))
+    # A model emitting garbage: UTF-8 continuation bytes that never make a character.
+    (continuation,) = tok.encode("é", add_special_tokens=False)[1:]
+    return start + [continuation] * (4000 - len(start))
+
+
+@pytest.mark.parametrize("kind", ["text", "eos under ignore_eos", "invalid bytes"])
+def test_each_token_of_a_4000_token_row_with_stop_strings_costs_bounded_decoding(kind: str):
+    """A row with stop strings was decoded in full every step (quadratic in its length), and a
+    run of EOS tokens widened the incremental window by one token each."""
+    tok = make_byte_tokenizer()
+    ids = row_of(kind, tok)
+    counting = CountingTokenizer(tok)
+    row = RowText(IncrementalDetokenizer(counting), stop=["NEVER SEEN", "é!?"])
+    calls, tokens, released = [], [], []
+    for token in ids:
+        before = (counting.num_calls, counting.num_tokens)
+        released.append(row.push(token))
+        calls.append(counting.num_calls - before[0])
+        tokens.append(counting.num_tokens - before[1])
+    released.append(row.finish())
+    assert len(ids) == 4000 and not row.is_stopped
+    # Per token: two decodes of a window of at most the held tokens and their context.
+    assert max(calls) <= 2 and max(tokens) <= 4 * (MAX_HELD_TOKENS + 1)
+    expected = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if kind == "invalid bytes":  # released in pieces, garbage as U+FFFD: not the same count
+        assert row.text.rstrip("\ufffd") == TEXT * 8 == expected.rstrip("\ufffd")
+        assert row.text.endswith("\ufffd") and row.text == "".join(released)
+    else:
+        assert row.text == "".join(released) == expected
+        assert sum(tokens) <= 8 * len(ids)  # about 3 a token: a window of one or two
 
 
 @pytest.mark.parametrize("stop", [["STOP"], ["xx", "STOP"], ["é!"]])

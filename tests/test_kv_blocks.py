@@ -70,8 +70,10 @@ def test_freed_blocks_keep_their_keys_until_reused_oldest_first() -> None:
     assert revived.num_cached_blocks == 2 and revived.block_ids[:2] == a_blocks[:2]
     blocks.free(revived)
     # A different prompt needs all 4 blocks: the cached ones are evicted (tail first freed).
+    assert blocks.num_evicted_blocks == 0
     other = blocks.allocate(blocks.prompt_keys(prompt(8, 100)), 8, 8)
     assert other is not None and blocks.num_cached_blocks == 0
+    assert blocks.num_evicted_blocks == 2
     assert blocks.allocate(a_keys, 5, 5) is None
 
 

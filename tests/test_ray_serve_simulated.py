@@ -16,10 +16,11 @@ import httpx
 import openai
 import pytest
 from httpx_sse import aconnect_sse
-from servers import running_server
-from test_ray_serve import _busiest_replica, _wait_for_replicas, ray_address  # noqa: F401
+from servers import stream_events
+from test_ray_serve import _wait_for_replicas, ray_address, two_replicas  # noqa: F401
 
 from batchserve.worker.simulated import SimulatedCost, SimulatedRunner, load_simulated_pair
+from bench.replicas import busiest_replica
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -28,10 +29,7 @@ COST = "20,0.05"
 
 @pytest.fixture(scope="module")
 def simulated_endpoint(ray_address: str) -> Iterator[tuple[str, subprocess.Popen]]:  # noqa: F811
-    args = ["--ray", "--ray-address", ray_address, "--replicas", "2", "--simulate", COST]
-    args += ["--max-batch-size", "16", "--log-level", "warning"]
-    with running_server(args, timeout_s=240) as (url, proc):
-        _wait_for_replicas(2)
+    with two_replicas(ray_address, "--simulate", COST, "--max-batch-size", "16") as (url, proc):
         yield url, proc
 
 
@@ -79,10 +77,7 @@ async def test_batch_stream_through_the_proxy_carries_every_row(endpoint: str):
     body = {"prompts": ["one", "two"], "n": 2, "max_new_tokens": 12, "seed": 3}
     async with httpx.AsyncClient(base_url=endpoint, timeout=60) as client:
         plain = (await client.post("/generate_lda_batch", json=body)).json()
-        async with aconnect_sse(
-            client, "POST", "/generate_lda_batch", json=body | {"stream": True}
-        ) as source:
-            events = [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+        events = await stream_events(client, "/generate_lda_batch", body)
     assert events[-1] == ("result", plain)
     joined: dict[int, str] = {}
     for kind, data in events[:-1]:
@@ -151,10 +146,10 @@ def test_a_replica_killed_under_load_loses_no_request(endpoint: str, tokens: Sim
                 while len(answers) < 16:
                     assert time.monotonic() < deadline, "no answers in 60 s"
                     await asyncio.sleep(0.05)
-                victim, ongoing = await asyncio.to_thread(_busiest_replica)
+                victim, ongoing = await asyncio.to_thread(busiest_replica)
                 while ongoing < 4:
                     assert len(answers) < num_requests, "finished before a replica could die"
-                    victim, ongoing = await asyncio.to_thread(_busiest_replica)
+                    victim, ongoing = await asyncio.to_thread(busiest_replica)
                 actor = ray.get_actor(victim["name"], namespace=victim["namespace"])
                 ray.kill(actor, no_restart=True)
                 kill["ongoing"] = ongoing

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import threading
 import time
@@ -12,8 +11,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from httpx_sse import aconnect_sse
-from servers import running_server
+from servers import client_of, running_server, stream_events
 
 from batchserve.api.app import ServerConfig, create_app
 from batchserve.api.cli import build_parser
@@ -228,14 +226,8 @@ async def serving(
     pair: ModelPair, cost: SimulatedCost, **scheduler: object
 ) -> AsyncIterator[httpx.AsyncClient]:
     config = ServerConfig(scheduler=SchedulerConfig(**scheduler), simulate=cost)
-    app = create_app(config, pair=pair)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://localhost", timeout=60
-        ) as client:
-            client.app = app  # type: ignore[attr-defined]
-            yield client
+    async with client_of(create_app(config, pair=pair)) as client:
+        yield client
 
 
 async def test_http_routes_run_the_simulated_runner_through_the_scheduler(
@@ -320,10 +312,7 @@ async def test_streams_carry_the_simulated_tokens(toy_meta_pair: ModelPair):
     async with serving(toy_meta_pair, SimulatedCost(1, 0)) as client:
         body = {"prompt": "Stream this.", "max_new_tokens": 10, "seed": 9}
         plain = (await client.post("/generate_lda", json=body)).json()
-        async with aconnect_sse(
-            client, "POST", "/generate_lda", json=body | {"stream": True}
-        ) as source:
-            events = [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+        events = await stream_events(client, "/generate_lda", body)
         assert events[-1] == ("result", plain)
         deltas = [d["text"] for e, d in events if e == "delta"]
         assert len(deltas) > 1 and "".join(deltas) == plain["completion"]

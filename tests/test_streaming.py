@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import logging
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from httpx_sse import aconnect_sse, connect_sse
-from servers import running_server
+from servers import client_of, running_server, stream_events
 from tiny_models import build_byte_pair
 
 from batchserve.api.app import ServerConfig, create_app
+from batchserve.api.streaming import MAX_PENDING_DELTAS, Completion, Job
 from batchserve.core.scheduler import SchedulerConfig
+from batchserve.core.types import GenerationRequest, SamplingParams
+from batchserve.frontend import Delta
+from batchserve.schemas import ErrorResponse
 from batchserve.worker.models import ModelPair, load_pair
+from batchserve.worker.simulated import SimulatedCost, load_simulated_pair
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +42,8 @@ def byte_pair() -> ModelPair:
 @contextlib.asynccontextmanager
 async def serving(pair: ModelPair, **scheduler: object) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(ServerConfig(scheduler=SchedulerConfig(**scheduler)), pair=pair)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://localhost", timeout=60
-        ) as client:
-            yield client
-
-
-async def stream_events(client: httpx.AsyncClient, path: str, body: dict) -> list:
-    async with aconnect_sse(client, "POST", path, json=body | {"stream": True}) as source:
-        assert source.response.status_code == 200
-        assert source.response.headers["content-type"].startswith("text/event-stream")
-        return [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+    async with client_of(app) as client:
+        yield client
 
 
 def joined(events: list, index: int = 0) -> str:
@@ -223,3 +221,128 @@ async def test_a_stream_past_the_request_timeout_ends_with_an_error_event(
             while engine.num_running:
                 await asyncio.sleep(0.05)
             assert "batchserve_rows_cancelled_total 1.0" in (await c.get("/metrics")).text
+
+
+# --- the battery's findings: shutdown, slow readers, cancelled rows' tokens ----------------------
+
+
+def test_streams_cut_by_a_short_shutdown_end_with_an_error_event(tmp_path: Path) -> None:
+    """sse-starlette cut streams at the same deadline as the drain: some ended with deltas
+    only, and their jobs' failures were logged as "Future exception was never retrieved".
+    Steps of 2 s make it certain here: the drain (1 s) then waits for the step in flight,
+    so the failure reaches the streams after sse-starlette's own cut would have come."""
+    log_path = tmp_path / "server.log"
+    args = ["--simulate", "2000,0", "--shutdown-timeout-s", "1", "--log-level", "warning"]
+    streams = {
+        "/generate_lda_batch": {"prompts": ["go on", "and on"], "max_new_tokens": 400},
+        "/v1/completions": {"model": "toy:after", "prompt": "go on", "max_tokens": 400},
+    }
+    events: dict[str, list[tuple[str, str]]] = {path: [] for path in streams}
+    first_seen = {path: threading.Event() for path in streams}
+
+    def read(url: str, path: str) -> None:
+        body = streams[path] | {"stream": True}
+        with (
+            httpx.Client(base_url=url, timeout=60) as client,
+            connect_sse(client, "POST", path, json=body) as source,
+        ):
+            for event in source.iter_sse():
+                events[path].append((event.event, event.data))
+                first_seen[path].set()
+
+    with running_server(args, log_path=str(log_path)) as (url, proc):
+        readers = [threading.Thread(target=read, args=(url, p)) for p in streams]
+        for reader in readers:
+            reader.start()
+        for path, seen in first_seen.items():
+            assert seen.wait(30), f"{path} streamed nothing"
+        proc.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+    native = events["/generate_lda_batch"]
+    assert native[0][0] == "delta" and native[-1][0] == "error", native[-3:]
+    assert "shut down" in ErrorResponse.model_validate_json(native[-1][1]).error
+    openai = [data for _, data in events["/v1/completions"]]
+    assert openai[-1] == "[DONE]" and "shut down" in json.loads(openai[-2])["error"]["message"]
+    log = log_path.read_text()
+    assert "never retrieved" not in log and "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def meta_pair() -> ModelPair:
+    return load_simulated_pair("toy")
+
+
+@contextlib.asynccontextmanager
+async def simulated_app(pair: ModelPair, cost: SimulatedCost, **config: object) -> AsyncIterator:
+    app = create_app(ServerConfig(simulate=cost, **config), pair=pair)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+def submit_job(app, prompt: str, n: int = 1, **params: object) -> Job:
+    """A stream's job on the app's engine, as the SSE routes submit it (no HTTP)."""
+    frontend = app.state.frontend
+    request = GenerationRequest(prompt, SamplingParams(ignore_eos=True, **params), n=n)
+    return Job(app.state.engine, frontend, [request], [frontend.prepare(request)], is_stream=True)
+
+
+async def test_a_job_failed_while_nobody_reads_it_logs_nothing(
+    meta_pair: ModelPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    async with simulated_app(meta_pair, SimulatedCost(50, 0)) as app:  # running at shutdown
+        job = submit_job(app, "go on", max_new_tokens=400)
+        await asyncio.to_thread(app.state.engine.shutdown, 0.0)
+        deadline = time.monotonic() + 10
+        while not job.future.done():  # failed by the shutdown; no reader ever asks why
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the future's done callbacks run
+        del job
+        gc.collect()
+    assert "never retrieved" not in caplog.text
+
+
+async def test_a_slow_reader_gets_merged_deltas_not_one_event_per_token(
+    meta_pair: ModelPair,
+) -> None:
+    """The job queues what its reader has not taken; past MAX_PENDING_DELTAS the queue merges
+    into one delta per row, so a reader that lags costs the server at most its rows' text."""
+    async with simulated_app(meta_pair, SimulatedCost(0, 0)) as app:
+        job = submit_job(app, "go on", n=3, max_new_tokens=450, seed=5)
+        completion = await asyncio.wait_for(asyncio.shield(job.future), 120)  # nothing read yet
+        items = [item async for item in job.deltas(10)]
+    *deltas, last = items
+    assert isinstance(last, Completion) and all(isinstance(d, Delta) for d in deltas)
+    assert sum(r.tokens_generated for r in completion.results) == 3 * 450 > 2 * MAX_PENDING_DELTAS
+    assert len(deltas) <= MAX_PENDING_DELTAS + 3
+    for index, result in enumerate(completion.results):
+        assert "".join(d.text for d in deltas if d.index == index) == result.completion
+        assert len(result.completion) > 450  # every token added text: nothing was lost
+
+
+def metrics_of(text: str) -> dict[str, float]:
+    return {
+        line.split()[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+async def test_the_tokens_of_cancelled_rows_are_counted(meta_pair: ModelPair) -> None:
+    """The counter grew only when a row finished, so a row dropped mid-run (its client left,
+    or it timed out) generated tokens that /metrics never showed."""
+    async with simulated_app(meta_pair, SimulatedCost(5, 0), request_timeout_s=0.3) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+            body = {"prompt": "go on", "max_new_tokens": 400, "ignore_eos": True}
+            assert (await c.post("/generate_lda", json=body)).status_code == 504
+            while app.state.engine.num_running:
+                await asyncio.sleep(0.01)
+            seen = metrics_of((await c.get("/metrics")).text)
+    assert seen["batchserve_rows_cancelled_total"] == 1
+    assert not [name for name in seen if name.startswith("batchserve_rows_finished_total")]
+    # One row, one prompt chunk: each step drew exactly one of its tokens.
+    assert seen["batchserve_tokens_generated_total"] == seen["batchserve_engine_steps_total"] > 5

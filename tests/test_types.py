@@ -11,13 +11,26 @@ from batchserve.core.kv_blocks import kv_blocks
 from batchserve.core.types import RunnerConfig
 
 
-def test_the_http_and_cli_layers_import_no_torch() -> None:
-    code = (
-        "import sys, batchserve.api.app, batchserve.api.cli, batchserve.engine, batchserve.frontend, "
-        "batchserve.core.scheduler, batchserve.schemas;"
-        "print(sorted(m for m in ('torch', 'transformers', 'batchserve.worker.runner') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+@pytest.mark.parametrize(
+    ("code", "absent"),
+    [
+        pytest.param(
+            "import batchserve.api.app, batchserve.api.cli, batchserve.engine, "
+            "batchserve.frontend, batchserve.core.scheduler, batchserve.schemas",
+            ("torch", "transformers", "batchserve.worker.runner"),
+            id="the HTTP and CLI layers import no torch",
+        ),
+        pytest.param(
+            "from batchserve.api import cli, app; "
+            "cli.server_config_from_args(cli.build_parser().parse_args(['serve']))",
+            ("ray",),
+            id="a plain server never imports ray",
+        ),
+    ],
+)
+def test_a_layer_imports_nothing_it_does_not_need(code: str, absent: tuple[str, ...]) -> None:
+    probe = f"import sys; {code}; print(sorted(m for m in {absent!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 

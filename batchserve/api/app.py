@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from batchserve import __version__
@@ -31,6 +31,14 @@ from batchserve.api.bodies import (
     read_json_object,
     summarize,
     validation_problems,
+)
+from batchserve.api.responses import (
+    compatibility,
+    error_response,
+    generate_response,
+    json_response,
+    lda_batch_response,
+    lda_response,
 )
 from batchserve.api.security import LOOPBACK_HOSTS, guard_middleware
 from batchserve.api.streaming import (
@@ -58,8 +66,11 @@ from batchserve.schemas import (
     GenerateLDABatchRequest,
     GenerateLDARequest,
     GenerateRequest,
+    Health,
+    Info,
     LDAFields,
     SamplingFields,
+    StreamDelta,
 )
 
 if TYPE_CHECKING:  # the HTTP layer never imports torch: the engine comes in with the models
@@ -159,6 +170,12 @@ def with_models(request: Request, body: SamplingFields, params: SamplingParams) 
     return dataclasses.replace(params, after=after, before=before)
 
 
+def _model_ids(requests: list[GenerationRequest], pair: ModelPair) -> tuple[str, str]:
+    """The after and before models the request ran (its adapters, on a LoRA pair)."""
+    params = requests[0].params
+    return params.after or pair.after_id, params.before or pair.before_id
+
+
 def prompt_format(body: SamplingFields, config: ServerConfig) -> str:
     return config.prompt_format if body.apply_chat_template else "raw"
 
@@ -210,17 +227,17 @@ def debug_headers(completion: Completion) -> dict[str, str]:
 async def stream_requests(
     request: Request,
     requests: list[GenerationRequest],
-    render_result: Callable[[Completion], dict],
-    row_fields: list[dict] | None = None,
+    render_result: Callable[[Completion], BaseModel],
+    row_models: list[str] | None = None,
 ) -> Response:
     """`"stream": true`: SSE `delta` events as the rows grow, then the usual body as `result`.
 
-    A delta is `{"index": row, "text": ...}` plus that row's `row_fields`.
+    A delta is `{"index": row, "text": ...}`, plus `"model"` where `row_models` names each row's.
     """
 
-    def render_delta(delta: Delta) -> dict:
-        extra = row_fields[delta.index] if row_fields else {}
-        return {"index": delta.index, "text": delta.text} | extra
+    def render_delta(delta: Delta) -> StreamDelta:
+        model = row_models[delta.index] if row_models else None
+        return StreamDelta(index=delta.index, text=delta.text, model=model)
 
     prepared = await prepare_requests(request, requests)
     job = submit(request, requests, prepared, is_stream=True)
@@ -242,7 +259,12 @@ def _lda_requests(
     fmt = prompt_format(body, config)
     return [
         GenerationRequest(
-            p, prompt_seed(params, i * n), n=n, system_prompt=body.system_prompt, prompt_format=fmt
+            p,
+            prompt_seed(params, i * n),
+            n=n,
+            system_prompt=body.system_prompt,
+            prompt_format=fmt,
+            cache_salt=body.cache_salt,
         )
         for i, p in enumerate(prompts)
     ]
@@ -251,28 +273,16 @@ def _lda_requests(
 async def respond(
     request: Request,
     requests: list[GenerationRequest],
-    render_result: Callable[[Completion], dict],
+    render_result: Callable[[Completion], BaseModel],
     *,
     is_stream: bool,
-    row_fields: list[dict] | None = None,
+    row_models: list[str] | None = None,
 ) -> Response:
     """The route's body from `render_result`: as SSE events (`"stream": true`) or one JSON body."""
     if is_stream:
-        return await stream_requests(request, requests, render_result, row_fields)
+        return await stream_requests(request, requests, render_result, row_models)
     completion = await run_requests(request, requests)
-    return JSONResponse(render_result(completion), headers=debug_headers(completion))
-
-
-def _model_ids(requests: list[GenerationRequest], pair: ModelPair) -> tuple[str, str]:
-    """The after and before models the request ran (its adapters, on a LoRA pair)."""
-    params = requests[0].params
-    return params.after or pair.after_id, params.before or pair.before_id
-
-
-def _lda_echo(completion: Completion, requests: list[GenerationRequest], pair: ModelPair) -> dict:
-    # The alpha the rows ran with (one per request), as generate's JSONL reports it.
-    after, before = _model_ids(requests, pair)
-    return {"alpha": completion.results[0].alpha, "model_after": after, "model_before": before}
+    return json_response(render_result(completion), headers=debug_headers(completion))
 
 
 # --- routes ---------------------------------------------------------------------------------
@@ -280,11 +290,11 @@ def _lda_echo(completion: Completion, requests: list[GenerationRequest], pair: M
 
 async def generate_lda(request: Request) -> Response:
     body = await parse_body(request, GenerateLDARequest)
-    pair: ModelPair = request.app.state.pair
     requests = _lda_requests(request, body, [body.prompt], 1)
+    models = _model_ids(requests, request.app.state.pair)
 
-    def payload(completion: Completion) -> dict:
-        return completion.results[0].row_fields() | _lda_echo(completion, requests, pair)
+    def payload(completion: Completion) -> BaseModel:
+        return lda_response(completion.results[0], *models)
 
     return await respond(request, requests, payload, is_stream=body.stream)
 
@@ -309,16 +319,11 @@ async def generate_lda_batch(request: Request) -> Response:
             413,
             f"{num_rows} rows (prompts x n) exceed the queue's {config.scheduler.max_queue_rows}",
         )
-    pair: ModelPair = request.app.state.pair
     requests = _lda_requests(request, body, body.prompts, body.n)
+    models = _model_ids(requests, request.app.state.pair)
 
-    def payload(completion: Completion) -> dict:
-        return {
-            "results": [r.row_fields() for r in completion.results],
-            **_lda_echo(completion, requests, pair),
-            "batch_size": len(body.prompts),
-            "n": body.n,
-        }
+    def payload(completion: Completion) -> BaseModel:
+        return lda_batch_response(completion.results, body.n, *models)
 
     return await respond(request, requests, payload, is_stream=body.stream)
 
@@ -337,80 +342,66 @@ async def generate_plain(request: Request) -> Response:
         )
         for alpha in (0.0, -1.0)
     ]
-    pair: ModelPair = request.app.state.pair
-    after_id, before_id = _model_ids(requests, pair)
+    models = _model_ids(requests, request.app.state.pair)
 
-    def payload(completion: Completion) -> dict:
+    def payload(completion: Completion) -> BaseModel:
         after, before = completion.results
-        return {
-            "prompt": body.prompt,
-            "model_1": {
-                "model_id": after_id,
-                "completion": after.completion,
-                "text": after.text,
-            },
-            "model_2": {
-                "model_id": before_id,
-                "completion": before.completion,
-                "text": before.text,
-            },
-        }
+        return generate_response(body.prompt, after, before, *models)
 
-    rows = [{"model": "model_1"}, {"model": "model_2"}]  # after, before
-    return await respond(request, requests, payload, is_stream=body.stream, row_fields=rows)
+    rows = ["model_1", "model_2"]  # after, before
+    return await respond(request, requests, payload, is_stream=body.stream, row_models=rows)
 
 
 async def tokenizer_compatibility(request: Request) -> Response:
     pair = _loaded_pair(request)
-    return JSONResponse(pair.compatibility.as_dict())
+    return json_response(compatibility(pair.compatibility))
 
 
 async def health(request: Request) -> Response:
     state = request.app.state
     if getattr(state, "load_error", None):
-        return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+        return json_response(Health(status="error", error=state.load_error), 500)
     if getattr(state, "engine", None) is None:
-        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+        return json_response(Health(status="loading"), 503, {"Retry-After": "5"})
     if getattr(state, "is_draining", False):
-        return JSONResponse({"status": "shutting down"}, status_code=503)
+        return json_response(Health(status="shutting down"), 503)
     if not state.engine.is_alive:
-        return JSONResponse({"status": "error", "error": "worker thread stopped"}, status_code=500)
-    return JSONResponse({"status": "ok"})
+        return json_response(Health(status="error", error="worker thread stopped"), 500)
+    return json_response(Health(status="ok"))
 
 
 async def info(request: Request) -> Response:
     pair = _loaded_pair(request)
     config: ServerConfig = request.app.state.config
-    replica = {} if config.replica_id is None else {"replica_id": config.replica_id}
-    return JSONResponse(
-        {
-            **replica,
-            "version": __version__,
-            "models": {
+    return json_response(
+        Info(
+            replica_id=config.replica_id,
+            version=__version__,
+            models={
                 "after": pair.after_id,
                 "before": pair.before_id,
                 # A LoRA pair: one base carrying its adapters unmerged (rank, targets each).
                 "kind": "full" if pair.lora is None else "lora",
                 "lora": None if pair.lora is None else pair.lora.describe(),
             },
-            "device": str(pair.device),
-            "dtype": str(pair.dtype).removeprefix("torch."),
-            "vocab": {
+            device=str(pair.device),
+            dtype=str(pair.dtype).removeprefix("torch."),
+            vocab={
                 "tokenizer_size": len(pair.tokenizer),
                 "vocab_limit": pair.vocab_limit,
                 "max_context": pair.max_context,
             },
-            "prompt_format": config.prompt_format,
-            "scheduler": asdict(config.scheduler),
-            "engine": request.app.state.engine_info,
-            "limits": {
+            prompt_format=config.prompt_format,
+            scheduler=asdict(config.scheduler),
+            engine=request.app.state.engine_info,
+            limits={
                 "max_new_tokens_limit": config.max_new_tokens_limit,
                 "max_prompts_per_request": config.max_prompts_per_request,
                 "max_samples_per_prompt": config.max_samples_per_prompt,
                 "request_timeout_s": config.request_timeout_s,
             },
-            "tokenizer_compatibility": pair.compatibility.as_dict(),
-        }
+            tokenizer_compatibility=compatibility(pair.compatibility),
+        )
     )
 
 
@@ -432,29 +423,23 @@ def _loaded_pair(request: Request) -> ModelPair:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return JSONResponse(
-        {"error": exc.error, "detail": exc.detail}, status_code=exc.status, headers=exc.headers
-    )
+    return error_response(exc.status, exc.error, exc.detail, exc.headers)
 
 
 async def refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Refused)
-    return JSONResponse(
-        {"error": exc.message, "detail": None}, status_code=exc.status, headers=exc.headers
-    )
+    return error_response(exc.status, exc.message, None, exc.headers)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return JSONResponse(
-        {"error": exc.detail, "detail": None}, status_code=exc.status_code, headers=exc.headers
-    )
+    return error_response(exc.status_code, exc.detail, None, exc.headers)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
     request.app.state.metrics.errors.labels(kind="internal").inc()
-    return JSONResponse({"error": "internal server error", "detail": str(exc)}, status_code=500)
+    return error_response(500, "internal server error", str(exc))
 
 
 # --- app --------------------------------------------------------------------------------------
@@ -524,7 +509,7 @@ def create_app(
             runner = SimulatedRunner.for_pair(loaded, config.simulate)
             core = EngineCore(
                 runner, config.scheduler, eos_token_ids=sorted(loaded.eos_token_ids),
-                metrics=app_metrics,
+                metrics=app_metrics, model_ids=(loaded.after_id, loaded.before_id),
             )  # fmt: skip
         else:
             core = build_engine_core(loaded, config.runner_config(), config.scheduler, app_metrics)
@@ -546,7 +531,7 @@ def create_app(
             loaded.device,
             loaded.dtype,
             asdict(config.scheduler),
-            loaded.compatibility.as_dict(),
+            asdict(loaded.compatibility),
         )
 
     @contextlib.asynccontextmanager

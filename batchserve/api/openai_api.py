@@ -36,7 +36,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -52,6 +51,7 @@ from batchserve.api.streaming import (
     Delta,
     Refused,
     RequestTimeoutError,
+    event_stream,
     ready_engine,
     refusal,
     run_to_completion,
@@ -71,6 +71,7 @@ from batchserve.schemas import (
     INT32_MAX,
     MAX_STOP_STRINGS,
     Alpha,
+    CacheSalt,
     StopString,
     Temperature,
     TopK,
@@ -138,6 +139,7 @@ class _OpenAIFields(BaseModel):
     alpha: Alpha = 1.0
     top_k: TopK = 0
     ignore_eos: bool = False
+    cache_salt: CacheSalt | None = None  # as vLLM's: prefix-cache hits only within one salt
     # A LoRA pair: the adapter (or base) amplified against; `model` is the after adapter.
     before: str | None = Field(None, min_length=1, max_length=1024)
     # Accepted at their neutral values only, since tools send them by default.
@@ -537,8 +539,7 @@ class _Job:
                 job.close(why)
             yield {"data": "[DONE]"}
 
-        grace_s = self.request.app.state.config.shutdown_timeout_s
-        return EventSourceResponse(events(), shutdown_grace_period=grace_s)
+        return event_stream(events(), self.request.app.state.config.shutdown_timeout_s)
 
 
 def _openai_route(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
@@ -586,7 +587,13 @@ async def completions(request: Request) -> Response:
     for i, (text, ids) in enumerate(tokenized):
         _check_prompt(frontend, pair, ids, body.max_tokens, "prompt")
         requests.append(
-            GenerationRequest(text, prompt_seed(params, i * body.n), n=body.n, prompt_format="raw")
+            GenerationRequest(
+                text,
+                prompt_seed(params, i * body.n),
+                n=body.n,
+                prompt_format="raw",
+                cache_salt=body.cache_salt,
+            )
         )
         prepared.append(PreparedPrompt(text, text, ids))
     return await _Job(request, body, requests, prepared, "text_completion").respond()
@@ -613,7 +620,11 @@ async def chat_completions(request: Request) -> Response:
     _check_prompt(frontend, pair, ids, max_tokens, "messages")
     params = _params(request, body, max_tokens, models)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    requests = [GenerationRequest(last_user, params, n=body.n, prompt_format=fmt)]
+    requests = [
+        GenerationRequest(
+            last_user, params, n=body.n, prompt_format=fmt, cache_salt=body.cache_salt
+        )
+    ]
     prepared = [PreparedPrompt(last_user, text, ids)]
     return await _Job(request, body, requests, prepared, "chat.completion").respond()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -28,9 +27,12 @@ from starlette.middleware import Middleware  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
 from batchserve.api.app import ServerConfig, create_app, health  # noqa: E402
+from batchserve.api.cli_options import configure_threads  # noqa: E402
+from batchserve.api.cli_serve import serve_parser, server_config_from_args  # noqa: E402
 from batchserve.api.security import HTTPMiddleware  # noqa: E402
 from batchserve.argconfig import config_from_args  # noqa: E402
 from batchserve.core.scheduler import SchedulerConfig  # noqa: E402
+from batchserve.schemas import ErrorResponse  # noqa: E402
 
 log = logging.getLogger("batchserve")
 
@@ -140,9 +142,8 @@ class ReplicaFailureMiddleware(HTTPMiddleware):
 
 
 async def _send_replica_failed(send: Any) -> None:
-    body = json.dumps(
-        {"error": "the replica serving this request failed; retry", "detail": None}
-    ).encode()
+    error = ErrorResponse(error="the replica serving this request failed; retry")
+    body = error.model_dump_json().encode()
     await send(
         {
             "type": "http.response.start",
@@ -168,7 +169,6 @@ PROXY_CALLBACK = "batchserve.api.ray_serve:proxy_middlewares"
 def _load_replica_pair(spec: ReplicaSpec):
     import torch
 
-    from batchserve.api.cli import configure_threads
     from batchserve.worker.models import load_options, load_pair
 
     if spec.config.simulate is not None:
@@ -282,16 +282,14 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
     `args` are `batchserve serve` options without their dashes (`max_batch_size: 32`), parsed
     by the same parser, so a config file takes exactly what the command line takes."""
-    from batchserve.api.cli import build_parser, server_config_from_args
-
-    argv = ["serve", "--ray"]
+    argv = ["--ray"]
     for key, value in args.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             argv.append(flag)
         elif value not in (False, None):
             argv += [flag, str(value)]
-    parsed = build_parser().parse_args(argv)
+    parsed = serve_parser().parse_args(argv)
     return build_application(
         spec_from_args(parsed, server_config_from_args(parsed)), options_from_args(parsed)
     )

@@ -13,11 +13,11 @@ import ipaddress
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from starlette.middleware import Middleware
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from batchserve.api.responses import error_response
 
 LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1", "[::1]")
 # Routes served without the API key: the readiness probe (container healthchecks carry no
@@ -55,10 +55,6 @@ def parse_allowed_hosts(value: str | Sequence[str] | None) -> tuple[str, ...] | 
     items = value.split(",") if isinstance(value, str) else list(value)
     hosts = tuple(h.strip() for h in items if h.strip())
     return hosts or None
-
-
-def _error(status: int, error: str, detail: Any = None, headers: dict | None = None):
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
 def _announces_body(scope: Scope) -> bool:
@@ -145,7 +141,7 @@ class AllowedHostsMiddleware(HTTPMiddleware):
             await self.app(scope, receive, send)
             return
         shown = repr(host) if host else "missing"
-        response = _error(
+        response = error_response(
             400,
             f"Host header {shown} is not a name this server answers to",
             "the server's --allowed-hosts (BATCHSERVE_ALLOWED_HOSTS) lists the names it accepts",
@@ -176,7 +172,7 @@ class ApiKeyMiddleware(HTTPMiddleware):
                 break
         # Constant-time: the comparison's duration must not say how much of a guess was right.
         if not hmac.compare_digest(token.strip(), self.expected):
-            response = _error(
+            response = error_response(
                 401,
                 "missing or invalid API key",
                 "send the header 'Authorization: Bearer <key>' (the server's --api-key)",
@@ -216,7 +212,7 @@ class RequestBodyMiddleware(HTTPMiddleware):
             media_type = content_type.split(";")[0].strip().lower()
             if media_type != JSON_MEDIA_TYPE and not media_type.endswith("+json"):
                 shown = repr(media_type) if media_type else "none"
-                await _error(
+                await error_response(
                     415,
                     f"Content-Type must be application/json, not {shown} "
                     "(with curl: -H 'Content-Type: application/json')",
@@ -229,7 +225,7 @@ class RequestBodyMiddleware(HTTPMiddleware):
             try:
                 declared_bytes = int(declared)
             except ValueError:
-                await _error(400, "invalid Content-Length", None, {"Connection": "close"})(
+                await error_response(400, "invalid Content-Length", None, {"Connection": "close"})(
                     scope, receive, send
                 )
                 return
@@ -280,7 +276,7 @@ class RequestBodyMiddleware(HTTPMiddleware):
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, err: _BodyRefusedError
     ) -> None:
-        await _error(err.status, err.error, None, {"Connection": "close"})(scope, receive, send)
+        await error_response(err.status, err.error, None, {"Connection": "close"})(scope, receive, send)
 
 
 class ShutdownCancelMiddleware(HTTPMiddleware):
@@ -305,7 +301,7 @@ class ShutdownCancelMiddleware(HTTPMiddleware):
             app = scope.get("app")
             if is_started or not getattr(getattr(app, "state", None), "is_draining", False):
                 raise
-            await _error(
+            await error_response(
                 503,
                 "server shut down before the request finished",
                 None,

@@ -6,9 +6,10 @@ reserved: padding and unused table entries point at it, and it is never handed o
 
 Prefix caching (vLLM's automatic prefix caching, SGLang's RadixAttention): a full block of
 prompt tokens is keyed by a SHA-256 chained over its parent block's key, its tokens and an
-extra key (whatever else changes its contents, e.g. the adapter pair with LoRA). A row whose
-prompt starts with cached blocks references them instead of computing them again, so the n
-samples of a prompt, every alpha of it and any request sharing a system prompt share one copy.
+extra key (whatever else changes its contents: the pair, a request's `cache_salt`; built by
+`cache_extra_key`). A row whose prompt starts with cached blocks references them instead of
+computing them again, so the n samples of a prompt, every alpha of it and any request sharing
+a system prompt share one copy.
 Blocks carry reference counts; a block nobody references keeps its key (a later prompt can
 revive it) until it is needed for new data, oldest first (LRU). A block in use is never
 evicted. Only full prompt blocks are shared: the partial last block and generated tokens are
@@ -18,6 +19,7 @@ always a row's own, so no shared block is ever written twice.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import struct
 from collections import OrderedDict
@@ -30,6 +32,24 @@ BlockKey = bytes
 def kv_blocks(num_tokens: int, block_size: int) -> int:
     """KV blocks a row of num_tokens reserves (at least one)."""
     return max(1, math.ceil(num_tokens / block_size))
+
+
+def cache_extra_key(
+    model_ids: Sequence[str] = (),
+    cache_salt: str | None = None,
+    adapters: tuple[str | None, str | None] = (None, None),
+) -> bytes:
+    """Everything besides the tokens that decides a block's KV, as the bytes every key of a
+    row chains from: the pair (two models give other keys and values for the same tokens) and
+    the request's `cache_salt` (a tenant's prompts then never hit another's, so cache timing
+    cannot tell one tenant what another sent). One function, so a new part (e.g. the row's
+    adapters) reaches every key. JSON keeps the parts apart: ("ab", "c") != ("a", "bc").
+    `adapters`: a LoRA pair's row, its (after, before) adapter names (the pair's id is the
+    base's alone, and each adapter changes the KV)."""
+    parts: dict[str, object] = {"models": list(model_ids), "cache_salt": cache_salt}
+    if adapters != (None, None):
+        parts["adapters"] = list(adapters)
+    return json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
 
 
 def block_keys(
@@ -73,6 +93,7 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self.num_queried_tokens = 0  # prompt tokens looked up in the cache
         self.num_hit_tokens = 0  # of which were found
+        self.num_evicted_blocks = 0  # cached blocks whose key was dropped to reuse the block
 
     @property
     def num_free(self) -> int:
@@ -143,6 +164,7 @@ class BlockManager:
         key = self._key_of.pop(block, None)
         if key is not None and self._block_of.get(key) == block:
             del self._block_of[key]  # evicted: its contents are about to be overwritten
+            self.num_evicted_blocks += 1
         self._ref_counts[block] = 1
         return block
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from batchserve.core.kv_blocks import Allocation, BlockManager
+from batchserve.core.kv_blocks import Allocation, BlockManager, cache_extra_key
 from batchserve.core.seeds import SEED_MAX
 from batchserve.core.types import (
     INVALID_TOKEN,
@@ -154,9 +154,11 @@ class Scheduler:
         block_size: int,
         max_row_tokens: int,
         eos_token_ids: Iterable[int] = (),
+        model_ids: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.blocks = BlockManager(num_kv_blocks, block_size, config.enable_prefix_cache)
+        self.model_ids = tuple(model_ids)  # the pair: part of every prefix-cache key
         self.max_row_tokens = max_row_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[RowState] = deque()
@@ -201,9 +203,7 @@ class Scheduler:
         if problems:
             raise ValueError(f"row {row.row_id}: " + "; ".join(problems))
 
-    def add_request(
-        self, request_id: int, rows: Sequence[EngineRow], now: float, extra_key: bytes = b""
-    ) -> None:
+    def add_request(self, request_id: int, rows: Sequence[EngineRow], now: float) -> None:
         """Queue a request's rows in order; raises before queueing anything it refuses."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id} is queued already")
@@ -212,15 +212,18 @@ class Scheduler:
         limit = self.config.max_queue_rows
         if len(self.waiting) + len(rows) > limit:
             raise QueueFullError(len(self.waiting), len(rows), limit)
-        keys: dict[tuple[int, ...], list[bytes]] = {}  # the n samples of a prompt: hash once
+        # The n samples of a prompt: hashed once, and one list of keys.
+        keys: dict[tuple[tuple[int, ...], bytes], list[bytes]] = {}
         states = []
         for row in rows:
-            if row.prompt_ids not in keys:
-                keys[row.prompt_ids] = self.blocks.prompt_keys(row.prompt_ids, extra_key)
+            adapters = (row.params.after, row.params.before)
+            extra_key = cache_extra_key(self.model_ids, row.cache_salt, adapters)
+            prompt = (row.prompt_ids, extra_key)
+            if prompt not in keys:
+                keys[prompt] = self.blocks.prompt_keys(row.prompt_ids, extra_key)
             states.append(
                 RowState(
-                    row.row_id, request_id, row.prompt_ids, row.params, row.seed,
-                    keys[row.prompt_ids],
+                    row.row_id, request_id, row.prompt_ids, row.params, row.seed, keys[prompt],
                 )  # fmt: skip
             )
         self.requests[request_id] = RequestState(request_id, states, now, len(states))

@@ -48,14 +48,6 @@ class UnknownModelError(ValueError):
         self.field = field
 
 
-def adapter_key(params: SamplingParams) -> bytes:
-    """The prefix-cache key part of a row's models: KV computed with one pair of adapters is
-    never shared with rows that run another (Scheduler.add_request's `extra_key`)."""
-    if params.after is None and params.before is None:
-        return b""
-    return f"lora:{params.after or ''}\0{params.before or ''}\0".encode()
-
-
 @dataclass(frozen=True)
 class EngineRow:
     """What the scheduler hands the engine for one row: ids and parameters, seed resolved."""
@@ -64,6 +56,8 @@ class EngineRow:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     seed: int
+    # Part of its prompt's prefix-cache keys: rows hit only blocks cached under the same salt.
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +69,7 @@ class GenerationRequest:
     n: int = 1
     system_prompt: str | None = None
     prompt_format: str | None = None  # None: the engine's default
+    cache_salt: str | None = None  # prefix-cache hits only among requests with the same salt
 
 
 @dataclass(frozen=True)
@@ -87,19 +82,6 @@ class TokenLogprobs:
     sampled: tuple[float, ...]
     score_alphas: tuple[float, ...] = ()
     score_sums: tuple[float, ...] = ()
-
-    def as_dict(self, token_ids: tuple[int, ...]) -> dict[str, object]:
-        return {
-            "token_ids": list(token_ids),
-            "after": list(self.after),
-            "before": list(self.before),
-            "sampled": list(self.sampled),
-            "sum_after": sum(self.after),
-            "sum_before": sum(self.before),
-            "sum_sampled": sum(self.sampled),
-            "score_alphas": list(self.score_alphas),
-            "sum_score_alphas": list(self.score_sums),
-        }
 
 
 @dataclass(frozen=True)
@@ -116,20 +98,6 @@ class GenerationResult:
     token_ids: tuple[int, ...] = ()
     logprobs: TokenLogprobs | None = None  # only when the request asked
     token_texts: tuple[str, ...] = ()  # each token's share of the completion, with logprobs
-
-    def row_fields(self) -> dict[str, object]:
-        """The per-row fields of the HTTP contract (and of `batchserve generate`'s JSONL)."""
-        extra = {} if self.logprobs is None else {"logprobs": self.logprobs.as_dict(self.token_ids)}
-        return {
-            "prompt": self.prompt,
-            "formatted_prompt": self.formatted_prompt,
-            "completion": self.completion,
-            "text": self.text,
-            "tokens_generated": self.tokens_generated,
-            "stopped_early": self.stopped_early,
-            "finish_reason": self.finish_reason,
-            "seed": self.seed,
-        } | extra
 
 
 @dataclass(frozen=True)

@@ -50,15 +50,6 @@ class CompatibilityReport:
     vocabs_match: bool
     warning: str | None = None
 
-    def as_dict(self) -> dict:
-        return {
-            "compatible": self.compatible,
-            "vocab_size_1": self.vocab_size_1,
-            "vocab_size_2": self.vocab_size_2,
-            "vocabs_match": self.vocabs_match,
-            "warning": self.warning,
-        }
-
 
 @dataclass
 class ModelPair:
@@ -298,6 +289,15 @@ def load_options(source: object) -> dict[str, object]:
     return options | {"adapters": tuple(getattr(source, "adapters", None) or ())}
 
 
+def pair_names(after: str, before: str | None) -> tuple[str, str]:
+    """The pair's two names: `before` defaults to the toy base when `after` is the toy."""
+    if before is None:
+        if after not in TOY_NAMES:
+            raise ValueError("before model not given (only the toy pair has a default)")
+        before = "toy:before"
+    return ("toy:after" if after == "toy" else after), before
+
+
 def load_pair(
     after: str = "toy:after",
     before: str | None = None,
@@ -326,12 +326,7 @@ def load_pair(
             named, before, device=device, dtype=dtype, revision=revision_before or revision,
             trust_remote_code=trust_remote_code, tokenizer_class=tokenizer_class,
         )  # fmt: skip
-    if before is None:
-        if after not in TOY_NAMES:
-            raise ValueError("before model not given (only the toy pair has a default)")
-        before = "toy:before"
-    if after == "toy":
-        after = "toy:after"
+    after, before = pair_names(after, before)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     tok_kwargs = {"trust_remote_code": trust_remote_code, "tokenizer_class": tokenizer_class}

@@ -257,23 +257,18 @@ def load_simulated_pair(
     from transformers import AutoConfig, GenerationConfig
 
     from batchserve.worker.models import (
-        TOY_NAMES,
         ModelPair,
         check_tokenizer_compatibility,
         context_length,
         eos_ids,
         load_tokenizer,
+        pair_names,
         require_compatible,
         resolve_dtype,
         resolve_model_path,
     )
 
-    if before is None:
-        if after not in TOY_NAMES:
-            raise ValueError("before model not given (only the toy pair has a default)")
-        before = "toy:before"
-    if after == "toy":
-        after = "toy:after"
+    after, before = pair_names(after, before)
     tok_kwargs = {"trust_remote_code": trust_remote_code, "tokenizer_class": tokenizer_class}
     tokenizer = load_tokenizer(after, revision=revision, **tok_kwargs)
     report = check_tokenizer_compatibility(
