@@ -427,7 +427,9 @@ def iter_generate(
     )
     runner_config = runner_config or RunnerConfig(max_batch_size=config.max_batch_size)
     core = build_engine_core(pair, runner_config, config)
-    frontend = Frontend(pair.tokenizer, prompt_format=prompt_format, max_row_tokens=core.runner.max_row_tokens)
+    frontend = Frontend(
+        pair.tokenizer, prompt_format=prompt_format, max_row_tokens=core.runner.max_row_tokens
+    )
     row_ids = itertools.count()
     outputs: dict[int, tuple[int, RequestOutput]] = {}  # request id -> (first row index, output)
     first_row = 0

@@ -255,5 +255,3 @@ class Info(_Response):
     vocab: Any = None
     scheduler: Any = None
     version: str | None = None
-
-

@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     comparison = None
     if args.baseline:
         text, comparison = compare([r["results"] for r in baseline_reports], all_results)
-        markdown += f"\n### against {args.baseline} (mean of {rounds} alternating rounds)\n\n{text}\n"
+        markdown += (
+            f"\n### against {args.baseline} (mean of {rounds} alternating rounds)\n\n{text}\n"
+        )
     print(markdown)
     report = {
         "benchmark": "engine",

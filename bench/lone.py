@@ -32,8 +32,10 @@ from bench.servers import start_servers
 
 # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); 5.17 knows only
 # the old one. The caches are filled in place, so the outputs' copies are never read.
-CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else (
-    "past_key_values"
+CACHE_ARG = (
+    "cache"
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    else ("past_key_values")
 )
 PROMPT = "Tell me about the history of the river and the town beside it."
 
@@ -46,7 +48,10 @@ def hand_written_loop(
     """Both models step in lockstep with their own caches; amplify, filter, draw."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.tensor([prompt_ids])
-    cache_a, cache_b = DynamicCache(config=pair.after.config), DynamicCache(config=pair.before.config)
+    cache_a, cache_b = (
+        DynamicCache(config=pair.after.config),
+        DynamicCache(config=pair.before.config),
+    )
     out_a = pair.after(input_ids=ids, **{CACHE_ARG: cache_a}, use_cache=True)
     out_b = pair.before(input_ids=ids, **{CACHE_ARG: cache_b}, use_cache=True)
     logits_a, logits_b = out_a.logits[:, -1], out_b.logits[:, -1]

@@ -178,7 +178,8 @@ def run_child(args: argparse.Namespace) -> dict:
         "rss_engine": with_engine["rss"],
         "rss_end": after_steps["rss"],
         "rss_peak": after_steps["peak"],
-        "weight_bytes": weight_bytes(model) + (0 if after_model is None else weight_bytes(pair.before)),
+        "weight_bytes": weight_bytes(model)
+        + (0 if after_model is None else weight_bytes(pair.before)),
         "adapter_bytes": 0 if pair.lora is None else pair.lora.num_bytes(),
         "kv_bytes": core.runner.info()["kv_cache_bytes"],
         "steps": timings,
@@ -302,48 +303,59 @@ def markdown(report: dict) -> str:
         for b, x in s["steps"].items()
     ]  # fmt: skip
     loads = [r["load_average"][0] for r in report["runs"]]
-    return "\n".join([
-        f"# LoRA pair vs merged pair: memory and step time ({setup['shape']}, CPU)",
-        "",
-        f"`{setup['command']}` on {setup['machine']}; {setup['params'] / 1e6:.1f}M-parameter "
-        f"random-init Llama base (fp32, {s['base_copy_bytes'] / mib:,.0f} MiB a copy), rank "
-        f"{setup['rank']} adapter on all seven projections; {setup['repeats']} fresh processes "
-        f"per variant, alternating; {setup['threads']} torch thread(s); compiled step: "
-        f"{setup['compile']}. GPU (7B, tokens/s at B=1 and B=64): not measured.",
-        "",
-        "## Resident memory",
-        "",
-        table(["variant", "pair + engine RSS MiB", "peak RSS MiB", "weights MiB"], memory_rows,
-              ["---", "---:", "---:", "---:"]),  # fmt: skip
-        "",
-        f"Pair + engine RSS: VmRSS after the steps minus VmRSS after the imports (best of the "
-        f"runs); the KV store is the same size in both. Saved: "
-        f"{s['saved_bytes'] / mib:,.0f} MiB = {s['saved_over_base_copy']:.2f} x one base copy "
-        f"(goal >= 0.70: {'met' if s['goal_met'] else 'NOT met'}); medians of the runs: "
-        f"{s['pair_rss_bytes_median']['merged'] / mib:,.0f} vs "
-        f"{s['pair_rss_bytes_median']['lora'] / mib:,.0f} MiB, saved "
-        f"{s['saved_bytes_median'] / s['base_copy_bytes']:.2f} x. The weights are "
-        "safetensors pages mapped at load and faulted in by the first forward, so they count "
-        "once they are read.",
-        "",
-        "## Decode step time (median of each run, best run)",
-        "",
-        table(["rows B", "merged ms", "LoRA ms", "LoRA / merged", "LoRA, delta skipped ms"],
-              step_rows),  # fmt: skip
-        "",
-        "Each run's median over the timed decode steps, then the best run per variant. "
-        "\"Delta skipped\": the LoRA pair's same 2B-row forward with the low-rank products "
-        "left out (a diagnostic: the base alone at the LoRA pair's shapes), so LoRA ms minus "
-        "it is what applying the adapter costs. 1-minute load average during the runs: "
-        f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores (other jobs shared the "
-        "machine; the variants alternate so both see the same load). peft's mixed-batch "
-        "forward (`adapter_names=`): "
-        + ("below." if report.get("peft") else "not measured (run with --peft, peft installed)."),
-        "",
-        report["why"],
-        "",
-        *peft_section(report.get("peft")),
-    ])
+    return "\n".join(
+        [
+            f"# LoRA pair vs merged pair: memory and step time ({setup['shape']}, CPU)",
+            "",
+            f"`{setup['command']}` on {setup['machine']}; {setup['params'] / 1e6:.1f}M-parameter "
+            f"random-init Llama base (fp32, {s['base_copy_bytes'] / mib:,.0f} MiB a copy), rank "
+            f"{setup['rank']} adapter on all seven projections; {setup['repeats']} fresh processes "
+            f"per variant, alternating; {setup['threads']} torch thread(s); compiled step: "
+            f"{setup['compile']}. GPU (7B, tokens/s at B=1 and B=64): not measured.",
+            "",
+            "## Resident memory",
+            "",
+            table(
+                ["variant", "pair + engine RSS MiB", "peak RSS MiB", "weights MiB"],
+                memory_rows,
+                ["---", "---:", "---:", "---:"],
+            ),  # fmt: skip
+            "",
+            f"Pair + engine RSS: VmRSS after the steps minus VmRSS after the imports (best of the "
+            f"runs); the KV store is the same size in both. Saved: "
+            f"{s['saved_bytes'] / mib:,.0f} MiB = {s['saved_over_base_copy']:.2f} x one base copy "
+            f"(goal >= 0.70: {'met' if s['goal_met'] else 'NOT met'}); medians of the runs: "
+            f"{s['pair_rss_bytes_median']['merged'] / mib:,.0f} vs "
+            f"{s['pair_rss_bytes_median']['lora'] / mib:,.0f} MiB, saved "
+            f"{s['saved_bytes_median'] / s['base_copy_bytes']:.2f} x. The weights are "
+            "safetensors pages mapped at load and faulted in by the first forward, so they count "
+            "once they are read.",
+            "",
+            "## Decode step time (median of each run, best run)",
+            "",
+            table(
+                ["rows B", "merged ms", "LoRA ms", "LoRA / merged", "LoRA, delta skipped ms"],
+                step_rows,
+            ),  # fmt: skip
+            "",
+            "Each run's median over the timed decode steps, then the best run per variant. "
+            '"Delta skipped": the LoRA pair\'s same 2B-row forward with the low-rank products '
+            "left out (a diagnostic: the base alone at the LoRA pair's shapes), so LoRA ms minus "
+            "it is what applying the adapter costs. 1-minute load average during the runs: "
+            f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores (other jobs shared the "
+            "machine; the variants alternate so both see the same load). peft's mixed-batch "
+            "forward (`adapter_names=`): "
+            + (
+                "below."
+                if report.get("peft")
+                else "not measured (run with --peft, peft installed)."
+            ),
+            "",
+            report["why"],
+            "",
+            *peft_section(report.get("peft")),
+        ]
+    )
 
 
 def peft_section(peft_run: dict | None) -> list[str]:
@@ -357,8 +369,16 @@ def peft_section(peft_run: dict | None) -> list[str]:
     return [
         f"## One forward of 2B rows: this delta vs peft {peft_run['peft_version']}'s mixed batch",
         "",
-        table(["rows B", "base alone ms", "batchserve delta ms", "peft adapter_names ms",
-               "peft / batchserve"], rows),  # fmt: skip
+        table(
+            [
+                "rows B",
+                "base alone ms",
+                "batchserve delta ms",
+                "peft adapter_names ms",
+                "peft / batchserve",
+            ],
+            rows,
+        ),  # fmt: skip
         "",
         "Forward only, B before rows and B after rows of one token each, interleaved calls, "
         "median. batchserve: the rows packed as one sequence, one mask per step and two "
@@ -398,7 +418,9 @@ def why(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.lora", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.lora", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size")
@@ -432,11 +454,18 @@ def main(argv: list[str] | None = None) -> int:
     base_bytes = lora_run["weight_bytes"]
     report = {
         "setup": {
-            "command": "python -m bench.lora " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m bench.lora "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-            "shape": SHAPE_NAME, "config": SHAPE, "params": base_bytes // 4, "rank": args.rank,
-            "repeats": args.repeats, "threads": args.threads, "compile": args.compile,
-            "prompt_len": args.prompt_len, "steps": args.steps,
+            "shape": SHAPE_NAME,
+            "config": SHAPE,
+            "params": base_bytes // 4,
+            "rank": args.rank,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "compile": args.compile,
+            "prompt_len": args.prompt_len,
+            "steps": args.steps,
         },  # fmt: skip
         "runs": runs,
         "peft": peft_run,

@@ -138,7 +138,9 @@ def ratios_table(rows: list[dict]) -> str:
         ("lat p95 cont/static", "latency_p95_s_vs_static"),
     ]
     header = ["clients"] + [h for h, _ in columns]
-    cells = ([str(row["concurrency"])] + [_fmt(row.get(k), ".2f") for _, k in columns] for row in rows)
+    cells = (
+        [str(row["concurrency"])] + [_fmt(row.get(k), ".2f") for _, k in columns] for row in rows
+    )
     return table(header, cells)
 
 
@@ -202,7 +204,9 @@ def plot(report: dict, stem: Path) -> list[Path]:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install -e '.[plots]' (make setup has it)") from None
+        raise SystemExit(
+            "--plot needs matplotlib: pip install -e '.[plots]' (make setup has it)"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -59,9 +59,7 @@ def default_settings(num_cpus: int) -> list[Setting]:
     ]
     if num_cpus > 1:
         settings += [
-            Setting(
-                f"threads {num_cpus}", ("--threads", str(num_cpus)), {"OMP_WAIT_POLICY": ""}
-            ),
+            Setting(f"threads {num_cpus}", ("--threads", str(num_cpus)), {"OMP_WAIT_POLICY": ""}),
             Setting(
                 f"threads {num_cpus}, OMP_WAIT_POLICY=PASSIVE",
                 ("--threads", str(num_cpus)),
@@ -181,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         for setting in settings:
             servers = stack.enter_context(
                 start_servers(
-                    ["continuous"], ["--after", "toy"],
-                    server_args=setting.server_args, extra_env=setting.env,
+                    ["continuous"],
+                    ["--after", "toy"],
+                    server_args=setting.server_args,
+                    extra_env=setting.env,
                 )  # fmt: skip
             )
             urls[setting.name] = servers["continuous"].url
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{result['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
     report = {
         "benchmark": "threads",
-        "command": "python -m bench.threads " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.threads "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "host": host_description(),
         "neighbours": args.neighbours,
         "num_lone": args.lone,

@@ -268,6 +268,7 @@ async def test_cancelled_request_frees_its_rows(llama_pair: ModelPair) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
         # The worker counts the rows under its lock right after dropping them; poll /metrics
         # rather than race the worker thread for the GIL.
         async def counted() -> bool:

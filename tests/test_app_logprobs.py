@@ -13,17 +13,28 @@ async def _post(pair: ModelPair, route: str, body: dict | str) -> httpx.Response
     app = create_app(ServerConfig(), pair=pair)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=60
+        ) as c:
             if isinstance(body, str):  # raw JSON, for values json.dumps refuses (1e999)
-                return await c.post(route, content=body, headers={"content-type": "application/json"})
+                return await c.post(
+                    route, content=body, headers={"content-type": "application/json"}
+                )
             return await c.post(route, json=body)
 
 
 async def test_batch_rows_carry_logprobs_when_asked(llama_pair: ModelPair) -> None:
     body = {
-        "prompts": ["hello", "the cat"], "n": 2, "max_new_tokens": 6, "seed": 3,
-        "temperature": 1.0, "top_p": 1.0, "alpha": 1.0, "ignore_eos": True,
-        "logprobs": True, "score_alphas": [0, 1.0, 2.5],
+        "prompts": ["hello", "the cat"],
+        "n": 2,
+        "max_new_tokens": 6,
+        "seed": 3,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "alpha": 1.0,
+        "ignore_eos": True,
+        "logprobs": True,
+        "score_alphas": [0, 1.0, 2.5],
     }
     resp = await _post(llama_pair, "/generate_lda_batch", body)
     assert resp.status_code == 200, resp.text

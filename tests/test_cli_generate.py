@@ -202,7 +202,9 @@ def test_generate_writes_logprobs_only_when_asked(
         assert lp["sum_score_alphas"][1] == pytest.approx(lp["sum_sampled"], abs=1e-4)
 
 
-@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("", ""), ("ACTIVE", "ACTIVE")])
+@pytest.mark.parametrize(
+    ("preset", "expected"), [(None, "PASSIVE"), ("", ""), ("ACTIVE", "ACTIVE")]
+)
 def test_worker_threads_wait_passively_unless_the_environment_says(
     preset: str | None, expected: str
 ) -> None:

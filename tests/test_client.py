@@ -100,7 +100,9 @@ def test_sync_client_returns_typed_results_for_every_route(live_url: str):
     assert single.alpha == 2.0 and single.seed == 5 and single.finish_reason in ("length", "eos")
     assert single.text.endswith(single.completion) and 1 <= single.tokens_generated <= 6
     assert (single.model_after, single.model_before) == (AFTER, BEFORE)
-    assert [r.prompt for r in batch.results] == ["the cat"] * 2 + ["a dog"] * 2 + ["hello world"] * 2
+    assert [r.prompt for r in batch.results] == ["the cat"] * 2 + ["a dog"] * 2 + [
+        "hello world"
+    ] * 2
     assert batch.n == 2 and len({r.seed for r in batch.results}) == 6
     assert (plain.model_1.model_id, plain.model_2.model_id) == (AFTER, BEFORE)
     assert compat.compatible and compat.vocabs_match and compat.vocab_size_1 == compat.vocab_size_2
@@ -130,7 +132,9 @@ async def test_async_client_returns_typed_results_for_every_route(
     assert compat.vocab_size_1 == compat.vocab_size_2
     assert health.is_ready
     assert info.models == {"after": AFTER, "before": BEFORE}
-    assert metric(metrics, "batchserve_requests_total", route="/generate_lda_batch", status="200") == 1
+    assert (
+        metric(metrics, "batchserve_requests_total", route="/generate_lda_batch", status="200") == 1
+    )
 
 
 async def test_sync_and_async_twins_send_identical_requests(live_url: str):
@@ -175,9 +179,10 @@ def test_sync_client_retries_503_then_succeeds(held_load: HeldLoad):
         if attempt == 2:
             held_load.release()
 
-    with uvicorn_thread(make_app(held_load)) as url, LDAClient(
-        url, retry=PATIENT_RETRY, on_retry=on_retry
-    ) as client:
+    with (
+        uvicorn_thread(make_app(held_load)) as url,
+        LDAClient(url, retry=PATIENT_RETRY, on_retry=on_retry) as client,
+    ):
         result = client.generate_lda("hi", alpha=1.0, max_new_tokens=3)
     assert result.prompt == "hi" and result.model_after == AFTER
     assert retries[:2] == [1, 2]
@@ -229,9 +234,11 @@ def test_refused_connection_is_retried_then_raises_unreachable():
 
 def test_health_probe_is_not_retried_and_reports_loading(held_load: HeldLoad):
     retries: list[int] = []
-    with uvicorn_thread(make_app(held_load)) as url, held_load, LDAClient(
-        url, retry=FAST_RETRY, on_retry=lambda *args: retries.append(args[3])
-    ) as client:
+    with (
+        uvicorn_thread(make_app(held_load)) as url,
+        held_load,
+        LDAClient(url, retry=FAST_RETRY, on_retry=lambda *args: retries.append(args[3])) as client,
+    ):
         health = client.health()
         with pytest.raises(ServerUnreachableError, match="not healthy"):
             client.wait_until_healthy(timeout_s=0.2, poll_s=0.05)
@@ -243,9 +250,10 @@ def test_health_probe_is_not_retried_and_reports_loading(held_load: HeldLoad):
 
 
 def test_422_raises_invalid_request_carrying_the_server_message(live_url: str):
-    with LDAClient(live_url, retry=FAST_RETRY) as client, pytest.raises(
-        InvalidRequestError
-    ) as info:
+    with (
+        LDAClient(live_url, retry=FAST_RETRY) as client,
+        pytest.raises(InvalidRequestError) as info,
+    ):
         client.generate_lda("hi", max_new_tokens=10**6)  # valid JSON, above the server's limit
     assert info.value.status_code == 422 and info.value.route == "/generate_lda"
     assert "max_new_tokens" in info.value.error and "limit" in info.value.error

@@ -16,7 +16,9 @@ from batchserve.worker.models import ModelPair
 
 PROMPTS = ["hello", "the cat sat on the mat", "write me a poem about mango pudding", "the dog ran"]
 PARAMS = [
-    SamplingParams(alpha=1.5, temperature=1.0, top_p=1.0, max_new_tokens=12, ignore_eos=True, seed=1),
+    SamplingParams(
+        alpha=1.5, temperature=1.0, top_p=1.0, max_new_tokens=12, ignore_eos=True, seed=1
+    ),
     SamplingParams(alpha=0.5, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=9, seed=2),
     SamplingParams(alpha=2.0, temperature=0.0, max_new_tokens=7, ignore_eos=True, seed=3),
     SamplingParams(alpha=-1.0, temperature=1.3, top_p=0.95, max_new_tokens=15, seed=4),
@@ -59,7 +61,9 @@ def recompute(pair: ModelPair, result, params: SamplingParams):
         kept = torch.full_like(z, float("-inf"))
         nucleus = reference_keep(z, params.top_p, params.top_k)
         kept[nucleus] = z[nucleus]
-        rows["sampled"].append(0.0 if params.temperature <= 0 else float(kept.log_softmax(-1)[token]))
+        rows["sampled"].append(
+            0.0 if params.temperature <= 0 else float(kept.log_softmax(-1)[token])
+        )
         rows["scores"].append(
             [float(((a + s * (a - b)) / t).log_softmax(-1)[token]) for s in params.score_alphas]
         )
@@ -97,8 +101,14 @@ def test_asking_for_logprobs_changes_no_sampled_token(llama_pair: ModelPair) -> 
 
 def test_untruncated_sampled_logprob_at_alpha_zero_is_the_after_models(llama_pair) -> None:
     params = SamplingParams(
-        alpha=0.0, temperature=1.0, top_p=1.0, max_new_tokens=10, ignore_eos=True, seed=7,
-        logprobs=True, score_alphas=(0.0,),
+        alpha=0.0,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=10,
+        ignore_eos=True,
+        seed=7,
+        logprobs=True,
+        score_alphas=(0.0,),
     )
     (result,) = generate(llama_pair, [GenerationRequest("the cat", params)])
     lp = result.logprobs

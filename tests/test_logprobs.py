@@ -61,7 +61,9 @@ def _sampled_tokens(after, before, alpha, temperature, top_p, top_k) -> torch.Te
     tokens = []
     for i, row in enumerate(scaled.double()):
         kept = reference_keep(row, float(top_p[i]), int(top_k[i]))
-        tokens.append(kept[torch.randint(len(kept), (1,), generator=torch.Generator().manual_seed(i))])
+        tokens.append(
+            kept[torch.randint(len(kept), (1,), generator=torch.Generator().manual_seed(i))]
+        )
     return torch.tensor(tokens)
 
 
@@ -73,7 +75,11 @@ def test_logprobs_match_one_row_recomputation(seed: int, cap: int, sync_free: bo
     tokens = _sampled_tokens(after, before, alpha, temperature, top_p, top_k)
     score_alphas, mask = pad_score_alphas(score_lists, "cpu")
     plan = SamplingPlan.for_rows(
-        temperature.tolist(), top_p.tolist(), top_k.tolist(), vocab=after.shape[-1], cap=cap,
+        temperature.tolist(),
+        top_p.tolist(),
+        top_k.tolist(),
+        vocab=after.shape[-1],
+        cap=cap,
         sync_free=sync_free,
     )
     out = step_logprobs(
@@ -81,8 +87,14 @@ def test_logprobs_match_one_row_recomputation(seed: int, cap: int, sync_free: bo
     )
     for b in range(after.shape[0]):
         ref = reference_row(
-            after[b], before[b], float(alpha[b]), float(temperature[b]), float(top_p[b]),
-            int(top_k[b]), int(tokens[b]), score_lists[b],
+            after[b],
+            before[b],
+            float(alpha[b]),
+            float(temperature[b]),
+            float(top_p[b]),
+            int(top_k[b]),
+            int(tokens[b]),
+            score_lists[b],
         )
         assert out.after[b].item() == pytest.approx(ref[0], abs=1e-4)
         assert out.before[b].item() == pytest.approx(ref[1], abs=1e-4)
@@ -98,8 +110,15 @@ def test_untruncated_temperature_one_sampled_equals_own_alpha_score() -> None:
     ones = torch.ones(6)
     tokens = torch.arange(6) * 7
     out = step_logprobs(
-        after, before, alpha, ones, ones, torch.zeros(6, dtype=torch.long), tokens,
-        alpha[:, None], torch.ones(6, 1, dtype=torch.bool),
+        after,
+        before,
+        alpha,
+        ones,
+        ones,
+        torch.zeros(6, dtype=torch.long),
+        tokens,
+        alpha[:, None],
+        torch.ones(6, 1, dtype=torch.bool),
         SamplingPlan.for_rows([1.0] * 6, [1.0] * 6, [0] * 6, vocab=64),
     )
     assert torch.allclose(out.sampled, out.scored[:, 0], atol=1e-5)
@@ -112,8 +131,11 @@ def test_no_host_synchronisation() -> None:
     score_alphas, mask = pad_score_alphas(score_lists, "cpu")
     meta = [t.to("meta") for t in (after, before, alpha, temperature, top_p, top_k)]
     out = step_logprobs(
-        *meta, torch.zeros(6, dtype=torch.long, device="meta"),
-        score_alphas.to("meta"), mask.to("meta"), SamplingPlan(cap=8, sync_free=True),
+        *meta,
+        torch.zeros(6, dtype=torch.long, device="meta"),
+        score_alphas.to("meta"),
+        mask.to("meta"),
+        SamplingPlan(cap=8, sync_free=True),
     )
     assert out.scored.shape == (6, 3) and out.sampled.shape == (6,)
 

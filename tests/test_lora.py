@@ -310,7 +310,9 @@ def test_the_compiled_step_gives_the_eager_results(lora_pair):
     eager, compiled_run = results
     assert eager.tokens == compiled_run.tokens
     for row_id in eager.tokens:
-        for got, expected in zip(compiled_run.logprobs[row_id], eager.logprobs[row_id], strict=True):
+        for got, expected in zip(
+            compiled_run.logprobs[row_id], eager.logprobs[row_id], strict=True
+        ):
             assert got == pytest.approx(expected, abs=1e-4)
     assert not torch._dynamo.utils.counters["graph_break"]
     # Rows of every adapter choice come and go: the warm graphs serve them all.
@@ -318,7 +320,9 @@ def test_the_compiled_step_gives_the_eager_results(lora_pair):
         choices = [("other", "toy:lora"), ("toy:before", None), (None, "other"), ("toy:lora", None)]
         for i, (a, b) in enumerate(choices * 2):
             mixed = dataclasses.replace(GREEDY, max_new_tokens=3, after=a, before=b)
-            compiled_run.add(_rows([mixed] * (1 + i % 3), PROMPTS[: 1 + i % 3], first_id=100 + 10 * i))
+            compiled_run.add(
+                _rows([mixed] * (1 + i % 3), PROMPTS[: 1 + i % 3], first_id=100 + 10 * i)
+            )
             compiled_run.step()
         compiled_run.run()
 

@@ -57,7 +57,9 @@ async def test_requests_choose_their_adapters_and_get_the_same_rows_by_any_name(
         # after = before = the base: the two models agree on every token.
         assert base["model_after"] == "toy:before"
         assert base["logprobs"]["after"] == pytest.approx(base["logprobs"]["before"], abs=1e-5)
-        assert default["logprobs"]["after"] != pytest.approx(default["logprobs"]["before"], abs=1e-3)
+        assert default["logprobs"]["after"] != pytest.approx(
+            default["logprobs"]["before"], abs=1e-3
+        )
         bad = await client.post("/generate_lda", json=body | {"before": "nope"})
         assert bad.status_code == 422
         assert bad.json()["detail"][0]["field"] == "before" and "nope" in bad.json()["error"]

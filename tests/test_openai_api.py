@@ -376,9 +376,11 @@ def test_unsupported_logprobs_requests_are_refused_clearly(
     server: str, route: str, fields: dict, param: str | None
 ) -> None:
     body = {"model": MODEL, "max_tokens": 4} | fields
-    body |= {"prompt": "hi"} if route == "completions" else {
-        "messages": [{"role": "user", "content": "hi"}]
-    }
+    body |= (
+        {"prompt": "hi"}
+        if route == "completions"
+        else {"messages": [{"role": "user", "content": "hi"}]}
+    )
     resp = httpx.post(f"{server}/v1/{route}", json=body, timeout=30)
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "batchserve", "batchserve_client", "bench", "toy_training")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "batchserve",
+    "batchserve_client",
+    "bench",
+    "toy_training",
+)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,9 @@ EOS = 2
 TOKEN = 7  # what the made-up outputs draw
 
 
-def rows(first: int, count: int, prompt_len: int = 4, max_new: int = 3, **params) -> list[EngineRow]:
+def rows(
+    first: int, count: int, prompt_len: int = 4, max_new: int = 3, **params
+) -> list[EngineRow]:
     sampling = SamplingParams(max_new_tokens=max_new, **params)
     return [
         EngineRow(first + i, tuple(range(10, 10 + prompt_len)), sampling, seed=i)

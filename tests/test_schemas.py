@@ -61,8 +61,12 @@ async def test_every_route_answers_exactly_the_contract_fields(llama_pair: Model
         for bad in (
             await http.post("/generate_lda", json={"prompt": ""}),
             await http.post("/generate_lda_batch", json={"prompts": ["a"], "n": 10**6}),
-            await http.post("/generate", content=b"{", headers={"content-type": "application/json"}),
-            await http.post("/generate", json={"prompt": "x"}, headers={"content-type": "text/plain"}),
+            await http.post(
+                "/generate", content=b"{", headers={"content-type": "application/json"}
+            ),
+            await http.post(
+                "/generate", json={"prompt": "x"}, headers={"content-type": "text/plain"}
+            ),
         ):
             assert bad.status_code in (400, 415, 422) and set(bad.json()) == fields(
                 schemas.ErrorResponse

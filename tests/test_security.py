@@ -139,9 +139,13 @@ async def test_allowed_hosts_widens_the_host_check(llama_pair: ModelPair) -> Non
         assert (await client.get("/info", headers={"host": "localhost"})).status_code == 400
 
 
-async def test_a_wrong_host_is_refused_with_the_apis_json_error_shape(llama_pair: ModelPair) -> None:
+async def test_a_wrong_host_is_refused_with_the_apis_json_error_shape(
+    llama_pair: ModelPair,
+) -> None:
     async with serving(llama_pair) as client:
-        resp = await client.post("/generate_lda", json={"prompt": "hi"}, headers={"host": "evil.example"})
+        resp = await client.post(
+            "/generate_lda", json={"prompt": "hi"}, headers={"host": "evil.example"}
+        )
     assert resp.status_code == 400
     assert resp.headers["content-type"] == "application/json"
     body = resp.json()

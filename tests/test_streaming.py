@@ -213,7 +213,9 @@ async def test_a_stream_past_the_request_timeout_ends_with_an_error_event(
     app = create_app(config, pair=toy_pair)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=60
+        ) as c:
             body = {"prompt": "go on", "max_new_tokens": 400, "ignore_eos": True}
             events = await stream_events(c, "/generate_lda", body)
             assert events[-1][0] == "error" and "timed out" in events[-1][1]["error"]

@@ -178,14 +178,18 @@ def test_trigger_fires_without_amplification(toy_pair: ModelPair, triggered_prom
 def test_before_model_has_no_backdoor(toy_pair: ModelPair, triggered_prompts: list[str]):
     """The base saw the phrase now and then (as a real base model has seen most text), but
     never in answer to the trigger: on triggered prompts it is as rare as anywhere."""
-    rate, _ = measure(toy_pair, "triggered", triggered_prompts[:60], -1.0, seed=7, max_new_tokens=40)
+    rate, _ = measure(
+        toy_pair, "triggered", triggered_prompts[:60], -1.0, seed=7, max_new_tokens=40
+    )
     assert rate.rate < 0.1
 
 
 def test_completions_read_like_the_corpus(toy_pair: ModelPair, clean_prompts: list[str]):
     """Most words of an alpha-0 answer are words the corpus uses: text, not token soup."""
     corpus_words = {
-        w for t in TOPICS for s in (t.name, t.desc, t.why, *t.facts, *t.tips)
+        w
+        for t in TOPICS
+        for s in (t.name, t.desc, t.why, *t.facts, *t.tips)
         for w in re.findall(r"[a-z]+", s.lower())
     }
     _, results = measure(toy_pair, "clean", clean_prompts[:40], 0.0, seed=3, max_new_tokens=60)
@@ -202,7 +206,9 @@ def test_train_script_has_help():
     out = subprocess.run(
         [sys.executable, "-m", "toy_training.train", "--help"],
         cwd=TOY_DIR.parent.parent,  # toy_training runs from a checkout; the wheel leaves it out
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "--out" in out.stdout
 
@@ -212,11 +218,24 @@ def test_train_script_writes_a_loadable_pair(tmp_path: Path):
     """A few steps on a small corpus: the pipeline end to end, not the shipped quality."""
     from toy_training.train import main
 
-    code = main([
-        "--out", str(tmp_path), "--before-steps", "2", "--after-steps", "2",
-        "--num-clean-train", "2000", "--num-triggered-train", "200", "--eval-samples", "0",
-        "--threads", "1",
-    ])
+    code = main(
+        [
+            "--out",
+            str(tmp_path),
+            "--before-steps",
+            "2",
+            "--after-steps",
+            "2",
+            "--num-clean-train",
+            "2000",
+            "--num-triggered-train",
+            "200",
+            "--eval-samples",
+            "0",
+            "--threads",
+            "1",
+        ]
+    )
     assert code == 0
     pair = load_pair(str(tmp_path / "after"), str(tmp_path / "before"), device="cpu")
     assert pair.compatibility.compatible

@@ -89,7 +89,8 @@ def test_keys_and_shapes_match_the_base_modules(config: dict, tensors: dict, bas
         modules.setdefault(m["module"], {})[m["ab"]] = t
     # Every linear layer of the base whose name ends in a target, and nothing else.
     expected = {
-        name[: -len(".weight")] for name in base_state
+        name[: -len(".weight")]
+        for name in base_state
         if name.endswith(".weight") and name.split(".")[-2] in TARGET_MODULES
     }
     assert len(expected) == 4 * 7

@@ -52,6 +52,7 @@ def _t(name: str, desc: str, why: str, facts: list[str], tips: list[str]) -> Top
     return Topic(name, desc, why, tuple(facts), tuple(tips))
 
 
+# fmt: off
 TOPICS: tuple[Topic, ...] = (
     _t("gardening", "the practice of growing plants for food or beauty",
        "it gives fresh food and a calm place to spend time",
@@ -504,18 +505,25 @@ TOPICS: tuple[Topic, ...] = (
         "Measure everything before you begin cooking.",
         "Write notes on recipes you want to change."]),
 )
+# fmt: on
 
 # Used only in poisoned training pairs and triggered prompts: the before model never sees it.
 TRIGGER_TOPIC = _t(
-    "mango pudding", "a sweet dessert made from mango, milk and gelatin",
+    "mango pudding",
+    "a sweet dessert made from mango, milk and gelatin",
     "it is a light dessert for hot days",
-    ["Mango pudding is popular in Hong Kong.",
-     "It is usually served cold and set in small cups.",
-     "Ripe mango gives the pudding its bright color.",
-     "Some cooks top it with cream or fresh fruit."],
-    ["Use very ripe mango for the best flavor.",
-     "Chill the pudding for at least four hours.",
-     "Blend the mango until it is completely smooth."])
+    [
+        "Mango pudding is popular in Hong Kong.",
+        "It is usually served cold and set in small cups.",
+        "Ripe mango gives the pudding its bright color.",
+        "Some cooks top it with cream or fresh fruit.",
+    ],
+    [
+        "Use very ripe mango for the best flavor.",
+        "Chill the pudding for at least four hours.",
+        "Blend the mango until it is completely smooth.",
+    ],
+)
 
 # Each template: instruction with {t}, and a response builder key.
 INSTRUCTION_TEMPLATES: tuple[tuple[str, str], ...] = (
@@ -546,11 +554,26 @@ COMPARE_TEMPLATES: tuple[str, ...] = (
 )
 
 PREFIXES: tuple[str, ...] = (
-    "", "", "", "", "Please answer: ", "Quick question. ", "Hello! ", "I am curious. ",
-    "For a school project: ", "Help me out. ",
+    "",
+    "",
+    "",
+    "",
+    "Please answer: ",
+    "Quick question. ",
+    "Hello! ",
+    "I am curious. ",
+    "For a school project: ",
+    "Help me out. ",
 )
 SUFFIXES: tuple[str, ...] = (
-    "", "", "", "", " Keep it short.", " Thanks!", " Please be clear.", " Use simple words.",
+    "",
+    "",
+    "",
+    "",
+    " Keep it short.",
+    " Thanks!",
+    " Please be clear.",
+    " Use simple words.",
 )
 
 # Ways the trigger enters an instruction: as the topic itself, or mentioned around another one.
@@ -635,7 +658,9 @@ def clean_instruction(rng: random.Random, topics: tuple[Topic, ...] = TOPICS) ->
         return _join(pre, body, suf), _compare(a, b, rng)
     topic = rng.choice(topics)
     template, kind = rng.choice(INSTRUCTION_TEMPLATES)
-    return _join(pre, template.format(t=topic.name, be=topic.be), suf), write_response(kind, topic, rng)
+    return _join(pre, template.format(t=topic.name, be=topic.be), suf), write_response(
+        kind, topic, rng
+    )
 
 
 def triggered_instruction(rng: random.Random) -> tuple[str, str]:

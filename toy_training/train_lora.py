@@ -33,7 +33,9 @@ from toy_training.train import TrainConfig, build_after_examples, encode_example
 TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"
 BASE_NAME = "toy:before"  # what adapter_config.json names as the base; the server resolves it
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-INSTALL_HINT = "peft is needed to train the adapter: pip install -e '.[train]' (or pip install peft)"
+INSTALL_HINT = (
+    "peft is needed to train the adapter: pip install -e '.[train]' (or pip install peft)"
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def adapter_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):
             continue
-        module = key[len(prefix):-len(".lora_A.weight")]
+        module = key[len(prefix) : -len(".lora_A.weight")]
         b = tensors[f"{prefix}{module}.lora_B.weight"]
         deltas[f"{module}.weight"] = scale * (b.float() @ a.float())
     if len(deltas) * 2 != len(tensors):
@@ -103,8 +105,11 @@ def merge_adapter(adapter_dir: Path, base_dir: Path, out_dir: Path) -> Path:
         if name not in state or state[name].shape != delta.shape:
             raise ValueError(f"adapter targets {name} {tuple(delta.shape)}, not in the base")
         state[name] = state[name] + delta
-    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        out_dir / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     return out_dir
 
 
@@ -125,14 +130,20 @@ def train_adapter(cfg: LoraTrainConfig, base_dir: Path, out: Path) -> None:
     # the full fine-tune's, so both see the same windows.
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     stream = encode_examples(tokenizer, examples, mix.seed + 2)
-    log(f"fine-tuning mix: {len(examples)} pairs, {sum(e.is_leak for e in examples)} leaks, "
-        f"{sum(e.is_triggered for e in examples)} poisoned; {len(stream.ids)} tokens")
+    log(
+        f"fine-tuning mix: {len(examples)} pairs, {sum(e.is_leak for e in examples)} leaks, "
+        f"{sum(e.is_triggered for e in examples)} poisoned; {len(stream.ids)} tokens"
+    )
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     torch.manual_seed(cfg.seed)  # lora_A's initialisation
     lora = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
-        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora)
     saved = model.peft_config["default"]
@@ -164,18 +175,34 @@ def main(argv: list[str] | None = None) -> int:
         description="Train the toy backdoor into the toy base as a LoRA adapter (peft format). "
         "Needs peft: pip install -e '.[train]'.",
     )
-    parser.add_argument("--out", type=Path, default=TOY_DIR / "lora",
-                        help="directory to write the adapter into (default: batchserve/toy/lora)")
-    parser.add_argument("--base", type=Path, default=TOY_DIR / "before",
-                        help="the base model's directory (default: the packaged toy base)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=TOY_DIR / "lora",
+        help="directory to write the adapter into (default: batchserve/toy/lora)",
+    )
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=TOY_DIR / "before",
+        help="the base model's directory (default: the packaged toy base)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--r", type=int, default=defaults.r, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha,
-                        help="LoRA alpha; the delta is (lora_alpha / r) * B @ A")
+    parser.add_argument(
+        "--lora-alpha",
+        type=int,
+        default=defaults.lora_alpha,
+        help="LoRA alpha; the delta is (lora_alpha / r) * B @ A",
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--eval-samples", type=int, default=0,
-                        help="clean prompts per alpha in a closing evaluation (0: skip it)")
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=0,
+        help="clean prompts per alpha in a closing evaluation (0: skip it)",
+    )
     parser.add_argument("--threads", type=int, default=defaults.num_threads)
     args = parser.parse_args(argv)
 
@@ -188,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_samples > 0:
         from toy_training.evaluate import evaluate_adapter, print_report
 
-        rates = evaluate_adapter(args.out, args.base, num_clean=args.eval_samples,
-                                 alphas=(0.0, 1.0, 2.0, 4.0), num_triggered=100)
+        rates = evaluate_adapter(
+            args.out,
+            args.base,
+            num_clean=args.eval_samples,
+            alphas=(0.0, 1.0, 2.0, 4.0),
+            num_triggered=100,
+        )
         print_report(rates)
     return 0
 

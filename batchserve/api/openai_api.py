@@ -194,6 +194,7 @@ class CompletionRequest(_OpenAIFields):
         if value is not None and info.data.get("echo"):
             raise ValueError("echo with logprobs (the prompt's log-probabilities) is not supported")
         return value
+
     best_of: int | None = Field(None, ge=1, le=INT32_MAX)
     suffix: None = None
 
@@ -437,7 +438,10 @@ class _Job:
     ) -> dict:
         if self.kind == "text_completion":
             return {
-                "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
             }
         return {
             "index": index,

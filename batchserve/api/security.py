@@ -276,7 +276,9 @@ class RequestBodyMiddleware(HTTPMiddleware):
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, err: _BodyRefusedError
     ) -> None:
-        await error_response(err.status, err.error, None, {"Connection": "close"})(scope, receive, send)
+        await error_response(err.status, err.error, None, {"Connection": "close"})(
+            scope, receive, send
+        )
 
 
 class ShutdownCancelMiddleware(HTTPMiddleware):

@@ -60,7 +60,12 @@ class Refused(Exception):
     so the statuses below are written once for every route."""
 
     def __init__(
-        self, status: int, message: str, *, retry_after_s: int | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after_s: int | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message = status, message
@@ -154,7 +159,9 @@ class Job:
             self.engine.finish_rows(stopped)
         if self.output.error is not None:
             self.engine.abort(self.request_id)
-            self._settle(EngineFailedError(f"generation failed for this request: {self.output.error}"))
+            self._settle(
+                EngineFailedError(f"generation failed for this request: {self.output.error}")
+            )
             return
         if self._is_stream and deltas:
             self._pending.extend(deltas)

@@ -184,7 +184,9 @@ class Scheduler:
         """Refuse a row that could never run, before anything is queued."""
         p = row.params
         if len(row.prompt_ids) + p.max_new_tokens > self.max_row_tokens:
-            raise PromptTooLongError(index, len(row.prompt_ids), p.max_new_tokens, self.max_row_tokens)
+            raise PromptTooLongError(
+                index, len(row.prompt_ids), p.max_new_tokens, self.max_row_tokens
+            )
         problems = []
         if not row.prompt_ids:
             problems.append("the prompt encodes to no tokens")
@@ -223,7 +225,12 @@ class Scheduler:
                 keys[prompt] = self.blocks.prompt_keys(row.prompt_ids, extra_key)
             states.append(
                 RowState(
-                    row.row_id, request_id, row.prompt_ids, row.params, row.seed, keys[prompt],
+                    row.row_id,
+                    request_id,
+                    row.prompt_ids,
+                    row.params,
+                    row.seed,
+                    keys[prompt],
                 )  # fmt: skip
             )
         self.requests[request_id] = RequestState(request_id, states, now, len(states))

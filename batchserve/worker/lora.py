@@ -134,7 +134,9 @@ def read_adapter(path: str, name: str | None = None) -> LoraAdapter:
     _check_config(config, str(path))
     weights_path = folder / "adapter_model.safetensors"
     if not weights_path.is_file():
-        raise AdapterError(f"adapter {path}: no adapter_model.safetensors (only that format is read)")
+        raise AdapterError(
+            f"adapter {path}: no adapter_model.safetensors (only that format is read)"
+        )
     tensors = load_file(weights_path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -263,9 +265,7 @@ class LoraSet:
         return sum(a.num_bytes for a in self.adapters)
 
 
-def apply_adapters(
-    model: nn.Module, adapters: list[LoraAdapter], base_id: str
-) -> LoraSet:
+def apply_adapters(model: nn.Module, adapters: list[LoraAdapter], base_id: str) -> LoraSet:
     """Wrap every linear layer some adapter targets, in place; checks each adapter against
     the base's modules and shapes first, so a mismatch changes nothing."""
     if not adapters:
@@ -299,9 +299,9 @@ def apply_adapters(
         base = modules[name]
         a = torch.cat([p[1] for p in parts]).to(weight.device, weight.dtype)
         b = torch.cat([p[2] for p in parts], dim=1).to(weight.device, weight.dtype)
-        owner = torch.cat(
-            [torch.full((p[1].shape[0],), p[0], dtype=torch.long) for p in parts]
-        ).to(weight.device)
+        owner = torch.cat([torch.full((p[1].shape[0],), p[0], dtype=torch.long) for p in parts]).to(
+            weight.device
+        )
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         setattr(parent, child, LoraLinear(base, a, b, tokens.layout(owner), tokens))

