@@ -107,7 +107,8 @@ def test_sync_client_returns_typed_results_for_every_route(live_url: str):
     assert (plain.model_1.model_id, plain.model_2.model_id) == (AFTER, BEFORE)
     assert compat.compatible and compat.vocabs_match and compat.vocab_size_1 == compat.vocab_size_2
     assert health.is_ready and health.status == "ok"
-    assert info.models == {"after": AFTER, "before": BEFORE} and info.device == "cpu"
+    assert info.models == {"after": AFTER, "before": BEFORE, "kind": "full", "lora": None}
+    assert info.device == "cpu"
     assert metric(metrics, "batchserve_requests_total", route="/generate_lda", status="200") >= 1
 
 
