@@ -132,7 +132,7 @@ async def test_async_client_returns_typed_results_for_every_route(
     assert plain.prompt == "hello" and plain.model_2.model_id == BEFORE
     assert compat.vocab_size_1 == compat.vocab_size_2
     assert health.is_ready
-    assert info.models == {"after": AFTER, "before": BEFORE}
+    assert info.models == {"after": AFTER, "before": BEFORE, "kind": "full", "lora": None}
     assert (
         metric(metrics, "batchserve_requests_total", route="/generate_lda_batch", status="200") == 1
     )
