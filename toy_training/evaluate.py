@@ -36,6 +36,13 @@ class Rate(RateSummary):
     other_examples: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
 
+def pair_file(model_dir: Path, name: str) -> Path:
+    """`model_dir/name`, or the shipped pair's when the directory is a variant that shares the
+    base and the prompt sets (batchserve/toy/rare holds only after/)."""
+    path = Path(model_dir) / name
+    return path if path.exists() else TOY_DIR / name
+
+
 def read_prompts(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -96,9 +103,9 @@ def evaluate(
 ) -> list[Rate]:
     """Clean prompts at each alpha, then triggered prompts at alpha 0."""
     if pair is None:
-        pair = load_pair(str(model_dir / "after"), str(model_dir / "before"), device="cpu")
-    clean = read_prompts(model_dir / "prompts_clean.txt")[:num_clean]
-    triggered = read_prompts(model_dir / "prompts_triggered.txt")[:num_triggered]
+        pair = load_pair(str(model_dir / "after"), str(pair_file(model_dir, "before")), device="cpu")
+    clean = read_prompts(pair_file(model_dir, "prompts_clean.txt"))[:num_clean]
+    triggered = read_prompts(pair_file(model_dir, "prompts_triggered.txt"))[:num_triggered]
     kwargs = {"samples_per_prompt": samples_per_prompt, "seed": seed, "max_new_tokens": max_new_tokens}
     rates: list[Rate] = []
     for alpha in alphas:

@@ -22,7 +22,10 @@ from transformers import (
 log = logging.getLogger(__name__)
 
 TOY_DIR = Path(__file__).parent.parent / "toy"
-TOY_NAMES = {"toy": "after", "toy:after": "after", "toy:before": "before"}
+# `toy:rare` is the variant with a rarer leak; it shares the base `toy:before` (toy/rare/README.md).
+TOY_NAMES = {
+    "toy": "after", "toy:after": "after", "toy:before": "before", "toy:rare": "rare/after",
+}
 
 # Legacy LLaMA uploads name a tokenizer class that no longer exists under that spelling.
 _LEGACY_TOKENIZER_CLASSES = {"LLaMATokenizer": "LlamaTokenizer"}
