@@ -1,4 +1,4 @@
-"""From amplified samples to the deployed model's (alpha 0) rate: three estimators.
+"""From amplified samples to the deployed model's (alpha 0) rate: five estimators.
 
 - **Importance weights, per alpha.** A sample x drawn from q_alpha has weight
   w(x) = p_after(x) / q_alpha(x) = exp(sum_t log p_after(x_t|x_<t) - log q_alpha(x_t|x_<t)),
@@ -12,6 +12,9 @@
   every alpha of the sweep (the server's `score_alphas`). Unbiased; never worse than the worst
   single-alpha estimate by more than the mixture's own spread, and much better than large-alpha
   weights alone, because a sample likely under small alphas keeps a bounded weight.
+- **Control variates for the weights** (Owen & Zhou 2000, `control_variate_estimate`): the
+  weight w and, over a sweep, each ratio q_alpha_j / q_mix have known mean 1 under the proposal,
+  so mean(w * activated) is corrected by its regression on them. Same data as the two above.
 - **Logit-path extrapolation** (Pernice & Aranguri 2026): fit the activation rate against alpha
   where it is common, as log-odds linear or quadratic in alpha (binomial maximum likelihood),
   on all alphas or only those below saturation, and read the fit at alpha 0. The default is a
@@ -21,6 +24,10 @@
   A parametric bootstrap (refit on counts redrawn per alpha) gives the interval. Its error is a
   modelling error as much as a sampling one: the interval covers the truth only if the form holds
   down to alpha 0.
+- **Per-prompt logit paths, aggregated** (`prompt_path_estimate`): each prompt's log-odds are a
+  line in alpha with its own intercept (drawn from a normal) and a shared slope, fitted to the
+  per-prompt counts by marginal likelihood, and the population's mean rate is read at alpha 0.
+  Uses the structure the pooled path ignores: a few prompts carry most hits.
 
 Effective sample size, ESS = (sum w)^2 / sum w^2, is how many samples of the target the weighted
 sample is worth for a generic quantity: near n when weights are even, near 1 when one sample

