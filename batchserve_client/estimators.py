@@ -219,7 +219,7 @@ def control_variate_estimate(
     used = [j for j, c in enumerate(counts) if c > 0]
     log_mix = mixture_log_density(log_q[:, used], [counts[j] for j in used])
     w = _weights(np.asarray(log_target, float), log_mix)
-    # The c_j sum to 1 / (n_j / N) weights: one of them is redundant, so drop the last.
+    # sum_j (n_j / N) c_j = 1 for every sample, so one ratio is redundant: drop the last.
     ratios = [_weights(log_q[:, j], log_mix) for j in used[:-1]]
     controls = np.stack([w, *ratios], axis=1)
     y = w * f
