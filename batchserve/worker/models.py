@@ -73,7 +73,8 @@ class ModelPair:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map `toy`, `toy:after`, `toy:before` to the packaged pair; anything else passes through."""
+    """Map `toy`, `toy:after`, `toy:before`, `toy:rare` to the packaged models; anything else
+    passes through."""
     if name in TOY_NAMES:
         path = TOY_DIR / TOY_NAMES[name]
         if not (path / "config.json").exists():
