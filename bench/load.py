@@ -41,6 +41,9 @@ import httpx
 
 from batchserve.argconfig import config_from_args
 from bench.report import (
+    RESULTS_DIR,
+    bench_parser,
+    command_line,
     markdown,
     parse_prometheus,
     percentile,
@@ -54,7 +57,6 @@ from bench.servers import start_servers
 from bench.shapes import SHAPES, WORDS, save_random_pair
 
 MODES = ("serial", "static", "continuous")
-RESULTS_DIR = Path(__file__).parent / "results"
 TOY_AFTER_CONFIG = Path(__file__).resolve().parent.parent / "batchserve/toy/after/config.json"
 
 
@@ -502,9 +504,9 @@ def mix_option(text: str) -> Mix:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.load",
-        description=__doc__.split("\n\n", 2)[2] if __doc__ else None,
+    parser = bench_parser(
+        "load",
+        __doc__.split("\n\n", 2)[2] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Results: JSON + markdown (and PNGs with --plot) in bench/results/ unless --output "
         "names another place. Progress goes to stderr, the tables to stdout.",
@@ -713,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "load",
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "command": "python -m bench.load " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("load", argv),
         "interrupted": False,
         "workloads": [],
     }

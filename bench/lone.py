@@ -14,7 +14,6 @@ gives each side's median and the ratio (issue 20's target: server / loop <= 0.6)
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import statistics
 import sys
@@ -27,7 +26,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 from batchserve.frontend import format_prompt
 from batchserve.worker.models import load_pair
 from bench.load import host_description
-from bench.report import add_output_option, table, write_report
+from bench.report import add_output_option, bench_parser, command_line, table, write_report
 from bench.servers import start_servers
 
 # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); 5.17 knows only
@@ -71,9 +70,9 @@ def hand_written_loop(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.lone",
-        description="A lone request through the server vs a hand-written loop over two HF "
+    parser = bench_parser(
+        "lone",
+        "A lone request through the server vs a hand-written loop over two HF "
         "models, alternating; prints both medians and their ratio.",
     )
     parser.add_argument(
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# One lone {args.max_new_tokens}-token request, {args.rounds} alternating rounds "
         f"({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
         f"- host: {host_description()}; torch threads {args.threads}, both sides\n"
-        f"- command: `python -m bench.lone {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        f"- command: `{command_line('lone', argv)}`\n\n"
         + table(["", "median ms"], rows)
         + f"\n\nserver / loop: {ratio:.2f} (issue 20's target: <= 0.6)\n"
     )

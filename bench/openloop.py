@@ -14,7 +14,6 @@ per mode, and continuous / static (issue 20's target: short requests' median <= 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import statistics
@@ -34,7 +33,7 @@ from bench.load import (
     send,
     wait_idle,
 )
-from bench.report import add_output_option, table, write_report
+from bench.report import add_output_option, bench_parser, command_line, table, write_report
 from bench.servers import start_servers
 
 
@@ -81,9 +80,9 @@ def latency_summary(records: list[RequestRecord], workload: Workload, short: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.openloop",
-        description="Poisson arrivals at a share of capacity, continuous vs static batching, "
+    parser = bench_parser(
+        "openloop",
+        "Poisson arrivals at a share of capacity, continuous vs static batching, "
         "side by side on the same arrivals.",
     )
     parser.add_argument("--load", type=float, default=0.4, help="share of capacity (0.4)")
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ["requests", "continuous p50 s", "static p50 s", "continuous p95 s",
               "static p95 s", "p50 continuous / static"]  # fmt: skip
     short_ratio = results["continuous"]["short"]["p50_s"] / results["static"]["short"]["p50_s"]
-    command = "python -m bench.openloop " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("openloop", argv)
     text = (
         f"# Open loop: Poisson arrivals at {args.load:.0%} of capacity "
         f"({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
