@@ -35,7 +35,14 @@ from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, SamplingParams
 from batchserve.engine import EngineCore, RunnerConfig, build_engine_core
 from batchserve.worker.models import ModelPair, load_pair, resolve_device, resolve_dtype
-from bench.report import RESULTS_DIR, bench_parser, command_line, table, write_report
+from bench.report import (
+    RESULTS_DIR,
+    bench_parser,
+    command_line,
+    results_path,
+    table,
+    write_report,
+)
 from bench.shapes import SHAPES, random_pair, weight_bytes
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128)
@@ -439,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if args.output:
-        path = args.output if args.output.parent != Path() else RESULTS_DIR / args.output
-        write_report(path, report, markdown)
+        write_report(results_path(args.output), report, markdown)
     return 0
 
 

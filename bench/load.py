@@ -50,6 +50,7 @@ from bench.report import (
     plot,
     ratios,
     ratios_table,
+    results_path,
     runs_table,
     targets_table,
 )
@@ -683,9 +684,7 @@ def default_output_name(args: argparse.Namespace) -> str:
 def output_path(args: argparse.Namespace) -> Path:
     if args.output is None:
         return RESULTS_DIR / default_output_name(args)
-    if args.output.parent == Path():
-        return RESULTS_DIR / args.output
-    return args.output
+    return results_path(args.output)
 
 
 async def fetch_info(url: str) -> dict:

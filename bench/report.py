@@ -39,6 +39,11 @@ def parse_prometheus(text: str) -> dict[str, float]:
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
+def results_path(path: Path) -> Path:
+    """`path`, where a bare file name means that name in bench/results/."""
+    return RESULTS_DIR / path if path.parent == Path() else path
+
+
 def bench_parser(name: str, description: str | None, **options: Any) -> argparse.ArgumentParser:
     """The parser of `python -m bench.<name>`, the command `command_line` writes in reports."""
     return argparse.ArgumentParser(
