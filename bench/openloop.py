@@ -14,7 +14,6 @@ per mode, and continuous / static (issue 20's target: short requests' median <= 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import statistics
@@ -34,8 +33,8 @@ from bench.load import (
     send,
     wait_idle,
 )
-from bench.report import add_output_option, table, write_report
-from bench.servers import start_servers
+from bench.report import add_output_option, bench_parser, command_line, table, write_report
+from bench.servers import add_server_options, server_args, start_servers
 
 
 def arrival_times(rate_per_s: float, duration_s: float, seed: int) -> list[float]:
@@ -81,9 +80,9 @@ def latency_summary(records: list[RequestRecord], workload: Workload, short: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.openloop",
-        description="Poisson arrivals at a share of capacity, continuous vs static batching, "
+    parser = bench_parser(
+        "openloop",
+        "Poisson arrivals at a share of capacity, continuous vs static batching, "
         "side by side on the same arrivals.",
     )
     parser.add_argument("--load", type=float, default=0.4, help="share of capacity (0.4)")
@@ -95,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of the closed-loop capacity run (20)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="arrivals and requests (0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
-    parser.add_argument("--server-arg", action="append", default=[], help="extra serve option")
+    add_server_options(parser, "torch threads per server")
     add_output_option(parser, "openloop-toy-cpu.json")
     args = parser.parse_args(argv)
     low, _, high = args.max_new_tokens.partition("-")
@@ -108,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.capacity_s,
         seed=args.seed,
     )
-    server_args = ["--threads", str(args.threads), "--max-wait-ms", "10", *args.server_arg]
+    serve_args = server_args(args, "--max-wait-ms", "10")
     modes = ["continuous", "static"]
-    with start_servers(modes, ["--after", "toy"], server_args=server_args) as servers:
+    with start_servers(modes, ["--after", "toy"], server_args=serve_args) as servers:
         print("measuring capacity: continuous, 32 closed-loop clients", file=sys.stderr)
         closed = asyncio.run(run_level(servers["continuous"].url, "continuous", workload, 32, 600))
         capacity_rps = closed["requests_per_s"]
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ["requests", "continuous p50 s", "static p50 s", "continuous p95 s",
               "static p95 s", "p50 continuous / static"]  # fmt: skip
     short_ratio = results["continuous"]["short"]["p50_s"] / results["static"]["short"]["p50_s"]
-    command = "python -m bench.openloop " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("openloop", argv)
     text = (
         f"# Open loop: Poisson arrivals at {args.load:.0%} of capacity "
         f"({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
@@ -158,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_arrivals": len(arrivals),
         "workload": open_workload.describe(),
         "short_tokens": args.short_tokens,
-        "server_args": server_args,
+        "server_args": serve_args,
         "results": results,
         "short_p50_ratio": short_ratio,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

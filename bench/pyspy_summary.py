@@ -9,10 +9,11 @@ uvicorn and idle threads do not dilute the shares. A frame counts once per sampl
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from pathlib import Path
+
+from bench.report import bench_parser
 
 WORKER_FRAME = "Engine._run"
 
@@ -49,7 +50,7 @@ def summarize(path: Path, worker_frame: str = WORKER_FRAME) -> tuple[int, Counte
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pyspy_summary", description=__doc__)
+    parser = bench_parser("pyspy_summary", __doc__)
     parser.add_argument("profile", type=Path, help="py-spy raw (collapsed stacks) output")
     parser.add_argument("--worker-frame", default=WORKER_FRAME)
     args = parser.parse_args(argv)

@@ -53,10 +53,9 @@ from bench.load import (
     run_level,
     warm_up,
 )
-from bench.report import percentile, ratio, table, write_report
+from bench.report import RESULTS_DIR, bench_parser, percentile, ratio, table, write_report
 from bench.servers import free_port, start_servers
 
-RESULTS_DIR = Path(__file__).parent / "results"
 # Targets of issue 13 (toy pair) and issue 24 (simulated steps).
 TOY_TARGETS = {"ray-2": 1.6}
 SIMULATED_TARGETS = {"ray-2": 1.8, "ray-4": 3.4}
@@ -535,9 +534,9 @@ def _wait_for_replicas(count: int, timeout_s: float = 180.0) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.replicas",
-        description=__doc__,
+    parser = bench_parser(
+        "replicas",
+        __doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--clients", type=int, default=None, help="(default: 32; 64 simulated)")

@@ -39,6 +39,24 @@ def parse_prometheus(text: str) -> dict[str, float]:
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
+def results_path(path: Path) -> Path:
+    """`path`, where a bare file name means that name in bench/results/."""
+    return RESULTS_DIR / path if path.parent == Path() else path
+
+
+def bench_parser(name: str, description: str | None, **options: Any) -> argparse.ArgumentParser:
+    """The parser of `python -m bench.<name>`, the command `command_line` writes in reports."""
+    return argparse.ArgumentParser(
+        prog=f"python -m bench.{name}", description=description, **options
+    )
+
+
+def command_line(name: str, argv: Sequence[str] | None) -> str:
+    """The command a report states it was made by: `python -m bench.<name>` and its arguments
+    (`argv`, or this process's own when None)."""
+    return f"python -m bench.{name} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
 def add_output_option(parser: argparse.ArgumentParser, default_name: str) -> None:
     """`--output`: where the report's JSON goes (the markdown goes beside it); by default the
     benchmark's one current report in bench/results/."""

@@ -6,6 +6,7 @@ benchmark, which then stops every server itself; SIGTERM to the benchmark does t
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -19,6 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+
+def add_server_options(parser: argparse.ArgumentParser, threads_help: str) -> None:
+    """`--threads` (torch threads per server, 1 by default) and `--server-arg` (repeatable),
+    the options of a benchmark that starts servers itself; `server_args` turns them back into
+    the servers' command line."""
+    parser.add_argument("--threads", type=int, default=1, help=threads_help)
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `batchserve serve` option, repeatable (e.g. --server-arg=--no-compile)",
+    )
+
+
+def server_args(args: argparse.Namespace, *extra: str) -> list[str]:
+    """The `batchserve serve` options of `add_server_options`' parsed `args`: --threads, then
+    `extra`, then every --server-arg (last, so they can override the two before)."""
+    return ["--threads", str(args.threads), *extra, *args.server_arg]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ torch's inter-op pool is not used by a forward that runs op after op, so it is n
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing
 import os
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from bench.load import IntRange, Mix, Workload, host_description, log, run_level, wait_idle
-from bench.report import add_output_option, ratio, table, write_report
+from bench.report import add_output_option, bench_parser, command_line, ratio, table, write_report
 from bench.servers import start_servers
 
 LONE_BODY = {
@@ -149,9 +148,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.threads",
-        description="Thread settings side by side, on a quiet machine and beside a CPU-bound "
+    parser = bench_parser(
+        "threads",
+        "Thread settings side by side, on a quiet machine and beside a CPU-bound "
         "neighbour: a lone request's latency and 32 clients' tokens/s.",
     )
     parser.add_argument(
@@ -196,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{result['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
     report = {
         "benchmark": "threads",
-        "command": "python -m bench.threads "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("threads", argv),
         "host": host_description(),
         "neighbours": args.neighbours,
         "num_lone": args.lone,

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from servers import client_of
 
 from batchserve.api.app import ServerConfig, create_app
 from batchserve.worker.models import ModelPair
 
 
 async def _post(pair: ModelPair, route: str, body: dict | str) -> httpx.Response:
-    app = create_app(ServerConfig(), pair=pair)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://localhost", timeout=60
-        ) as c:
-            if isinstance(body, str):  # raw JSON, for values json.dumps refuses (1e999)
-                return await c.post(
-                    route, content=body, headers={"content-type": "application/json"}
-                )
-            return await c.post(route, json=body)
+    async with client_of(create_app(ServerConfig(), pair=pair)) as c:
+        if isinstance(body, str):  # raw JSON, for values json.dumps refuses (1e999)
+            return await c.post(route, content=body, headers={"content-type": "application/json"})
+        return await c.post(route, json=body)
 
 
 async def test_batch_rows_carry_logprobs_when_asked(llama_pair: ModelPair) -> None:

@@ -14,8 +14,8 @@ import pytest
 
 from bench import engine as bench_engine
 from bench import prefix as bench_prefix
-from bench.load import RESULTS_DIR, IntRange, Mix, Workload, build_parser, output_path
-from bench.report import parse_prometheus, percentile, ratios
+from bench.load import IntRange, Mix, Workload, build_parser, output_path
+from bench.report import RESULTS_DIR, parse_prometheus, percentile, ratios
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from engine_driver import Driver, reference_next_logits
+from lora_merge import hand_merge
 from safetensors.torch import load_file, save_file
 from tiny_models import gpt2_model, llama_model
 from transformers import AutoModelForCausalLM
@@ -33,7 +33,6 @@ from batchserve.worker.models import TOY_DIR, load_pair
 from batchserve.worker.runner import ModelRunner
 
 LORA_DIR = TOY_DIR / "lora"
-KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 PROMPTS = [tuple(range(5, 30)), (7, 300, 41, 12), tuple(range(100, 160, 3))]
 GREEDY = SamplingParams(alpha=1.0, temperature=0.0, max_new_tokens=8, ignore_eos=True)
 
@@ -66,16 +65,8 @@ def merged_model(folder: Path | None, dtype: torch.dtype = torch.float64):
     if folder is None:
         return model
     config = json.loads((folder / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
     tensors = load_file(folder / "adapter_model.safetensors")
-    state = model.state_dict()
-    for key, a in tensors.items():
-        m = KEY.match(key)
-        if m and m["ab"] == "A":
-            b = tensors[key.replace(".lora_A.", ".lora_B.")]
-            name = f"{m['module']}.weight"
-            state[name] = state[name] + scale * (b.to(dtype) @ a.to(dtype))
-    model.load_state_dict(state)
+    model.load_state_dict(hand_merge(config, tensors, model.state_dict(), dtype))
     return model
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from servers import running_server
+from servers import client_of, running_server
 
 from batchserve.api.app import ServerConfig, create_app
 from batchserve.core.scheduler import SchedulerConfig
@@ -207,48 +207,41 @@ def test_chat_without_a_template_uses_the_server_prompt_format() -> None:
 
 async def test_more_rows_than_the_queue_holds_are_refused_up_front() -> None:
     config = ServerConfig(scheduler=SchedulerConfig(max_queue_rows=4))
-    app = create_app(config, pair=load_pair("toy"))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            body = {"model": MODEL, "prompt": ["a", "b"], "n": 3, "max_tokens": 2}
-            resp = await client.post("/v1/completions", json=body)
-            assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
-            resp = await client.post("/v1/completions", json=body | {"n": 2})
-            assert resp.status_code == 200 and len(resp.json()["choices"]) == 4
+    async with client_of(create_app(config, pair=load_pair("toy"))) as client:
+        body = {"model": MODEL, "prompt": ["a", "b"], "n": 3, "max_tokens": 2}
+        resp = await client.post("/v1/completions", json=body)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
+        resp = await client.post("/v1/completions", json=body | {"n": 2})
+        assert resp.status_code == 200 and len(resp.json()["choices"]) == 4
 
 
 async def test_a_full_or_draining_server_answers_503_in_openai_shape_with_retry_after() -> None:
     config = ServerConfig(scheduler=SchedulerConfig(max_batch_size=1, max_queue_rows=4))
     app = create_app(config, pair=load_pair("toy"))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://localhost", timeout=60
-        ) as client:
-            engine = app.state.engine
-            body = {"prompts": ["a", "b", "c", "d"], "max_new_tokens": 60, "ignore_eos": True}
-            first = asyncio.create_task(client.post("/generate_lda_batch", json=body))
-            while engine.num_waiting_rows != 3:
-                await asyncio.sleep(0.002)
-            resp = await client.post(
-                "/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2, "max_tokens": 2}
-            )
-            assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
-            error = resp.json()["error"]
-            assert error["type"] == "server_error" and error["code"] == "server_overloaded"
-            assert "queue full" in error["message"]
-            assert (await first).status_code == 200
+    async with client_of(app) as client:
+        engine = app.state.engine
+        body = {"prompts": ["a", "b", "c", "d"], "max_new_tokens": 60, "ignore_eos": True}
+        first = asyncio.create_task(client.post("/generate_lda_batch", json=body))
+        while engine.num_waiting_rows != 3:
+            await asyncio.sleep(0.002)
+        resp = await client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2, "max_tokens": 2}
+        )
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+        error = resp.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "server_overloaded"
+        assert "queue full" in error["message"]
+        assert (await first).status_code == 200
 
-            app.state.is_draining = True  # what the server sets when a shutdown begins
-            chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
-            for route, payload, message in (
-                ("/v1/chat/completions", chat, lambda r: r.json()["error"]["message"]),
-                ("/generate_lda", {"prompt": "hi"}, lambda r: r.json()["error"]),
-            ):
-                resp = await client.post(route, json=payload)
-                assert resp.status_code == 503 and resp.headers["retry-after"] == "5"
-                assert message(resp) == "server is shutting down"
+        app.state.is_draining = True  # what the server sets when a shutdown begins
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        for route, payload, message in (
+            ("/v1/chat/completions", chat, lambda r: r.json()["error"]["message"]),
+            ("/generate_lda", {"prompt": "hi"}, lambda r: r.json()["error"]),
+        ):
+            resp = await client.post(route, json=payload)
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "5"
+            assert message(resp) == "server is shutting down"
 
 
 def test_openai_bodies_get_the_native_routes_door_checks(server: str) -> None:

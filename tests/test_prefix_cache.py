@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 import httpx
 import pytest
 from engine_driver import Driver
+from servers import client_of
 
 from batchserve.api.app import ServerConfig, create_app
 from batchserve.core.kv_blocks import cache_extra_key
@@ -222,13 +223,8 @@ async def serving(
         scheduler=SchedulerConfig(max_batch_size=max_batch_size, enable_prefix_cache=cache),
         runner=RunnerConfig(block_size=BLOCK, kv_cache_tokens=kv_cache_tokens, compile=False),
     )
-    app = create_app(config, pair=pair)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://localhost", timeout=60
-        ) as c:
-            yield c
+    async with client_of(create_app(config, pair=pair)) as c:
+        yield c
 
 
 async def cache_counts(client: httpx.AsyncClient) -> tuple[float, float]:

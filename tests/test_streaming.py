@@ -210,19 +210,14 @@ async def test_a_stream_past_the_request_timeout_ends_with_an_error_event(
     toy_pair: ModelPair,
 ) -> None:
     config = ServerConfig(request_timeout_s=0.2)
-    app = create_app(config, pair=toy_pair)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://localhost", timeout=60
-        ) as c:
-            body = {"prompt": "go on", "max_new_tokens": 400, "ignore_eos": True}
-            events = await stream_events(c, "/generate_lda", body)
-            assert events[-1][0] == "error" and "timed out" in events[-1][1]["error"]
-            engine = app.state.engine
-            while engine.num_running:
-                await asyncio.sleep(0.05)
-            assert "batchserve_rows_cancelled_total 1.0" in (await c.get("/metrics")).text
+    async with client_of(create_app(config, pair=toy_pair)) as c:
+        body = {"prompt": "go on", "max_new_tokens": 400, "ignore_eos": True}
+        events = await stream_events(c, "/generate_lda", body)
+        assert events[-1][0] == "error" and "timed out" in events[-1][1]["error"]
+        engine = c.app.state.engine
+        while engine.num_running:
+            await asyncio.sleep(0.05)
+        assert "batchserve_rows_cancelled_total 1.0" in (await c.get("/metrics")).text
 
 
 # --- the battery's findings: shutdown, slow readers, cancelled rows' tokens ----------------------

@@ -9,11 +9,11 @@ against them. With peft installed, peft's own loader must agree with the hand me
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from lora_merge import KEY, hand_merge
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -24,7 +24,6 @@ from toy_training.train_lora import main as train_lora_main
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"
 LORA_DIR = TOY_DIR / "lora"
-KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 PROMPT_IDS = [0, 10, 200, 37, 512, 99, 3, 1000, 42, 7, 640, 5]  # any ids under the vocab
 
 
@@ -49,20 +48,6 @@ def tensors() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def base_state() -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(TOY_DIR / "before" / "model.safetensors").items()}
-
-
-def hand_merge(
-    config: dict, tensors: dict, base_state: dict, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    scale = config["lora_alpha"] / config["r"]
-    merged = {k: v.to(dtype) for k, v in base_state.items()}
-    for key, a in tensors.items():
-        m = KEY.match(key)
-        if m and m["ab"] == "A":
-            b = tensors[key.replace(".lora_A.", ".lora_B.")]
-            name = f"{m['module']}.weight"
-            merged[name] = merged[name] + scale * (b.to(dtype) @ a.to(dtype))
-    return merged
 
 
 def test_config_is_a_plain_lora_on_the_toy_base(config: dict):

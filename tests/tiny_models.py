@@ -68,18 +68,6 @@ def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     return fast_tokenizer(backend)
 
 
-def build_byte_pair() -> ModelPair:
-    """A tiny Llama pair over `make_byte_tokenizer`'s 260 tokens."""
-    vocab_size = len(make_byte_tokenizer())
-    return pair_from_models(
-        llama_model(1, vocab_size),
-        llama_model(2, vocab_size),
-        make_byte_tokenizer(),
-        after_id="tiny-bytes-after",
-        before_id="tiny-bytes-before",
-    )
-
-
 # Tiny configs of the families the runner serves (random init, built in code). Mistral gets a
 # sliding window shorter than the test prompts, so the windowed mask is exercised.
 _DECODER = dict(
@@ -101,17 +89,18 @@ def llama_model(seed: int, vocab_size: int = 64) -> LlamaForCausalLM:
 
 
 def gpt2_model(seed: int, vocab_size: int = 64) -> GPT2LMHeadModel:
+    """GPT-2 at `_DECODER`'s size, in GPT-2's own names (its MLP keeps GPT-2's 4x width)."""
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=256,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    return GPT2LMHeadModel(config).eval()
+    names = {
+        "n_embd": "hidden_size",
+        "n_layer": "num_hidden_layers",
+        "n_head": "num_attention_heads",
+        "n_positions": "max_position_embeddings",
+        "bos_token_id": "bos_token_id",
+        "eos_token_id": "eos_token_id",
+    }
+    sizes = {gpt2: _DECODER[name] for gpt2, name in names.items()}
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **sizes)).eval()
 
 
 ARCHITECTURES = {
@@ -143,15 +132,29 @@ def reference_models(kind: str):
     return models
 
 
-def build_pair(kind: str = "llama", **kwargs) -> ModelPair:
+def build_pair(
+    kind: str = "llama",
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    name: str | None = None,
+    **kwargs,
+) -> ModelPair:
+    """A tiny `kind` pair (seeds 1 and 2) over `tokenizer` (default: `make_tokenizer`), its
+    model ids `tiny-<name>-after/before` (name defaults to kind)."""
+    tokenizer = tokenizer or make_tokenizer()
+    vocab_size = len(tokenizer)
     return pair_from_models(
-        make_model(kind, 1),
-        make_model(kind, 2),
-        make_tokenizer(),
-        after_id=f"tiny-{kind}-after",
-        before_id=f"tiny-{kind}-before",
+        make_model(kind, 1, vocab_size),
+        make_model(kind, 2, vocab_size),
+        tokenizer,
+        after_id=f"tiny-{name or kind}-after",
+        before_id=f"tiny-{name or kind}-before",
         **kwargs,
     )
+
+
+def build_byte_pair() -> ModelPair:
+    """A tiny Llama pair over `make_byte_tokenizer`'s 260 tokens."""
+    return build_pair("llama", make_byte_tokenizer(), name="bytes")
 
 
 def save_tiny_pair(root, context: int = 1024) -> tuple[str, str]:
