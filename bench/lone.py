@@ -27,7 +27,7 @@ from batchserve.frontend import format_prompt
 from batchserve.worker.models import load_pair
 from bench.load import host_description
 from bench.report import add_output_option, bench_parser, command_line, table, write_report
-from bench.servers import add_server_options, server_args, start_servers
+from bench.servers import LONE_PROMPT, add_server_options, server_args, start_servers
 
 # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); 5.17 knows only
 # the old one. The caches are filled in place, so the outputs' copies are never read.
@@ -36,7 +36,6 @@ CACHE_ARG = (
     if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
     else ("past_key_values")
 )
-PROMPT = "Tell me about the history of the river and the town beside it."
 
 
 @torch.inference_mode()
@@ -86,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pair = load_pair("toy", device="cpu")  # stock attention: this copy never meets the runner
-    prompt_ids = pair.tokenizer.encode(format_prompt(PROMPT))
+    prompt_ids = pair.tokenizer.encode(format_prompt(LONE_PROMPT))
     sampling = {"alpha": 1.0, "temperature": 0.8, "top_p": 0.95}
-    body = {"prompt": PROMPT, "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
+    body = {"prompt": LONE_PROMPT, "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
     serve_args = server_args(args)
     loop_s: list[float] = []
     server_s: list[float] = []

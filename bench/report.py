@@ -93,7 +93,8 @@ def table(
     return "\n".join(lines)
 
 
-def _fmt(value: Any, spec: str = ",.1f") -> str:
+def fmt(value: Any, spec: str = ",.1f") -> str:
+    """A number for a table cell; "-" for a value that was not measured."""
     if value is None:
         return "-"
     return format(value, spec)
@@ -119,7 +120,7 @@ def runs_table(runs: list[dict]) -> str:
     header = ["clients", "mode"] + [h for h, _, _ in RUN_COLUMNS]
     rows = (
         [str(run["concurrency"]), run["mode"]]
-        + [_fmt(run.get(key), spec) for _, key, spec in RUN_COLUMNS]
+        + [fmt(run.get(key), spec) for _, key, spec in RUN_COLUMNS]
         for run in runs
     )
     return table(header, rows)
@@ -157,7 +158,7 @@ def ratios_table(rows: list[dict]) -> str:
     ]
     header = ["clients"] + [h for h, _ in columns]
     cells = (
-        [str(row["concurrency"])] + [_fmt(row.get(k), ".2f") for _, k in columns] for row in rows
+        [str(row["concurrency"])] + [fmt(row.get(k), ".2f") for _, k in columns] for row in rows
     )
     return table(header, cells)
 
@@ -166,7 +167,7 @@ def targets_table(targets: list[dict]) -> str:
     rows = (
         [
             t["name"],
-            _fmt(t["value"], ".2f"),
+            fmt(t["value"], ".2f"),
             f"{t['op']} {t['threshold']:g}",
             "yes" if t["holds"] else ("no" if t["holds"] is False else "-"),
         ]

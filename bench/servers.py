@@ -41,6 +41,10 @@ def server_args(args: argparse.Namespace, *extra: str) -> list[str]:
     return ["--threads", str(args.threads), *extra, *args.server_arg]
 
 
+# The request bench.lone and bench.threads time alone: one short prompt, whatever the pair.
+LONE_PROMPT = "Tell me about the history of the river and the town beside it."
+
+
 @dataclass(frozen=True)
 class ServerProcess:
     mode: str

@@ -30,11 +30,19 @@ from dataclasses import dataclass, field
 import httpx
 
 from bench.load import IntRange, Mix, Workload, host_description, log, run_level, wait_idle
-from bench.report import add_output_option, bench_parser, command_line, ratio, table, write_report
-from bench.servers import start_servers
+from bench.report import (
+    add_output_option,
+    bench_parser,
+    command_line,
+    fmt,
+    ratio,
+    table,
+    write_report,
+)
+from bench.servers import LONE_PROMPT, start_servers
 
 LONE_BODY = {
-    "prompt": "Tell me about the history of the river and the town beside it.",
+    "prompt": LONE_PROMPT,
     "max_new_tokens": 64,
     "ignore_eos": True,
     "alpha": 1.0,
@@ -116,11 +124,6 @@ def measure(url: str, workload: Workload, num_lone: int) -> dict:
     }
 
 
-def _fmt_ratio(numerator: float, denominator: float) -> str:
-    value = ratio(numerator, denominator)
-    return "-" if value is None else f"{value:.2f}"
-
-
 def markdown(report: dict) -> str:
     lines = [
         f"# Thread settings, quiet vs busy ({report['created_at']})",
@@ -139,9 +142,9 @@ def markdown(report: dict) -> str:
         quiet, busy = by_condition["quiet"], by_condition["busy"]
         rows.append([
             name, f"{quiet['lone_p50_s'] * 1e3:.0f}", f"{busy['lone_p50_s'] * 1e3:.0f}",
-            _fmt_ratio(busy["lone_p50_s"], quiet["lone_p50_s"]),
+            fmt(ratio(busy["lone_p50_s"], quiet["lone_p50_s"]), ".2f"),
             f"{quiet['tokens_per_s']:,.0f}", f"{busy['tokens_per_s']:,.0f}",
-            _fmt_ratio(busy["tokens_per_s"], quiet["tokens_per_s"]),
+            fmt(ratio(busy["tokens_per_s"], quiet["tokens_per_s"]), ".2f"),
         ])  # fmt: skip
     lines.append(table(header, rows))
     return "\n".join(lines) + "\n"

@@ -248,15 +248,16 @@ def test_the_hand_written_loop_does_the_servers_job() -> None:
     from batchserve.engine import generate
     from batchserve.frontend import format_prompt
     from batchserve.worker.models import load_pair
-    from bench.lone import PROMPT, hand_written_loop
+    from bench.lone import hand_written_loop
+    from bench.servers import LONE_PROMPT
 
     stock = load_pair("toy", device="cpu")
-    prompt_ids = stock.tokenizer.encode(format_prompt(PROMPT))
+    prompt_ids = stock.tokenizer.encode(format_prompt(LONE_PROMPT))
     loop_tokens = hand_written_loop(
         stock, prompt_ids, 12, alpha=2.0, temperature=1.0, top_p=1e-9, seed=0
     )
     params = SamplingParams(alpha=2.0, temperature=0.0, max_new_tokens=12, ignore_eos=True)
-    (result,) = generate(load_pair("toy", device="cpu"), [GenerationRequest(PROMPT, params)])
+    (result,) = generate(load_pair("toy", device="cpu"), [GenerationRequest(LONE_PROMPT, params)])
     assert list(result.token_ids) == loop_tokens
 
 
