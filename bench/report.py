@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -53,8 +54,8 @@ def bench_parser(name: str, description: str | None, **options: Any) -> argparse
 
 def command_line(name: str, argv: Sequence[str] | None) -> str:
     """The command a report states it was made by: `python -m bench.<name>` and its arguments
-    (`argv`, or this process's own when None)."""
-    return f"python -m bench.{name} " + " ".join(sys.argv[1:] if argv is None else argv)
+    (`argv`, or this process's own when None), quoted so it can be pasted back."""
+    return f"python -m bench.{name} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def add_output_option(parser: argparse.ArgumentParser, default_name: str) -> None:

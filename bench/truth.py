@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from batchserve_client.stats import wilson_interval
+from bench.report import bench_parser, command_line
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"
 
@@ -126,9 +126,7 @@ def markdown(truth: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.truth", description=__doc__.split("\n")[0]
-    )
+    parser = bench_parser("truth", __doc__.split("\n")[0])
     parser.add_argument("--pair", default="toy:rare", help="after model (before: the toy base)")
     parser.add_argument("--samples-per-prompt", type=int, default=168)
     parser.add_argument("--chunk", type=int, default=8, help="samples per prompt per chunk")
@@ -141,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=Path("bench/results/rare-truth-toy-cpu"))
     args = parser.parse_args(argv)
-    argv_used = sys.argv[1:] if argv is None else argv
-    command = "python -m bench.truth " + shlex.join(argv_used)
+    command = command_line("truth", argv)
 
     import torch
 
