@@ -158,11 +158,8 @@ class EngineCore:
             return self.runner.execute(plan)
 
     def _fail_plan(self, plan: StepPlan, err: Exception) -> list[EngineEvent]:
-        owners = {
-            row.request_id
-            for row in self.scheduler.running
-            if row.row_id in {r.row_id for r in plan.rows}
-        }
+        planned = {r.row_id for r in plan.rows}
+        owners = {row.request_id for row in self.scheduler.running if row.row_id in planned}
         self.scheduler.step_failed()
         error = EngineFailedError(f"generation failed for this request: {err}")
         for request_id in owners:
