@@ -368,6 +368,104 @@ def test_proxy_turns_a_dead_replicas_bare_500_into_a_retryable_503(
     assert "error" in response.json()
 
 
+async def _drive(
+    app: Any, messages: list[dict], headers: list | None = None, timeout_s: float = 10
+) -> list[dict]:
+    """One POST through a raw ASGI app: `messages` are what the client sends, then it waits."""
+    incoming = list(messages)
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(3600)  # a client that sent everything waits for its answer
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/generate_lda", "headers": headers or []}
+    await asyncio.wait_for(app(scope, receive, send), timeout=timeout_s)
+    return sent
+
+
+def _echo_app(seen: list):
+    """Records the scope's headers and every message it reads, up to the body's end."""
+
+    async def app(scope, receive, send) -> None:
+        seen.append(dict(scope["headers"]))
+        while True:
+            message = await receive()
+            seen.append(message)
+            if not message.get("more_body", False):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+@needs_ray
+def test_proxy_reads_the_whole_body_before_serve_routes_the_request():
+    """The replica Serve picks finds the body complete in one message, marked as held by the
+    proxy; a client cannot set the mark itself; an oversized body streams on unmarked."""
+    from batchserve.api.ray_serve import BODY_BUFFERED_HEADER, BufferedBodyMiddleware
+
+    chunks = [
+        {"type": "http.request", "body": b'{"prompt": ', "more_body": True},
+        {"type": "http.request", "body": b'"hi"}', "more_body": False},
+    ]
+    seen: list = []
+    middleware = BufferedBodyMiddleware(_echo_app(seen))
+    sent = asyncio.run(_drive(middleware, chunks, [(BODY_BUFFERED_HEADER, b"forged")]))
+    assert sent[0]["status"] == 200
+    assert seen[0][BODY_BUFFERED_HEADER] == b"1"
+    assert seen[1:] == [{"type": "http.request", "body": b'{"prompt": "hi"}', "more_body": False}]
+
+    seen.clear()
+    small = BufferedBodyMiddleware(_echo_app(seen), max_body_bytes=4)
+    asyncio.run(_drive(small, chunks, [(BODY_BUFFERED_HEADER, b"1")]))
+    assert BODY_BUFFERED_HEADER not in seen[0]
+    assert seen[1:] == chunks
+
+
+@needs_ray
+def test_proxy_answers_408_to_a_body_that_does_not_come():
+    from batchserve.api.ray_serve import BufferedBodyMiddleware
+
+    seen: list = []
+    middleware = BufferedBodyMiddleware(_echo_app(seen), body_timeout_s=0.05)
+    first = {"type": "http.request", "body": b"{", "more_body": True}
+    sent = asyncio.run(_drive(middleware, [first]))
+    assert sent[0]["status"] == 408 and seen == []
+    assert b"not received within 0.05 s" in sent[1]["body"]
+
+
+@needs_ray
+@pytest.mark.parametrize("is_marked", [True, False])
+def test_a_replica_answers_503_when_the_body_the_proxy_held_went_elsewhere(is_marked: bool):
+    """Marked by the proxy and no body within the wait: another replica took it (it died), so
+    503 + Retry-After for the client to resend. Unmarked: the app's own body timeout rules."""
+    from batchserve.api.ray_serve import BODY_BUFFERED_HEADER, ProxiedBodyMiddleware
+
+    seen: list = []
+    headers = [(BODY_BUFFERED_HEADER, b"1")] if is_marked else []
+    middleware = ProxiedBodyMiddleware(_echo_app(seen), wait_s=0.05)
+    if is_marked:
+        sent = asyncio.run(_drive(middleware, [], headers))
+        assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+        assert seen == []
+    else:
+        with pytest.raises(TimeoutError):
+            asyncio.run(
+                _drive(middleware, [], headers, timeout_s=0.5)
+            )  # still waiting, as the app would
+    body = {"type": "http.request", "body": b"{}", "more_body": False}
+    seen.clear()
+    sent = asyncio.run(_drive(middleware, [body], headers))
+    assert sent[0]["status"] == 200 and seen[1:] == [body]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_then_exits_0(

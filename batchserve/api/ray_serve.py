@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,10 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
-from batchserve.api.app import ServerConfig, create_app, health  # noqa: E402
+from batchserve.api.app import MAX_BODY_BYTES, ServerConfig, create_app, health  # noqa: E402
 from batchserve.api.cli_options import configure_threads  # noqa: E402
 from batchserve.api.cli_serve import serve_parser, server_config_from_args  # noqa: E402
+from batchserve.api.responses import error_response  # noqa: E402
 from batchserve.api.security import HTTPMiddleware  # noqa: E402
 from batchserve.argconfig import config_from_args  # noqa: E402
 from batchserve.core.scheduler import SchedulerConfig  # noqa: E402
@@ -38,6 +40,11 @@ log = logging.getLogger("batchserve")
 
 APP_NAME = "batchserve"
 REPLICA_HEADER = "x-batchserve-replica"
+# Set by the proxy on a request whose whole body it read before Serve routed it.
+BODY_BUFFERED_HEADER = b"x-batchserve-body-buffered"
+# How long a replica waits for a body the proxy already holds: one actor call, normally
+# milliseconds; past this the body went to a replica that died (see BufferedBodyMiddleware).
+PROXIED_BODY_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,88 @@ class ReplicaFailureMiddleware(HTTPMiddleware):
             await _send_replica_failed(send)
 
 
+class BufferedBodyMiddleware(HTTPMiddleware):
+    """In Serve's proxy: a request's whole body is read before Serve routes the request.
+
+    Serve's proxy hands a body out once, to the replica that asks for it. When that replica
+    dies before it has accepted the request, Serve's router sends the request to another
+    replica, which then waits for a body nobody will send: seen in CI as a 408 after the 30 s
+    body timeout, on each request a killed replica held. Read here first, the body is
+    complete in the proxy's queue before any replica is chosen, and a header says so; a
+    replica that then finds no body within seconds knows another took it, and answers 503
+    (ProxiedBodyMiddleware), which clients retry. A body over `max_body_bytes` streams on
+    unmarked, for the replica's own limit to judge."""
+
+    def __init__(
+        self, app: Any, max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = 30.0
+    ) -> None:
+        super().__init__(app)
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
+        headers = [(k, v) for k, v in scope["headers"] if k != BODY_BUFFERED_HEADER]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        read: list[dict] = []
+        size, is_complete = 0, False
+        while not is_complete and size <= self.max_body_bytes:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+            except asyncio.TimeoutError:
+                refusal = f"request body not received within {self.body_timeout_s:g} s"
+                await error_response(408, refusal, None, {"Connection": "close"})(
+                    scope, receive, send
+                )
+                return
+            read.append(message)
+            if message["type"] != "http.request":
+                break  # the client left mid-body: Serve sees the disconnect as it would
+            size += len(message.get("body", b""))
+            is_complete = not message.get("more_body", False)
+        if is_complete:
+            body = b"".join(m.get("body", b"") for m in read)
+            read = [{"type": "http.request", "body": body, "more_body": False}]
+            headers.append((BODY_BUFFERED_HEADER, b"1"))
+        pending = deque(read)
+
+        async def replay() -> dict:
+            return pending.popleft() if pending else await receive()
+
+        await self.app({**scope, "headers": headers}, replay, send)
+
+
+class ProxiedBodyMiddleware(HTTPMiddleware):
+    """In a replica: a request whose body the proxy holds but never arrives is answered 503.
+
+    See BufferedBodyMiddleware: the body went to a replica that died, so this request will
+    never receive it, and the client's retry, sent anew through the proxy, will."""
+
+    def __init__(self, app: Any, wait_s: float = PROXIED_BODY_WAIT_S) -> None:
+        super().__init__(app)
+        self.wait_s = wait_s
+
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
+        if (BODY_BUFFERED_HEADER, b"1") not in scope["headers"]:
+            await self.app(scope, receive, send)
+            return
+        try:
+            first = await asyncio.wait_for(receive(), self.wait_s)
+        except asyncio.TimeoutError:
+            log.warning(
+                "%s: the proxy's body for this request went to another replica; answering 503",
+                scope.get("path"),
+            )
+            await _send_replica_failed(send)
+            return
+        pending = deque([first])
+
+        async def replay() -> dict:
+            return pending.popleft() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
 async def _send_replica_failed(send: Any) -> None:
     error = ErrorResponse(error="the replica serving this request failed; retry")
     body = error.model_dump_json().encode()
@@ -160,7 +249,7 @@ async def _send_replica_failed(send: Any) -> None:
 
 def proxy_middlewares() -> list[Middleware]:
     """For RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, set on every node before `ray start`."""
-    return [Middleware(ReplicaFailureMiddleware)]
+    return [Middleware(BufferedBodyMiddleware), Middleware(ReplicaFailureMiddleware)]
 
 
 PROXY_CALLBACK = "batchserve.api.ray_serve:proxy_middlewares"
@@ -201,6 +290,7 @@ class BatchServeReplica:
 
     def __serve_build_asgi_app__(self) -> Starlette:
         self._server_app = create_app(self._server_config, pair=self._pair)
+        self._server_app.add_middleware(ProxiedBodyMiddleware)
         self._server_app.add_middleware(ReplicaHeaderMiddleware, replica=self._replica)
         return self._server_app
 
