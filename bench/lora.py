@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig
 
 from bench.report import RESULTS_DIR, bench_parser, command_line, table
-from bench.shapes import BOS_ID, EOS_ID, PAD_ID, make_tokenizer, random_model, weight_bytes
+from bench.shapes import llama_config, make_tokenizer, random_model, weight_bytes
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # 60M parameters (fp32: 240 MB a copy): vocab 32000, hidden 512, 8 layers, untied head.
@@ -66,7 +65,7 @@ def rss_bytes() -> dict[str, int]:
 
 def write_models(root: Path, rank: int, seed: int = 0) -> dict[str, str]:
     """Base, adapter (peft's layout) and merged full model under root; returns their folders."""
-    config = LlamaConfig(**SHAPE, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    config = llama_config(SHAPE)
     tokenizer = make_tokenizer(config.vocab_size)
     base = random_model(config, torch.device("cpu"), torch.float32, seed=seed + 1)
     base.save_pretrained(root / "base")

