@@ -113,10 +113,18 @@ class Mix:
 
 @dataclass(frozen=True)
 class RequestSpec:
+    """Request `index` of a workload; its route and row count follow from its body alone."""
+
     index: int
-    route: str
     body: dict
-    num_rows: int
+
+    @property
+    def route(self) -> str:
+        return "/generate_lda_batch" if "prompts" in self.body else "/generate_lda"
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.body["prompts"]) if "prompts" in self.body else 1
 
 
 @dataclass(frozen=True)
@@ -151,10 +159,8 @@ class Workload:
         }
         if rng.random() < self.mix.batch_fraction:
             prompts = [self._prompt(rng) for _ in range(self.mix.batch_size.draw(rng))]
-            return RequestSpec(
-                index, "/generate_lda_batch", body | {"prompts": prompts}, len(prompts)
-            )
-        return RequestSpec(index, "/generate_lda", body | {"prompt": self._prompt(rng)}, 1)
+            return RequestSpec(index, body | {"prompts": prompts})
+        return RequestSpec(index, body | {"prompt": self._prompt(rng)})
 
     def describe(self) -> dict:
         return {
