@@ -165,6 +165,7 @@ def decode_attention(
     if fused:
         # Product and sum over indexed store rows: inductor emits one loop reading the keys in
         # place (matmul would make it copy them out first).
+        grouped = torch.ops.batchserve.materialize(grouped)
         keys = key_store[read_index]  # [B, L, kv_heads, dim], fused away
         scores = (grouped[:, None] * keys[:, :, :, None, :]).sum(-1) * scale  # [B, L, kv, g]
         scores = scores.masked_fill(~valid[:, :, None, None], float("-inf"))
@@ -180,6 +181,19 @@ def decode_attention(
         grouped, keys, values, attn_mask=valid[:, None, None, :], scale=scale
     )  # [B, kv, g, dim]
     return out.reshape(rows, heads, values.shape[-1])
+
+
+@torch.library.custom_op("batchserve::materialize", mutates_args=())
+def materialize(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy the compiler cannot see through. Inlined, a decode query's rotary embedding
+    (a cos and a sin per element) is recomputed inside the attention loop for every key it
+    meets; computed once here, the loop only multiplies and adds."""
+    return tensor.clone()
+
+
+@materialize.register_fake
+def _(tensor):  # noqa: ANN001, ANN202
+    return torch.empty_like(tensor)
 
 
 @torch.library.custom_op("batchserve::prefill_attention", mutates_args=())
