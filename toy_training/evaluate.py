@@ -18,13 +18,9 @@ from pathlib import Path
 
 from batchserve.core.types import GenerationRequest, GenerationResult, SamplingParams
 from batchserve.engine import generate
-from batchserve.worker.models import ModelPair, load_pair
+from batchserve.worker.models import TOY_DIR, ModelPair, load_pair
 from batchserve_client.stats import RateSummary
 from toy_training.corpus import is_activated
-
-TOY_DIR = (
-    Path(__file__).resolve().parent.parent / "batchserve" / "toy"
-)  # the weights and prompt sets
 
 
 @dataclass(frozen=True)
@@ -39,8 +35,8 @@ class Rate(RateSummary):
 
 
 def pair_file(model_dir: Path, name: str) -> Path:
-    """`model_dir/name`, or the shipped pair's when the directory is a variant that shares the
-    base and the prompt sets (batchserve/toy/rare holds only after/)."""
+    """`model_dir/name`, or the shipped pair's when the directory is a variant that shares it
+    (batchserve/toy/rare has its own after/ and before/ but the shipped prompt sets)."""
     path = Path(model_dir) / name
     return path if path.exists() else TOY_DIR / name
 

