@@ -158,34 +158,63 @@ def mixture_estimate(
     The samples of each alpha are a fixed-size stratum, so the standard error combines the
     per-stratum variances: se^2 = sum_j n_j s_j^2 / N^2.
     """
-    f = np.asarray(activated, dtype=float)
-    log_q = np.asarray(log_q, float)
-    index = np.asarray(proposal_index, int)
-    counts = [int(np.sum(index == j)) for j in range(len(alphas))]
-    total = int(sum(counts))
-    if total == 0:
+    if len(activated) == 0:
         return Estimate("mixture", 0.0, 0.0, 1.0, 0, ess=0.0)
-    used = [j for j, c in enumerate(counts) if c > 0]
-    log_mix = mixture_log_density(log_q[:, used], [counts[j] for j in used])
-    w = _weights(np.asarray(log_target, float), log_mix)
+    sweep = _MixtureSweep.of(activated, log_target, log_q, proposal_index, len(alphas))
+    f, w, total = sweep.activated, sweep.weights, len(sweep.activated)
     wf = w * f
     rate = float(wf.sum() / total)
     variance = 0.0
-    for j in used:
-        stratum = wf[index == j]
+    for j in sweep.used:
+        stratum = wf[sweep.index == j]
         if len(stratum) > 1:
             variance += len(stratum) * float(stratum.var(ddof=1))
     se = math.sqrt(variance) / total
     ess = effective_sample_size(w)
     low, high = _weighted_interval(rate, se, ess, bool(f.any()))
-    detail = {
-        "alphas": [float(alphas[j]) for j in used],
-        "counts": [counts[j] for j in used],
-        "num_activated": int(f.sum()),
-        "mean_weight": float(w.mean()),
-        "is_reliable": ess >= MIN_RELIABLE_ESS,
-    }
+    detail = sweep.detail(alphas, ess)
     return Estimate("mixture", rate, low, high, total, ess=ess, detail=detail)
+
+
+@dataclass(frozen=True)
+class _MixtureSweep:
+    """A sweep's samples weighted against the balance-heuristic mixture of the alphas that drew
+    them: what the mixture estimate and its control-variate form both start from."""
+
+    activated: np.ndarray  # [N] 0/1
+    index: np.ndarray  # [N] which alpha drew each sample
+    counts: list[int]  # samples per alpha
+    used: list[int]  # the alphas that drew any
+    log_q: np.ndarray  # [N, num_alphas]
+    log_mix: np.ndarray  # [N] log of the mixture density
+    weights: np.ndarray  # [N] p_after(x) / mixture(x)
+
+    @classmethod
+    def of(
+        cls,
+        activated: Sequence[bool],
+        log_target: Sequence[float],
+        log_q: np.ndarray | Sequence[Sequence[float]],
+        proposal_index: Sequence[int],
+        num_alphas: int,
+    ) -> _MixtureSweep:
+        f = np.asarray(activated, dtype=float)
+        log_q = np.asarray(log_q, float).reshape(len(f), -1)
+        index = np.asarray(proposal_index, int)
+        counts = [int(np.sum(index == j)) for j in range(num_alphas)]
+        used = [j for j, c in enumerate(counts) if c > 0]
+        log_mix = mixture_log_density(log_q[:, used], [counts[j] for j in used])
+        weights = _weights(np.asarray(log_target, float), log_mix)
+        return cls(f, index, counts, used, log_q, log_mix, weights)
+
+    def detail(self, alphas: Sequence[float], ess: float) -> dict[str, Any]:
+        return {
+            "alphas": [float(alphas[j]) for j in self.used],
+            "counts": [self.counts[j] for j in self.used],
+            "num_activated": int(self.activated.sum()),
+            "mean_weight": float(self.weights.mean()),
+            "is_reliable": ess >= MIN_RELIABLE_ESS,
+        }
 
 
 # --- importance weights with control variates --------------------------------------------------
@@ -207,20 +236,15 @@ def control_variate_estimate(
     A weight that came out large by chance is corrected where it also inflated the controls;
     the interval is +- 1.96 standard errors of the residuals (n - controls - 1 degrees).
     """
-    f = np.asarray(activated, dtype=float)
-    log_q = np.asarray(log_q, float).reshape(len(f), -1)
-    index = np.asarray(proposal_index, int)
-    counts = [int(np.sum(index == j)) for j in range(len(alphas))]
-    method = "importance_cv" if sum(c > 0 for c in counts) == 1 else "mixture_cv"
-    alpha = float(alphas[int(index[0])]) if method == "importance_cv" and len(f) else None
-    n = len(f)
+    n = len(activated)
     if n == 0:
-        return Estimate(method, 0.0, 0.0, 1.0, 0, alpha=alpha, ess=0.0)
-    used = [j for j, c in enumerate(counts) if c > 0]
-    log_mix = mixture_log_density(log_q[:, used], [counts[j] for j in used])
-    w = _weights(np.asarray(log_target, float), log_mix)
+        return Estimate("mixture_cv", 0.0, 0.0, 1.0, 0, ess=0.0)
+    sweep = _MixtureSweep.of(activated, log_target, log_q, proposal_index, len(alphas))
+    f, w = sweep.activated, sweep.weights
+    method = "importance_cv" if len(sweep.used) == 1 else "mixture_cv"
+    alpha = float(alphas[sweep.used[0]]) if method == "importance_cv" else None
     # sum_j (n_j / N) c_j = 1 for every sample, so one ratio is redundant: drop the last.
-    ratios = [_weights(log_q[:, j], log_mix) for j in used[:-1]]
+    ratios = [_weights(sweep.log_q[:, j], sweep.log_mix) for j in sweep.used[:-1]]
     controls = np.stack([w, *ratios], axis=1)
     y = w * f
     centred = controls - controls.mean(axis=0)
@@ -235,14 +259,7 @@ def control_variate_estimate(
     dof = max(n - controls.shape[1] - 1, 1)
     se = float(np.sqrt(np.sum(np.square(residual - residual.mean())) / dof / n))
     low, high = _weighted_interval(max(rate, 0.0), se, ess, bool(f.any()))
-    detail = {
-        "alphas": [float(alphas[j]) for j in used],
-        "counts": [counts[j] for j in used],
-        "num_activated": int(f.sum()),
-        "mean_weight": float(w.mean()),
-        "beta": [float(b) for b in beta],
-        "is_reliable": ess >= MIN_RELIABLE_ESS,
-    }
+    detail = {**sweep.detail(alphas, ess), "beta": [float(b) for b in beta]}
     return Estimate(method, max(rate, 0.0), low, high, n, alpha=alpha, ess=ess, detail=detail)
 
 
