@@ -121,17 +121,26 @@ def _sweep(rng, alphas, n):
     return np.concatenate(flags), np.concatenate(log_target), np.concatenate(log_q), index
 
 
-def test_mixture_estimate_is_unbiased_and_covers() -> None:
-    rng = np.random.default_rng(3)
+@pytest.mark.parametrize(
+    ("estimate", "method", "seed", "lowest_coverage"),
+    [(mixture_estimate, "mixture", 3, 0.90), (control_variate_estimate, "mixture_cv", 7, 0.88)],
+)
+def test_mixture_estimates_are_unbiased_and_cover(
+    estimate, method: str, seed: int, lowest_coverage: float
+) -> None:
+    rng = np.random.default_rng(seed)
     alphas = (0.25, 0.5, 1.0, 2.0)
     truth = true_rate()
     rates, covered = [], 0
     for _ in range(200):
-        est = mixture_estimate(*_sweep(rng, alphas, 100), alphas)
+        est = estimate(*_sweep(rng, alphas, 100), alphas)
         rates.append(est.rate)
         covered += est.covers(truth)
+    assert est.method == method and est.detail["alphas"] == list(alphas)
+    if method == "mixture_cv":  # the weight and one ratio per alpha but the redundant last
+        assert len(est.detail["beta"]) == len(alphas)
     assert abs(np.mean(rates) - truth) < 4 * np.std(rates) / math.sqrt(200)
-    assert 0.90 <= covered / 200 <= 0.99
+    assert lowest_coverage <= covered / 200 <= 0.99
 
 
 @pytest.mark.parametrize("method", ["importance", "self_normalised"])
@@ -253,20 +262,6 @@ def test_control_variate_is_unbiased_covers_and_beats_plain_weights(alpha: float
     assert rmse(cv) < rmse(plain)
 
 
-def test_mixture_control_variate_is_unbiased_and_covers() -> None:
-    rng = np.random.default_rng(7)
-    alphas = (0.25, 0.5, 1.0, 2.0)
-    truth = true_rate()
-    rates, covered = [], 0
-    for _ in range(200):
-        est = control_variate_estimate(*_sweep(rng, alphas, 100), alphas)
-        rates.append(est.rate)
-        covered += est.covers(truth)
-    assert est.method == "mixture_cv" and len(est.detail["beta"]) == len(alphas)
-    assert abs(np.mean(rates) - truth) < 4 * np.std(rates) / math.sqrt(200)
-    assert 0.88 <= covered / 200 <= 0.99
-
-
 def _prompt_sweep(rng, intercepts, slope, alphas, samples):
     """Per-prompt hits and samples at each alpha, prompts drawn uniformly (the bench's design)."""
     k = np.zeros((len(intercepts), len(alphas)), int)
@@ -306,3 +301,11 @@ def test_prompt_path_on_identical_prompts_matches_the_pooled_line() -> None:
     assert per_prompt.detail["sigma"] < 0.3
     assert per_prompt.rate == pytest.approx(pooled.rate, rel=0.1)
     assert per_prompt.rate == pytest.approx(float(logistic(-4.0)), rel=0.2)
+
+
+@pytest.mark.parametrize("log_q", [[], np.zeros((0, 2))])
+def test_weighted_estimates_of_no_samples_are_the_whole_interval(log_q):
+    """No samples say nothing: [0, 1]. (The control-variate form raised on a flat empty list.)"""
+    for estimate in (mixture_estimate, control_variate_estimate):
+        est = estimate([], [], log_q, [], [1.0, 2.0])
+        assert (est.rate, est.ci_low, est.ci_high, est.num_samples) == (0.0, 0.0, 1.0, 0)
