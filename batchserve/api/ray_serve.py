@@ -191,12 +191,7 @@ class BufferedBodyMiddleware(HTTPMiddleware):
             body = b"".join(m.get("body", b"") for m in read)
             read = [{"type": "http.request", "body": body, "more_body": False}]
             headers.append((BODY_BUFFERED_HEADER, b"1"))
-        pending = deque(read)
-
-        async def replay() -> dict:
-            return pending.popleft() if pending else await receive()
-
-        await self.app({**scope, "headers": headers}, replay, send)
+        await self.app({**scope, "headers": headers}, _replaying(read, receive), send)
 
 
 class ProxiedBodyMiddleware(HTTPMiddleware):
@@ -222,12 +217,17 @@ class ProxiedBodyMiddleware(HTTPMiddleware):
             )
             await _send_replica_failed(send)
             return
-        pending = deque([first])
+        await self.app(scope, _replaying([first], receive), send)
 
-        async def replay() -> dict:
-            return pending.popleft() if pending else await receive()
 
-        await self.app(scope, replay, send)
+def _replaying(messages: list[dict], receive: Any) -> Any:
+    """An ASGI receive that hands out `messages` already read, then reads on."""
+    pending = deque(messages)
+
+    async def replay() -> dict:
+        return pending.popleft() if pending else await receive()
+
+    return replay
 
 
 async def _send_replica_failed(send: Any) -> None:
