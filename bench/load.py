@@ -584,14 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--prompt-words",
         type=int_range_option,
-        default=IntRange(4, 24),
+        default=Workload.prompt_words,
         help="prompt length in words (default: 4-24)",
     )
     bound = load.add_mutually_exclusive_group()
     bound.add_argument(
         "--duration",
         type=float,
-        default=20.0,
+        default=Workload.duration_s,
         help="seconds per mode and level (default: %(default)s)",
     )
     bound.add_argument(
@@ -600,10 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="requests per mode and level instead of a duration; all run to completion",
     )
-    load.add_argument("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
-    load.add_argument("--alpha", type=float, default=1.0)
-    load.add_argument("--temperature", type=float, default=0.8)
-    load.add_argument("--top-p", type=float, default=0.95)
+    load.add_argument(
+        "--seed", type=int, default=Workload.seed, help="workload seed (default: %(default)s)"
+    )
+    # The sampling every request asks for; by default the Workload's, so the two cannot drift.
+    for name in ("alpha", "temperature", "top_p"):
+        load.add_argument(
+            "--" + name.replace("_", "-"), type=float, default=getattr(Workload, name)
+        )
     load.add_argument(
         "--no-ignore-eos",
         dest="ignore_eos",
