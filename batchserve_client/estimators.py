@@ -39,7 +39,7 @@ numpy only (the client never imports torch).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -145,37 +145,6 @@ def mixture_log_density(log_q: np.ndarray, counts: Sequence[int]) -> np.ndarray:
     return (top + np.log(np.exp(scaled - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
-def mixture_estimate(
-    activated: Sequence[bool],
-    log_target: Sequence[float],
-    log_q: np.ndarray | Sequence[Sequence[float]],
-    proposal_index: Sequence[int],
-    alphas: Sequence[float],
-) -> Estimate:
-    """Balance-heuristic multiple importance sampling over a sweep.
-
-    Sample i was drawn from alpha[proposal_index[i]]; log_q[i, j] is its log q_alpha_j(x).
-    The samples of each alpha are a fixed-size stratum, so the standard error combines the
-    per-stratum variances: se^2 = sum_j n_j s_j^2 / N^2.
-    """
-    if len(activated) == 0:
-        return Estimate("mixture", 0.0, 0.0, 1.0, 0, ess=0.0)
-    sweep = _MixtureSweep.of(activated, log_target, log_q, proposal_index, len(alphas))
-    f, w, total = sweep.activated, sweep.weights, len(sweep.activated)
-    wf = w * f
-    rate = float(wf.sum() / total)
-    variance = 0.0
-    for j in sweep.used:
-        stratum = wf[sweep.index == j]
-        if len(stratum) > 1:
-            variance += len(stratum) * float(stratum.var(ddof=1))
-    se = math.sqrt(variance) / total
-    ess = effective_sample_size(w)
-    low, high = _weighted_interval(rate, se, ess, bool(f.any()))
-    detail = sweep.detail(alphas, ess)
-    return Estimate("mixture", rate, low, high, total, ess=ess, detail=detail)
-
-
 @dataclass(frozen=True)
 class _MixtureSweep:
     """A sweep's samples weighted against the balance-heuristic mixture of the alphas that drew
@@ -217,16 +186,75 @@ class _MixtureSweep:
         }
 
 
+# What an estimator over a sweep is called with: activated, log_target [N], log_q [N, num_alphas],
+# proposal_index [N] and the sweep's alphas.
+SweepEstimator = Callable[
+    [
+        Sequence[bool],
+        Sequence[float],
+        np.ndarray | Sequence[Sequence[float]],
+        Sequence[int],
+        Sequence[float],
+    ],
+    Estimate,
+]
+
+
+def _sweep_estimator(
+    empty_method: str,
+) -> Callable[[Callable[[_MixtureSweep, Sequence[float]], Estimate]], SweepEstimator]:
+    """An estimator of a `_MixtureSweep` as the public function of the sweep's arguments: the
+    estimators over a sweep share their arguments, their weighting and their answer to no
+    samples ([0, 1] under `empty_method`), so those are written here once."""
+
+    def wrap(estimate: Callable[[_MixtureSweep, Sequence[float]], Estimate]) -> SweepEstimator:
+        def estimator(
+            activated: Sequence[bool],
+            log_target: Sequence[float],
+            log_q: np.ndarray | Sequence[Sequence[float]],
+            proposal_index: Sequence[int],
+            alphas: Sequence[float],
+        ) -> Estimate:
+            if len(activated) == 0:
+                return Estimate(empty_method, 0.0, 0.0, 1.0, 0, ess=0.0)
+            sweep = _MixtureSweep.of(activated, log_target, log_q, proposal_index, len(alphas))
+            return estimate(sweep, alphas)
+
+        estimator.__name__ = estimator.__qualname__ = estimate.__name__
+        estimator.__doc__ = estimate.__doc__
+        return estimator
+
+    return wrap
+
+
+@_sweep_estimator("mixture")
+def mixture_estimate(sweep: _MixtureSweep, alphas: Sequence[float]) -> Estimate:
+    """Balance-heuristic multiple importance sampling over a sweep.
+
+    Sample i was drawn from alpha[proposal_index[i]]; log_q[i, j] is its log q_alpha_j(x).
+    The samples of each alpha are a fixed-size stratum, so the standard error combines the
+    per-stratum variances: se^2 = sum_j n_j s_j^2 / N^2.
+    """
+    f, w, total = sweep.activated, sweep.weights, len(sweep.activated)
+    wf = w * f
+    rate = float(wf.sum() / total)
+    variance = 0.0
+    for j in sweep.used:
+        stratum = wf[sweep.index == j]
+        if len(stratum) > 1:
+            variance += len(stratum) * float(stratum.var(ddof=1))
+    se = math.sqrt(variance) / total
+    ess = effective_sample_size(w)
+    low, high = _weighted_interval(rate, se, ess, bool(f.any()))
+    detail = sweep.detail(alphas, ess)
+    return Estimate("mixture", rate, low, high, total, ess=ess, detail=detail)
+
+
 # --- importance weights with control variates --------------------------------------------------
 
 
-def control_variate_estimate(
-    activated: Sequence[bool],
-    log_target: Sequence[float],
-    log_q: np.ndarray | Sequence[Sequence[float]],
-    proposal_index: Sequence[int],
-    alphas: Sequence[float],
-) -> Estimate:
+@_sweep_estimator("mixture_cv")
+def control_variate_estimate(sweep: _MixtureSweep, alphas: Sequence[float]) -> Estimate:
     """Importance weights with control variates (Owen & Zhou 2000): unbiased up to O(1/n).
 
     Sample i was drawn from alpha[proposal_index[i]] (one alpha: plain importance weights; more:
@@ -236,11 +264,7 @@ def control_variate_estimate(
     A weight that came out large by chance is corrected where it also inflated the controls;
     the interval is +- 1.96 standard errors of the residuals (n - controls - 1 degrees).
     """
-    n = len(activated)
-    if n == 0:
-        return Estimate("mixture_cv", 0.0, 0.0, 1.0, 0, ess=0.0)
-    sweep = _MixtureSweep.of(activated, log_target, log_q, proposal_index, len(alphas))
-    f, w = sweep.activated, sweep.weights
+    f, w, n = sweep.activated, sweep.weights, len(sweep.activated)
     method = "importance_cv" if len(sweep.used) == 1 else "mixture_cv"
     alpha = float(alphas[sweep.used[0]]) if method == "importance_cv" else None
     # sum_j (n_j / N) c_j = 1 for every sample, so one ratio is redundant: drop the last.
