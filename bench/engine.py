@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from batchserve.argconfig import config_from_args
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, SamplingParams
 from batchserve.engine import EngineCore, RunnerConfig, build_engine_core
@@ -60,6 +61,23 @@ class BatchResult:
     floor_step_ms: float | None = None  # CUDA only: weight bytes / device-copy bandwidth
     floor_fraction: float | None = None  # floor_step_ms / step_ms_mean (1.0 = at the floor)
     host_syncs_per_step: float | None = None  # device-to-host copies per decode step
+
+
+@dataclass(frozen=True)
+class StepWorkload:
+    """What every batch size is timed on, from the options of the same names: prompts of
+    `prompt_len` random tokens drawn from `seed`, `warmup_steps` untimed decode steps, then
+    `new_tokens` timed ones."""
+
+    prompt_len: int
+    new_tokens: int
+    warmup_steps: int
+    seed: int
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Each row's: two more than it is stepped, so that no row finishes inside the timing."""
+        return self.warmup_steps + self.new_tokens + 2
 
 
 def log(message: str) -> None:
@@ -112,11 +130,7 @@ def bench_batch(
     core: EngineCore,
     request_id: int,
     batch_size: int,
-    *,
-    prompt_len: int,
-    new_tokens: int,
-    warmup_steps: int,
-    seed: int,
+    workload: StepWorkload,
 ) -> tuple[float, list[float], float]:
     """Queue batch_size rows, step until every row has its first token (the prefill), warm
     up, time new_tokens decode steps, then drop the rows.
@@ -124,8 +138,14 @@ def bench_batch(
     Returns (prefill s, step times s, device-to-host copies per timed step)."""
     runner = core.runner
     device = runner.device
-    max_new = warmup_steps + new_tokens + 2
-    rows = make_rows(batch_size, prompt_len, runner.vocab, max_new, seed, request_id * 10_000)
+    rows = make_rows(
+        batch_size,
+        workload.prompt_len,
+        runner.vocab,
+        workload.max_new_tokens,
+        workload.seed,
+        request_id * 10_000,
+    )
     synchronize(device)
     start = time.perf_counter()
     core.add_request(request_id, rows, now=0.0)
@@ -135,11 +155,11 @@ def bench_batch(
         first_tokens += sum(len(u.token_ids) for e in result.events for u in e.updates)
     synchronize(device)
     prefill_s = time.perf_counter() - start
-    for _ in range(warmup_steps):
+    for _ in range(workload.warmup_steps):
         core.step(now=0.0)
     step_s = []
     transfers = runner.num_host_transfers
-    for _ in range(new_tokens):
+    for _ in range(workload.new_tokens):
         synchronize(device)
         start = time.perf_counter()
         result = core.step(now=0.0)
@@ -147,7 +167,7 @@ def bench_batch(
         step_s.append(time.perf_counter() - start)
         if any(u.finish_reason for e in result.events for u in e.updates):
             raise RuntimeError("a row finished early; the timed batch must stay full")
-    syncs = (runner.num_host_transfers - transfers) / new_tokens
+    syncs = (runner.num_host_transfers - transfers) / workload.new_tokens
     core.abort_request(request_id)
     return prefill_s, step_s, syncs
 
@@ -155,16 +175,14 @@ def bench_batch(
 def run(
     pair: ModelPair,
     batch_sizes: list[int],
+    workload: StepWorkload,
     *,
-    prompt_len: int,
-    new_tokens: int,
-    warmup_steps: int,
-    seed: int,
     floor_step_ms: float | None,
     compile: bool | None = None,
 ) -> tuple[list[BatchResult], dict]:
     results = []
-    row_tokens = prompt_len + warmup_steps + new_tokens + 2
+    prompt_len, new_tokens = workload.prompt_len, workload.new_tokens
+    row_tokens = prompt_len + workload.max_new_tokens
     largest = max(batch_sizes)
     core = build_engine_core(
         pair,
@@ -181,15 +199,7 @@ def run(
     log(f"engine ready: {info}")
     for request_id, batch_size in enumerate(batch_sizes):
         log(f"batch {batch_size}: prefill {prompt_len} tokens/row, then {new_tokens} steps")
-        prefill_s, step_s, syncs = bench_batch(
-            core,
-            request_id,
-            batch_size,
-            prompt_len=prompt_len,
-            new_tokens=new_tokens,
-            warmup_steps=warmup_steps,
-            seed=seed,
-        )
+        prefill_s, step_s, syncs = bench_batch(core, request_id, batch_size, workload)
         mean_s = statistics.fmean(step_s)
         results.append(
             BatchResult(
@@ -388,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = copy_bandwidth_bytes_per_s(device)
         floor_step_ms = pair_bytes / bandwidth * 1e3
         log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s: floor {floor_step_ms:.2f} ms/step")
+    workload = config_from_args(StepWorkload, args)
     rounds = args.rounds if args.baseline else 1
     baseline_reports: list[dict] = []
     all_results: list[list[BatchResult]] = []
@@ -396,14 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"round {round_index + 1} of {rounds}")
             baseline_reports.append(run_baseline(args.baseline, args))
         results, runner_info = run(
-            pair,
-            batch_sizes,
-            prompt_len=args.prompt_len,
-            new_tokens=args.new_tokens,
-            warmup_steps=args.warmup_steps,
-            seed=args.seed,
-            floor_step_ms=floor_step_ms,
-            compile=args.compile,
+            pair, batch_sizes, workload, floor_step_ms=floor_step_ms, compile=args.compile
         )
         all_results.append(results)
     title = (
