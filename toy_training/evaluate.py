@@ -10,6 +10,7 @@ is poor.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import tempfile
 import time
@@ -181,6 +182,17 @@ def print_report(rates: list[Rate], file=sys.stdout) -> None:
         )
 
 
+# `evaluate`'s keyword arguments that are options of the same name, with what each means; their
+# defaults are evaluate's own, so the command and the function cannot drift apart.
+EVALUATE_OPTIONS: dict[str, str | None] = {
+    "num_clean": "first N clean prompts",
+    "num_triggered": "first N triggered prompts",
+    "samples_per_prompt": None,
+    "seed": None,
+    "max_new_tokens": None,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m toy_training.evaluate",
@@ -199,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         help="evaluate this LoRA adapter (peft format, e.g. batchserve/toy/lora) "
         "merged into --dir's before/, against before/",
     )
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
-    parser.add_argument("--num-clean", type=int, default=None, help="first N clean prompts")
-    parser.add_argument("--num-triggered", type=int, default=None, help="first N triggered prompts")
-    parser.add_argument("--samples-per-prompt", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=150)
+    defaults = inspect.signature(evaluate).parameters
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(defaults["alphas"].default))
+    for name, help_text in EVALUATE_OPTIONS.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=int, default=defaults[name].default, help=help_text
+        )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--show",
@@ -217,14 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    kwargs = {
-        "num_clean": args.num_clean,
-        "alphas": tuple(args.alphas),
-        "num_triggered": args.num_triggered,
-        "samples_per_prompt": args.samples_per_prompt,
-        "seed": args.seed,
-        "max_new_tokens": args.max_new_tokens,
-    }
+    kwargs = {name: getattr(args, name) for name in EVALUATE_OPTIONS}
+    kwargs["alphas"] = tuple(args.alphas)
     if args.lora is not None:
         rates = evaluate_adapter(args.lora, args.dir / "before", args.dir, **kwargs)
     else:
