@@ -13,6 +13,7 @@ from tiny_models import SAMPLE_WORDS, build_pair, reference_models
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import RunnerConfig, SamplingParams
 from batchserve.engine import EngineCore
+from batchserve.worker import native
 from batchserve.worker.runner import ModelRunner
 
 pytestmark = pytest.mark.slow
@@ -27,12 +28,17 @@ GREEDY = SamplingParams(alpha=1.5, temperature=0.0, max_new_tokens=10, ignore_eo
 SAMPLED = SamplingParams(alpha=2.0, temperature=1.0, top_p=0.9, max_new_tokens=12, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def compiled() -> tuple:
-    """One compiled runner for the module (compiling takes seconds), its pair and references."""
+@pytest.fixture(scope="module", params=[True, False], ids=["c-attention", "torch-attention"])
+def compiled(request) -> tuple:
+    """One compiled runner per decode attention (compiling takes seconds): the C kernel (the
+    CPU default) and inductor's fused kernel (where the C one is off); its pair, references."""
+    if request.param and not native.available():
+        pytest.skip("no C compiler on this machine")
     pair = build_pair("llama")
-    runner = ModelRunner(pair, RunnerConfig(max_batch_size=32, compile=True))
+    config = RunnerConfig(max_batch_size=32, compile=True, native_attention=request.param)
+    runner = ModelRunner(pair, config)
     assert runner.is_compiled and runner.compile_s is not None
+    assert runner.native_attention is request.param
     return pair, runner, reference_models("llama")
 
 

@@ -158,6 +158,17 @@ def add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> Non
         "compiled step runs about 2x faster on the CPU and takes 15-60 s to compile, cached "
         "under $TORCHINDUCTOR_CACHE_DIR for the next start (default: on for CPU, off on CUDA)",
     )
+    option(
+        group,
+        "--native-attention",
+        None,
+        from_env=from_env,
+        action=argparse.BooleanOptionalAction,
+        help="decoding rows' attention in C (float32 on the CPU), built with the C compiler "
+        "once per machine (under a second, cached in ~/.cache/batchserve); it reads each row's "
+        "own keys where they lie, faster than the compiled torch attention (README, 'Compiled "
+        "steps') (default: on wherever it builds and fits)",
+    )
     kv = parser.add_argument_group("KV store (allocated once at start-up; /info reports it)")
     option(
         kv,

@@ -114,6 +114,8 @@ class RunnerConfig:
     # Sampling never reads the device back (see SamplingPlan.sync_free); None: on CUDA only.
     sync_free: bool | None = None
     compile: bool | None = None
+    # Decode attention in C on the CPU (worker/native.py); None: wherever it builds and fits.
+    native_attention: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.block_size < 1 or self.top_k_cap < 1:

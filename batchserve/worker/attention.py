@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from batchserve.worker import native  # noqa: F401 - registers batchserve::native_decode_attention
+
 ATTENTION_NAME = "batchserve_paged"
 
 
@@ -60,7 +62,9 @@ class PagedBatch:
     start position of each chunk; padding tokens belong to no span)."""
 
     write_index: torch.Tensor  # [N] store slot of each packed token
-    decode_read_index: torch.Tensor  # [B, L] store slots of each decoding row's positions 0..L-1
+    # What the decoding rows read: with the C kernel (worker/native.py) their block tables
+    # [B, W]; else [B, L] store slots of each row's positions 0..L-1.
+    decode_read_index: torch.Tensor
     decode_positions: torch.Tensor  # [B] the query's position (it reads keys 0..position)
     # None when the step only decodes (most steps): no chunk part at all, its own graph.
     prefill_read_index: torch.Tensor | None  # [R, L'] likewise for each chunk's row
@@ -68,6 +72,7 @@ class PagedBatch:
     is_compiled: bool = False
     # A LoRA pair: each packed token's adapter index (worker/lora.py; -1 = the base alone).
     token_adapters: torch.Tensor | None = None
+    native_block_size: int = 0  # > 0: decode_read_index holds block tables for the C kernel
 
 
 @dataclass
@@ -127,11 +132,17 @@ def paged_attention(
     key_store.index_copy_(0, batch.write_index, key[0].transpose(0, 1))
     value_store.index_copy_(0, batch.write_index, value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [N, heads, dim]
-    num_decode = batch.decode_read_index.shape[0]
-    decode = decode_attention(
-        q[:num_decode], key_store, value_store, batch.decode_read_index,
-        batch.decode_positions, scale, window, fused=batch.is_compiled,
-    )  # fmt: skip
+    num_decode = batch.decode_positions.shape[0]
+    if batch.native_block_size:
+        decode = torch.ops.batchserve.native_decode_attention(
+            q[:num_decode], key_store, value_store, batch.decode_read_index,
+            batch.decode_positions, batch.native_block_size, scale, window,
+        )  # fmt: skip
+    else:
+        decode = decode_attention(
+            q[:num_decode], key_store, value_store, batch.decode_read_index,
+            batch.decode_positions, scale, window, fused=batch.is_compiled,
+        )  # fmt: skip
     if batch.prefill_spans is None:
         return decode.unsqueeze(0), None
     prefill = torch.ops.batchserve.prefill_attention(

@@ -39,6 +39,7 @@ from batchserve.core.types import (
     StepOutput,
     StepPlan,
 )
+from batchserve.worker import native
 from batchserve.worker.attention import (
     ATTENTION_NAME,
     KVStore,
@@ -116,6 +117,7 @@ class ModelRunner:
         capacity = (self._num_blocks - 1) * bs
         self._max_row_tokens = min(pair.max_context, capacity)
         self._sampling: _SamplingRows | None = None
+        self.native_attention = self._native_attention(probes)
         self.is_compiled = (
             self._compile_default() if self.config.compile is None else self.config.compile
         )
@@ -160,6 +162,7 @@ class ModelRunner:
             "top_k_cap": self.config.top_k_cap,
             "sync_free_sampling": self.sync_free,
             "attention": ATTENTION_NAME,
+            "native_decode_attention": self.native_attention,
             "compiled": self.is_compiled,
             "compile_s": self.compile_s,
             "lora": None if self.lora is None else self.lora.describe(),
@@ -177,6 +180,24 @@ class ModelRunner:
         if setting in ("1", "true", "yes", "on"):
             return True
         return self.device.type == "cpu"
+
+    def _native_attention(self, probes: list[ShapeProbe]) -> bool:
+        """Whether decoding rows use the C attention (worker/native.py): on the CPU in float32
+        with one head size for keys and values, where it builds, unless the config says no."""
+        wanted = self.config.native_attention
+        fits = self.device.type == "cpu" and all(
+            p.dtype == torch.float32 and all(kd == vd for _, kd, vd in p.shapes.values())
+            for p in probes
+        )
+        if wanted is False or (wanted is None and not fits):
+            return False
+        if not fits:
+            raise ValueError("the C decode attention serves float32 models on the CPU only")
+        if not native.available():
+            if wanted:
+                raise RuntimeError("the C decode attention could not be built (see the log)")
+            return False
+        return True
 
     def _probe_shapes(self, model: PreTrainedModel) -> ShapeProbe:
         probe = ShapeProbe()
@@ -380,9 +401,12 @@ class ModelRunner:
         spans += [(0, 0, 0)] * (_MIN_SIZE - len(spans))
         sample_index += [0] * (bucket(len(sample_index)) - len(sample_index))
         dev = self.device
-        decode_read = self._read_index(
-            [r.block_ids for r in decoding], [r.start + 1 for r in decoding], num_decode
-        )
+        decode_tables = [r.block_ids for r in decoding]
+        decode_lengths = [r.start + 1 for r in decoding]
+        if self.native_attention:
+            decode_read = self._block_table(decode_tables, decode_lengths, num_decode)[0]
+        else:
+            decode_read = self._read_index(decode_tables, decode_lengths, num_decode)
         prefill_read = None
         if prefilling:
             prefill_read = self._read_index(
@@ -398,6 +422,7 @@ class ModelRunner:
             prefill_read_index=prefill_read,
             prefill_spans=torch.tensor(spans, dtype=torch.long) if prefilling else None,
             is_compiled=self.is_compiled,
+            native_block_size=bs if self.native_attention else 0,
             token_adapters=(
                 None if adapters is None
                 else torch.tensor(token_adapters, dtype=torch.long, device=dev)
@@ -409,21 +434,29 @@ class ModelRunner:
         }
         return inputs, batch, sample_index
 
-    def _read_index(
+    def _block_table(
         self, tables: Sequence[Sequence[int]], lengths: Sequence[int], num_rows: int
-    ) -> torch.Tensor:
-        """[num_rows, L] store slots of each row's positions 0..L-1 (L: the longest length,
-        rounded up to a block); padding rows and positions past a table read block 0."""
+    ) -> tuple[torch.Tensor, int]:
+        """[num_rows, W] block tables, each cut or padded (with the reserved block 0) to the
+        W blocks of L positions (L: the longest length, bucketed), and L."""
         bs = self.block_size
         length = bucket(max(lengths, default=1), max(16, bs))
-        num_blocks = math.ceil(length / bs)
+        num_blocks = max(_MIN_SIZE, math.ceil(length / bs))
         # One tensor from padded lists: a tensor and a copy per row cost ~8 us a row a step.
         padded = [[*blocks[:num_blocks], *[0] * (num_blocks - len(blocks))] for blocks in tables]
         padded += [[0] * num_blocks] * (num_rows - len(padded))
         table = torch.tensor(padded, dtype=torch.long).reshape(num_rows, num_blocks)
-        positions = torch.arange(length)
-        index = table[:, positions // bs] * bs + positions % bs
-        return index.to(self.device)
+        return table.to(self.device), length
+
+    def _read_index(
+        self, tables: Sequence[Sequence[int]], lengths: Sequence[int], num_rows: int
+    ) -> torch.Tensor:
+        """[num_rows, L] store slots of each row's positions 0..L-1; padding rows and positions
+        past a table read block 0."""
+        bs = self.block_size
+        table, length = self._block_table(tables, lengths, num_rows)
+        positions = torch.arange(length, device=table.device)
+        return table[:, positions // bs] * bs + positions % bs
 
     # --- sampling ---------------------------------------------------------------------------
 
