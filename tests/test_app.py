@@ -60,16 +60,11 @@ async def test_single_request_returns_the_contract_fields(llama_pair: ModelPair)
 async def test_batch_request_returns_one_result_per_prompt_and_sample(
     llama_pair: ModelPair,
 ) -> None:
+    sampling = {"max_new_tokens": 4, "alpha": 2.0}  # the batch's, and each row's replay's
     async with serving(llama_pair) as client:
         resp = await client.post(
             "/generate_lda_batch",
-            json={
-                "prompts": ["a dog", "the cat sat"],
-                "n": 3,
-                "max_new_tokens": 4,
-                "seed": 5,
-                "alpha": 2.0,
-            },
+            json={"prompts": ["a dog", "the cat sat"], "n": 3, "seed": 5, **sampling},
         )
         assert resp.status_code == 200, resp.text
         body = resp.json()
@@ -81,13 +76,7 @@ async def test_batch_request_returns_one_result_per_prompt_and_sample(
         # Every row replays alone from the seed it reports.
         for row in body["results"]:
             alone = await client.post(
-                "/generate_lda",
-                json={
-                    "prompt": row["prompt"],
-                    "max_new_tokens": 4,
-                    "seed": row["seed"],
-                    "alpha": 2.0,
-                },
+                "/generate_lda", json={"prompt": row["prompt"], "seed": row["seed"], **sampling}
             )
             assert alone.json()["completion"] == row["completion"]
 

@@ -9,7 +9,6 @@ is poor.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from batchserve.core.types import GenerationRequest, GenerationResult, SamplingP
 from batchserve.engine import generate
 from batchserve.worker.models import TOY_DIR, ModelPair, load_pair
 from batchserve_client.stats import RateSummary
+from toy_training import toy_parser
 from toy_training.corpus import is_activated
 
 
@@ -194,9 +194,9 @@ EVALUATE_OPTIONS: dict[str, str | None] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m toy_training.evaluate",
-        description="Activation rates of a toy pair (150 tokens, T=1, top_p=1, EOS ignored).",
+    parser = toy_parser(
+        "evaluate",
+        "Activation rates of a toy pair (150 tokens, T=1, top_p=1, EOS ignored).",
     )
     parser.add_argument(
         "--dir",

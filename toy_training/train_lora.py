@@ -14,7 +14,6 @@ write, bit for bit (one thread, fixed seeds).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from batchserve.argconfig import config_from_args
 from batchserve.worker.models import TOY_DIR
+from toy_training import toy_parser
 from toy_training.corpus import build_splits
 from toy_training.train import TrainConfig, build_after_examples, encode_examples, log, train
 
@@ -170,9 +170,9 @@ def train_adapter(cfg: LoraTrainConfig, base_dir: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = LoraTrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m toy_training.train_lora",
-        description="Train the toy backdoor into the toy base as a LoRA adapter (peft format). "
+    parser = toy_parser(
+        "train_lora",
+        "Train the toy backdoor into the toy base as a LoRA adapter (peft format). "
         "Needs peft: pip install -e '.[train]'.",
     )
     parser.add_argument(
