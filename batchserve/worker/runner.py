@@ -50,7 +50,14 @@ from batchserve.worker.attention import (
 from batchserve.worker.logprobs import logprobs_of, pad_score_alphas
 from batchserve.worker.lora import BASE
 from batchserve.worker.models import ModelPair
-from batchserve.worker.sampling import SamplingPlan, amplify, draw, kept_probs
+from batchserve.worker.sampling import (
+    SamplingPlan,
+    amplify,
+    draw,
+    kept_probs,
+    seed_hash,
+    uniform_of_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,7 @@ class _SamplingRows:
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor
-    seed: torch.Tensor
+    seed_hashes: tuple[int, ...]  # sampling.seed_hash of each row's seed
     plan: SamplingPlan
     scores: tuple[torch.Tensor, torch.Tensor] | None  # padded score alphas + mask, if any asks
 
@@ -478,7 +485,7 @@ class ModelRunner:
             ),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
             top_k=torch.tensor(top_ks, dtype=torch.long, device=dev),
-            seed=torch.tensor([r.seed for r in rows], dtype=torch.long, device=dev),
+            seed_hashes=tuple(seed_hash(r.seed) for r in rows),
             plan=SamplingPlan.for_rows(
                 [p.temperature for p in params],
                 [p.top_p for p in params],
@@ -497,16 +504,19 @@ class ModelRunner:
         """Tokens [S] (INVALID_TOKEN for a row whose logits are not finite) and, when a row
         asks, [S, 3 + A] log-probabilities computed from the sampler's own tensors."""
         s = self._sampling_rows(rows)
-        steps = torch.tensor([r.step for r in rows], dtype=torch.long, device=self.device)
         logits = amplify(after, before, s.alpha)
         # -inf in both models (a masked token) is -inf amplified, not -inf - -inf = NaN.
-        logits = torch.where(torch.isnan(logits), float("-inf"), logits)
+        logits = logits.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
         kept = None
         if s.plan.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
             kept = kept_probs(logits, s.temperature, s.top_p, s.top_k, s.plan)
-            tokens = draw(logits, kept, s.temperature, s.seed, steps, s.plan)
+            uniforms = torch.tensor(
+                [uniform_of_hash(h, r.step) for h, r in zip(s.seed_hashes, rows, strict=True)],
+                dtype=torch.float64, device=self.device,
+            )  # fmt: skip
+            tokens = draw(logits, kept, s.temperature, uniforms, s.plan)
         # A row whose models gave NaN, +inf or nothing finite is flagged with token -1 (it
         # rides the step's one copy to the host); the scheduler fails that row alone.
         broken = (
@@ -514,7 +524,7 @@ class ModelRunner:
             | torch.isnan(before).any(-1)
             | ~torch.isfinite(logits.max(-1).values)
         )
-        tokens = torch.where(broken, torch.full_like(tokens, INVALID_TOKEN), tokens)
+        tokens = tokens.masked_fill_(broken, INVALID_TOKEN)
         if s.scores is None:
             return tokens, None
         out = logprobs_of(

@@ -5,8 +5,9 @@ the engine derives from the rows' parameters (known on the host since admission)
 decode step at one device-to-host copy and makes the whole program capturable in a CUDA graph.
 
 Seeded draws are batch-invariant: a row's uniform at a step is a hash of (row seed, step)
-computed with int64 tensor ops, so a seeded row samples the same tokens alone, inside any batch
-and whenever it was admitted. The draw is an inverse CDF in vocabulary order over the kept
+(the runner computes it on the host, one SplitMix64 per row; `seeded_uniforms` is the same with
+int64 tensor ops), so a seeded row samples the same tokens alone, inside any batch and whenever
+it was admitted. The draw is an inverse CDF in vocabulary order over the kept
 tokens' probabilities, the same arithmetic whatever filter chose the kept set.
 
 Filtering avoids sorting the vocabulary: `torch.topk` with a fixed cap finds each row's top-k
@@ -58,8 +59,19 @@ def seeded_uniforms(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 
 
 def row_uniform(seed: int, step: int) -> float:
-    """The host reference of `seeded_uniforms` for one row."""
-    return (splitmix64(splitmix64(seed & MASK64) ^ step) >> 11) * (1.0 / (1 << 53))
+    """`seeded_uniforms` for one row, on the host."""
+    return uniform_of_hash(seed_hash(seed), step)
+
+
+def seed_hash(seed: int) -> int:
+    """The part of a row's uniforms that depends on its seed alone (kept per row)."""
+    return splitmix64(seed & MASK64)
+
+
+def uniform_of_hash(hashed_seed: int, step: int) -> float:
+    """A row's uniform at `step` from its `seed_hash`: one SplitMix64 on the host, where the
+    same on the device costs ~20 small tensor operations a step."""
+    return (splitmix64(hashed_seed ^ step) >> 11) * (1.0 / (1 << 53))
 
 
 def amplify(
@@ -227,21 +239,21 @@ def sample(
     if plan.all_greedy:
         return logits.argmax(dim=-1)
     probs = kept_probs(logits, temperature, top_p, top_k, plan)
-    return draw(logits, probs, temperature, seeds, steps, plan)
+    return draw(logits, probs, temperature, seeded_uniforms(seeds, steps), plan)
 
 
 def draw(
     logits: torch.Tensor,
     probs: torch.Tensor,
     temperature: torch.Tensor,
-    seeds: torch.Tensor,
-    steps: torch.Tensor,
+    uniforms: torch.Tensor,
     plan: SamplingPlan,
 ) -> torch.Tensor:
-    """One token per row from `kept_probs`' distribution (greedy rows: the argmax of logits)."""
+    """One token per row from `kept_probs`' distribution at the rows' float64 uniforms
+    (`seeded_uniforms`); greedy rows: the argmax of logits."""
     # float64 CDF so the last bucket's edge does not round below the uniform draw.
     cdf = probs.double().cumsum(dim=-1)
-    targets = (seeded_uniforms(seeds, steps) * cdf[:, -1]).unsqueeze(-1)
+    targets = (uniforms * cdf[:, -1]).unsqueeze(-1)
     tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
     tokens = tokens.clamp_(max=logits.shape[-1] - 1)
     if plan.any_greedy:
