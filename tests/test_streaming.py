@@ -343,3 +343,37 @@ async def test_the_tokens_of_cancelled_rows_are_counted(meta_pair: ModelPair) ->
     assert not [name for name in seen if name.startswith("batchserve_rows_finished_total")]
     # One row, one prompt chunk: each step drew exactly one of its tokens.
     assert seen["batchserve_tokens_generated_total"] == seen["batchserve_engine_steps_total"] > 5
+
+
+async def test_a_plain_request_wakes_its_loop_when_a_row_ends_not_every_step(
+    meta_pair: ModelPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wake-up takes the GIL from the worker mid-step, so a request that is neither
+    streamed nor stopped by strings hears its step events together when a row ends; streams
+    and stop strings hear every step. All three give the same completions."""
+    wakes: dict[str, int] = {}
+    on_events = Job._on_events
+
+    def counting(self: Job, events: list) -> None:
+        wakes[self.label] = wakes.get(self.label, 0) + 1
+        on_events(self, events)
+
+    monkeypatch.setattr(Job, "_on_events", counting)
+    async with simulated_app(meta_pair, SimulatedCost(0, 0)) as app:
+        frontend = app.state.frontend
+        jobs = {}
+        for label, is_stream, stop in [
+            ("plain", False, ()), ("stream", True, ()), ("stop strings", False, ("\x00",)),
+        ]:  # fmt: skip
+            params = SamplingParams(ignore_eos=True, max_new_tokens=40, seed=3, stop=stop)
+            request = GenerationRequest("go on", params, n=2)
+            job = Job(app.state.engine, frontend, [request], [frontend.prepare(request)],
+                      is_stream=is_stream)  # fmt: skip
+            job.label = label
+            jobs[label] = job
+        done = {k: await asyncio.wait_for(asyncio.shield(j.future), 60) for k, j in jobs.items()}
+    completions = {k: [r.completion for r in c.results] for k, c in done.items()}
+    assert completions["plain"] == completions["stream"] == completions["stop strings"]
+    assert all(r.tokens_generated == 40 for c in done.values() for r in c.results)
+    assert wakes["plain"] <= 2  # once per finishing step of its two rows
+    assert wakes["stream"] >= 40 and wakes["stop strings"] >= 40
