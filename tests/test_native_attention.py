@@ -84,9 +84,27 @@ def test_a_row_that_reads_past_its_block_table_is_an_error() -> None:
         )
 
 
+def test_inputs_the_c_code_cannot_check_are_refused_before_it_runs() -> None:
+    query, keys, values, tables, positions = paged_case(3, 4, 2, 32, seed=3)
+    op = torch.ops.batchserve.native_decode_attention
+    scale = 32**-0.5
+    with pytest.raises(TypeError, match="int64"):
+        op(query, keys, values, tables.int(), positions, BLOCK, scale, 0)
+    with pytest.raises(TypeError, match="float32"):
+        op(query, keys.double(), values.double(), tables, positions, BLOCK, scale, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        op(query, keys.transpose(1, 2), values.transpose(1, 2), tables, positions, BLOCK, scale, 0)
+    with pytest.raises(ValueError, match="group"):
+        op(query[:, :3], keys, values, tables, positions, BLOCK, scale, 0)
+    # With a window the row reads only its last keys, yet may not read past its table.
+    positions[1] = tables.shape[1] * BLOCK + 5
+    with pytest.raises(RuntimeError, match="past its block table"):
+        op(query, keys, values, tables, positions, BLOCK, scale, 4)
+
+
 def test_the_build_is_cached_per_source_and_machine(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    compiler = native.shutil.which("cc") or native.shutil.which("gcc")
+    compiler = [native.shutil.which("cc") or native.shutil.which("gcc")]
     first = native._build(compiler)
     assert first.parent == tmp_path / "batchserve" and first.exists()
     built_at = first.stat().st_mtime_ns

@@ -20,10 +20,11 @@ from servers import client_of, running_server, stream_events
 from tiny_models import build_byte_pair
 
 from batchserve.api.app import ServerConfig, create_app
-from batchserve.api.streaming import MAX_PENDING_DELTAS, Completion, Job
+from batchserve.api.streaming import MAX_PENDING_DELTAS, Completion, Job, LoopInbox
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import GenerationRequest, SamplingParams
-from batchserve.frontend import Delta
+from batchserve.engine import EngineFailedError
+from batchserve.frontend import Delta, RequestOutput
 from batchserve.schemas import ErrorResponse
 from batchserve.worker.models import ModelPair, load_pair
 from batchserve.worker.simulated import SimulatedCost, load_simulated_pair
@@ -375,5 +376,59 @@ async def test_a_plain_request_wakes_its_loop_when_a_row_ends_not_every_step(
     completions = {k: [r.completion for r in c.results] for k, c in done.items()}
     assert completions["plain"] == completions["stream"] == completions["stop strings"]
     assert all(r.tokens_generated == 40 for c in done.values() for r in c.results)
-    assert wakes["plain"] <= 2  # once per finishing step of its two rows
+    assert wakes["plain"] <= 2  # once per finishing step of its two rows (40 < 64 steps)
     assert wakes["stream"] >= 40 and wakes["stop strings"] >= 40
+
+
+async def test_the_streams_of_one_step_wake_their_loop_once(
+    meta_pair: ModelPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four streams each hear every step, and the worker wakes their loop about once a step
+    for all four (each wake-up takes the GIL from the worker), not once per stream."""
+    counts = {"drains": 0, "handed": 0}
+    drain, on_events = LoopInbox._drain, Job._on_events
+
+    def counting_drain(self: LoopInbox) -> None:
+        counts["drains"] += 1
+        drain(self)
+
+    def counting_events(self: Job, events: list) -> None:
+        counts["handed"] += 1
+        on_events(self, events)
+
+    monkeypatch.setattr(LoopInbox, "_drain", counting_drain)
+    monkeypatch.setattr(Job, "_on_events", counting_events)
+    async with simulated_app(meta_pair, SimulatedCost(1, 0)) as app:
+        jobs = [submit_job(app, "go on", max_new_tokens=30, seed=i) for i in range(4)]
+        done = [await asyncio.wait_for(asyncio.shield(j.future), 60) for j in jobs]
+    assert all(c.results[0].tokens_generated == 30 for c in done)
+    assert counts["handed"] >= 4 * 30
+    assert counts["drains"] <= counts["handed"] / 2
+
+
+async def test_a_failure_taking_deferred_events_fails_the_job_at_once(
+    meta_pair: ModelPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deferred steps arrive in one callback; a bug in one of them must settle the job with an
+    error (and drop its rows), not lose the final event and leave the client to its timeout."""
+    process = RequestOutput.process
+    calls = {"n": 0}
+
+    def failing_third(self: RequestOutput, updates):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        return process(self, updates)
+
+    monkeypatch.setattr(RequestOutput, "process", failing_third)
+    async with simulated_app(meta_pair, SimulatedCost(0, 0)) as app:
+        frontend = app.state.frontend
+        request = GenerationRequest("go on", SamplingParams(ignore_eos=True, max_new_tokens=40))
+        job = Job(app.state.engine, frontend, [request], [frontend.prepare(request)],
+                  is_stream=False)  # fmt: skip
+        with pytest.raises(EngineFailedError, match="injected"):
+            await asyncio.wait_for(asyncio.shield(job.future), 10)
+        deadline = time.monotonic() + 10
+        while app.state.engine.num_running:  # its row was dropped
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -111,6 +113,53 @@ class Completion:
     finished_step: int
 
 
+# A deferring job still hands its events over every this many steps, so the text of a long
+# row is decoded in slices, not in one callback that holds up the loop's other requests.
+MAX_DEFERRED_STEPS = 64
+
+
+class LoopInbox:
+    """What the worker hands one event loop: the first hand-off of a step wakes the loop, the
+    others of that step ride along, so many streams cost one wake-up (one GIL hand-off, one
+    self-pipe write) a step instead of one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Callable[..., None], tuple]] = []
+
+    def post(self, callback: Callable[..., None], *args: object) -> None:
+        """From any thread: run callback(*args) on the loop, in the order posted."""
+        with self._lock:
+            wake = not self._pending
+            self._pending.append((callback, args))
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for callback, args in pending:
+            try:
+                callback(*args)
+            except Exception:  # noqa: BLE001 - one job's bug must not drop the others' events
+                log.exception("handing a step's events to a request failed")
+
+
+_INBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopInbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def inbox_of(loop: asyncio.AbstractEventLoop) -> LoopInbox:
+    """The loop's inbox (made on the loop's own thread, the first time a job there asks)."""
+    inbox = _INBOXES.get(loop)
+    if inbox is None:
+        inbox = _INBOXES[loop] = LoopInbox(loop)
+    return inbox
+
+
 class Job:
     """One submitted request, on its event loop: the frontend's output, and its Completion."""
 
@@ -125,6 +174,7 @@ class Job:
     ) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
+        self._inbox = inbox_of(self.loop)
         rows, row_prompt = expand_rows(requests, prepared, engine.row_ids)
         self.output = RequestOutput(frontend, prepared, rows, row_prompt)
         self.future: asyncio.Future[Completion] = self.loop.create_future()
@@ -132,9 +182,11 @@ class Job:
         self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._is_stream = is_stream
         # A plain request (no stream, no stop strings) needs nothing from its loop until a row
-        # ends: its step events wait on the worker thread (see _listen).
+        # ends: its step events wait on the worker thread (see _listen). The worker is the
+        # only writer, except a shutdown whose worker is stuck; its error event then settles
+        # the job, and whatever else arrives is ignored.
         self._defers = not is_stream and not any(row.params.stop for row in rows)
-        self._deferred: list[EngineEvent] = []  # touched on the worker thread only
+        self._deferred: list[EngineEvent] = []
         self._pending: list[Delta] = []  # text not yet streamed
         self._wake = asyncio.Event()
         self._admitted_step = 0
@@ -154,17 +206,23 @@ class Job:
         ends = event.error is not None or any(
             u.finish_reason is not None or u.error is not None for u in event.updates
         )
-        if self._defers and not ends:
+        if self._defers and not ends and len(self._deferred) < MAX_DEFERRED_STEPS:
             self._deferred.append(event)
             return
         events = [*self._deferred, event]
         self._deferred = []
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            self.loop.call_soon_threadsafe(self._on_events, events)
+        self._inbox.post(self._on_events, events)
 
     def _on_events(self, events: list[EngineEvent]) -> None:
         for event in events:
-            self._on_event(event)
+            try:
+                self._on_event(event)
+            except Exception as err:  # noqa: BLE001 - the job fails, not the loop's other jobs
+                log.exception("request %d: taking a step's events failed", self.request_id)
+                self.engine.abort(self.request_id)
+                if not self.future.done():
+                    self._settle(EngineFailedError(f"generation failed for this request: {err}"))
+                return
 
     def _on_event(self, event: EngineEvent) -> None:
         if self.future.done():

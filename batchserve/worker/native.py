@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -59,14 +60,14 @@ def _cache_dir() -> Path:
     return Path(base) / "batchserve"
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: list[str]) -> Path:
     """The shared library, compiled unless this source, compiler and CPU already have one."""
     version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
+        [*compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
     ).stdout
     key = hashlib.sha256(
         b"\0".join(
-            s.encode() for s in (SOURCE.read_text(), compiler, version, _cpu_flags(), *_FLAGS)
+            s.encode() for s in (SOURCE.read_text(), *compiler, version, _cpu_flags(), *_FLAGS)
         )
     ).hexdigest()[:16]
     target = _cache_dir() / f"decode_attention-{key}.so"
@@ -78,12 +79,13 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         for extra in (_NATIVE_CPU, ()):
-            command = [compiler, *_FLAGS, *extra, str(SOURCE), "-o", partial]
+            command = [*compiler, *_FLAGS, *extra, str(SOURCE), "-o", partial]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 break
         else:
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[:500]}")
+        os.chmod(partial, 0o755)  # mkstemp made it private; a shared cache must load it
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -94,10 +96,13 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | None:
     if not enabled_by_environment():
+        log.info("the C decode attention is off (BATCHSERVE_NATIVE_ATTENTION)")
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = shlex.split(os.environ.get("CC", "")) or [
+        c for c in (shutil.which("cc") or shutil.which("gcc"),) if c
+    ]
     try:
-        if compiler is None:
+        if not compiler:
             raise RuntimeError("no C compiler (cc, gcc or $CC) on the PATH")
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
@@ -130,6 +135,7 @@ def native_decode_attention(
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the C decode attention is not available")
+    _check_inputs(query, key_store, value_store, block_table, positions)
     query = query.contiguous()
     block_table = block_table.contiguous()
     positions = positions.contiguous()
@@ -147,6 +153,29 @@ def native_decode_attention(
     if status != 0:
         raise RuntimeError("a decode row reads past its block table")
     return out
+
+
+def _check_inputs(
+    query: torch.Tensor,
+    key_store: torch.Tensor,
+    value_store: torch.Tensor,
+    block_table: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """What the C code assumes and cannot check itself (it reads raw pointers)."""
+    if not all(t.dtype == torch.float32 for t in (query, key_store, value_store)):
+        raise TypeError("the C decode attention reads float32 queries and stores")
+    if block_table.dtype != torch.int64 or positions.dtype != torch.int64:
+        raise TypeError("block tables and positions must be int64")
+    if not (key_store.is_contiguous() and value_store.is_contiguous()):
+        raise ValueError("the KV stores must be contiguous [slots, kv_heads, dim]")
+    rows, heads, dim = query.shape
+    if value_store.shape != key_store.shape or key_store.shape[2] != dim:
+        raise ValueError("keys, values and queries must share one head size")
+    if heads % key_store.shape[1]:
+        raise ValueError(f"{heads} query heads do not group over {key_store.shape[1]} KV heads")
+    if block_table.shape[0] != rows or positions.shape != (rows,):
+        raise ValueError("one block table and one position per query row")
 
 
 @native_decode_attention.register_fake

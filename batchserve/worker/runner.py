@@ -189,20 +189,26 @@ class ModelRunner:
         return self.device.type == "cpu"
 
     def _native_attention(self, probes: list[ShapeProbe]) -> bool:
-        """Whether decoding rows use the C attention (worker/native.py): on the CPU in float32
-        with one head size for keys and values, where it builds, unless the config says no."""
+        """Whether decoding rows use the C attention (worker/native.py): by default on the CPU
+        in float32 with one head size for keys and values and one torch thread, where it
+        builds; the config can ask for it or refuse it."""
         wanted = self.config.native_attention
+        # One thread: the kernel runs its rows on one core, where inductor's kernel would use
+        # every torch thread; measured only on a 2-core host (auto = 1 thread there).
         fits = self.device.type == "cpu" and all(
             p.dtype == torch.float32 and all(kd == vd for _, kd, vd in p.shapes.values())
             for p in probes
         )
-        if wanted is False or (wanted is None and not fits):
+        if wanted is False or (wanted is None and not (fits and torch.get_num_threads() == 1)):
             return False
         if not fits:
             raise ValueError("the C decode attention serves float32 models on the CPU only")
         if not native.available():
             if wanted:
-                raise RuntimeError("the C decode attention could not be built (see the log)")
+                raise RuntimeError(
+                    "the C decode attention is off (BATCHSERVE_NATIVE_ATTENTION) or could not "
+                    "be built (see the log)"
+                )
             return False
         return True
 
@@ -411,7 +417,7 @@ class ModelRunner:
         decode_tables = [r.block_ids for r in decoding]
         decode_lengths = [r.start + 1 for r in decoding]
         if self.native_attention:
-            decode_read = self._block_table(decode_tables, decode_lengths, num_decode)[0]
+            decode_read = self._block_table(decode_tables, decode_lengths, num_decode)[0].to(dev)
         else:
             decode_read = self._read_index(decode_tables, decode_lengths, num_decode)
         prefill_read = None
@@ -444,16 +450,15 @@ class ModelRunner:
     def _block_table(
         self, tables: Sequence[Sequence[int]], lengths: Sequence[int], num_rows: int
     ) -> tuple[torch.Tensor, int]:
-        """[num_rows, W] block tables, each cut or padded (with the reserved block 0) to the
-        W blocks of L positions (L: the longest length, bucketed), and L."""
+        """[num_rows, W] block tables on the host, each cut or padded (with the reserved block
+        0) to the W blocks of L positions (L: the longest length, bucketed), and L."""
         bs = self.block_size
         length = bucket(max(lengths, default=1), max(16, bs))
         num_blocks = max(_MIN_SIZE, math.ceil(length / bs))
         # One tensor from padded lists: a tensor and a copy per row cost ~8 us a row a step.
         padded = [[*blocks[:num_blocks], *[0] * (num_blocks - len(blocks))] for blocks in tables]
         padded += [[0] * num_blocks] * (num_rows - len(padded))
-        table = torch.tensor(padded, dtype=torch.long).reshape(num_rows, num_blocks)
-        return table.to(self.device), length
+        return torch.tensor(padded, dtype=torch.long).reshape(num_rows, num_blocks), length
 
     def _read_index(
         self, tables: Sequence[Sequence[int]], lengths: Sequence[int], num_rows: int
@@ -462,8 +467,8 @@ class ModelRunner:
         past a table read block 0."""
         bs = self.block_size
         table, length = self._block_table(tables, lengths, num_rows)
-        positions = torch.arange(length, device=table.device)
-        return table[:, positions // bs] * bs + positions % bs
+        positions = torch.arange(length)
+        return (table[:, positions // bs] * bs + positions % bs).to(self.device)
 
     # --- sampling ---------------------------------------------------------------------------
 

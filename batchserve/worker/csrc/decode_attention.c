@@ -132,7 +132,8 @@ int batchserve_decode_attention(
             for (int64_t i = 0; i < heads * dim; ++i) o[i] = 0.0f;
             continue;
         }
-        if (n > max_keys) return -1;
+        /* A row may not read past its block table (nor the scratch, sized for the table). */
+        if (length > table_width * block_size || n > max_keys) return -1;
         const int64_t *table = tables + row * table_width;
 #define ROW(D)                                                                             \
     decode_row(q, key_store, value_store, table, first, n, o, heads, kv_of, slot_width,      \
