@@ -166,8 +166,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> Non
         action=argparse.BooleanOptionalAction,
         help="decoding rows' attention in C (float32 on the CPU), built with the C compiler "
         "once per machine (under a second, cached in ~/.cache/batchserve); it reads each row's "
-        "own keys where they lie, faster than the compiled torch attention (README, 'Compiled "
-        "steps') (default: on wherever it builds and fits)",
+        "own keys where they lie, faster than the compiled torch attention (README, 'The C "
+        "decode attention'); it runs on one core (default: on with one torch thread, where it "
+        "builds and the model is float32 on the CPU)",
     )
     kv = parser.add_argument_group("KV store (allocated once at start-up; /info reports it)")
     option(
