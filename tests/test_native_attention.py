@@ -113,11 +113,12 @@ def test_the_build_is_cached_per_source_and_machine(tmp_path, monkeypatch) -> No
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial file left
 
 
-def test_the_environment_can_turn_the_kernel_off(monkeypatch) -> None:
+def test_the_environment_can_turn_the_kernel_off(llama_pair, monkeypatch) -> None:
+    config = RunnerConfig(max_batch_size=2, compile=False)
     monkeypatch.setenv("BATCHSERVE_NATIVE_ATTENTION", "0")
-    assert not native.enabled_by_environment()
+    assert not Driver(llama_pair, runner=config).core.runner.native_attention
     monkeypatch.setenv("BATCHSERVE_NATIVE_ATTENTION", "1")
-    assert native.enabled_by_environment()
+    assert Driver(llama_pair, runner=config).core.runner.native_attention
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -12,7 +12,8 @@ one opaque kernel.
 
 The build is cached under $XDG_CACHE_HOME/batchserve (by default ~/.cache/batchserve), keyed
 by the source, the compiler and this CPU's flags. Where no compiler works, the runner keeps its
-torch attention. `--no-native-attention` (BATCHSERVE_NATIVE_ATTENTION=0) turns it off.
+torch attention. The runner decides whether to use it (`--native-attention`,
+BATCHSERVE_NATIVE_ATTENTION).
 """
 
 from __future__ import annotations
@@ -38,11 +39,6 @@ _FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
 _NATIVE_CPU = ("-march=native",)  # retried without it where the compiler refuses it
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
-
-
-def enabled_by_environment() -> bool:
-    setting = os.environ.get("BATCHSERVE_NATIVE_ATTENTION", "1").lower()
-    return setting not in ("0", "false", "no", "off")
 
 
 def _cpu_flags() -> str:
@@ -95,9 +91,6 @@ def _build(compiler: list[str]) -> Path:
 
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | None:
-    if not enabled_by_environment():
-        log.info("the C decode attention is off (BATCHSERVE_NATIVE_ATTENTION)")
-        return None
     compiler = shlex.split(os.environ.get("CC", "")) or [
         c for c in (shutil.which("cc") or shutil.which("gcc"),) if c
     ]

@@ -66,6 +66,16 @@ _CPU_MAX_KV_BYTES = 4 << 30
 _MIN_SIZE = 2  # torch.compile specialises sizes 0 and 1; padding keeps every size above
 
 
+def _env_switch(name: str) -> bool | None:
+    """BATCHSERVE_<name> as a switch (1/true/yes/on or 0/false/no/off); None where unset."""
+    setting = os.environ.get(f"BATCHSERVE_{name}", "").lower()
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    if setting in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def bucket(n: int, step: int = 8) -> int:
     """The padded size of n: at least 2, then powers of two up to `step`, then multiples of it."""
     if n <= _MIN_SIZE:
@@ -181,18 +191,17 @@ class ModelRunner:
         """BATCHSERVE_COMPILE=0/1 where set (the CLI's --compile reads it too); else compiled on
         the CPU, where bench.engine measured the compiled step ~2x faster (README, "Compiled
         steps"), and eager on CUDA (no CUDA graphs yet)."""
-        setting = os.environ.get("BATCHSERVE_COMPILE", "").lower()
-        if setting in ("0", "false", "no", "off"):
-            return False
-        if setting in ("1", "true", "yes", "on"):
-            return True
-        return self.device.type == "cpu"
+        setting = _env_switch("COMPILE")
+        return self.device.type == "cpu" if setting is None else setting
 
     def _native_attention(self, probes: list[ShapeProbe]) -> bool:
         """Whether decoding rows use the C attention (worker/native.py): by default on the CPU
         in float32 with one head size for keys and values and one torch thread, where it
-        builds; the config can ask for it or refuse it."""
+        builds; the config (else BATCHSERVE_NATIVE_ATTENTION, which the CLI's
+        --native-attention reads too) can ask for it or refuse it."""
         wanted = self.config.native_attention
+        if wanted is None:
+            wanted = _env_switch("NATIVE_ATTENTION")
         # One thread: the kernel runs its rows on one core, where inductor's kernel would use
         # every torch thread; measured only on a 2-core host (auto = 1 thread there).
         fits = self.device.type == "cpu" and all(
@@ -205,10 +214,7 @@ class ModelRunner:
             raise ValueError("the C decode attention serves float32 models on the CPU only")
         if not native.available():
             if wanted:
-                raise RuntimeError(
-                    "the C decode attention is off (BATCHSERVE_NATIVE_ATTENTION) or could not "
-                    "be built (see the log)"
-                )
+                raise RuntimeError("the C decode attention could not be built (see the log)")
             return False
         return True
 
