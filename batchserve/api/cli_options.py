@@ -170,6 +170,17 @@ def add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> Non
         "decode attention'); it runs on one core (default: on with one torch thread, where it "
         "builds and the model is float32 on the CPU)",
     )
+    option(
+        group,
+        "--native-sampler",
+        None,
+        from_env=from_env,
+        action=argparse.BooleanOptionalAction,
+        help="sampling (amplify, temperature, top-k, top-p, the draw, the kept set the "
+        "log-probabilities read) in C on the CPU, one pass per row, built like the C attention; "
+        "it draws by the same rules as the torch sampler (README, 'The C sampler') "
+        "(default: on where it builds and the step runs on the CPU)",
+    )
     kv = parser.add_argument_group("KV store (allocated once at start-up; /info reports it)")
     option(
         kv,

@@ -116,6 +116,8 @@ class RunnerConfig:
     compile: bool | None = None
     # Decode attention in C on the CPU (worker/native.py); None: wherever it builds and fits.
     native_attention: bool | None = None
+    # Sampling in C on the CPU (worker/native.py); None: wherever it builds (float32 logits).
+    native_sampler: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.block_size < 1 or self.top_k_cap < 1:

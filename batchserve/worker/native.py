@@ -1,19 +1,22 @@
-"""The CPU decode attention in C (csrc/decode_attention.c), built once per machine.
+"""The CPU kernels in C (csrc/), built once per machine: the decode attention and the sampler.
 
-Why C: profiled on the toy pair, a 32-row decode step spent half its time in attention.
-Inductor's fused kernel reads the keys in place but spends its time on a softmax over a strided
-axis and a horizontal sum per score. The C kernel reads each row's own keys once (not up to the
-batch's longest row), softmaxes contiguous scores and specialises the head size: with the keys
-in cache 2-3x faster than the fused kernel (32 rows of ~110 keys: ~200 vs ~450 us), and ~1.4x
-inside a served step, where reading the store from memory sets the pace. It includes no torch
-header, so the C compiler (the one torch.compile already needs on the CPU) builds it in well
-under a second; ctypes loads it, and a torch custom op wraps it, so a compiled step calls it as
-one opaque kernel.
+Why C for the attention: profiled on the toy pair, a 32-row decode step spent half its time in
+attention. Inductor's fused kernel reads the keys in place but spends its time on a softmax
+over a strided axis and a horizontal sum per score. The C kernel reads each row's own keys once
+(not up to the batch's longest row), softmaxes contiguous scores and specialises the head size:
+with the keys in cache 2-3x faster than the fused kernel (32 rows of ~110 keys: ~200 vs
+~450 us), and ~1.4x inside a served step, where reading the store from memory sets the pace. A
+torch custom op wraps it, so a compiled step calls it as one opaque kernel.
 
-The build is cached under $XDG_CACHE_HOME/batchserve (by default ~/.cache/batchserve), keyed
-by the source, the compiler and this CPU's flags. Where no compiler works, the runner keeps its
-torch attention. The runner decides whether to use it (`--native-attention`,
-BATCHSERVE_NATIVE_ATTENTION).
+Why C for the sampler: the torch sampler is ~100 small operations a step (amplify, softmax,
+top-k and nucleus masks, the CDF), 15% of a lone request's step; `sample_rows` does the same
+per row in one pass (csrc/sample_rows.c), called eagerly after the forward.
+
+Neither includes a torch header, so the C compiler (the one torch.compile already needs on the
+CPU) builds each in well under a second, and ctypes loads it. The builds are cached under
+$XDG_CACHE_HOME/batchserve (by default ~/.cache/batchserve), keyed by the sources, the compiler
+and this CPU's flags. Where no compiler works, the runner keeps torch's versions. The runner
+decides where to use them (`--native-attention`, `--native-sampler`).
 """
 
 from __future__ import annotations
@@ -29,14 +32,19 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
+CSRC = Path(__file__).parent / "csrc"
 _FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
 _NATIVE_CPU = ("-march=native",)  # retried without it where the compiler refuses it
+# Each library's own flags. The sampler's sums and products must round as torch's separate
+# operations do (after + alpha * (after - before) bit for bit), so no fused multiply-adds.
+_LIBRARIES = {"decode_attention": (), "sample_rows": ("-ffp-contract=off",)}
+_WHAT = {"decode_attention": "decode attention", "sample_rows": "sampler"}
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 
@@ -56,17 +64,19 @@ def _cache_dir() -> Path:
     return Path(base) / "batchserve"
 
 
-def _build(compiler: list[str]) -> Path:
-    """The shared library, compiled unless this source, compiler and CPU already have one."""
+def _build(compiler: list[str], name: str = "decode_attention") -> Path:
+    """csrc/<name>.c as a shared library, compiled unless these sources (the file and the
+    headers it may include), compiler and CPU already have one."""
+    source = CSRC / f"{name}.c"
+    flags = (*_FLAGS, *_LIBRARIES[name])
     version = subprocess.run(
         [*compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
     ).stdout
+    texts = [source.read_text(), *(h.read_text() for h in sorted(CSRC.glob("*.h")))]
     key = hashlib.sha256(
-        b"\0".join(
-            s.encode() for s in (SOURCE.read_text(), *compiler, version, _cpu_flags(), *_FLAGS)
-        )
+        b"\0".join(s.encode() for s in (*texts, *compiler, version, _cpu_flags(), *flags))
     ).hexdigest()[:16]
-    target = _cache_dir() / f"decode_attention-{key}.so"
+    target = _cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +85,7 @@ def _build(compiler: list[str]) -> Path:
     os.close(fd)
     try:
         for extra in (_NATIVE_CPU, ()):
-            command = [*compiler, *_FLAGS, *extra, str(SOURCE), "-o", partial]
+            command = [*compiler, *flags, *extra, str(source), "-o", partial]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 break
@@ -90,16 +100,23 @@ def _build(compiler: list[str]) -> Path:
 
 
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:
+def _library(name: str) -> ctypes.CDLL | None:
     compiler = shlex.split(os.environ.get("CC", "")) or [
         c for c in (shutil.which("cc") or shutil.which("gcc"),) if c
     ]
     try:
         if not compiler:
             raise RuntimeError("no C compiler (cc, gcc or $CC) on the PATH")
-        library = ctypes.CDLL(str(_build(compiler)))
+        return ctypes.CDLL(str(_build(compiler, name)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        log.warning("the C decode attention is unavailable (%s); using torch's", err)
+        log.warning("the C %s is unavailable (%s); using torch's", _WHAT[name], err)
+        return None
+
+
+@functools.cache
+def _kernel() -> ctypes._CFuncPtr | None:
+    library = _library("decode_attention")
+    if library is None:
         return None
     kernel = library.batchserve_decode_attention
     kernel.restype = ctypes.c_int
@@ -107,9 +124,77 @@ def _kernel() -> ctypes._CFuncPtr | None:
     return kernel
 
 
+@functools.cache
+def _sampler() -> ctypes._CFuncPtr | None:
+    library = _library("sample_rows")
+    if library is None:
+        return None
+    kernel = library.batchserve_sample_rows
+    kernel.restype = ctypes.c_int
+    kernel.argtypes = (
+        [_PTR, _PTR, _I64, _I64, _I64] + [_PTR] * 5 + [ctypes.c_float, _I64] + [_PTR] * 4
+    )
+    return kernel
+
+
 def available() -> bool:
     """Whether the C decode attention is built and loaded (the first call builds it)."""
     return _kernel() is not None
+
+
+def sampler_available() -> bool:
+    """Whether the C sampler is built and loaded (the first call builds it)."""
+    return _sampler() is not None
+
+
+class SampledRows(NamedTuple):
+    tokens: torch.Tensor  # [rows] int64; `invalid` for a broken row
+    amplified: torch.Tensor  # [rows, vocab] float32: after + alpha * (after - before), NaN -inf
+    kept: torch.Tensor | None  # [rows, vocab] the kept probabilities, when asked for
+
+
+def sample_rows(
+    after: torch.Tensor,
+    before: torch.Tensor,
+    alpha: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    uniforms: list[float],
+    greedy_below: float,
+    invalid: int,
+    want_kept: bool,
+) -> SampledRows:
+    """worker/sampling.py's program for float32 CPU logits [rows, vocab] in one C pass per row:
+    the tokens, the amplified logits and (`want_kept`) `sampling.kept_probs`' tensor, which
+    the log-probabilities read. Parameters are [rows] tensors; uniforms one float per row."""
+    kernel = _sampler()
+    if kernel is None:
+        raise RuntimeError("the C sampler is not available")
+    rows, vocab = after.shape
+    if before.shape != after.shape or after.dtype != torch.float32 or before.dtype != after.dtype:
+        raise TypeError("the C sampler reads two float32 [rows, vocab] logit tensors alike")
+    if after.stride(1) != 1 or before.stride() != after.stride():
+        after, before = after.contiguous(), before.contiguous()
+    columns = [
+        alpha.float().contiguous(),
+        temperature.float().contiguous(),
+        top_p.float().contiguous(),
+        top_k.long().contiguous(),
+        torch.tensor(uniforms, dtype=torch.float64),
+    ]
+    if any(c.shape != (rows,) for c in columns):
+        raise ValueError("one alpha, temperature, top_p, top_k and uniform per row")
+    tokens = torch.empty(rows, dtype=torch.long)
+    amplified = torch.empty(rows, vocab, dtype=torch.float32)
+    kept = torch.empty(rows, vocab, dtype=torch.float32) if want_kept else None
+    scratch = torch.empty(3 * vocab, dtype=torch.int32)
+    kernel(
+        after.data_ptr(), before.data_ptr(), rows, vocab, after.stride(0),
+        *(c.data_ptr() for c in columns), greedy_below, invalid, amplified.data_ptr(),
+        kept.data_ptr() if kept is not None else None, tokens.data_ptr(), scratch.data_ptr(),
+    )  # fmt: skip
+    return SampledRows(tokens, amplified, kept)
 
 
 @torch.library.custom_op("batchserve::native_decode_attention", mutates_args=())

@@ -33,6 +33,7 @@ import torch
 from transformers import PreTrainedModel
 
 from batchserve.core.types import (
+    GREEDY_TEMPERATURE,
     INVALID_TOKEN,
     RunnerConfig,
     ScheduledRow,
@@ -135,6 +136,7 @@ class ModelRunner:
         self._max_row_tokens = min(pair.max_context, capacity)
         self._sampling: _SamplingRows | None = None
         self.native_attention = self._native_attention(probes)
+        self.native_sampler = self._native_sampler()
         self.is_compiled = (
             self._compile_default() if self.config.compile is None else self.config.compile
         )
@@ -180,6 +182,7 @@ class ModelRunner:
             "sync_free_sampling": self.sync_free,
             "attention": ATTENTION_NAME,
             "native_decode_attention": self.native_attention,
+            "native_sampler": self.native_sampler,
             "compiled": self.is_compiled,
             "compile_s": self.compile_s,
             "lora": None if self.lora is None else self.lora.describe(),
@@ -215,6 +218,25 @@ class ModelRunner:
         if not native.available():
             if wanted:
                 raise RuntimeError("the C decode attention could not be built (see the log)")
+            return False
+        return True
+
+    def _native_sampler(self) -> bool:
+        """Whether the step samples in C (worker/native.py): by default on the CPU wherever it
+        builds (the logits are made float32 for it); the config, else BATCHSERVE_NATIVE_SAMPLER
+        (which the CLI's --native-sampler reads too), can ask for it or refuse it."""
+        wanted = self.config.native_sampler
+        if wanted is None:
+            wanted = _env_switch("NATIVE_SAMPLER")
+        if wanted is False:
+            return False
+        if self.device.type != "cpu":
+            if wanted:
+                raise ValueError("the C sampler runs on the CPU only")
+            return False
+        if not native.sampler_available():
+            if wanted:
+                raise RuntimeError("the C sampler could not be built (see the log)")
             return False
         return True
 
@@ -515,6 +537,8 @@ class ModelRunner:
         """Tokens [S] (INVALID_TOKEN for a row whose logits are not finite) and, when a row
         asks, [S, 3 + A] log-probabilities computed from the sampler's own tensors."""
         s = self._sampling_rows(rows)
+        if self.native_sampler:
+            return self._sample_in_c(after, before, rows, s)
         logits = amplify(after, before, s.alpha)
         # -inf in both models (a masked token) is -inf amplified, not -inf - -inf = NaN.
         logits = logits.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
@@ -536,16 +560,39 @@ class ModelRunner:
             | ~torch.isfinite(logits.max(-1).values)
         )
         tokens = tokens.masked_fill_(broken, INVALID_TOKEN)
+        return tokens, self._logprobs(after, before, logits, kept, tokens, s)
+
+    def _sample_in_c(
+        self, after: torch.Tensor, before: torch.Tensor, rows: list[ScheduledRow],
+        s: _SamplingRows,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """`_sample` by the C sampler: the same rules, one pass per row."""
+        uniforms = (
+            [0.0] * len(rows)
+            if s.plan.all_greedy
+            else [uniform_of_hash(h, r.step) for h, r in zip(s.seed_hashes, rows, strict=True)]
+        )
+        wants_kept = s.scores is not None and s.plan.needs_filter
+        out = native.sample_rows(
+            after.float(), before.float(), s.alpha, s.temperature, s.top_p, s.top_k, uniforms,
+            GREEDY_TEMPERATURE, INVALID_TOKEN, wants_kept,
+        )  # fmt: skip
+        return out.tokens, self._logprobs(after, before, out.amplified, out.kept, out.tokens, s)
+
+    def _logprobs(
+        self, after: torch.Tensor, before: torch.Tensor, amplified: torch.Tensor,
+        kept: torch.Tensor | None, tokens: torch.Tensor, s: _SamplingRows,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """[S, 3 + A] log-probabilities from the sampler's own tensors, when a row asks."""
         if s.scores is None:
-            return tokens, None
+            return None
         out = logprobs_of(
-            after, before, logits, kept if s.plan.needs_filter else None, s.temperature,
+            after, before, amplified, kept if s.plan.needs_filter else None, s.temperature,
             tokens, *s.scores,
         )  # fmt: skip
-        table = torch.cat(
+        return torch.cat(
             [out.after[:, None], out.before[:, None], out.sampled[:, None], out.scored], dim=1
         )
-        return tokens, table
 
     def _to_host(
         self,
