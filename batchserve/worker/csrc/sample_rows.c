@@ -15,7 +15,8 @@
  * - the draw: the first token whose float64 running sum of kept probabilities, in vocabulary
  *   order, exceeds uniform * total (the last token if none does).
  * Sorting is a radix sort over the probabilities' bit patterns (non-negative float32s order
- * as their bits do), and only in rows that filter.
+ * as their bits do), only in rows that filter, and without a top-k only of the tokens that can
+ * be in the nucleus.
  */
 #include <math.h>
 #include <stdint.h>
@@ -49,17 +50,20 @@ static inline float float_of(uint32_t bits) {
     return value;
 }
 
-/* The smallest kept probability of a filtering row (+inf: nothing is kept), from its
- * probabilities sorted ascending (`sorted`, bit patterns). The masses add up in float64, as
- * the reference's do: in float32 the mass above a tail token can round up to the whole. */
-static float keep_threshold(const uint32_t *sorted, int64_t vocab, float top_p, int64_t k) {
-    /* Rank r (descending) is value sorted[vocab - 1 - r]. */
-    const float kth = k < vocab ? float_of(sorted[vocab - k]) : -1.0f;
+/* The smallest kept probability of a filtering row (+inf: nothing is kept), from the `n`
+ * candidates' probabilities sorted ascending (`sorted`, bit patterns): every token when a
+ * top-k applies (`k < vocab`), else every token that can be in the nucleus. The masses add up
+ * in float64, as the reference's do: in float32 the mass above a tail token can round up to
+ * the whole. */
+static float keep_threshold(const uint32_t *sorted, int64_t n, int64_t vocab, float top_p,
+                            int64_t k) {
+    /* Rank r (descending) is value sorted[n - 1 - r]. */
+    const float kth = k < vocab ? float_of(sorted[n - k]) : -1.0f;
     double mass = 1.0;
     if (k < vocab) {
         mass = 0.0;
-        for (int64_t r = 0; r < vocab; ++r) {
-            const float v = float_of(sorted[vocab - 1 - r]);
+        for (int64_t r = 0; r < n; ++r) {
+            const float v = float_of(sorted[n - 1 - r]);
             if (v < kth) break;
             mass += v;
         }
@@ -68,12 +72,12 @@ static float keep_threshold(const uint32_t *sorted, int64_t vocab, float top_p, 
     double above = 0.0;
     float threshold = INFINITY;
     int64_t r = 0;
-    while (r < vocab) {
-        const uint32_t run = sorted[vocab - 1 - r];
+    while (r < n) {
+        const uint32_t run = sorted[n - 1 - r];
         const float v = float_of(run);
         if (v < kth || !(above < target)) break;
         threshold = v;
-        while (r < vocab && sorted[vocab - 1 - r] == run) {
+        while (r < n && sorted[n - 1 - r] == run) {
             above += v;
             ++r;
         }
@@ -97,31 +101,35 @@ int batchserve_sample_rows(
         const float scale = alpha[row];
         int nan_in = 0;
         float top = -INFINITY;
-        int64_t best = 0;
+#pragma omp simd reduction(| : nan_in) reduction(max : top)
         for (int64_t i = 0; i < vocab; ++i) {
             const float diff = a[i] - b[i];
             const float product = scale * diff;
             float value = a[i] + product;
             nan_in |= (a[i] != a[i]) | (b[i] != b[i]);
-            if (value != value) value = -INFINITY;
+            value = value != value ? -INFINITY : value;
             logits[i] = value;
-            if (value > top) {
-                top = value;
-                best = i;
-            }
+            top = value > top ? value : top;
         }
         const int broken = nan_in || !isfinite(top);
         const int greedy = temperature[row] < greedy_below;
         float *probs = kept ? kept + row * vocab : (float *)scratch;
-        if (broken || (greedy && !kept)) {
-            tokens[row] = broken ? invalid : best;
+        if (broken) {
+            tokens[row] = invalid;
             if (kept) memset(probs, 0, (size_t)vocab * sizeof *probs);
             continue;
+        }
+        if (greedy) { /* the first largest logit, as torch's argmax */
+            int64_t best = 0;
+            while (logits[best] != top) ++best;
+            tokens[row] = best;
+            if (!kept) continue;
         }
         /* softmax(logits / t): the largest logit gives the largest quotient (t > 0). */
         const float t = greedy ? 1.0f : temperature[row];
         const float shift = top / t;
         float total = 0.0f;
+#pragma omp simd reduction(+ : total)
         for (int64_t i = 0; i < vocab; ++i) {
             const float e = exp_nonpositive(logits[i] / t - shift);
             probs[i] = e;
@@ -134,15 +142,27 @@ int batchserve_sample_rows(
             /* The sort's two vocab-long buffers follow `probs` where it lies in the scratch. */
             uint32_t *keys = kept ? scratch : scratch + vocab;
             uint32_t *spare = kept ? scratch + vocab : keys + vocab;
-            memcpy(keys, probs, (size_t)vocab * sizeof *keys);
-            radix_sort(keys, spare, vocab);
-            const float threshold = keep_threshold(keys, vocab, top_p[row], k);
+            int64_t n = vocab;
+            if (k < vocab) {
+                memcpy(keys, probs, (size_t)vocab * sizeof *keys);
+            } else {
+                /* Without a top-k, a token with p <= (total - top_p) / (2 vocab) has more than
+                 * top_p of the mass above it (total - vocab * p at least): surely out, and
+                 * every token above a candidate is one, so only candidates are sorted. */
+                double total = 0.0;
+#pragma omp simd reduction(+ : total)
+                for (int64_t i = 0; i < vocab; ++i) total += probs[i];
+                const double bound = 0.5 * (total - (double)top_p[row]) / (double)vocab;
+                n = 0;
+                for (int64_t i = 0; i < vocab; ++i) {
+                    if ((double)probs[i] > bound) memcpy(&keys[n++], &probs[i], sizeof *keys);
+                }
+            }
+            radix_sort(keys, spare, n);
+            const float threshold = n ? keep_threshold(keys, n, vocab, top_p[row], k) : INFINITY;
             for (int64_t i = 0; i < vocab; ++i) probs[i] = probs[i] >= threshold ? probs[i] : 0.0f;
         }
-        if (greedy) {
-            tokens[row] = best;
-            continue;
-        }
+        if (greedy) continue;
         double mass = 0.0;
         for (int64_t i = 0; i < vocab; ++i) mass += (double)probs[i];
         const double target = uniforms[row] * mass;
