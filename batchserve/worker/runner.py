@@ -14,9 +14,9 @@ keep their KV in one store of twice the blocks (the after copy's blocks are the 
 shifted by the number of blocks), so the scheduler's block tables serve both.
 
 Shapes: the decoding rows, the prompt tokens, the chunks and the sampled rows are each padded
-to a small set of buckets (padding rows read and write the reserved block 0), and never to 0 or
-1 (sizes torch.compile specialises on). With `compile` the step's forward is compiled once with
-dynamic shapes, so a steady stream of steps never recompiles.
+to at least 2 (torch.compile specialises on 0 and 1; padding rows read and write the reserved
+block 0), and on CUDA to a small set of buckets. With `compile` the step's forward is compiled
+once with dynamic shapes, so a steady stream of steps never recompiles, whatever the sizes.
 """
 
 from __future__ import annotations
@@ -108,6 +108,11 @@ class ModelRunner:
         self.config = config or RunnerConfig()
         self.device = pair.device
         self.vocab = pair.vocab_limit
+        # Padding granularity (rows, prompt tokens). On the CPU the compiled step takes any
+        # size >= 2 without recompiling, so padding only costs compute: a 20-token chunk
+        # padded to 32 ran 12 rows of waste through every matrix product of its step. The
+        # buckets stay on CUDA, where each will be captured as a graph.
+        self._row_step, self._token_step = (1, 1) if self.device.type == "cpu" else (8, 16)
         sync_free = self.config.sync_free
         self.sync_free = self.device.type == "cuda" if sync_free is None else sync_free
         self.num_host_transfers = 0  # device-to-host copies (tests count them)
@@ -391,7 +396,7 @@ class ModelRunner:
         after = (
             index[num_dec : 2 * num_dec] + index[2 * num_dec + num_pre : 2 * (num_dec + num_pre)]
         )
-        padded = bucket(len(before))
+        padded = bucket(len(before), self._row_step)
         index = before + [0] * (padded - len(before)) + after + [0] * (padded - len(after))
         return inputs, batch, index
 
@@ -404,7 +409,7 @@ class ModelRunner:
         """Host lists -> the step's input tensors (one host-to-device copy each); `adapters`
         (a LoRA pair): each row's adapter index, decoding rows then prefilling rows."""
         bs = self.block_size
-        num_decode = bucket(len(decoding))
+        num_decode = bucket(len(decoding), self._row_step)
         ids: list[int] = []
         positions: list[int] = []
         write: list[int] = []
@@ -434,13 +439,13 @@ class ModelRunner:
                 sample_index.append(num_decode + offset + n - 1)
             offset += n
         if prefilling:
-            pad = bucket(offset, 16) - offset
+            pad = bucket(offset, self._token_step) - offset
             ids += [0] * pad
             positions += [0] * pad
             write += [0] * pad
             token_adapters += [BASE] * pad
         spans += [(0, 0, 0)] * (_MIN_SIZE - len(spans))
-        sample_index += [0] * (bucket(len(sample_index)) - len(sample_index))
+        sample_index += [0] * (bucket(len(sample_index), self._row_step) - len(sample_index))
         dev = self.device
         decode_tables = [r.block_ids for r in decoding]
         decode_lengths = [r.start + 1 for r in decoding]
