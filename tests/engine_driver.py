@@ -81,6 +81,16 @@ class Driver:
 
 
 @torch.no_grad()
+def served(
+    pair: ModelPair, prompts: Sequence[str], params: SamplingParams, runner: RunnerConfig
+) -> Driver:
+    """A driver over `runner` that has run one row per prompt to the end."""
+    driver = Driver(pair, runner=runner)
+    driver.add(rows_for(pair, prompts, params))
+    driver.run()
+    return driver
+
+
 def reference_next_logits(models: tuple, prompt: Sequence[int], tokens: Sequence[int], vocab: int):
     """Both models' logits [T, vocab] before each of `tokens`: one plain forward over the
     prompt and the tokens (causal, so position t sees exactly the prompt and tokens[:t])."""

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from engine_driver import Driver, assert_matches_reference, rows_for
+from engine_driver import Driver, assert_matches_reference, rows_for, served
 from tiny_models import build_pair, reference_models
 
 from batchserve.core.types import RunnerConfig, SamplingParams
@@ -132,13 +132,10 @@ def test_served_rows_agree_with_and_without_the_c_kernel(family) -> None:
     runs = {}
     for use_native in (True, False):
         config = RunnerConfig(max_batch_size=8, compile=False, native_attention=use_native)
-        driver = Driver(pair, runner=config)
+        driver = served(pair, prompts, params, config)
         assert driver.core.runner.native_attention is use_native
         assert driver.core.runner.info()["native_decode_attention"] is use_native
-        rows = rows_for(pair, prompts, params)
-        driver.add(rows)
-        driver.run()
-        assert_matches_reference(driver, models, rows, pair.vocab_limit)
+        assert_matches_reference(driver, models, rows_for(pair, prompts, params), pair.vocab_limit)
         runs[use_native] = driver.tokens
     assert runs[True] == runs[False]
 

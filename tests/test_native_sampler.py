@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from engine_driver import Driver, rows_for
+from engine_driver import Driver, served
 from tiny_models import build_pair
 
 from batchserve.core.seeds import SEED_MAX
@@ -187,15 +187,18 @@ def test_served_rows_draw_the_same_with_and_without_the_c_sampler(sampled: bool)
     )  # fmt: skip
     params = dataclasses.replace(params, logprobs=True)
     prompts = ["hello", "the cat sat on the mat", "a poem about the dog that ran far away"]
-    runs = {}
-    for use_c in (True, False):
-        config = RunnerConfig(max_batch_size=8, compile=False, native_sampler=use_c)
-        driver = Driver(pair, runner=config)
+    runs = {
+        use_c: served(
+            pair,
+            prompts,
+            params,
+            RunnerConfig(max_batch_size=8, compile=False, native_sampler=use_c),
+        )
+        for use_c in (True, False)
+    }
+    for use_c, driver in runs.items():
         assert driver.core.runner.native_sampler is use_c
         assert driver.core.runner.info()["native_sampler"] is use_c
-        driver.add(rows_for(pair, prompts, params))
-        driver.run()
-        runs[use_c] = driver
     assert runs[True].tokens == runs[False].tokens
     for row_id, entries in runs[True].logprobs.items():
         assert len(entries) == 12

@@ -113,28 +113,31 @@ def _library(name: str) -> ctypes.CDLL | None:
         return None
 
 
-@functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:
-    library = _library("decode_attention")
+def _bind(name: str, symbol: str, argtypes: list[type]) -> ctypes._CFuncPtr | None:
+    """`symbol` of the library csrc/<name>.c (an int-returning C function), or None."""
+    library = _library(name)
     if library is None:
         return None
-    kernel = library.batchserve_decode_attention
-    kernel.restype = ctypes.c_int
-    kernel.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_float, _I64, _PTR, _PTR, _I64]
-    return kernel
+    function = getattr(library, symbol)
+    function.restype = ctypes.c_int
+    function.argtypes = argtypes
+    return function
+
+
+@functools.cache
+def _kernel() -> ctypes._CFuncPtr | None:
+    return _bind(
+        "decode_attention", "batchserve_decode_attention",
+        [_PTR] * 6 + [_I64] * 6 + [ctypes.c_float, _I64, _PTR, _PTR, _I64],
+    )  # fmt: skip
 
 
 @functools.cache
 def _sampler() -> ctypes._CFuncPtr | None:
-    library = _library("sample_rows")
-    if library is None:
-        return None
-    kernel = library.batchserve_sample_rows
-    kernel.restype = ctypes.c_int
-    kernel.argtypes = (
-        [_PTR, _PTR, _I64, _I64, _I64] + [_PTR] * 5 + [ctypes.c_float, _I64] + [_PTR] * 4
-    )
-    return kernel
+    return _bind(
+        "sample_rows", "batchserve_sample_rows",
+        [_PTR, _PTR, _I64, _I64, _I64] + [_PTR] * 5 + [ctypes.c_float, _I64] + [_PTR] * 4,
+    )  # fmt: skip
 
 
 def available() -> bool:
