@@ -80,7 +80,6 @@ class Driver:
         raise AssertionError("the engine did not finish")
 
 
-@torch.no_grad()
 def served(
     pair: ModelPair, prompts: Sequence[str], params: SamplingParams, runner: RunnerConfig
 ) -> Driver:
@@ -91,6 +90,7 @@ def served(
     return driver
 
 
+@torch.no_grad()
 def reference_next_logits(models: tuple, prompt: Sequence[int], tokens: Sequence[int], vocab: int):
     """Both models' logits [T, vocab] before each of `tokens`: one plain forward over the
     prompt and the tokens (causal, so position t sees exactly the prompt and tokens[:t])."""

@@ -14,7 +14,13 @@ from engine_driver import Driver, served
 from tiny_models import build_pair
 
 from batchserve.core.seeds import SEED_MAX
-from batchserve.core.types import GREEDY_TEMPERATURE, INVALID_TOKEN, RunnerConfig, SamplingParams
+from batchserve.core.types import (
+    GREEDY_TEMPERATURE,
+    INVALID_TOKEN,
+    RunnerConfig,
+    SamplingParams,
+    ScheduledRow,
+)
 from batchserve.worker import native
 from batchserve.worker.sampling import (
     SamplingPlan,
@@ -153,6 +159,54 @@ def test_a_row_draws_the_same_alone_and_in_a_batch_and_from_strided_logits() -> 
             *([p[b]] for p in params), uniforms[b : b + 1],
         )  # fmt: skip
         assert int(alone.tokens[0]) == together[b]
+
+
+def test_the_draw_and_the_nucleus_edge_are_strict() -> None:
+    """A uniform of 0 draws the first kept token, not a filtered one before it; a token whose
+    mass above equals top_p x mass exactly is out."""
+    row = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
+    out = c_sample(row, row, [0.0], [1.0], [1.0], [2], [0.0])
+    assert out.kept[0].nonzero().flatten().tolist() == [1, 2]
+    assert int(out.tokens[0]) == 1  # token 0 is out of the top 2: the draw must skip it
+    full = c_sample(row, row, [0.0], [1.0], [1.0], [0], [0.5])
+    top = float(full.kept[0, 1])  # float32: C compares it in float64 exactly
+    edge = c_sample(row, row, [0.0], [1.0], [top], [0], [0.5])
+    assert edge.kept[0].nonzero().flatten().tolist() == [1]
+
+
+@pytest.mark.parametrize("use_c", [True, False], ids=["c-sampler", "torch-sampler"])
+def test_a_temperature_just_under_the_greedy_threshold_is_greedy_in_any_batch(use_c) -> None:
+    """Rounded to float32 it equals the threshold; the runner decides greedy on the host."""
+    pair = build_pair("llama")
+    runner = Driver(
+        pair, runner=RunnerConfig(max_batch_size=4, compile=False, native_sampler=use_c)
+    ).core.runner
+    vocab = pair.vocab_limit
+    after = torch.zeros(2, vocab)
+    after[:, 0], after[:, 3] = 5.0, 5.0002  # token 3 is the argmax, token 0 a close second
+    edge = 9.9999995e-06
+    assert edge < GREEDY_TEMPERATURE and not torch.tensor(edge) < GREEDY_TEMPERATURE
+
+    def rows(temperatures: list[float]) -> list[ScheduledRow]:
+        return [
+            ScheduledRow(
+                i,
+                (1,),
+                3,
+                (0,),
+                SamplingParams(alpha=0.0, temperature=t, top_p=1.0),
+                7 + i,
+                True,
+                5,
+            )
+            for i, t in enumerate(temperatures)
+        ]
+
+    with torch.inference_mode():
+        alone = runner._sample(after[:1], after[:1], rows([edge]))[0].tolist()
+        runner._sampling = None
+        beside = runner._sample(after, after, rows([edge, 0.8]))[0].tolist()
+    assert alone[0] == beside[0] == 3
 
 
 def test_draws_follow_the_distribution() -> None:

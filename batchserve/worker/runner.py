@@ -518,9 +518,14 @@ class ModelRunner:
         self._sampling = _SamplingRows(
             row_ids=row_ids,
             alpha=torch.tensor([p.alpha for p in params], dtype=torch.float32, device=dev),
+            # Greedy is decided here, once, in float64 as the plan decides it: a temperature
+            # just under the threshold may round up to it in float32, where the samplers'
+            # own test would then draw the row (and its draw would depend on the batch).
             temperature=torch.tensor(
-                [p.temperature for p in params], dtype=torch.float32, device=dev
-            ),
+                [0.0 if p.temperature < GREEDY_TEMPERATURE else p.temperature for p in params],
+                dtype=torch.float32,
+                device=dev,
+            ),  # fmt: skip
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
             top_k=torch.tensor(top_ks, dtype=torch.long, device=dev),
             seed_hashes=tuple(seed_hash(r.seed) for r in rows),
