@@ -226,6 +226,16 @@ def test_bad_inputs_are_refused() -> None:
         c_sample(
             logits.double(), logits.double(), [0.0] * 2, [1.0] * 2, [1.0] * 2, [0] * 2, [0.5] * 2
         )
+    with pytest.raises(TypeError, match="CPU"):
+        c_sample(
+            logits.to("meta"),
+            logits.to("meta"),
+            [0.0] * 2,
+            [1.0] * 2,
+            [1.0] * 2,
+            [0] * 2,
+            [0.5] * 2,
+        )
     with pytest.raises(ValueError, match="per row"):
         c_sample(logits, logits, [0.0] * 3, [1.0] * 2, [1.0] * 2, [0] * 2, [0.5] * 2)
 

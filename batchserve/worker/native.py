@@ -177,6 +177,8 @@ def sample_rows(
     rows, vocab = after.shape
     if before.shape != after.shape or after.dtype != torch.float32 or before.dtype != after.dtype:
         raise TypeError("the C sampler reads two float32 [rows, vocab] logit tensors alike")
+    if after.device.type != "cpu" or before.device.type != "cpu":
+        raise TypeError("the C sampler reads CPU tensors")
     if after.stride(1) != 1 or before.stride() != after.stride():
         after, before = after.contiguous(), before.contiguous()
     columns = [
