@@ -193,7 +193,9 @@ def test_each_half_equals_its_model_at_prefill_and_decode(lora_pair, other_adapt
 
 
 def test_the_base_half_is_the_base_model_exactly(lora_pair):
-    runner = runner_for(lora_pair)
+    # Torch's attention, as the plain forward's: the C kernel (a short prompt's tokens go
+    # through it as queries) rounds differently, ~1e-5; what is tested here is the adapter.
+    runner = runner_for(lora_pair, native_attention=False)
     plan = StepPlan((_row(0, PROMPTS[0], GREEDY, (1, 2)),))
     _, before, _ = runner.logits(plan)
     base = merged_model(None, torch.float32)

@@ -11,8 +11,9 @@ import torch
 from engine_driver import Driver, assert_matches_reference, rows_for, served
 from tiny_models import build_pair, reference_models
 
-from batchserve.core.types import RunnerConfig, SamplingParams
+from batchserve.core.types import RunnerConfig, SamplingParams, ScheduledRow
 from batchserve.worker import native
+from batchserve.worker import runner as runner_module
 from batchserve.worker.attention import decode_attention
 from batchserve.worker.models import pair_from_models
 
@@ -148,3 +149,26 @@ def test_a_model_the_kernel_cannot_serve_is_refused_when_asked_for() -> None:
     with pytest.raises(ValueError, match="float32 models on the CPU"):
         Driver(half, runner=RunnerConfig(max_batch_size=2, native_attention=True))
     assert not Driver(half, runner=RunnerConfig(max_batch_size=2)).core.runner.native_attention
+
+
+@pytest.mark.parametrize("as_queries", [True, False], ids=["short-as-queries", "all-per-chunk"])
+def test_prompts_as_queries_or_per_chunk_match_a_plain_forward(monkeypatch, as_queries) -> None:
+    """Short prompts go through the C kernel as one query per token, a long one beside them
+    through the per-chunk attention, in the same steps; either way every row's tokens and
+    log-probabilities are a plain forward's."""
+    if not as_queries:
+        monkeypatch.setattr(runner_module, "_SHORT_CHUNK_READS", 0)
+    pair, models = build_pair("llama"), reference_models("llama")
+    params = SamplingParams(alpha=1.5, temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    params = dataclasses.replace(params, logprobs=True)
+    prompts = ["hello", "the cat sat on the mat", "a poem about the dog that ran far away " * 8]
+    rows = rows_for(pair, prompts, params)
+    config = RunnerConfig(max_batch_size=8, compile=False, native_attention=True)
+    driver = served(pair, prompts, params, config)
+    runner = driver.core.runner
+    short, long = (
+        ScheduledRow(0, r.prompt_ids, 0, (), params, 0, True) for r in (rows[1], rows[2])
+    )
+    assert runner._rides_as_queries(short) is as_queries
+    assert not runner._rides_as_queries(long)
+    assert_matches_reference(driver, models, rows, pair.vocab_limit)

@@ -57,9 +57,11 @@ class KVStore:
 @dataclass
 class PagedBatch:
     """Where one step's tokens go and what each query reads. The first `num_decode` packed
-    tokens are decoding rows (padded with rows that read and write the reserved block 0), the
-    rest prompt chunks (`prefill_spans` [R, 3] on the host: offset in the chunk part, tokens,
-    start position of each chunk; padding tokens belong to no span)."""
+    tokens are single queries of the decode attention, each reading keys 0..its position:
+    decoding rows and, with the C kernel, the tokens of short prompt chunks (padded with
+    queries that read and write the reserved block 0); the rest prompt chunks attended per
+    chunk (`prefill_spans` [R, 3] on the host: offset in the chunk part, tokens, start position
+    of each chunk; padding tokens belong to no span)."""
 
     write_index: torch.Tensor  # [N] store slot of each packed token
     # What the decoding rows read: with the C kernel (worker/native.py) their block tables

@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 _CPU_DEFAULT_TOKENS_PER_ROW = 2048
 _CPU_MAX_KV_BYTES = 4 << 30
 _MIN_SIZE = 2  # torch.compile specialises sizes 0 and 1; padding keeps every size above
+# A prompt chunk whose tokens read at most this many keys in all goes through the C decode
+# attention, one query per token (a 20-token prompt: 400), rather than an SDPA of its own; a
+# step with one such chunk beside 31 decoding rows spent ~1.5 ms of ~12.8 in that SDPA op.
+_SHORT_CHUNK_READS = 4096
 
 
 def _env_switch(name: str) -> bool | None:
@@ -289,9 +293,13 @@ class ModelRunner:
 
         params = SamplingParams(temperature=0.0, max_new_tokens=1)
         decoding = [ScheduledRow(-1 - i, (1,), 3, (0,), params, 0, True, 0) for i in range(3)]
-        chunk = ScheduledRow(-9, (1, 2, 3, 4, 5), 0, (0,), params, 0, True, 0)
+        # A chunk too long to ride as queries of the C attention (_rides_as_queries).
+        n = math.isqrt(_SHORT_CHUNK_READS) + 1
+        blocks = (0,) * math.ceil(n / self.block_size)
+        chunk = ScheduledRow(-9, (1,) * n, 0, blocks, params, 0, True, 0)
         started = time.perf_counter()
-        # The two graphs: steps that only decode (most), and steps with prompt chunks.
+        # The two graphs: steps whose queries all go through the decode attention (most),
+        # and steps with prompt chunks attended per chunk.
         self.execute(StepPlan(tuple(decoding)))
         self.execute(StepPlan((*decoding, chunk)))
         self.compile_s = time.perf_counter() - started
@@ -407,66 +415,79 @@ class ModelRunner:
         adapters: list[int] | None = None,
     ) -> tuple[dict[str, torch.Tensor], PagedBatch, list[int]]:
         """Host lists -> the step's input tensors (one host-to-device copy each); `adapters`
-        (a LoRA pair): each row's adapter index, decoding rows then prefilling rows."""
+        (a LoRA pair): each row's adapter index, decoding rows then prefilling rows.
+
+        Packed order: one query per decoding row, then (with the C attention) each short
+        chunk's tokens as queries of their own (causal by their positions), padding, then the
+        other chunks' tokens (attended per chunk by `prefill_attention`), padding."""
         bs = self.block_size
-        num_decode = bucket(len(decoding), self._row_step)
+        rows = [*decoding, *prefilling]
+        row_adapters = adapters or [BASE] * len(rows)
+        as_query = [i < len(decoding) or self._rides_as_queries(r) for i, r in enumerate(rows)]
+        queries = [i for i, q in enumerate(as_query) if q]
+        chunked = [i for i, q in enumerate(as_query) if not q]
         ids: list[int] = []
         positions: list[int] = []
         write: list[int] = []
         token_adapters: list[int] = []
-        for r in decoding:
-            ids.append(r.token_ids[0])
-            positions.append(r.start)
-            write.append(r.block_ids[r.start // bs] * bs + r.start % bs)
-        pad = num_decode - len(decoding)
+        last_token = [0] * len(rows)  # each row's last token's place in the packing
+        query_tables: list[Sequence[int]] = []
+        query_lengths: list[int] = []
+        for i in queries:
+            r = rows[i]
+            for p, token in enumerate(r.token_ids, start=r.start):
+                ids.append(token)
+                positions.append(p)
+                write.append(r.block_ids[p // bs] * bs + p % bs)
+                token_adapters.append(row_adapters[i])
+                query_tables.append(r.block_ids)
+                query_lengths.append(p + 1)
+            last_token[i] = len(ids) - 1
+        num_decode = bucket(len(ids), self._row_step)
+        pad = num_decode - len(ids)
         ids += [0] * pad
         positions += [0] * pad
         write += [0] * pad
-        if adapters is not None:
-            token_adapters = adapters[: len(decoding)] + [BASE] * pad
-            for r, adapter in zip(prefilling, adapters[len(decoding) :], strict=True):
-                token_adapters += [adapter] * len(r.token_ids)
-        sample_index = [i for i, r in enumerate(decoding) if r.samples]
+        token_adapters += [BASE] * pad
         spans: list[tuple[int, int, int]] = []
         offset = 0
-        for r in prefilling:
+        for i in chunked:
+            r = rows[i]
             n = len(r.token_ids)
             spans.append((offset, n, r.start))
             ids.extend(r.token_ids)
             positions.extend(range(r.start, r.start + n))
             write.extend(r.block_ids[p // bs] * bs + p % bs for p in range(r.start, r.start + n))
-            if r.samples:
-                sample_index.append(num_decode + offset + n - 1)
+            token_adapters += [row_adapters[i]] * n
             offset += n
-        if prefilling:
+            last_token[i] = num_decode + offset - 1
+        if chunked:
             pad = bucket(offset, self._token_step) - offset
             ids += [0] * pad
             positions += [0] * pad
             write += [0] * pad
             token_adapters += [BASE] * pad
         spans += [(0, 0, 0)] * (_MIN_SIZE - len(spans))
+        sample_index = [last_token[i] for i, r in enumerate(rows) if r.samples]
         sample_index += [0] * (bucket(len(sample_index), self._row_step) - len(sample_index))
         dev = self.device
-        decode_tables = [r.block_ids for r in decoding]
-        decode_lengths = [r.start + 1 for r in decoding]
         if self.native_attention:
-            decode_read = self._block_table(decode_tables, decode_lengths, num_decode)[0].to(dev)
+            decode_read = self._block_table(query_tables, query_lengths, num_decode)[0].to(dev)
         else:
-            decode_read = self._read_index(decode_tables, decode_lengths, num_decode)
+            decode_read = self._read_index(query_tables, query_lengths, num_decode)
         prefill_read = None
-        if prefilling:
+        if chunked:
             prefill_read = self._read_index(
-                [r.block_ids for r in prefilling],
-                [r.start + len(r.token_ids) for r in prefilling],
+                [rows[i].block_ids for i in chunked],
+                [rows[i].start + len(rows[i].token_ids) for i in chunked],
                 len(spans),
             )
-        decode_positions = positions[:num_decode]
         batch = PagedBatch(
             write_index=torch.tensor(write, dtype=torch.long, device=dev),
             decode_read_index=decode_read,
-            decode_positions=torch.tensor(decode_positions, dtype=torch.long, device=dev),
+            decode_positions=torch.tensor(positions[:num_decode], dtype=torch.long, device=dev),
             prefill_read_index=prefill_read,
-            prefill_spans=torch.tensor(spans, dtype=torch.long) if prefilling else None,
+            prefill_spans=torch.tensor(spans, dtype=torch.long) if chunked else None,
             is_compiled=self.is_compiled,
             native_block_size=bs if self.native_attention else 0,
             token_adapters=(
@@ -479,6 +500,13 @@ class ModelRunner:
             "position_ids": torch.tensor([positions], dtype=torch.long, device=dev),
         }
         return inputs, batch, sample_index
+
+    def _rides_as_queries(self, row: ScheduledRow) -> bool:
+        """Whether a prompt chunk goes through the C attention as one query per token: where
+        its keys read in all (n tokens x up to start + n keys) stay few. Decided by the row
+        alone, so a row is attended the same way whatever else shares its step."""
+        n = len(row.token_ids)
+        return self.native_attention and n > 1 and n * (row.start + n) <= _SHORT_CHUNK_READS
 
     def _block_table(
         self, tables: Sequence[Sequence[int]], lengths: Sequence[int], num_rows: int
