@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -211,41 +211,44 @@ class ModelRunner:
         in float32 with one head size for keys and values and one torch thread, where it
         builds; the config (else BATCHSERVE_NATIVE_ATTENTION, which the CLI's
         --native-attention reads too) can ask for it or refuse it."""
-        wanted = self.config.native_attention
-        if wanted is None:
-            wanted = _env_switch("NATIVE_ATTENTION")
-        # One thread: the kernel runs its rows on one core, where inductor's kernel would use
-        # every torch thread; measured only on a 2-core host (auto = 1 thread there).
         fits = self.device.type == "cpu" and all(
             p.dtype == torch.float32 and all(kd == vd for _, kd, vd in p.shapes.values())
             for p in probes
         )
-        if wanted is False or (wanted is None and not (fits and torch.get_num_threads() == 1)):
-            return False
-        if not fits:
-            raise ValueError("the C decode attention serves float32 models on the CPU only")
-        if not native.available():
-            if wanted:
-                raise RuntimeError("the C decode attention could not be built (see the log)")
-            return False
-        return True
+        # One thread: the kernel runs its rows on one core, where inductor's kernel would use
+        # every torch thread; measured only on a 2-core host (auto = 1 thread there).
+        return self._use_native(
+            self.config.native_attention, "NATIVE_ATTENTION", "decode attention", fits,
+            "serves float32 models on the CPU only", torch.get_num_threads() == 1,
+            native.available,
+        )  # fmt: skip
 
     def _native_sampler(self) -> bool:
         """Whether the step samples in C (worker/native.py): by default on the CPU wherever it
         builds (the logits are made float32 for it); the config, else BATCHSERVE_NATIVE_SAMPLER
         (which the CLI's --native-sampler reads too), can ask for it or refuse it."""
-        wanted = self.config.native_sampler
+        return self._use_native(
+            self.config.native_sampler, "NATIVE_SAMPLER", "sampler",
+            self.device.type == "cpu", "runs on the CPU only", True, native.sampler_available,
+        )  # fmt: skip
+
+    @staticmethod
+    def _use_native(
+        wanted: bool | None, env: str, what: str, fits: bool, unfit: str, by_default: bool,
+        available: Callable[[], bool],
+    ) -> bool:  # fmt: skip
+        """One rule for the C kernels: asked for (config, else BATCHSERVE_<env>) it must fit
+        and build, else an error; refused, off; left open, on where it fits, `by_default`
+        holds and it builds."""
         if wanted is None:
-            wanted = _env_switch("NATIVE_SAMPLER")
-        if wanted is False:
+            wanted = _env_switch(env)
+        if wanted is False or (wanted is None and not (fits and by_default)):
             return False
-        if self.device.type != "cpu":
+        if not fits:
+            raise ValueError(f"the C {what} {unfit}")
+        if not available():
             if wanted:
-                raise ValueError("the C sampler runs on the CPU only")
-            return False
-        if not native.sampler_available():
-            if wanted:
-                raise RuntimeError("the C sampler could not be built (see the log)")
+                raise RuntimeError(f"the C {what} could not be built (see the log)")
             return False
         return True
 
