@@ -179,6 +179,7 @@ def run(
     *,
     floor_step_ms: float | None,
     compile: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> tuple[list[BatchResult], dict]:
     results = []
     prompt_len, new_tokens = workload.prompt_len, workload.new_tokens
@@ -187,7 +188,10 @@ def run(
     core = build_engine_core(
         pair,
         RunnerConfig(
-            max_batch_size=largest, kv_cache_tokens=largest * (row_tokens + 16), compile=compile
+            max_batch_size=largest,
+            kv_cache_tokens=largest * (row_tokens + 16),
+            compile=compile,
+            cuda_graphs=cuda_graphs,
         ),
         SchedulerConfig(
             max_batch_size=largest,
@@ -298,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile the step (default: the runner's own choice, compiled on the CPU)",
     )
     parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay decode steps as CUDA graphs (default: the runner's own choice, on CUDA)",
+    )
+    parser.add_argument(
+        "--graphs-ab",
+        action="store_true",
+        help="also run this code without CUDA graphs, alternating with it in this process "
+        "(--rounds), and print the speed-up the graphs give per batch size",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         default=None,
@@ -305,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the same workload, alternating with this code, and print the speed-up per batch size",
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="with --baseline: alternations (default: 2)"
+        "--rounds",
+        type=int,
+        default=2,
+        help="with --baseline or --graphs-ab: alternations (default: 2)",
     )
     parser.add_argument(
         "--output",
@@ -399,16 +418,28 @@ def main(argv: list[str] | None = None) -> int:
         floor_step_ms = pair_bytes / bandwidth * 1e3
         log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s: floor {floor_step_ms:.2f} ms/step")
     workload = config_from_args(StepWorkload, args)
-    rounds = args.rounds if args.baseline else 1
+    if args.baseline and args.graphs_ab:
+        raise SystemExit("error: give --baseline or --graphs-ab, not both")
+    if args.graphs_ab and device.type != "cuda":
+        raise SystemExit("error: --graphs-ab compares CUDA graphs: it needs --device cuda")
+    rounds = args.rounds if args.baseline or args.graphs_ab else 1
     baseline_reports: list[dict] = []
     all_results: list[list[BatchResult]] = []
     for round_index in range(rounds):
         if args.baseline:
             log(f"round {round_index + 1} of {rounds}")
             baseline_reports.append(run_baseline(args.baseline, args))
+        if args.graphs_ab:
+            log(f"round {round_index + 1} of {rounds}: without CUDA graphs")
+            plain, _ = run(
+                pair, batch_sizes, workload, floor_step_ms=floor_step_ms, compile=args.compile,
+                cuda_graphs=False,
+            )  # fmt: skip
+            baseline_reports.append({"results": [asdict(r) for r in plain]})
         results, runner_info = run(
-            pair, batch_sizes, workload, floor_step_ms=floor_step_ms, compile=args.compile
-        )
+            pair, batch_sizes, workload, floor_step_ms=floor_step_ms, compile=args.compile,
+            cuda_graphs=True if args.graphs_ab else args.cuda_graphs,
+        )  # fmt: skip
         all_results.append(results)
     title = (
         f"{shape or source['after']} on {device_name(device)}, {str(dtype).removeprefix('torch.')}"
@@ -420,11 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         + format_table(results) + "\n"
     )  # fmt: skip
     comparison = None
-    if args.baseline:
+    if baseline_reports:
         text, comparison = compare([r["results"] for r in baseline_reports], all_results)
-        markdown += (
-            f"\n### against {args.baseline} (mean of {rounds} alternating rounds)\n\n{text}\n"
-        )
+        against = args.baseline or "this code without CUDA graphs"
+        markdown += f"\n### against {against} (mean of {rounds} alternating rounds)\n\n{text}\n"
     print(markdown)
     report = {
         "benchmark": "engine",
@@ -435,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": "batchserve runner (paged, packed steps)",
         "runner": runner_info,
-        "baseline": args.baseline,
+        "baseline": args.baseline or ("no-cuda-graphs" if args.graphs_ab else None),
         "comparison": comparison,
         "mixed_alphas": list(MIXED_ALPHAS),
         "top_p": 0.95,

@@ -1,6 +1,8 @@
 """GPU checks of the runner (skipped without CUDA; CI is CPU-only). Run with `make test-gpu`.
 
-Not yet run on a GPU in this repository's history: see bench/results/README.md.
+Not yet run on a GPU in this repository's history: see bench/results/README.md. The CUDA
+graphs' bucketing and static buffers are also tested on the CPU (tests/test_cuda_graphs.py);
+what only a GPU shows, the capture itself, is here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ pytestmark = [
 
 PROMPTS = ["hello", "the cat sat on the mat", "tell me a story about the dog", "a poem"]
 EAGER = RunnerConfig(compile=False)
+NO_GRAPHS = RunnerConfig(compile=False, cuda_graphs=False)
 
 
 def cuda_pair(kind: str = "llama", dtype: torch.dtype = torch.float32):
@@ -39,13 +42,37 @@ def test_cuda_runner_matches_the_cpu_runner_in_float32() -> None:
         GenerationRequest(p, dataclasses.replace(params, seed=i)) for i, p in enumerate(PROMPTS)
     ]
     on_cpu = generate(build_pair("llama"), requests, runner_config=EAGER)
-    on_gpu = generate(cuda_pair(), requests, runner_config=EAGER)
+    on_gpu = generate(cuda_pair(), requests, runner_config=NO_GRAPHS)
     assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
 
 
-def test_a_cuda_decode_step_synchronises_once_for_its_one_copy() -> None:
+@pytest.mark.parametrize("logprobs", [False, True], ids=["sampler-in-graph", "models-only"])
+def test_cuda_graphs_draw_the_ungraphed_runners_tokens(logprobs) -> None:
+    """Rows of different lengths, so the graphs are replayed over fewer rows than they were
+    recorded with, and rows cross from one key-length bucket to the next."""
+    pair = cuda_pair()
+    params = SamplingParams(temperature=1.0, top_p=0.9, ignore_eos=True, logprobs=logprobs)
+    drivers = {}
+    for graphs in (True, False):
+        driver = Driver(pair, runner=RunnerConfig(compile=False, cuda_graphs=graphs))
+        for i, prompt in enumerate(PROMPTS):
+            row_params = dataclasses.replace(params, max_new_tokens=30 + 30 * i)
+            driver.add(rows_for(pair, [prompt], row_params, start=i))
+        driver.run()
+        drivers[graphs] = driver
+    graphed, plain = drivers[True], drivers[False]
+    assert graphed.tokens == plain.tokens
+    for row_id, entries in plain.logprobs.items():
+        got = [value for entry in graphed.logprobs[row_id] for value in entry]
+        assert got == pytest.approx([value for entry in entries for value in entry], abs=1e-4)
+    info = graphed.core.runner.info()
+    assert info["cuda_graphs"] is True and info["cuda_graphs_captured"] >= 4
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graphs", "no-graphs"])
+def test_a_cuda_decode_step_synchronises_once_for_its_one_copy(graphs) -> None:
     pair = cuda_pair(dtype=torch.bfloat16)
-    runner = RunnerConfig(top_k_cap=4, compile=False)  # the fallback runs too
+    runner = RunnerConfig(top_k_cap=4, compile=False, cuda_graphs=graphs)  # fallback runs too
     driver = Driver(pair, runner=runner)
     assert driver.core.runner.sync_free
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=40, ignore_eos=True)

@@ -203,9 +203,9 @@ def test_a_temperature_just_under_the_greedy_threshold_is_greedy_in_any_batch(us
         ]
 
     with torch.inference_mode():
-        alone = runner._sample(after[:1], after[:1], rows([edge]))[0].tolist()
-        runner._sampling = None
-        beside = runner._sample(after, after, rows([edge, 0.8]))[0].tolist()
+        alone = runner.sampler.sample(after[:1], after[:1], rows([edge]))[0].tolist()
+        runner.sampler._rows = None  # the same row ids, other rows
+        beside = runner.sampler.sample(after, after, rows([edge, 0.8]))[0].tolist()
     assert alone[0] == beside[0] == 3
 
 

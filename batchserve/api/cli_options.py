@@ -160,6 +160,16 @@ def add_model_options(parser: argparse.ArgumentParser, *, from_env: bool) -> Non
     )
     option(
         group,
+        "--cuda-graphs",
+        None,
+        from_env=from_env,
+        action=argparse.BooleanOptionalAction,
+        help="replay decode steps (both models and the sampler) as CUDA graphs, one per bucket "
+        "of rows and key length, recorded the first time a bucket is met (/info reports how "
+        "many and the seconds spent); a LoRA pair is not graphed yet (default: on CUDA)",
+    )
+    option(
+        group,
         "--native-attention",
         None,
         from_env=from_env,

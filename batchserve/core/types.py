@@ -118,6 +118,8 @@ class RunnerConfig:
     native_attention: bool | None = None
     # Sampling in C on the CPU (worker/native.py); None: wherever it builds (float32 logits).
     native_sampler: bool | None = None
+    # Decode steps replayed as CUDA graphs (worker/cuda_graphs.py); None: on CUDA.
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.block_size < 1 or self.top_k_cap < 1:

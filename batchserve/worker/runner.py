@@ -26,16 +26,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel
 
 from batchserve.core.types import (
-    GREEDY_TEMPERATURE,
-    INVALID_TOKEN,
     RunnerConfig,
+    SamplingParams,
     ScheduledRow,
     StepOutput,
     StepPlan,
@@ -48,17 +46,18 @@ from batchserve.worker.attention import (
     PagedCall,
     ShapeProbe,
 )
-from batchserve.worker.logprobs import logprobs_of, pad_score_alphas
+from batchserve.worker.cuda_graphs import (
+    Capture,
+    CaptureError,
+    CudaCapture,
+    GraphKey,
+    Outputs,
+    StepGraphs,
+)
 from batchserve.worker.lora import BASE
 from batchserve.worker.models import ModelPair
-from batchserve.worker.sampling import (
-    SamplingPlan,
-    amplify,
-    draw,
-    kept_probs,
-    seed_hash,
-    uniform_of_hash,
-)
+from batchserve.worker.sampling import SamplingPlan, sample_step
+from batchserve.worker.step_sampler import StepSampler
 
 log = logging.getLogger(__name__)
 
@@ -90,33 +89,20 @@ def bucket(n: int, step: int = 8) -> int:
     return math.ceil(n / step) * step
 
 
-@dataclass(frozen=True)
-class _SamplingRows:
-    """The sampling rows' parameters on the device, rebuilt only when the rows change."""
-
-    row_ids: tuple[int, ...]
-    alpha: torch.Tensor
-    temperature: torch.Tensor
-    top_p: torch.Tensor
-    top_k: torch.Tensor
-    seed_hashes: tuple[int, ...]  # sampling.seed_hash of each row's seed
-    plan: SamplingPlan
-    scores: tuple[torch.Tensor, torch.Tensor] | None  # padded score alphas + mask, if any asks
-
-
 class ModelRunner:
     """Both models and their KV stores; executes step plans."""
 
-    def __init__(self, pair: ModelPair, config: RunnerConfig | None = None) -> None:
+    def __init__(
+        self, pair: ModelPair, config: RunnerConfig | None = None, *,
+        graph_capture: Capture | None = None,
+    ) -> None:  # fmt: skip
+        """`graph_capture`: how decode steps are recorded (worker/cuda_graphs.py); by default
+        CUDA graphs on CUDA, where `config.cuda_graphs` allows them. The tests pass
+        `replay_by_call` to run the same path on the CPU."""
         self.pair = pair
         self.config = config or RunnerConfig()
         self.device = pair.device
         self.vocab = pair.vocab_limit
-        # Padding granularity (rows, prompt tokens). On the CPU the compiled step takes any
-        # size >= 2 without recompiling, so padding only costs compute: a 20-token chunk
-        # padded to 32 ran 12 rows of waste through every matrix product of its step. The
-        # buckets stay on CUDA, where each will be captured as a graph.
-        self._row_step, self._token_step = (1, 1) if self.device.type == "cpu" else (8, 16)
         sync_free = self.config.sync_free
         self.sync_free = self.device.type == "cuda" if sync_free is None else sync_free
         self.num_host_transfers = 0  # device-to-host copies (tests count them)
@@ -143,7 +129,6 @@ class ModelRunner:
         self.kv_bytes = sum(s.num_bytes for s in self.stores)
         capacity = (self._num_blocks - 1) * bs
         self._max_row_tokens = min(pair.max_context, capacity)
-        self._sampling: _SamplingRows | None = None
         self.native_attention = self._native_attention(probes)
         self.native_sampler = self._native_sampler()
         self.is_compiled = (
@@ -163,6 +148,18 @@ class ModelRunner:
             "KV store: %d tokens in %d blocks of %d (%.1f MiB for both models)%s",
             capacity, self._num_blocks - 1, bs, self.kv_bytes / 2**20,
             "; compiling the step" if self.is_compiled else "",
+        )  # fmt: skip
+        self._graphs = self._step_graphs(graph_capture)
+        # Padding granularity (rows, prompt tokens). On the CPU the compiled step takes any
+        # size >= 2 without recompiling, so padding only costs compute: a 20-token chunk
+        # padded to 32 ran 12 rows of waste through every matrix product of its step. With
+        # graphs (CUDA) each bucket is a graph: few buckets.
+        bucketed = self.device.type != "cpu" or self._graphs is not None
+        self._row_step, self._token_step = (8, 16) if bucketed else (1, 1)
+        self.sampler = StepSampler(
+            self.device, self.vocab, self.config.top_k_cap, sync_free=self.sync_free,
+            native=self.native_sampler,
+            graph_padding=None if self._graphs is None else self._sampled_rows,
         )  # fmt: skip
         if self.is_compiled:
             self.warm_up()
@@ -194,6 +191,9 @@ class ModelRunner:
             "native_sampler": self.native_sampler,
             "compiled": self.is_compiled,
             "compile_s": self.compile_s,
+            "cuda_graphs": self._graphs is not None,
+            "cuda_graphs_captured": None if self._graphs is None else self._graphs.num_graphs,
+            "cuda_graph_capture_s": None if self._graphs is None else self._graphs.capture_s,
             "lora": None if self.lora is None else self.lora.describe(),
         }
 
@@ -205,6 +205,22 @@ class ModelRunner:
         steps"), and eager on CUDA (no CUDA graphs yet)."""
         setting = _env_switch("COMPILE")
         return self.device.type == "cpu" if setting is None else setting
+
+    def _step_graphs(self, capture: Capture | None) -> StepGraphs | None:
+        """Decode steps replayed as graphs: by default on CUDA (not yet for a LoRA pair, whose
+        adapters' per-token index lives outside the step's inputs); the config (else
+        BATCHSERVE_CUDA_GRAPHS, which the CLI's --cuda-graphs reads too) can ask or refuse."""
+        wanted = self.config.cuda_graphs
+        if wanted is None:
+            wanted = _env_switch("CUDA_GRAPHS")
+        fits = self.lora is None and (capture is not None or self.device.type == "cuda")
+        if wanted is False or (wanted is None and not fits):
+            return None
+        if self.lora is not None:
+            raise ValueError("CUDA graphs do not serve a LoRA pair yet (--no-cuda-graphs)")
+        if not fits:
+            raise ValueError("CUDA graphs need a CUDA device (--no-cuda-graphs)")
+        return StepGraphs(capture or CudaCapture())
 
     def _native_attention(self, probes: list[ShapeProbe]) -> bool:
         """Whether decoding rows use the C attention (worker/native.py): by default on the CPU
@@ -292,8 +308,6 @@ class ModelRunner:
     def warm_up(self) -> float:
         """Compile the step now (a few decoding rows beside a prompt chunk, all in the reserved
         block), so the first request does not wait for it; returns the seconds it took."""
-        from batchserve.core.types import SamplingParams  # noqa: PLC0415 - set-up only
-
         params = SamplingParams(temperature=0.0, max_new_tokens=1)
         decoding = [ScheduledRow(-1 - i, (1,), 3, (0,), params, 0, True, 0) for i in range(3)]
         # A chunk too long to ride as queries of the C attention (_rides_as_queries).
@@ -317,8 +331,12 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepOutput:
         if not plan.rows:
             return StepOutput((), ())
+        if self._graphs is not None and all(len(r.token_ids) == 1 for r in plan.rows):
+            output = self._execute_graphed(plan)
+            if output is not None:
+                return output
         after, before, sample_rows = self.logits(plan)
-        tokens, logprobs = self._sample(after, before, sample_rows)
+        tokens, logprobs = self.sampler.sample(after, before, sample_rows)
         self.num_steps += 1
         order = {r.row_id: i for i, r in enumerate(sample_rows)}
         in_plan_order = [order[r.row_id] for r in plan.rows if r.samples]
@@ -342,6 +360,80 @@ class ModelRunner:
             after, before = self._forward(inputs["input_ids"], inputs["position_ids"], index, batch)
         num_sampled = len(sample_rows)
         return after[:num_sampled], before[:num_sampled], sample_rows
+
+    def _execute_graphed(self, plan: StepPlan) -> StepOutput | None:
+        """A decode step by its bucket's graph: both models, and the sampler unless a row asks
+        for log-probabilities (those are computed after the replay, from its logits). None
+        where the graphs are full or a capture failed (the step then runs as usual)."""
+        assert self._graphs is not None
+        rows = list(plan.rows)
+        sample_rows = [r for r in rows if r.samples]
+        inputs, batch, sample_index = self._pack(rows, [])
+        s = self.sampler.rows(sample_rows)
+        samples_in_graph = s.scores is None and not self.native_sampler
+        key = GraphKey(
+            tokens=batch.decode_positions.shape[0],
+            keys=batch.decode_read_index.shape[1],
+            sampled=len(sample_index),
+            plan=s.plan if samples_in_graph else None,
+        )
+        if not self._graphs.has_room(key):
+            return None
+        tensors = {
+            "input_ids": inputs["input_ids"],
+            "position_ids": inputs["position_ids"],
+            "logits_index": torch.tensor(sample_index, dtype=torch.long, device=self.device),
+            "write_index": batch.write_index,
+            "decode_read_index": batch.decode_read_index,
+            "decode_positions": batch.decode_positions,
+        }
+        if samples_in_graph:
+            tensors.update(self.sampler.graph_inputs(s, sample_rows))
+        try:
+            outputs = self._graphs.run(key, tensors, self._graphed_step(key.plan))
+        except CaptureError:  # the server goes on without graphs, and says why
+            log.exception("decode steps run without CUDA graphs from now on")
+            self._graphs = self.sampler.graph_padding = None
+            return None
+        num_sampled = len(sample_rows)
+        if samples_in_graph:
+            tokens, logprobs = outputs[0][:num_sampled], None
+        else:
+            after, before = outputs[0][:num_sampled], outputs[1][:num_sampled]
+            tokens, logprobs = self.sampler.sample(after, before, sample_rows)
+        self.num_steps += 1
+        return self._to_host(tokens, logprobs, sample_rows, list(range(num_sampled)))
+
+    def _graphed_step(
+        self, plan: SamplingPlan | None
+    ) -> Callable[[Mapping[str, torch.Tensor]], Outputs]:
+        """What a decode graph records, over its static tensors: both models' logits of the
+        sampled rows, or (with a plan) the tokens the sampler draws from them."""
+        native_block_size = self.block_size if self.native_attention else 0
+
+        def step(t: Mapping[str, torch.Tensor]) -> Outputs:
+            batch = PagedBatch(
+                write_index=t["write_index"],
+                decode_read_index=t["decode_read_index"],
+                decode_positions=t["decode_positions"],
+                prefill_read_index=None,
+                prefill_spans=None,
+                is_compiled=self.is_compiled,
+                native_block_size=native_block_size,
+            )
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self._is_warm):
+                after, before = self._forward(
+                    t["input_ids"], t["position_ids"], t["logits_index"], batch
+                )
+            if plan is None:
+                return after, before
+            tokens, _, _ = sample_step(
+                after, before, t["alpha"], t["temperature"], t["top_p"], t["top_k"],
+                t["uniforms"] if not plan.all_greedy else None, plan,
+            )  # fmt: skip
+            return (tokens,)
+
+        return step
 
     def _forward_eager(
         self,
@@ -407,7 +499,7 @@ class ModelRunner:
         after = (
             index[num_dec : 2 * num_dec] + index[2 * num_dec + num_pre : 2 * (num_dec + num_pre)]
         )
-        padded = bucket(len(before), self._row_step)
+        padded = self._sampled_rows(len(before))
         index = before + [0] * (padded - len(before)) + after + [0] * (padded - len(after))
         return inputs, batch, index
 
@@ -472,7 +564,7 @@ class ModelRunner:
             token_adapters += [BASE] * pad
         spans += [(0, 0, 0)] * (_MIN_SIZE - len(spans))
         sample_index = [last_token[i] for i, r in enumerate(rows) if r.samples]
-        sample_index += [0] * (bucket(len(sample_index), self._row_step) - len(sample_index))
+        sample_index += [0] * (self._sampled_rows(len(sample_index)) - len(sample_index))
         dev = self.device
         if self.native_attention:
             decode_read = self._block_table(query_tables, query_lengths, num_decode)[0].to(dev)
@@ -504,6 +596,10 @@ class ModelRunner:
         }
         return inputs, batch, sample_index
 
+    def _sampled_rows(self, n: int) -> int:
+        """The padded count of n sampled rows (the logits kept)."""
+        return bucket(n, self._row_step)
+
     def _rides_as_queries(self, row: ScheduledRow) -> bool:
         """Whether a prompt chunk goes through the C attention as one query per token: where
         its keys read in all (n tokens x up to start + n keys) stay few. Decided by the row
@@ -517,7 +613,11 @@ class ModelRunner:
         """[num_rows, W] block tables on the host, each cut or padded (with the reserved block
         0) to the W blocks of L positions (L: the longest length, bucketed), and L."""
         bs = self.block_size
-        length = bucket(max(lengths, default=1), max(16, bs))
+        longest = max(lengths, default=1)
+        if self._graphs is None:
+            length = bucket(longest, max(16, bs))
+        else:  # few widths, so few graphs: powers of two from 64
+            length = max(64, bs, 1 << (longest - 1).bit_length())
         num_blocks = max(_MIN_SIZE, math.ceil(length / bs))
         # One tensor from padded lists: a tensor and a copy per row cost ~8 us a row a step.
         padded = [[*blocks[:num_blocks], *[0] * (num_blocks - len(blocks))] for blocks in tables]
@@ -534,106 +634,7 @@ class ModelRunner:
         positions = torch.arange(length)
         return (table[:, positions // bs] * bs + positions % bs).to(self.device)
 
-    # --- sampling ---------------------------------------------------------------------------
-
-    def _sampling_rows(self, rows: list[ScheduledRow]) -> _SamplingRows:
-        row_ids = tuple(r.row_id for r in rows)
-        if self._sampling is not None and self._sampling.row_ids == row_ids:
-            return self._sampling
-        dev = self.device
-        params = [r.params for r in rows]
-        top_ks = [min(p.top_k, self.vocab) for p in params]
-        scores = None
-        if any(p.wants_logprobs for p in params):
-            scores = pad_score_alphas([p.score_alphas for p in params], dev)
-        self._sampling = _SamplingRows(
-            row_ids=row_ids,
-            alpha=torch.tensor([p.alpha for p in params], dtype=torch.float32, device=dev),
-            # Greedy is decided here, once, in float64 as the plan decides it: a temperature
-            # just under the threshold may round up to it in float32, where the samplers'
-            # own test would then draw the row (and its draw would depend on the batch).
-            temperature=torch.tensor(
-                [0.0 if p.temperature < GREEDY_TEMPERATURE else p.temperature for p in params],
-                dtype=torch.float32,
-                device=dev,
-            ),  # fmt: skip
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            top_k=torch.tensor(top_ks, dtype=torch.long, device=dev),
-            seed_hashes=tuple(seed_hash(r.seed) for r in rows),
-            plan=SamplingPlan.for_rows(
-                [p.temperature for p in params],
-                [p.top_p for p in params],
-                top_ks,
-                vocab=self.vocab,
-                cap=self.config.top_k_cap,
-                sync_free=self.sync_free,
-            ),  # fmt: skip
-            scores=scores,
-        )
-        return self._sampling
-
-    def _sample(
-        self, after: torch.Tensor, before: torch.Tensor, rows: list[ScheduledRow]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens [S] (INVALID_TOKEN for a row whose logits are not finite) and, when a row
-        asks, [S, 3 + A] log-probabilities computed from the sampler's own tensors."""
-        s = self._sampling_rows(rows)
-        if self.native_sampler:
-            return self._sample_in_c(after, before, rows, s)
-        logits = amplify(after, before, s.alpha)
-        # -inf in both models (a masked token) is -inf amplified, not -inf - -inf = NaN.
-        logits = logits.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-        kept = None
-        if s.plan.all_greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            kept = kept_probs(logits, s.temperature, s.top_p, s.top_k, s.plan)
-            uniforms = torch.tensor(
-                [uniform_of_hash(h, r.step) for h, r in zip(s.seed_hashes, rows, strict=True)],
-                dtype=torch.float64, device=self.device,
-            )  # fmt: skip
-            tokens = draw(logits, kept, s.temperature, uniforms, s.plan)
-        # A row whose models gave NaN, +inf or nothing finite is flagged with token -1 (it
-        # rides the step's one copy to the host); the scheduler fails that row alone.
-        broken = (
-            torch.isnan(after).any(-1)
-            | torch.isnan(before).any(-1)
-            | ~torch.isfinite(logits.max(-1).values)
-        )
-        tokens = tokens.masked_fill_(broken, INVALID_TOKEN)
-        return tokens, self._logprobs(after, before, logits, kept, tokens, s)
-
-    def _sample_in_c(
-        self, after: torch.Tensor, before: torch.Tensor, rows: list[ScheduledRow],
-        s: _SamplingRows,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """`_sample` by the C sampler: the same rules, one pass per row."""
-        uniforms = (
-            [0.0] * len(rows)
-            if s.plan.all_greedy
-            else [uniform_of_hash(h, r.step) for h, r in zip(s.seed_hashes, rows, strict=True)]
-        )
-        wants_kept = s.scores is not None and s.plan.needs_filter
-        out = native.sample_rows(
-            after.float(), before.float(), s.alpha, s.temperature, s.top_p, s.top_k, uniforms,
-            GREEDY_TEMPERATURE, INVALID_TOKEN, wants_kept,
-        )  # fmt: skip
-        return out.tokens, self._logprobs(after, before, out.amplified, out.kept, out.tokens, s)
-
-    def _logprobs(
-        self, after: torch.Tensor, before: torch.Tensor, amplified: torch.Tensor,
-        kept: torch.Tensor | None, tokens: torch.Tensor, s: _SamplingRows,
-    ) -> torch.Tensor | None:  # fmt: skip
-        """[S, 3 + A] log-probabilities from the sampler's own tensors, when a row asks."""
-        if s.scores is None:
-            return None
-        out = logprobs_of(
-            after, before, amplified, kept if s.plan.needs_filter else None, s.temperature,
-            tokens, *s.scores,
-        )  # fmt: skip
-        return torch.cat(
-            [out.after[:, None], out.before[:, None], out.sampled[:, None], out.scored], dim=1
-        )
+    # --- the step's output -------------------------------------------------------------------
 
     def _to_host(
         self,

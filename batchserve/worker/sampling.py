@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from batchserve.core.seeds import MASK64, splitmix64
-from batchserve.core.types import GREEDY_TEMPERATURE
+from batchserve.core.types import GREEDY_TEMPERATURE, INVALID_TOKEN
 
 DEFAULT_TOP_K_CAP = 128
 
@@ -240,6 +240,40 @@ def sample(
         return logits.argmax(dim=-1)
     probs = kept_probs(logits, temperature, top_p, top_k, plan)
     return draw(logits, probs, temperature, seeded_uniforms(seeds, steps), plan)
+
+
+def sample_step(
+    after: torch.Tensor,
+    before: torch.Tensor,
+    alpha: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    plan: SamplingPlan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The runner's sampler on both models' logits [S, V]: tokens [S] (INVALID_TOKEN where a
+    row's logits are not finite), the amplified logits and the kept probabilities (None when
+    every row is greedy), which the log-probabilities read. `uniforms` may be None only for an
+    all-greedy plan. Nothing is read back, so a CUDA graph can hold it (worker/cuda_graphs.py)."""
+    logits = amplify(after, before, alpha)
+    # -inf in both models (a masked token) is -inf amplified, not -inf - -inf = NaN.
+    logits = logits.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    kept = None
+    if plan.all_greedy:
+        tokens = logits.argmax(dim=-1)
+    else:
+        assert uniforms is not None
+        kept = kept_probs(logits, temperature, top_p, top_k, plan)
+        tokens = draw(logits, kept, temperature, uniforms, plan)
+    # A row whose models gave NaN, +inf or nothing finite is flagged with token -1 (it rides
+    # the step's one copy to the host); the scheduler fails that row alone.
+    broken = (
+        torch.isnan(after).any(-1)
+        | torch.isnan(before).any(-1)
+        | ~torch.isfinite(logits.max(-1).values)
+    )
+    return tokens.masked_fill_(broken, INVALID_TOKEN), logits, kept
 
 
 def draw(
