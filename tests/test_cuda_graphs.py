@@ -15,6 +15,8 @@ import dataclasses
 import pytest
 import torch
 from engine_driver import Driver, assert_matches_reference, rows_for
+from test_compiled import GREEDY, SAMPLED
+from test_compiled import PROMPTS as COMPILED_PROMPTS
 from tiny_models import build_pair, reference_models
 
 from batchserve.core.scheduler import SchedulerConfig
@@ -25,15 +27,7 @@ from batchserve.worker.cuda_graphs import GraphKey, StepGraphs, replay_by_call
 from batchserve.worker.models import load_pair, pair_from_models
 from batchserve.worker.runner import ModelRunner
 
-PROMPTS = [
-    "hello",
-    "the cat sat on the mat",
-    "tell me a story about the dog and the cat that ran far away",
-    "write me a poem about mango pudding",
-    "a poem",
-]
-GREEDY = SamplingParams(alpha=1.5, temperature=0.0, max_new_tokens=10, ignore_eos=True)
-SAMPLED = SamplingParams(alpha=2.0, temperature=1.0, top_p=0.9, max_new_tokens=12, ignore_eos=True)
+PROMPTS = [*COMPILED_PROMPTS, "a poem"]
 # Every switch of the step that a graph records: the C or torch attention and sampler.
 KINDS = {
     "torch": {"native_attention": False, "native_sampler": False},
