@@ -2,7 +2,9 @@
 
 The runner takes how a step is recorded as a parameter; `replay_by_call` keeps a CUDA graph's
 contract (static inputs copied in before each replay, static outputs overwritten by it), so
-the bucketing, padding and static buffers run here exactly as on a GPU. What only CUDA can
+the bucketing, padding and static buffers run here exactly as on a GPU. `replay_by_trace`
+also freezes what the step's Python decided at recording, as a graph does: it replays a
+make_fx trace of the step, so a value read from the host at recording would stay stale. What only CUDA can
 show (the capture itself, the speed) is in tests/test_gpu.py and bench/gpu.sh. A step that
 runs on the meta device needs no value on the host and no host tensor: the proxy, here, for
 a step a CUDA graph can hold.
@@ -18,6 +20,7 @@ from engine_driver import Driver, assert_matches_reference, rows_for
 from test_compiled import GREEDY, SAMPLED
 from test_compiled import PROMPTS as COMPILED_PROMPTS
 from tiny_models import build_pair, reference_models
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import RunnerConfig, SamplingParams, ScheduledRow, StepPlan
@@ -34,6 +37,19 @@ KINDS = {
     "c-attention": {"native_attention": True, "native_sampler": False},
     "c-both": {"native_attention": True, "native_sampler": True},
 }
+
+
+def replay_by_trace(step):
+    """A stand-in capture stricter than `replay_by_call`: each replay runs the operations
+    traced at recording (Python branches and host values frozen), not the step's Python."""
+    outputs = step()
+    traced = make_fx(step, tracing_mode="real")()
+
+    def replay() -> None:
+        for static, fresh in zip(outputs, traced(), strict=True):
+            static.copy_(fresh)
+
+    return outputs, replay
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +90,9 @@ def staggered(model_runner: ModelRunner, params: list[SamplingParams]) -> tuple[
     return driver, [row for rows in batches for row in rows]
 
 
+@pytest.mark.parametrize("capture", [replay_by_call, replay_by_trace], ids=["call", "trace"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_graphed_sampled_rows_draw_the_ungraphed_runners_tokens(pair, kind) -> None:
+def test_graphed_sampled_rows_draw_the_ungraphed_runners_tokens(pair, kind, capture) -> None:
     # The first two share a sampling plan, so one graph replays 4 rows, then 3 (the first
     # rows end first): the departed row's inputs must not linger.
     params = [
@@ -83,9 +100,10 @@ def test_graphed_sampled_rows_draw_the_ungraphed_runners_tokens(pair, kind) -> N
         dataclasses.replace(SAMPLED, alpha=0.5, temperature=0.7, top_p=0.8, max_new_tokens=20),
         dataclasses.replace(SAMPLED, top_k=5, max_new_tokens=6),
     ]
-    graphed = runner(pair, kind)
+    # sync_free as on CUDA: the sampler a graph can hold (the CPU's default may read back).
+    graphed = runner(pair, kind, capture, sync_free=True)
     with_graphs, _ = staggered(graphed, params)
-    without, _ = staggered(runner(pair, kind, capture=None), params)
+    without, _ = staggered(runner(pair, kind, capture=None, sync_free=True), params)
     assert with_graphs.tokens == without.tokens
     assert len(with_graphs.tokens) == 5 and all(with_graphs.tokens.values())
     assert graphed._graphs is not None and graphed._graphs.num_graphs >= 3
@@ -101,6 +119,17 @@ def test_graphed_rows_match_single_prompt_logits_and_logprobs(pair, kind) -> Non
     driver, rows = staggered(graphed, [params, unamplified, params])
     assert_matches_reference(driver, reference_models("llama"), rows, pair.vocab_limit)
     assert all(key.plan is None for key in graphed._graphs._graphs)
+
+
+def test_rows_that_outgrow_a_key_width_move_to_the_next_graph(pair) -> None:
+    """Rows 100-200 tokens long cross key widths 64, 128 and 256: each width its own graph,
+    every row reading all of its keys."""
+    params = [dataclasses.replace(SAMPLED, max_new_tokens=n) for n in (100, 200, 150)]
+    graphed = runner(pair, "torch", replay_by_trace, sync_free=True)
+    with_graphs, _ = staggered(graphed, params)
+    without, _ = staggered(runner(pair, "torch", capture=None, sync_free=True), params)
+    assert with_graphs.tokens == without.tokens
+    assert {key.keys for key in graphed._graphs._graphs} >= {64, 128, 256}
 
 
 def test_steady_decoding_replays_its_graphs_without_recording_new_ones(pair) -> None:

@@ -53,22 +53,34 @@ class GraphKey:
 
 class CudaCapture:
     """`Capture` on CUDA: a warm-up run on a side stream (as torch.cuda.graph asks), then the
-    recording, in the pool all graphs share."""
+    recording, in the pool all graphs share. Everything runs with the models' device current:
+    streams belong to the device current when they are made, and kernels on another device's
+    tensors would go to that device's stream, unrecorded (an empty graph replays as nothing)."""
 
-    def __init__(self) -> None:
-        self.pool = torch.cuda.graph_pool_handle()
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        with torch.cuda.device(device):
+            self.pool = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream(device)
 
     def __call__(self, step: Callable[[], Outputs]) -> tuple[Outputs, Callable[[], None]]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: only this (the worker's) thread must stay off unsafe CUDA calls.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = step()
-        return outputs, graph.replay
+        with torch.cuda.device(self.device):
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                step()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: only this (the worker's) thread must stay off unsafe CUDA calls.
+            with torch.cuda.graph(
+                graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
+            ):
+                outputs = step()
+
+        def replay() -> None:
+            with torch.cuda.device(self.device):
+                graph.replay()
+
+        return outputs, replay
 
 
 def replay_by_call(step: Callable[[], Outputs]) -> tuple[Outputs, Callable[[], None]]:
@@ -119,7 +131,10 @@ class StepGraphs:
         if graph is None:
             graph = self._record(key, inputs, step)
         for name, tensor in inputs.items():
-            graph.inputs[name].copy_(tensor)
+            static = graph.inputs[name]
+            if static.shape != tensor.shape:  # copy_ would broadcast it silently
+                raise ValueError(f"{name} {tuple(tensor.shape)} for a graph of {key}")
+            static.copy_(tensor)
         graph.replay()
         self.num_replays += 1
         return graph.outputs

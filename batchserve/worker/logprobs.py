@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from batchserve.worker.host import upload
 from batchserve.worker.sampling import (
     GREEDY_TEMPERATURE,
     SamplingPlan,
@@ -138,6 +139,6 @@ def pad_score_alphas(
     values = [list(a) + [0.0] * (width - len(a)) for a in rows_alphas]
     mask = [[True] * len(a) + [False] * (width - len(a)) for a in rows_alphas]
     return (
-        torch.tensor(values, dtype=torch.float32).reshape(len(rows_alphas), width).to(device),
-        torch.tensor(mask, dtype=torch.bool).reshape(len(rows_alphas), width).to(device),
+        upload(torch.tensor(values).reshape(len(rows_alphas), width), torch.float32, device),
+        upload(torch.tensor(mask).reshape(len(rows_alphas), width), torch.bool, device),
     )

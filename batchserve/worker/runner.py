@@ -15,8 +15,9 @@ shifted by the number of blocks), so the scheduler's block tables serve both.
 
 Shapes: the decoding rows, the prompt tokens, the chunks and the sampled rows are each padded
 to at least 2 (torch.compile specialises on 0 and 1; padding rows read and write the reserved
-block 0), and on CUDA to a small set of buckets. With `compile` the step's forward is compiled
-once with dynamic shapes, so a steady stream of steps never recompiles, whatever the sizes.
+block 0), and on CUDA to a small set of buckets, where each decode step is a replayed CUDA
+graph (worker/cuda_graphs.py). With `compile` the step's forward is compiled once with dynamic
+shapes, so a steady stream of steps never recompiles, whatever the sizes.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ from batchserve.worker.cuda_graphs import (
     Outputs,
     StepGraphs,
 )
+from batchserve.worker.host import upload
 from batchserve.worker.lora import BASE
 from batchserve.worker.models import ModelPair
-from batchserve.worker.sampling import SamplingPlan, sample_step
+from batchserve.worker.sampling import sample_step
 from batchserve.worker.step_sampler import StepSampler
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,7 @@ class ModelRunner:
             "; compiling the step" if self.is_compiled else "",
         )  # fmt: skip
         self._graphs = self._step_graphs(graph_capture)
+        self._arena: torch.Tensor | None = None  # see _logits_arena
         # Padding granularity (rows, prompt tokens). On the CPU the compiled step takes any
         # size >= 2 without recompiling, so padding only costs compute: a 20-token chunk
         # padded to 32 ran 12 rows of waste through every matrix product of its step. With
@@ -179,6 +182,7 @@ class ModelRunner:
         return self._max_row_tokens
 
     def info(self) -> dict[str, object]:
+        graphs = self._graphs  # read once: the worker may turn graphs off meanwhile
         return {
             "kv_cache_tokens": (self._num_blocks - 1) * self.block_size,
             "kv_block_size": self.block_size,
@@ -191,9 +195,9 @@ class ModelRunner:
             "native_sampler": self.native_sampler,
             "compiled": self.is_compiled,
             "compile_s": self.compile_s,
-            "cuda_graphs": self._graphs is not None,
-            "cuda_graphs_captured": None if self._graphs is None else self._graphs.num_graphs,
-            "cuda_graph_capture_s": None if self._graphs is None else self._graphs.capture_s,
+            "cuda_graphs": graphs is not None,
+            "cuda_graphs_captured": None if graphs is None else graphs.num_graphs,
+            "cuda_graph_capture_s": None if graphs is None else graphs.capture_s,
             "lora": None if self.lora is None else self.lora.describe(),
         }
 
@@ -220,7 +224,7 @@ class ModelRunner:
             raise ValueError("CUDA graphs do not serve a LoRA pair yet (--no-cuda-graphs)")
         if not fits:
             raise ValueError("CUDA graphs need a CUDA device (--no-cuda-graphs)")
-        return StepGraphs(capture or CudaCapture())
+        return StepGraphs(capture or CudaCapture(self.device))
 
     def _native_attention(self, probes: list[ShapeProbe]) -> bool:
         """Whether decoding rows use the C attention (worker/native.py): by default on the CPU
@@ -353,7 +357,7 @@ class ModelRunner:
             inputs, batch, sample_index = self._pack(decoding, prefilling)
         else:
             inputs, batch, sample_index = self._pack_lora(decoding, prefilling)
-        index = torch.tensor(sample_index, dtype=torch.long, device=self.device)
+        index = upload(sample_index, torch.long, self.device)
         # Once both graphs exist, dynamo need only tell them apart: checking every guard (on
         # each model parameter) cost 0.8 ms a step. A step they do not cover raises.
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self._is_warm):
@@ -370,7 +374,8 @@ class ModelRunner:
         sample_rows = [r for r in rows if r.samples]
         inputs, batch, sample_index = self._pack(rows, [])
         s = self.sampler.rows(sample_rows)
-        samples_in_graph = s.scores is None and not self.native_sampler
+        # A sampler that may read the device back (sync_free off) cannot be recorded.
+        samples_in_graph = s.scores is None and not self.native_sampler and s.plan.sync_free
         key = GraphKey(
             tokens=batch.decode_positions.shape[0],
             keys=batch.decode_read_index.shape[1],
@@ -382,7 +387,7 @@ class ModelRunner:
         tensors = {
             "input_ids": inputs["input_ids"],
             "position_ids": inputs["position_ids"],
-            "logits_index": torch.tensor(sample_index, dtype=torch.long, device=self.device),
+            "logits_index": upload(sample_index, torch.long, self.device),
             "write_index": batch.write_index,
             "decode_read_index": batch.decode_read_index,
             "decode_positions": batch.decode_positions,
@@ -390,7 +395,7 @@ class ModelRunner:
         if samples_in_graph:
             tensors.update(self.sampler.graph_inputs(s, sample_rows))
         try:
-            outputs = self._graphs.run(key, tensors, self._graphed_step(key.plan))
+            outputs = self._graphs.run(key, tensors, self._graphed_step(key))
         except CaptureError:  # the server goes on without graphs, and says why
             log.exception("decode steps run without CUDA graphs from now on")
             self._graphs = self.sampler.graph_padding = None
@@ -404,12 +409,14 @@ class ModelRunner:
         self.num_steps += 1
         return self._to_host(tokens, logprobs, sample_rows, list(range(num_sampled)))
 
-    def _graphed_step(
-        self, plan: SamplingPlan | None
-    ) -> Callable[[Mapping[str, torch.Tensor]], Outputs]:
-        """What a decode graph records, over its static tensors: both models' logits of the
-        sampled rows, or (with a plan) the tokens the sampler draws from them."""
+    def _graphed_step(self, key: GraphKey) -> Callable[[Mapping[str, torch.Tensor]], Outputs]:
+        """What a decode graph records, over its static tensors: the tokens the sampler draws
+        (with a plan), or both models' logits of the sampled rows, copied into one buffer all
+        graphs share: kept as each graph's own outputs, [rows, vocab] per graph would stay
+        allocated in the pool for good."""
+        plan = key.plan
         native_block_size = self.block_size if self.native_attention else 0
+        arena = None if plan is not None else self._logits_arena(key.sampled)
 
         def step(t: Mapping[str, torch.Tensor]) -> Outputs:
             batch = PagedBatch(
@@ -425,8 +432,12 @@ class ModelRunner:
                 after, before = self._forward(
                     t["input_ids"], t["position_ids"], t["logits_index"], batch
                 )
-            if plan is None:
-                return after, before
+            if arena is not None:
+                rows = after.shape[0]
+                arena[0, :rows].copy_(after)
+                arena[1, :rows].copy_(before)
+                return arena[0, :rows], arena[1, :rows]
+            assert plan is not None
             tokens, _, _ = sample_step(
                 after, before, t["alpha"], t["temperature"], t["top_p"], t["top_k"],
                 t["uniforms"] if not plan.all_greedy else None, plan,
@@ -434,6 +445,17 @@ class ModelRunner:
             return (tokens,)
 
         return step
+
+    def _logits_arena(self, rows: int) -> torch.Tensor:
+        """[2, R, vocab] for the models-only graphs' logits (R >= rows), made before a capture;
+        a larger one replaces it for later graphs (the earlier ones keep theirs)."""
+        if self._arena is None or self._arena.shape[1] < rows:
+            rows = max(rows, self._sampled_rows(self.config.max_batch_size))
+            shape = (2, rows, self.vocab)
+            # float32 whatever the models' dtype: the sampler and the log-probabilities
+            # upcast to it anyway, so the copy loses nothing.
+            self._arena = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return self._arena
 
     def _forward_eager(
         self,
@@ -567,7 +589,8 @@ class ModelRunner:
         sample_index += [0] * (self._sampled_rows(len(sample_index)) - len(sample_index))
         dev = self.device
         if self.native_attention:
-            decode_read = self._block_table(query_tables, query_lengths, num_decode)[0].to(dev)
+            table = self._block_table(query_tables, query_lengths, num_decode)[0]
+            decode_read = upload(table, torch.long, dev)
         else:
             decode_read = self._read_index(query_tables, query_lengths, num_decode)
         prefill_read = None
@@ -578,21 +601,21 @@ class ModelRunner:
                 len(spans),
             )
         batch = PagedBatch(
-            write_index=torch.tensor(write, dtype=torch.long, device=dev),
+            write_index=upload(write, torch.long, dev),
             decode_read_index=decode_read,
-            decode_positions=torch.tensor(positions[:num_decode], dtype=torch.long, device=dev),
+            decode_positions=upload(positions[:num_decode], torch.long, dev),
             prefill_read_index=prefill_read,
             prefill_spans=torch.tensor(spans, dtype=torch.long) if chunked else None,
             is_compiled=self.is_compiled,
             native_block_size=bs if self.native_attention else 0,
             token_adapters=(
                 None if adapters is None
-                else torch.tensor(token_adapters, dtype=torch.long, device=dev)
+                else upload(token_adapters, torch.long, dev)
             ),
         )  # fmt: skip
         inputs = {
-            "input_ids": torch.tensor([ids], dtype=torch.long, device=dev),
-            "position_ids": torch.tensor([positions], dtype=torch.long, device=dev),
+            "input_ids": upload([ids], torch.long, dev),
+            "position_ids": upload([positions], torch.long, dev),
         }
         return inputs, batch, sample_index
 
@@ -632,7 +655,7 @@ class ModelRunner:
         bs = self.block_size
         table, length = self._block_table(tables, lengths, num_rows)
         positions = torch.arange(length)
-        return (table[:, positions // bs] * bs + positions % bs).to(self.device)
+        return upload(table[:, positions // bs] * bs + positions % bs, torch.long, self.device)
 
     # --- the step's output -------------------------------------------------------------------
 

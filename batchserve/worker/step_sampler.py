@@ -15,6 +15,7 @@ import torch
 
 from batchserve.core.types import GREEDY_TEMPERATURE, INVALID_TOKEN, ScheduledRow
 from batchserve.worker import native
+from batchserve.worker.host import upload
 from batchserve.worker.logprobs import logprobs_of, pad_score_alphas
 from batchserve.worker.sampling import SamplingPlan, sample_step, seed_hash, uniform_of_hash
 
@@ -75,15 +76,12 @@ class StepSampler:
             "top_p": ([p.top_p for p in params], 1.0, torch.float32),
             "top_k": (top_ks, 0, torch.long),
         }  # each: the rows' values, a plain row's (padding), the dtype
-        tensors = {
-            name: torch.tensor(values, dtype=dtype, device=dev)
-            for name, (values, _, dtype) in columns.items()
-        }
+        tensors = {name: upload(values, dtype, dev) for name, (values, _, dtype) in columns.items()}
         padded = None
         if self.graph_padding is not None:
             pad = self.graph_padding(len(rows)) - len(rows)
             padded = {
-                name: torch.tensor(values + [plain] * pad, dtype=dtype, device=dev)
+                name: upload(values + [plain] * pad, dtype, dev)
                 for name, (values, plain, dtype) in columns.items()
             }
         self._rows = SamplingRows(
@@ -108,7 +106,7 @@ class StepSampler:
         assert s.padded is not None
         uniforms = self.uniforms(s, rows)
         uniforms += [0.0] * (s.padded["alpha"].shape[0] - len(uniforms))
-        tensor = torch.tensor(uniforms, dtype=torch.float64, device=self.device)
+        tensor = upload(uniforms, torch.float64, self.device)
         return {**s.padded, "uniforms": tensor}
 
     def sample(
@@ -121,7 +119,7 @@ class StepSampler:
             return self._sample_in_c(after, before, rows, s)
         uniforms = None
         if not s.plan.all_greedy:
-            uniforms = torch.tensor(self.uniforms(s, rows), dtype=torch.float64, device=self.device)
+            uniforms = upload(self.uniforms(s, rows), torch.float64, self.device)
         tokens, logits, kept = sample_step(
             after, before, s.alpha, s.temperature, s.top_p, s.top_k, uniforms, s.plan
         )
