@@ -25,7 +25,7 @@ PHASES: list[tuple[str, str]] = [
     ("  forward, both models", "ModelRunner._forward_eager"),
     ("    compiled code", "CompiledFxGraph"),
     ("    prefill attention (per chunk)", "prefill_attention"),
-    ("  sampling and log-probabilities", "ModelRunner._sample"),
+    ("  sampling and log-probabilities", "StepSampler.sample"),
     ("    top-k/top-p filter (full sort)", "sorted_keep_mask"),
     ("  the step's device-to-host copy", "ModelRunner._to_host"),
     ("update: scheduler.update", "Scheduler.update"),
