@@ -194,19 +194,21 @@ def test_a_lora_pair_is_refused_by_name() -> None:
 
 
 def test_step_graphs_copy_inputs_in_and_hand_back_their_own_outputs() -> None:
-    graphs = StepGraphs(replay_by_call)
+    made = []
+
+    def make_step(key):
+        made.append(key)
+        return lambda t: (t["x"] * 2,)
+
+    graphs = StepGraphs(replay_by_call, make_step)
     key = GraphKey(tokens=2, keys=64, sampled=2, plan=None)
-    calls = []
-
-    def double(t):
-        calls.append(1)
-        return (t["x"] * 2,)
-
-    first = graphs.run(key, {"x": torch.tensor([1.0, 2.0])}, double)
+    first = graphs.run(key, {"x": torch.tensor([1.0, 2.0])})
     assert first[0].tolist() == [2.0, 4.0]
-    second = graphs.run(key, {"x": torch.tensor([5.0, 7.0])}, double)
+    second = graphs.run(key, {"x": torch.tensor([5.0, 7.0])})
     assert second[0] is first[0] and second[0].tolist() == [10.0, 14.0]
-    assert graphs.num_graphs == 1 and graphs.num_replays == 2
+    assert graphs.num_graphs == 1 and graphs.num_replays == 2 and made == [key]
+    with pytest.raises(ValueError, match="for a graph of"):
+        graphs.run(key, {"x": torch.tensor([1.0])})  # copy_ would have broadcast it
 
 
 @pytest.mark.parametrize(

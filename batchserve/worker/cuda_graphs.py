@@ -30,6 +30,7 @@ from batchserve.worker.sampling import SamplingPlan
 log = logging.getLogger(__name__)
 
 Outputs = tuple[torch.Tensor, ...]
+Step = Callable[[Mapping[str, torch.Tensor]], Outputs]  # what a graph records, over its inputs
 # Records `step` (which reads and writes only the static tensors it closes over) once; returns
 # its static outputs and the function that replays it.
 Capture = Callable[[Callable[[], Outputs]], tuple[Outputs, Callable[[], None]]]
@@ -103,10 +104,14 @@ class _Graph:
 
 
 class StepGraphs:
-    """One recorded step per `GraphKey`, captured the first time the key is seen."""
+    """One recorded step per `GraphKey`, captured the first time the key is seen; `make_step`
+    gives the step a key records (called only then)."""
 
-    def __init__(self, capture: Capture, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(
+        self, capture: Capture, make_step: Callable[[GraphKey], Step], max_graphs: int = MAX_GRAPHS
+    ) -> None:
         self._capture = capture
+        self._make_step = make_step
         self._graphs: dict[GraphKey, _Graph] = {}
         self.max_graphs = max_graphs
         self.capture_s = 0.0
@@ -119,17 +124,13 @@ class StepGraphs:
     def has_room(self, key: GraphKey) -> bool:
         return key in self._graphs or len(self._graphs) < self.max_graphs
 
-    def run(
-        self,
-        key: GraphKey,
-        inputs: Mapping[str, torch.Tensor],
-        step: Callable[[Mapping[str, torch.Tensor]], Outputs],
-    ) -> Outputs:
-        """`step(inputs)` by the key's graph: the inputs copied into its static tensors, one
-        replay; the outputs are the graph's own tensors, valid until the next `run`."""
+    def run(self, key: GraphKey, inputs: Mapping[str, torch.Tensor]) -> Outputs:
+        """The key's step over `inputs`, by its graph: the inputs copied into its static
+        tensors, one replay; the outputs are the graph's own tensors, valid until the next
+        `run`."""
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._record(key, inputs, step)
+            graph = self._record(key, inputs)
         for name, tensor in inputs.items():
             static = graph.inputs[name]
             if static.shape != tensor.shape:  # copy_ would broadcast it silently
@@ -139,13 +140,9 @@ class StepGraphs:
         self.num_replays += 1
         return graph.outputs
 
-    def _record(
-        self,
-        key: GraphKey,
-        inputs: Mapping[str, torch.Tensor],
-        step: Callable[[Mapping[str, torch.Tensor]], Outputs],
-    ) -> _Graph:
+    def _record(self, key: GraphKey, inputs: Mapping[str, torch.Tensor]) -> _Graph:
         started = time.perf_counter()
+        step = self._make_step(key)
         # Static inputs start as this step's own, so the warm-up and the recording run on
         # real values (they write this step's keys and values, which its replay rewrites).
         static = {name: tensor.clone() for name, tensor in inputs.items()}

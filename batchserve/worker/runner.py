@@ -53,6 +53,7 @@ from batchserve.worker.cuda_graphs import (
     CudaCapture,
     GraphKey,
     Outputs,
+    Step,
     StepGraphs,
 )
 from batchserve.worker.host import upload
@@ -224,7 +225,7 @@ class ModelRunner:
             raise ValueError("CUDA graphs do not serve a LoRA pair yet (--no-cuda-graphs)")
         if not fits:
             raise ValueError("CUDA graphs need a CUDA device (--no-cuda-graphs)")
-        return StepGraphs(capture or CudaCapture(self.device))
+        return StepGraphs(capture or CudaCapture(self.device), self._graphed_step)
 
     def _native_attention(self, probes: list[ShapeProbe]) -> bool:
         """Whether decoding rows use the C attention (worker/native.py): by default on the CPU
@@ -395,7 +396,7 @@ class ModelRunner:
         if samples_in_graph:
             tensors.update(self.sampler.graph_inputs(s, sample_rows))
         try:
-            outputs = self._graphs.run(key, tensors, self._graphed_step(key))
+            outputs = self._graphs.run(key, tensors)
         except CaptureError:  # the server goes on without graphs, and says why
             log.exception("decode steps run without CUDA graphs from now on")
             self._graphs = self.sampler.graph_padding = None
@@ -409,7 +410,7 @@ class ModelRunner:
         self.num_steps += 1
         return self._to_host(tokens, logprobs, sample_rows, list(range(num_sampled)))
 
-    def _graphed_step(self, key: GraphKey) -> Callable[[Mapping[str, torch.Tensor]], Outputs]:
+    def _graphed_step(self, key: GraphKey) -> Step:
         """What a decode graph records, over its static tensors: the tokens the sampler draws
         (with a plan), or both models' logits of the sampled rows, copied into one buffer all
         graphs share: kept as each graph's own outputs, [rows, vocab] per graph would stay
