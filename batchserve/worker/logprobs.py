@@ -139,6 +139,6 @@ def pad_score_alphas(
     values = [list(a) + [0.0] * (width - len(a)) for a in rows_alphas]
     mask = [[True] * len(a) + [False] * (width - len(a)) for a in rows_alphas]
     return (
-        upload(torch.tensor(values).reshape(len(rows_alphas), width), torch.float32, device),
-        upload(torch.tensor(mask).reshape(len(rows_alphas), width), torch.bool, device),
+        upload(values, torch.float32, device),
+        upload(mask, torch.bool, device),
     )

@@ -76,14 +76,15 @@ class StepSampler:
             "top_p": ([p.top_p for p in params], 1.0, torch.float32),
             "top_k": (top_ks, 0, torch.long),
         }  # each: the rows' values, a plain row's (padding), the dtype
-        tensors = {name: upload(values, dtype, dev) for name, (values, _, dtype) in columns.items()}
-        padded = None
-        if self.graph_padding is not None:
-            pad = self.graph_padding(len(rows)) - len(rows)
-            padded = {
-                name: upload(values + [plain] * pad, dtype, dev)
-                for name, (values, plain, dtype) in columns.items()
-            }
+        # One copy up per column, padded for the graphs (which read the whole); the samplers
+        # read the rows' part, a view of it.
+        num_rows = len(rows)
+        width = num_rows if self.graph_padding is None else self.graph_padding(num_rows)
+        padded = {
+            name: upload(values + [plain] * (width - num_rows), dtype, dev)
+            for name, (values, plain, dtype) in columns.items()
+        }
+        tensors = {name: tensor[:num_rows] for name, tensor in padded.items()}
         self._rows = SamplingRows(
             row_ids=row_ids,
             **tensors,
@@ -97,7 +98,7 @@ class StepSampler:
                 sync_free=self.sync_free,
             ),  # fmt: skip
             scores=scores,
-            padded=padded,
+            padded=None if self.graph_padding is None else padded,
         )
         return self._rows
 
