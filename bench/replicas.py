@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,19 +218,37 @@ def _replica_actors() -> list[dict[str, str]]:
     ]
 
 
-def busiest_replica() -> tuple[dict[str, str], int]:
-    """The replica actor with the most requests in flight right now, and that count."""
+def kill_replica_with_fresh_requests(
+    min_ongoing: int, *, is_running: Callable[[], bool], timeout_s: float = 60.0
+) -> tuple[str, int]:
+    """Kills (no restart by Ray) a replica the moment its requests in flight rose to at least
+    `min_ongoing`; returns its name and that count.
+
+    A count read a moment before the kill can be stale: a batch's requests end together, so a
+    replica with 4 in flight may have none by the time the kill lands, and the kill then cuts
+    nothing off (seen in CI). Requests that arrived since the previous poll have just started
+    and cannot have finished within the few milliseconds to the kill. The handles are kept,
+    the replicas polled together, and the kill sent straight after the poll that saw the rise.
+    """
     import ray
 
-    replicas = _replica_actors()
-    counts = [
-        ray.get(
-            ray.get_actor(a["name"], namespace=a["namespace"]).get_num_ongoing_requests.remote()
-        )
-        for a in replicas
-    ]
-    busiest = max(range(len(replicas)), key=counts.__getitem__)
-    return replicas[busiest], counts[busiest]
+    actors = {
+        a["name"]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in _replica_actors()
+    }
+    previous = dict.fromkeys(actors, 0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not is_running():
+            raise RuntimeError("the load ended before a replica could be killed")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no replica reached {min_ongoing} new requests in {timeout_s} s")
+        names = list(actors)
+        counts = ray.get([actors[n].get_num_ongoing_requests.remote() for n in names])
+        for name, count in zip(names, counts, strict=True):
+            if count >= min_ongoing and count > previous[name]:
+                ray.kill(actors[name], no_restart=True)
+                return name, count
+        previous = dict(zip(names, counts, strict=True))
 
 
 async def kill_under_load(
@@ -238,7 +257,6 @@ async def kill_under_load(
     """Closed-loop clients of the bundled client for duration_s; the busiest replica is killed
     (no restart by Ray: Serve starts a replacement) at kill_after_s. Every request started is
     waited for, so each is counted as answered, or failed after the client's retries."""
-    import ray
 
     from batchserve_client.api import AsyncLDAClient
     from batchserve_client.models import RetryPolicy
@@ -278,15 +296,17 @@ async def kill_under_load(
 
         async def killer() -> None:
             await asyncio.sleep(kill_after_s)
-            victim, ongoing = await asyncio.to_thread(busiest_replica)
-            actor = ray.get_actor(victim["name"], namespace=victim["namespace"])
-            ray.kill(actor, no_restart=True)
+            victim, ongoing = await asyncio.to_thread(
+                kill_replica_with_fresh_requests,
+                1,
+                is_running=lambda: time.perf_counter() < deadline,
+            )
             kill.update(
                 at_s=round(time.perf_counter() - started, 2),
-                replica=victim["name"],
+                replica=victim,
                 ongoing_requests=ongoing,
             )
-            log(f"killed {victim['name']} with {ongoing} requests in flight")
+            log(f"killed {victim} with {ongoing} requests in flight")
 
         await asyncio.gather(killer(), *(client_loop() for _ in range(workload.concurrency[0])))
     wall_s = time.perf_counter() - started

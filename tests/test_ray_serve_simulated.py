@@ -20,7 +20,7 @@ from servers import stream_events
 from test_ray_serve import _wait_for_replicas, ray_address, two_replicas  # noqa: F401
 
 from batchserve.worker.simulated import SimulatedCost, SimulatedRunner, load_simulated_pair
-from bench.replicas import busiest_replica
+from bench.replicas import kill_replica_with_fresh_requests
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -116,7 +116,6 @@ def test_a_replica_killed_under_load_loses_no_request(endpoint: str, tokens: Sim
     it holds accepted requests. Each of them comes back as 503 + Retry-After (the proxy hook),
     the client retries it to the live replica, and every request ends answered, with the
     tokens its seed gives wherever it ran."""
-    import ray
 
     from batchserve_client.api import AsyncLDAClient
     from batchserve_client.models import RetryPolicy
@@ -146,13 +145,11 @@ def test_a_replica_killed_under_load_loses_no_request(endpoint: str, tokens: Sim
                 while len(answers) < 16:
                     assert time.monotonic() < deadline, "no answers in 60 s"
                     await asyncio.sleep(0.05)
-                victim, ongoing = await asyncio.to_thread(busiest_replica)
-                while ongoing < 4:
-                    assert len(answers) < num_requests, "finished before a replica could die"
-                    victim, ongoing = await asyncio.to_thread(busiest_replica)
-                actor = ray.get_actor(victim["name"], namespace=victim["namespace"])
-                ray.kill(actor, no_restart=True)
-                kill["ongoing"] = ongoing
+                _, kill["ongoing"] = await asyncio.to_thread(
+                    kill_replica_with_fresh_requests,
+                    4,
+                    is_running=lambda: len(answers) < num_requests,
+                )
 
             await asyncio.gather(killer(), *(worker() for _ in range(32)))
 
