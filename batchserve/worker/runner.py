@@ -207,7 +207,8 @@ class ModelRunner:
     def _compile_default(self) -> bool:
         """BATCHSERVE_COMPILE=0/1 where set (the CLI's --compile reads it too); else compiled on
         the CPU, where bench.engine measured the compiled step ~2x faster (README, "Compiled
-        steps"), and eager on CUDA (no CUDA graphs yet)."""
+        steps"); eager on CUDA, where the decode steps replay as CUDA graphs instead and
+        compiling has not been measured (no GPU lent yet)."""
         setting = _env_switch("COMPILE")
         return self.device.type == "cpu" if setting is None else setting
 
