@@ -235,20 +235,20 @@ def kill_replica_with_fresh_requests(
     actors = {
         a["name"]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in _replica_actors()
     }
-    previous = dict.fromkeys(actors, 0)
+    names = list(actors)
+    previous: list[int] | None = None  # the first poll is only the baseline: its counts are old
     deadline = time.monotonic() + timeout_s
     while True:
         if not is_running():
             raise RuntimeError("the load ended before a replica could be killed")
         if time.monotonic() > deadline:
             raise RuntimeError(f"no replica reached {min_ongoing} new requests in {timeout_s} s")
-        names = list(actors)
         counts = ray.get([actors[n].get_num_ongoing_requests.remote() for n in names])
-        for name, count in zip(names, counts, strict=True):
-            if count >= min_ongoing and count > previous[name]:
+        for name, count, before in zip(names, counts, previous or counts, strict=True):
+            if count >= min_ongoing and count > before:
                 ray.kill(actors[name], no_restart=True)
                 return name, count
-        previous = dict(zip(names, counts, strict=True))
+        previous = counts
 
 
 async def kill_under_load(

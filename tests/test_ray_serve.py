@@ -137,6 +137,11 @@ def ray_address() -> Iterator[str]:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # Serve's proxy reads it when it starts, from the cluster's environment.
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = PROXY_CALLBACK
+    # Serve's controller gives a starting proxy 3 readiness checks of 5 s, then kills it, and
+    # `serve.start` in the CLI fails on the killed proxy. On a busy 2-core machine the proxy
+    # took 18-21 s to start (under 1 s idle): a fixture error for every test of the module.
+    # The controller reads the setting when it starts, from the cluster's environment.
+    os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "30"
     import ray
     from ray import serve
 
@@ -154,6 +159,7 @@ def ray_address() -> Iterator[str]:
         serve.shutdown()
         ray.shutdown()
         os.environ.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", None)
+        os.environ.pop("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", None)
 
 
 @contextlib.contextmanager

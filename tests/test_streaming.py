@@ -215,10 +215,9 @@ async def test_a_stream_past_the_request_timeout_ends_with_an_error_event(
         body = {"prompt": "go on", "max_new_tokens": 400, "ignore_eos": True}
         events = await stream_events(c, "/generate_lda", body)
         assert events[-1][0] == "error" and "timed out" in events[-1][1]["error"]
-        engine = c.app.state.engine
-        while engine.num_running:
-            await asyncio.sleep(0.05)
-        assert "batchserve_rows_cancelled_total 1.0" in (await c.get("/metrics")).text
+        seen = await cancelled_rows_counted(c)
+        assert seen["batchserve_rows_cancelled_total"] == 1
+        assert c.app.state.engine.num_running == 0
 
 
 # --- the battery's findings: shutdown, slow readers, cancelled rows' tokens ----------------------
@@ -329,6 +328,18 @@ def metrics_of(text: str) -> dict[str, float]:
     }
 
 
+async def cancelled_rows_counted(client: httpx.AsyncClient, timeout_s: float = 20.0) -> dict:
+    """/metrics once the worker has counted a dropped row. It drops the rows first and counts
+    them after, so a loop that saw `num_running` reach 0 could scrape before the count."""
+    deadline = time.monotonic() + timeout_s
+    while not (seen := metrics_of((await client.get("/metrics")).text)).get(
+        "batchserve_rows_cancelled_total"
+    ):
+        assert time.monotonic() < deadline, "no cancelled row was counted"
+        await asyncio.sleep(0.01)
+    return seen
+
+
 async def test_the_tokens_of_cancelled_rows_are_counted(meta_pair: ModelPair) -> None:
     """The counter grew only when a row finished, so a row dropped mid-run (its client left,
     or it timed out) generated tokens that /metrics never showed."""
@@ -337,9 +348,8 @@ async def test_the_tokens_of_cancelled_rows_are_counted(meta_pair: ModelPair) ->
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             body = {"prompt": "go on", "max_new_tokens": 400, "ignore_eos": True}
             assert (await c.post("/generate_lda", json=body)).status_code == 504
-            while app.state.engine.num_running:
-                await asyncio.sleep(0.01)
-            seen = metrics_of((await c.get("/metrics")).text)
+            seen = await cancelled_rows_counted(c)
+            assert app.state.engine.num_running == 0
     assert seen["batchserve_rows_cancelled_total"] == 1
     assert not [name for name in seen if name.startswith("batchserve_rows_finished_total")]
     # One row, one prompt chunk: each step drew exactly one of its tokens.
