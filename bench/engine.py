@@ -44,6 +44,7 @@ from bench.report import (
     table,
     write_report,
 )
+from bench.servers import git_worktree
 from bench.shapes import SHAPES, random_pair, weight_bytes
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128)
@@ -349,26 +350,15 @@ def run_baseline(rev: str, args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
-    repo = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
-        tree = Path(tmp) / "tree"
+    with git_worktree(rev) as tree, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "baseline.json"
+        log(f"baseline {rev}: python -m bench.engine {' '.join(argv)}")
+        env = os.environ | {"PYTHONPATH": str(tree)}
         subprocess.run(
-            ["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tree), rev],
-            check=True,
-        )
-        try:
-            out = Path(tmp) / "baseline.json"
-            log(f"baseline {rev}: python -m bench.engine {' '.join(argv)}")
-            env = os.environ | {"PYTHONPATH": str(tree)}
-            subprocess.run(
-                [sys.executable, "-m", "bench.engine", *argv, "--output", str(out)],
-                cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL,
-            )  # fmt: skip
-            return json.loads(out.read_text())
-        finally:
-            subprocess.run(
-                ["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False
-            )
+            [sys.executable, "-m", "bench.engine", *argv, "--output", str(out)],
+            cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        return json.loads(out.read_text())
 
 
 def compare(baseline: list[list[dict]], current: list[list[BatchResult]]) -> tuple[str, list]:

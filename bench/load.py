@@ -42,6 +42,8 @@ import httpx
 from batchserve.argconfig import config_from_args
 from bench.report import (
     RESULTS_DIR,
+    baseline_comparison,
+    baseline_table,
     bench_parser,
     command_line,
     markdown,
@@ -54,7 +56,7 @@ from bench.report import (
     runs_table,
     targets_table,
 )
-from bench.servers import start_servers
+from bench.servers import git_worktree, start_servers
 from bench.shapes import SHAPES, WORDS, save_random_pair
 
 MODES = ("serial", "static", "continuous")
@@ -477,6 +479,41 @@ def evaluate_targets(workloads: list[dict]) -> list[dict]:
     ]
 
 
+# --- against another revision ------------------------------------------------------------------
+
+
+def start_baseline(
+    stack: ExitStack,
+    args: argparse.Namespace,
+    model_args: list[str],
+    server_args: list[str],
+    server_env: dict[str, str],
+    urls: dict[str, str],
+) -> dict[str, str]:
+    """The same modes' servers at revision --baseline, on the same pair and settings; the
+    URLs of both, each mode beside its baseline, so the two run one after the other at every
+    level (and see the same background load)."""
+    suffix = "@" + args.baseline
+    tree = stack.enter_context(git_worktree(args.baseline))
+    log(f"starting {', '.join(args.modes)} servers at {args.baseline} ({tree})")
+    procs = stack.enter_context(
+        start_servers(
+            args.modes,
+            model_args,
+            server_args=server_args,
+            torch_threads=args.server_threads,
+            extra_env=server_env,
+            tree=tree,
+            name_suffix=suffix,
+        )
+    )
+    return {
+        name: url
+        for mode in args.modes
+        for name, url in ((mode, urls[mode]), (mode + suffix, procs[mode + suffix].url))
+    }
+
+
 # --- CLI -------------------------------------------------------------------------------------------
 
 
@@ -536,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_modes,
         default=MODES,
         help="scheduler modes to start, comma-separated (default: serial,static,continuous)",
+    )
+    pair.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also start each mode's server at this git revision (from a temporary worktree) "
+        "and run it beside this code's, level by level, then print this code's tokens/s and "
+        "latency over the revision's (e.g. --baseline 4cec898: main before issue 20)",
     )
     servers = parser.add_argument_group("servers (ignored with --url)")
     servers.add_argument("--max-batch-size", type=int, default=64, help="(default: %(default)s)")
@@ -677,6 +721,8 @@ def default_output_name(args: argparse.Namespace) -> str:
     """`load-<kind>-<pair>-<device>.json`: what was measured and where, one current report
     each (git keeps the earlier ones)."""
     kind = "targets" if args.targets else "sweep"
+    if args.baseline:
+        kind += "-vs-" + args.baseline.replace("/", "_")
     if args.url:
         return f"load-{kind}-server.json"
     if args.after:
@@ -712,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.requests is not None and args.requests < 1:
         raise SystemExit("error: --requests must be >= 1")
+    if args.baseline and args.url:
+        raise SystemExit("error: --baseline starts its own servers; it cannot drive --url")
     base = config_from_args(
         Workload, args, name="load", duration_s=args.duration, requests_per_level=args.requests
     )
@@ -762,6 +810,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 urls = {mode: procs[mode].url for mode in args.modes}
                 info = asyncio.run(fetch_info(next(iter(urls.values()))))
+                if args.baseline:
+                    urls = start_baseline(stack, args, model_args, server_args, server_env, urls)
+                    report["baseline"] = args.baseline
                 server_line += f", torch threads {args.server_threads or 'default'}"
                 if server_env:
                     server_line += ", env " + " ".join(f"{k}={v}" for k, v in server_env.items())
@@ -786,13 +837,18 @@ def main(argv: list[str] | None = None) -> int:
     if "setup" not in report:
         return exit_code or 1
     for workload, runs in collected:
-        report["workloads"].append(workload.describe() | {"runs": runs, "ratios": ratios(runs)})
+        entry = workload.describe() | {"runs": runs, "ratios": ratios(runs)}
+        if args.baseline:
+            entry |= baseline_comparison(runs, args.baseline)
+        report["workloads"].append(entry)
     if args.targets:
         report["targets"] = evaluate_targets(report["workloads"])
     for w in report["workloads"]:
         print(f"\n## {w['name']}\n\n{runs_table(w['runs'])}")
         if w["ratios"]:
             print(f"\n{ratios_table(w['ratios'])}")
+        if w.get("vs_baseline"):
+            print(f"\n{baseline_table(w['vs_baseline'], report['baseline'])}")
     if report.get("targets"):
         print(f"\n## targets\n\n{targets_table(report['targets'])}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,35 @@ def ratios(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def baseline_comparison(runs: list[dict], rev: str) -> dict[str, list[dict]]:
+    """Per mode and level, this code over the baseline (tokens/s: > 1 is faster; latency:
+    < 1 is faster); and the baseline's own continuous / static / serial ratios, to set
+    beside this code's."""
+    suffix = "@" + rev
+    ours = {(r["mode"], r["concurrency"]): r for r in runs if not r["mode"].endswith(suffix)}
+    theirs = [
+        r | {"mode": r["mode"].removesuffix(suffix)} for r in runs if r["mode"].endswith(suffix)
+    ]
+    rows = []
+    for base in theirs:
+        this = ours.get((base["mode"], base["concurrency"]))
+        if this is None:
+            continue
+        rows.append(
+            {
+                "mode": base["mode"],
+                "concurrency": base["concurrency"],
+                "tokens_per_s": this["tokens_per_s"],
+                "baseline_tokens_per_s": base["tokens_per_s"],
+                "tokens_per_s_vs_baseline": ratio(this["tokens_per_s"], base["tokens_per_s"]),
+                "latency_p50_s_vs_baseline": ratio(
+                    this.get("latency_p50_s"), base.get("latency_p50_s")
+                ),
+            }
+        )
+    return {"vs_baseline": rows, "baseline_ratios": ratios(theirs)}
+
+
 def ratios_table(rows: list[dict]) -> str:
     columns = [
         ("tokens/s cont/serial", "tokens_per_s_vs_serial"),
@@ -160,6 +189,29 @@ def ratios_table(rows: list[dict]) -> str:
     header = ["clients"] + [h for h, _ in columns]
     cells = (
         [str(row["concurrency"])] + [fmt(row.get(k), ".2f") for _, k in columns] for row in rows
+    )
+    return table(header, cells)
+
+
+def baseline_table(rows: list[dict], rev: str) -> str:
+    header = [
+        "clients",
+        "mode",
+        "tokens/s",
+        f"tokens/s at {rev}",
+        "tokens/s this / base",
+        "lat p50 this / base",
+    ]
+    cells = (
+        [
+            str(row["concurrency"]),
+            row["mode"],
+            fmt(row["tokens_per_s"]),
+            fmt(row["baseline_tokens_per_s"]),
+            fmt(row["tokens_per_s_vs_baseline"], ".2f"),
+            fmt(row["latency_p50_s_vs_baseline"], ".2f"),
+        ]
+        for row in rows
     )
     return table(header, cells)
 
@@ -216,6 +268,13 @@ def markdown(report: dict) -> str:
         if w["ratios"]:
             out += ["Ratios (continuous over the other mode, same clients):", ""]
             out += [ratios_table(w["ratios"]), ""]
+        if w.get("vs_baseline"):
+            rev = report["baseline"]
+            out += [f"This code against `{rev}` (each mode's two servers run back to back):", ""]
+            out += [baseline_table(w["vs_baseline"], rev), ""]
+        if w.get("baseline_ratios"):
+            out += [f"`{rev}`'s own ratios (continuous over the other mode, same clients):", ""]
+            out += [ratios_table(w["baseline_ratios"]), ""]
     return "\n".join(out)
 
 

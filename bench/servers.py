@@ -45,6 +45,33 @@ def server_args(args: argparse.Namespace, *extra: str) -> list[str]:
 LONE_PROMPT = "Tell me about the history of the river and the town beside it."
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def git_worktree(rev: str) -> Iterator[Path]:
+    """Revision `rev` of this repository, checked out in a temporary worktree for the
+    duration: a baseline to run side by side with this code."""
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", "-q", str(tree), rev],
+            check=True,
+        )
+        try:
+            yield tree
+        finally:
+            subprocess.run(
+                ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(tree)],
+                check=False,
+            )
+
+
+def cli_module(tree: Path) -> str:
+    """The server's CLI module in `tree`: batchserve.cli before the package took its layers."""
+    return "batchserve.api.cli" if (tree / "batchserve/api/cli.py").exists() else "batchserve.cli"
+
+
 @dataclass(frozen=True)
 class ServerProcess:
     mode: str
@@ -116,9 +143,15 @@ def start_servers(
     torch_threads: int | None = None,
     extra_env: dict[str, str] | None = None,
     startup_timeout_s: float = 300.0,
+    tree: Path | None = None,
+    name_suffix: str = "",
 ) -> Iterator[dict[str, ServerProcess]]:
-    """One server per scheduler mode, all started together (loading overlaps), all stopped on exit."""
+    """One server per scheduler mode, all started together (loading overlaps), all stopped on
+    exit; keyed by mode + `name_suffix`. With `tree` (a checkout of another revision), the
+    servers run that tree's code."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     if torch_threads:
         # Read by torch at import: the intra-op pool size of the server's worker thread.
         env |= {"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads)}
@@ -134,7 +167,7 @@ def start_servers(
             cmd = [
                 sys.executable,
                 "-m",
-                "batchserve.api.cli",
+                cli_module(tree or REPO_ROOT),
                 "serve",
                 *model_args,
                 "--scheduler",
@@ -150,9 +183,19 @@ def start_servers(
             # A file, not a pipe: nobody reads a pipe during the run, and a full one blocks the server.
             log_file = stack.enter_context(logs[mode].open("w"))
             procs[mode] = subprocess.Popen(
-                cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                cmd,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=tree,
+                start_new_session=True,
             )
             stack.callback(_stop, procs[mode])
         urls = {mode: f"http://127.0.0.1:{ports[mode]}" for mode in modes}
         _wait_healthy(urls, procs, logs, startup_timeout_s)
-        yield {mode: ServerProcess(mode, urls[mode], procs[mode].pid, logs[mode]) for mode in modes}
+        yield {
+            mode + name_suffix: ServerProcess(
+                mode + name_suffix, urls[mode], procs[mode].pid, logs[mode]
+            )
+            for mode in modes
+        }

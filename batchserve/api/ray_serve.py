@@ -390,6 +390,9 @@ def serve_on_ray(args: argparse.Namespace, config: ServerConfig) -> int:
     # Read by Serve's proxy when it starts: inherited by a local cluster started below; a
     # cluster started by `ray start` needs it set there (see the README).
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
+    # Read by Serve's controller, likewise: it kills a proxy not ready after 3 checks of 5 s,
+    # and `serve.start` then fails; on a busy 2-core machine the proxy took 18-21 s to start.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if args.ray_address:
         ray.init(address=args.ray_address, logging_level=logging.WARNING)
     else:
