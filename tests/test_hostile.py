@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -196,7 +197,9 @@ async def test_a_handler_cancelled_at_shutdown_answers_503_json(
     async with app.router.lifespan_context(app):
         handler = asyncio.ensure_future(app(asgi_scope([]), receive, send))
         engine = app.state.engine
+        deadline = time.monotonic() + 60
         while engine.num_running == 0:
+            assert time.monotonic() < deadline, "the request never started running"
             await asyncio.sleep(0.001)
         app.state.is_draining = is_draining
         handler.cancel()

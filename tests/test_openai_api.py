@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -222,7 +223,9 @@ async def test_a_full_or_draining_server_answers_503_in_openai_shape_with_retry_
         engine = app.state.engine
         body = {"prompts": ["a", "b", "c", "d"], "max_new_tokens": 60, "ignore_eos": True}
         first = asyncio.create_task(client.post("/generate_lda_batch", json=body))
+        deadline = time.monotonic() + 60
         while engine.num_waiting_rows != 3:
+            assert time.monotonic() < deadline, "the batch's rows never queued behind the first"
             await asyncio.sleep(0.002)
         resp = await client.post(
             "/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2, "max_tokens": 2}
