@@ -482,20 +482,17 @@ def evaluate_targets(workloads: list[dict]) -> list[dict]:
 # --- against another revision ------------------------------------------------------------------
 
 
-def start_baseline(
+def start_mode_servers(
     stack: ExitStack,
     args: argparse.Namespace,
     model_args: list[str],
     server_args: list[str],
     server_env: dict[str, str],
-    urls: dict[str, str],
+    tree: Path | None = None,
+    name_suffix: str = "",
 ) -> dict[str, str]:
-    """The same modes' servers at revision --baseline, on the same pair and settings; the
-    URLs of both, each mode beside its baseline, so the two run one after the other at every
-    level (and see the same background load)."""
-    suffix = "@" + args.baseline
-    tree = stack.enter_context(git_worktree(args.baseline))
-    log(f"starting {', '.join(args.modes)} servers at {args.baseline} ({tree})")
+    """A server per --modes on the pair and settings given (with `tree`, that checkout's
+    code), stopped with `stack`: their URLs by mode + `name_suffix`."""
     procs = stack.enter_context(
         start_servers(
             args.modes,
@@ -504,13 +501,19 @@ def start_baseline(
             torch_threads=args.server_threads,
             extra_env=server_env,
             tree=tree,
-            name_suffix=suffix,
+            name_suffix=name_suffix,
         )
     )
+    return {name: proc.url for name, proc in procs.items()}
+
+
+def beside_baseline(urls: dict[str, str], theirs: dict[str, str], suffix: str) -> dict[str, str]:
+    """Each mode's URL, then its baseline's: the two run one after the other at every level,
+    so they see the same background load."""
     return {
         name: url
-        for mode in args.modes
-        for name, url in ((mode, urls[mode]), (mode + suffix, procs[mode + suffix].url))
+        for mode in urls
+        for name, url in ((mode, urls[mode]), (mode + suffix, theirs[mode + suffix]))
     }
 
 
@@ -799,19 +802,16 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 server_env = parse_env(args.server_env)
                 log(f"starting {', '.join(args.modes)} servers on {pair_line}")
-                procs = stack.enter_context(
-                    start_servers(
-                        args.modes,
-                        model_args,
-                        server_args=server_args,
-                        torch_threads=args.server_threads,
-                        extra_env=server_env,
-                    )
-                )
-                urls = {mode: procs[mode].url for mode in args.modes}
+                urls = start_mode_servers(stack, args, model_args, server_args, server_env)
                 info = asyncio.run(fetch_info(next(iter(urls.values()))))
                 if args.baseline:
-                    urls = start_baseline(stack, args, model_args, server_args, server_env, urls)
+                    tree = stack.enter_context(git_worktree(args.baseline))
+                    log(f"starting the same servers at {args.baseline} ({tree})")
+                    suffix = "@" + args.baseline
+                    theirs = start_mode_servers(
+                        stack, args, model_args, server_args, server_env, tree, suffix
+                    )
+                    urls = beside_baseline(urls, theirs, suffix)
                     report["baseline"] = args.baseline
                 server_line += f", torch threads {args.server_threads or 'default'}"
                 if server_env:
