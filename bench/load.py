@@ -384,18 +384,28 @@ async def run_workload(
     urls: dict[str, str],
     request_timeout_s: float,
     runs: list[dict],
+    rounds: int = 1,
 ) -> None:
-    """Levels outer, modes inner; appends each run's summary to `runs` as soon as it is done."""
+    """Levels outer, then rounds, modes inner (every other round in reverse order, so drift
+    on a shared machine does not favour the mode that runs first); appends each run's summary
+    to `runs` as soon as it is done."""
     for level in workload.concurrency:
-        for mode, url in urls.items():
-            log(f"[{workload.name}] {mode} x{level} clients: {describe_bound(workload)}")
-            run = await run_level(url, mode, workload, level, request_timeout_s)
-            runs.append(run)
-            log(
-                f"[{workload.name}] {mode} x{level}: {run['tokens_per_s']:,.1f} tokens/s, "
-                f"p50 {fmt_s(run['latency_p50_s'])}, p95 {fmt_s(run['latency_p95_s'])}, "
-                f"mean batch {run['mean_batch_size'] or 0:.1f}, errors {run['num_errors']}"
-            )
+        for round_index in range(rounds):
+            order = list(urls.items())
+            for mode, url in order[::-1] if round_index % 2 else order:
+                log(f"[{workload.name}] {mode} x{level} clients: {describe_bound(workload)}")
+                run = await run_level(url, mode, workload, level, request_timeout_s)
+                run["round"] = round_index
+                runs.append(run)
+                log_run(workload, mode, level, run)
+
+
+def log_run(workload: Workload, mode: str, level: int, run: dict) -> None:
+    log(
+        f"[{workload.name}] {mode} x{level}: {run['tokens_per_s']:,.1f} tokens/s, "
+        f"p50 {fmt_s(run['latency_p50_s'])}, p95 {fmt_s(run['latency_p95_s'])}, "
+        f"mean batch {run['mean_batch_size'] or 0:.1f}, errors {run['num_errors']}"
+    )
 
 
 def describe_bound(workload: Workload) -> str:
@@ -666,6 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout-s", type=float, default=600.0, help="client timeout per request"
     )
     load.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of each mode per level; every other round runs the modes in reverse order, "
+        "and the ratios compare each mode's mean over its rounds (default: %(default)s)",
+    )
+    load.add_argument(
         "--targets",
         action="store_true",
         help="run issue 6's target workloads instead (single-64 at 1 and 32 clients, "
@@ -761,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.requests is not None and args.requests < 1:
         raise SystemExit("error: --requests must be >= 1")
+    if args.rounds < 1:
+        raise SystemExit("error: --rounds must be >= 1")
     if args.baseline and args.url:
         raise SystemExit("error: --baseline starts its own servers; it cannot drive --url")
     base = config_from_args(
@@ -829,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
             for workload in workloads:
                 runs: list[dict] = []
                 collected.append((workload, runs))
-                asyncio.run(run_workload(workload, urls, args.request_timeout_s, runs))
+                asyncio.run(run_workload(workload, urls, args.request_timeout_s, runs, args.rounds))
     except KeyboardInterrupt:
         log("interrupted: servers stopped; writing what was measured")
         report["interrupted"] = True

@@ -120,16 +120,37 @@ RUN_COLUMNS: list[tuple[str, str, str]] = [
 def runs_table(runs: list[dict]) -> str:
     header = ["clients", "mode"] + [h for h, _, _ in RUN_COLUMNS]
     rows = (
-        [str(run["concurrency"]), run["mode"]]
+        [
+            str(run["concurrency"]),
+            run["mode"] + (f" (round {run['round'] + 1})" if run.get("round") else ""),
+        ]
         + [fmt(run.get(key), spec) for _, key, spec in RUN_COLUMNS]
         for run in runs
     )
     return table(header, rows)
 
 
+# What the ratios compare: with several rounds of a level, each mode's mean over them.
+MEAN_FIELDS = ("tokens_per_s", "latency_p50_s", "latency_p95_s")
+
+
+def mean_by_mode(runs: list[dict]) -> dict[tuple[str, int], dict[str, float | None]]:
+    """(mode, clients) -> the mean of MEAN_FIELDS over that pair's runs (rounds)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["mode"], run["concurrency"]), []).append(run)
+    means: dict[tuple[str, int], dict[str, float | None]] = {}
+    for key, group in groups.items():
+        means[key] = {}
+        for name in MEAN_FIELDS:
+            values = [r[name] for r in group if r.get(name) is not None]
+            means[key][name] = sum(values) / len(values) if values else None
+    return means
+
+
 def ratios(runs: list[dict]) -> list[dict]:
     """continuous / serial and continuous / static, per concurrency level, where both ran."""
-    by_key = {(r["mode"], r["concurrency"]): r for r in runs}
+    by_key = mean_by_mode(runs)
     rows = []
     for level in sorted({r["concurrency"] for r in runs}):
         cont = by_key.get(("continuous", level))
@@ -140,9 +161,9 @@ def ratios(runs: list[dict]) -> list[dict]:
             base = by_key.get((other, level))
             if base is None:
                 continue
-            row[f"tokens_per_s_vs_{other}"] = ratio(cont["tokens_per_s"], base["tokens_per_s"])
-            for key in ("latency_p50_s", "latency_p95_s"):
-                row[f"{key}_vs_{other}"] = ratio(cont.get(key), base.get(key))
+            for key in MEAN_FIELDS:
+                name = "tokens_per_s_vs_" if key == "tokens_per_s" else f"{key}_vs_"
+                row[name + other] = ratio(cont[key], base[key])
         if len(row) > 1:
             rows.append(row)
     return rows
@@ -153,25 +174,23 @@ def baseline_comparison(runs: list[dict], rev: str) -> dict[str, list[dict]]:
     < 1 is faster); and the baseline's own continuous / static / serial ratios, to set
     beside this code's."""
     suffix = "@" + rev
-    ours = {(r["mode"], r["concurrency"]): r for r in runs if not r["mode"].endswith(suffix)}
+    ours = mean_by_mode([r for r in runs if not r["mode"].endswith(suffix)])
     theirs = [
         r | {"mode": r["mode"].removesuffix(suffix)} for r in runs if r["mode"].endswith(suffix)
     ]
     rows = []
-    for base in theirs:
-        this = ours.get((base["mode"], base["concurrency"]))
+    for (mode, level), base in mean_by_mode(theirs).items():
+        this = ours.get((mode, level))
         if this is None:
             continue
         rows.append(
             {
-                "mode": base["mode"],
-                "concurrency": base["concurrency"],
+                "mode": mode,
+                "concurrency": level,
                 "tokens_per_s": this["tokens_per_s"],
                 "baseline_tokens_per_s": base["tokens_per_s"],
                 "tokens_per_s_vs_baseline": ratio(this["tokens_per_s"], base["tokens_per_s"]),
-                "latency_p50_s_vs_baseline": ratio(
-                    this.get("latency_p50_s"), base.get("latency_p50_s")
-                ),
+                "latency_p50_s_vs_baseline": ratio(this["latency_p50_s"], base["latency_p50_s"]),
             }
         )
     return {"vs_baseline": rows, "baseline_ratios": ratios(theirs)}

@@ -3,6 +3,7 @@ timings on a shared CI machine say nothing, so only the report's shape is checke
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import subprocess
@@ -158,6 +159,35 @@ def test_report_helpers() -> None:
     (row,) = ratios(runs)
     assert row["tokens_per_s_vs_serial"] == 8.0
     assert row["latency_p50_s_vs_serial"] == 0.25
+    # A second round of each mode: the ratios compare the means.
+    runs += [
+        {"mode": "serial", "concurrency": 8, "tokens_per_s": 30.0, "latency_p50_s": 1.0},
+        {"mode": "continuous", "concurrency": 8, "tokens_per_s": 100.0, "latency_p50_s": 0.5},
+    ]
+    (row,) = ratios(runs)
+    assert row["tokens_per_s_vs_serial"] == 90.0 / 20.0
+    assert row["latency_p50_s_vs_serial"] == 0.5 / 1.5
+
+
+def test_load_rounds_alternate_the_modes_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.load
+
+    order: list[tuple[int, str]] = []
+
+    async def fake_level(url: str, mode: str, workload, level: int, timeout_s: float) -> dict:
+        order.append((level, mode))
+        return {"tokens_per_s": 1.0, "latency_p50_s": 1.0, "latency_p95_s": 1.0,
+                "mean_batch_size": 1.0, "num_errors": 0}  # fmt: skip
+
+    monkeypatch.setattr(bench.load, "run_level", fake_level)
+    urls = {"static": "http://a", "continuous": "http://b"}
+    runs: list[dict] = []
+    workload = Workload("w", (1, 8), IntRange(4, 4), Mix(0.0, IntRange(1, 1)))
+    asyncio.run(bench.load.run_workload(workload, urls, 60.0, runs, rounds=3))
+    static_first = [(1, "static"), (1, "continuous")]
+    assert order[:6] == static_first + static_first[::-1] + static_first
+    assert order[6:] == [(8, m) for _, m in static_first + static_first[::-1] + static_first]
+    assert [r["round"] for r in runs] == [0, 0, 1, 1, 2, 2] * 2
 
 
 def test_engine_bench_reports_every_batch_size(tmp_path: Path, capsys) -> None:
