@@ -489,7 +489,7 @@ def evaluate_targets(workloads: list[dict]) -> list[dict]:
     ]
 
 
-# --- against another revision ------------------------------------------------------------------
+# --- servers: this code's, and a baseline revision's --------------------------------------------
 
 
 def start_mode_servers(

@@ -254,10 +254,10 @@ def kill_replica_with_fresh_requests(
 async def kill_under_load(
     url: str, workload: Workload, *, duration_s: float, kill_after_s: float
 ) -> dict:
-    """Closed-loop clients of the bundled client for duration_s; the busiest replica is killed
-    (no restart by Ray: Serve starts a replacement) at kill_after_s. Every request started is
-    waited for, so each is counted as answered, or failed after the client's retries."""
-
+    """Closed-loop clients of the bundled client for duration_s; from kill_after_s on, the
+    first replica whose requests in flight rise is killed (no restart by Ray: Serve starts a
+    replacement). Every request started is waited for, so each is counted as answered, or
+    failed after the client's retries."""
     from batchserve_client.api import AsyncLDAClient
     from batchserve_client.models import RetryPolicy
 

@@ -162,8 +162,7 @@ def ratios(runs: list[dict]) -> list[dict]:
             if base is None:
                 continue
             for key in MEAN_FIELDS:
-                name = "tokens_per_s_vs_" if key == "tokens_per_s" else f"{key}_vs_"
-                row[name + other] = ratio(cont[key], base[key])
+                row[f"{key}_vs_{other}"] = ratio(cont[key], base[key])
         if len(row) > 1:
             rows.append(row)
     return rows
