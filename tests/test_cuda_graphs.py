@@ -4,10 +4,10 @@ The runner takes how a step is recorded as a parameter; `replay_by_call` keeps a
 contract (static inputs copied in before each replay, static outputs overwritten by it), so
 the bucketing, padding and static buffers run here exactly as on a GPU. `replay_by_trace`
 also freezes what the step's Python decided at recording, as a graph does: it replays a
-make_fx trace of the step, so a value read from the host at recording would stay stale. What only CUDA can
-show (the capture itself, the speed) is in tests/test_gpu.py and bench/gpu.sh. A step that
-runs on the meta device needs no value on the host and no host tensor: the proxy, here, for
-a step a CUDA graph can hold.
+make_fx trace of the step, so a value read from the host at recording would stay stale.
+What only CUDA can show (the capture itself, the speed) is in tests/test_gpu.py and
+bench/gpu.sh. A step that runs on the meta device needs no value on the host and no host
+tensor: the proxy, here, for a step a CUDA graph can hold.
 """
 
 from __future__ import annotations
