@@ -1,7 +1,7 @@
 """Open loop: requests arrive at random (Poisson) at a share of capacity; continuous vs static.
 
     python -m bench.openloop                         # toy pair, 16-128 tokens, 40% of capacity
-    python -m bench.openloop --load 0.6 --duration-s 90
+    python -m bench.openloop --load 0.6 --duration-s 90 --rounds 4
 
 A closed loop (bench.load) sends a request when the last one returns, so a slow server slows
 its own clients down; real users do not wait for each other. Here arrivals follow a Poisson
@@ -10,6 +10,8 @@ at 32 clients on the same workload, measured first in the same run. Both modes g
 arrival times and the same requests (a function of the seed and the index). Reported: median
 and p95 latency of every request and of the short ones (max_new_tokens <= --short-tokens),
 per mode, and continuous / static (issue 20's target: short requests' median <= 0.25x).
+The modes run one after the other, so with `--rounds` each round draws its own arrivals and
+every other round runs static first: the host's drift over minutes then favours neither mode.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from bench.load import (
     send,
     wait_idle,
 )
-from bench.report import add_output_option, bench_parser, command_line, table, write_report
+from bench.report import (
+    add_output_option,
+    bench_parser,
+    command_line,
+    ratio,
+    table,
+    write_report,
+)
 from bench.servers import add_server_options, server_args, start_servers
 
 
@@ -62,21 +71,70 @@ async def open_loop(url: str, workload: Workload, arrivals: list[float]) -> list
         return await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
 
 
-def latency_summary(records: list[RequestRecord], workload: Workload, short: int) -> dict:
-    def stats(chosen: list[RequestRecord]) -> dict:
-        latencies = sorted(r.latency_s for r in chosen)
-        if not latencies:
-            return {"n": 0, "p50_s": None, "p95_s": None}
-        p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-        return {"n": len(latencies), "p50_s": statistics.median(latencies), "p95_s": p95}
-
+def latencies_by_kind(
+    records: list[RequestRecord], workload: Workload, short: int
+) -> dict[str, list[float]]:
+    """The successful requests' latencies, all and short ones (max_new_tokens <= short)."""
     ok = [r for r in records if r.status == 200]
     tokens = {r.index: workload.request(r.index).body["max_new_tokens"] for r in ok}
     return {
-        "errors": len(records) - len(ok),
-        "all": stats(ok),
-        "short": stats([r for r in ok if tokens[r.index] <= short]),
+        "all": [r.latency_s for r in ok],
+        "short": [r.latency_s for r in ok if tokens[r.index] <= short],
+        "errors": [r.latency_s for r in records if r.status != 200],
     }
+
+
+def latency_stats(latencies: list[float]) -> dict:
+    ordered = sorted(latencies)
+    if not ordered:
+        return {"n": 0, "p50_s": None, "p95_s": None}
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return {"n": len(ordered), "p50_s": statistics.median(ordered), "p95_s": p95}
+
+
+ROUND_HEADER = [
+    "round", "order", "arrivals", "short p50 continuous s", "short p50 static s",
+    "continuous / static",
+]  # fmt: skip
+
+
+def round_order(modes: list[str], round_index: int) -> list[str]:
+    """Every other round runs the modes in reverse order, so a drifting host favours none."""
+    return modes[::-1] if round_index % 2 else list(modes)
+
+
+def run_rounds(
+    urls: dict[str, str], workload: Workload, rate_per_s: float, duration_s: float,
+    rounds: int, short: int,
+) -> tuple[dict[str, dict[str, list[float]]], list[dict]]:  # fmt: skip
+    """Each round draws its own arrivals and requests (the seed plus the round) and runs every
+    mode on them. Returns each mode's latencies pooled over the rounds, and per round the
+    arrivals and the short requests' median ratio (the first mode over the second)."""
+    pooled: dict[str, dict[str, list[float]]] = {
+        mode: {"all": [], "short": [], "errors": []} for mode in urls
+    }
+    per_round = []
+    for round_index in range(rounds):
+        arrivals = arrival_times(rate_per_s, duration_s, workload.seed + round_index)
+        round_workload = replace(workload, seed=workload.seed + round_index)
+        medians = {}
+        for mode in round_order(list(urls), round_index):
+            print(f"round {round_index + 1} of {rounds}, open loop: {mode} "
+                  f"({len(arrivals)} arrivals)", file=sys.stderr)  # fmt: skip
+            records = asyncio.run(open_loop(urls[mode], round_workload, arrivals))
+            found = latencies_by_kind(records, round_workload, short)
+            for kind, values in found.items():
+                pooled[mode][kind] += values
+            medians[mode] = latency_stats(found["short"])["p50_s"]
+        first, second = list(urls)[:2]
+        per_round.append({
+            "round": round_index,
+            "order": round_order(list(urls), round_index),
+            "num_arrivals": len(arrivals),
+            "short_p50_s": medians,
+            "short_p50_ratio": ratio(medians[first], medians[second]),
+        })  # fmt: skip
+    return pooled, per_round
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of the closed-loop capacity run (20)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="arrivals and requests (0)")
+    parser.add_argument(
+        "--rounds", type=int, default=2,
+        help="rounds of --duration-s, each with its own arrivals; every other round runs "
+        "static first, so a drifting host favours neither mode; latencies are pooled (2)",
+    )  # fmt: skip
     add_server_options(parser, "torch threads per server")
     add_output_option(parser, "openloop-toy-cpu.json")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     low, _, high = args.max_new_tokens.partition("-")
     workload = Workload(
         name="open-loop",
@@ -113,38 +178,56 @@ def main(argv: list[str] | None = None) -> int:
         closed = asyncio.run(run_level(servers["continuous"].url, "continuous", workload, 32, 600))
         capacity_rps = closed["requests_per_s"]
         rate = args.load * capacity_rps
-        arrivals = arrival_times(rate, args.duration_s, args.seed)
-        print(f"capacity {capacity_rps:.2f} req/s; {len(arrivals)} arrivals at {rate:.2f}/s",
-              file=sys.stderr)  # fmt: skip
+        print(f"capacity {capacity_rps:.2f} req/s; arrivals at {rate:.2f}/s", file=sys.stderr)
         offset = 1_000_000  # fresh request indices, after the capacity run's
         open_workload = replace(workload, seed=args.seed + offset)
-        results = {}
-        for mode in modes:
-            print(f"open loop: {mode}", file=sys.stderr)
-            records = asyncio.run(open_loop(servers[mode].url, open_workload, arrivals))
-            results[mode] = latency_summary(records, open_workload, args.short_tokens)
+        urls = {mode: servers[mode].url for mode in modes}
+        pooled, per_round = run_rounds(
+            urls, open_workload, rate, args.duration_s, args.rounds, args.short_tokens
+        )
+    results = {
+        mode: {
+            "errors": len(found["errors"]),
+            "all": latency_stats(found["all"]),
+            "short": latency_stats(found["short"]),
+        }
+        for mode, found in pooled.items()
+    }
     rows = []
     for kind in ("short", "all"):
         cont, stat = results["continuous"][kind], results["static"][kind]
-        ratio = cont["p50_s"] / stat["p50_s"] if cont["p50_s"] and stat["p50_s"] else None
         rows.append([
-            f"{kind} (n={cont['n']})", f"{cont['p50_s']:.3f}", f"{stat['p50_s']:.3f}",
-            f"{cont['p95_s']:.3f}", f"{stat['p95_s']:.3f}", f"{ratio:.2f}",
+            f"{kind} (n={cont['n']})", fmt_s(cont["p50_s"]), fmt_s(stat["p50_s"]),
+            fmt_s(cont["p95_s"]), fmt_s(stat["p95_s"]),
+            fmt_ratio(ratio(cont["p50_s"], stat["p50_s"])),
         ])  # fmt: skip
     header = ["requests", "continuous p50 s", "static p50 s", "continuous p95 s",
               "static p95 s", "p50 continuous / static"]  # fmt: skip
-    short_ratio = results["continuous"]["short"]["p50_s"] / results["static"]["short"]["p50_s"]
+    short_ratio = ratio(
+        results["continuous"]["short"]["p50_s"], results["static"]["short"]["p50_s"]
+    )
+    num_arrivals = sum(r["num_arrivals"] for r in per_round)
+    errors = {mode: results[mode]["errors"] for mode in modes}
+    round_rows = [
+        [str(r["round"] + 1), " then ".join(r["order"]), str(r["num_arrivals"]),
+         fmt_s(r["short_p50_s"]["continuous"]), fmt_s(r["short_p50_s"]["static"]),
+         fmt_ratio(r["short_p50_ratio"])]
+        for r in per_round
+    ]  # fmt: skip
     command = command_line("openloop", argv)
     text = (
         f"# Open loop: Poisson arrivals at {args.load:.0%} of capacity "
         f"({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n\n"
         f"- host: {host_description()}; toy pair; torch threads {args.threads} per server\n"
         f"- capacity {capacity_rps:.2f} req/s (continuous, 32 closed-loop clients); "
-        f"{len(arrivals)} arrivals at {rate:.2f}/s for {args.duration_s:g} s; "
-        f"max_new_tokens {args.max_new_tokens}; short = <= {args.short_tokens} tokens\n"
+        f"{args.rounds} round(s) of {args.duration_s:g} s at {rate:.2f} arrivals/s "
+        f"({num_arrivals} in all); max_new_tokens {args.max_new_tokens}; "
+        f"short = <= {args.short_tokens} tokens; errors {errors}\n"
         f"- command: `{command}`\n\n"
-        + table(header, rows)
-        + f"\n\nshort requests' median latency, continuous / static: {short_ratio:.2f} "
+        + f"Latencies pooled over the rounds:\n\n{table(header, rows)}\n\n"
+        + "Per round (each its own arrivals; every other round static first):\n\n"
+        + table(ROUND_HEADER, round_rows)
+        + f"\n\nshort requests' median latency, continuous / static: {fmt_ratio(short_ratio)} "
         "(issue 20's target: <= 0.25)\n"
     )
     print(text)
@@ -152,17 +235,28 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "openloop",
         "command": command,
         "load": args.load,
+        "rounds": args.rounds,
         "capacity_requests_per_s": capacity_rps,
-        "num_arrivals": len(arrivals),
+        "arrivals_per_s": rate,
+        "num_arrivals": num_arrivals,
         "workload": open_workload.describe(),
         "short_tokens": args.short_tokens,
         "server_args": serve_args,
         "results": results,
+        "per_round": per_round,
         "short_p50_ratio": short_ratio,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_report(args.output, report, text)
     return 0
+
+
+def fmt_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

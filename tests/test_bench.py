@@ -345,6 +345,91 @@ def test_open_loop_arrivals_are_a_seeded_poisson_process() -> None:
     assert 850 <= len(arrivals) <= 1150  # 1,000 expected; sd about 32
 
 
+def test_open_loop_rounds_draw_their_own_arrivals_and_alternate_the_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bench.openloop
+    from bench.load import RequestRecord
+
+    calls: list[tuple[str, int, tuple[float, ...]]] = []
+
+    async def fake_open_loop(url: str, workload: Workload, arrivals: list[float]) -> list:
+        calls.append((url, workload.seed, tuple(arrivals)))
+        slow = 3.0 if url == "http://static" else 1.0
+        # Latency = the request's tokens x slow / 100, and one request fails in each run.
+        records = [
+            RequestRecord(i, 1, workload.request(i).body["max_new_tokens"] * slow / 100, 200)
+            for i in range(len(arrivals))
+        ]
+        return [*records, RequestRecord(len(arrivals), 1, 0.5, 503)]
+
+    monkeypatch.setattr(bench.openloop, "open_loop", fake_open_loop)
+    urls = {"continuous": "http://continuous", "static": "http://static"}
+    workload = Workload("w", (32,), IntRange(16, 128), Mix(0.0, IntRange(1, 1)), seed=7)
+    pooled, per_round = bench.openloop.run_rounds(urls, workload, 20.0, 5.0, 3, short=32)
+    order = ["continuous", "static", "static", "continuous", "continuous", "static"]
+    assert [c[0] for c in calls] == [urls[m] for m in order]
+    assert [r["order"] for r in per_round] == [
+        ["continuous", "static"], ["static", "continuous"], ["continuous", "static"],
+    ]  # fmt: skip
+    # Both modes of a round see the same arrivals and requests; each round its own.
+    for a, b in zip(calls[::2], calls[1::2], strict=True):
+        assert a[1:] == b[1:]
+    assert len({c[1:] for c in calls}) == 3
+    for mode in urls:
+        assert len(pooled[mode]["all"]) == sum(len(c[2]) for c in calls) // 2
+        assert len(pooled[mode]["errors"]) == 3
+        assert 0 < len(pooled[mode]["short"]) < len(pooled[mode]["all"])
+        assert all(x <= 0.32 * (3 if mode == "static" else 1) for x in pooled[mode]["short"])
+    # Every short request's latency is 3x slower on static, so its median is too.
+    assert [r["short_p50_ratio"] for r in per_round] == pytest.approx([1 / 3] * 3)
+    stats = bench.openloop.latency_stats([0.3, 0.1, 0.2])
+    assert stats == {"n": 3, "p50_s": 0.2, "p95_s": 0.3}
+    assert bench.openloop.latency_stats([]) == {"n": 0, "p50_s": None, "p95_s": None}
+
+
+def test_ceiling_fit_and_the_fixed_cost_a_ratio_needs() -> None:
+    from bench.ceiling import LevelRun, fit_step_cost, fixed_cost_for, level_order, mean_by_level
+
+    def run(level: int, round_index: int, fixed: float, tokens: float, drawn: float) -> LevelRun:
+        step_ms = fixed + 0.1 * tokens  # 100 us a token
+        return LevelRun(level, round_index, drawn / step_ms * 1e3, step_ms, tokens, drawn, 100)
+
+    runs = [run(1, 0, 1.0, 2.0, 1.0), run(32, 0, 1.0, 50.0, 32.0),
+            run(32, 1, 1.4, 50.0, 32.0), run(1, 1, 1.4, 2.0, 1.0)]  # fmt: skip
+    means = mean_by_level(runs)
+    assert means[1].step_ms == pytest.approx(1.2 + 0.2) and means[32].steps == 200
+    fixed, per_token = fit_step_cost(runs)
+    assert fixed == pytest.approx(1.2) and per_token == pytest.approx(0.1)
+    # 32 / (f + 5) = 12 / (f + 0.2): f = (12 * 5 - 32 * 0.2) / 20
+    needed = fixed_cost_for(12.0, means[1], means[32], per_token)
+    assert needed == pytest.approx((12 * 5 - 32 * 0.2) / 20)
+    low, high = means[1], means[32]
+    ratio_at = (high.level / (needed + 5.0)) / (1 / (needed + 0.2))
+    assert ratio_at == pytest.approx(12.0)
+    assert fixed_cost_for(40.0, low, high, per_token) is None  # over 32 rows: never
+    assert level_order([1, 8, 32], 0) == [1, 8, 32] and level_order([1, 8, 32], 1) == [32, 8, 1]
+
+
+def test_ceiling_bench_runs_the_levels_in_alternating_rounds(tmp_path: Path, capsys) -> None:
+    from bench import ceiling
+
+    out = tmp_path / "ceiling.json"
+    argv = ["--no-compile", "--levels", "1,4", "--rounds", "2", "--duration-s", "0.3",
+            "--max-new-tokens", "8", "--output", str(out)]  # fmt: skip
+    assert ceiling.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [(r["level"], r["round"]) for r in report["runs"]] == [(1, 0), (4, 0), (4, 1), (1, 1)]
+    assert all(r["steps"] > 0 and r["tokens_per_s"] > 0 for r in report["runs"])
+    # A lone row's step carries its token and now and then a prompt; four rows carry more.
+    assert 1.0 <= report["means"]["1"]["tokens_per_step"] < report["means"]["4"]["tokens_per_step"]
+    assert report["ratio"] == pytest.approx(
+        report["means"]["4"]["tokens_per_s"] / report["means"]["1"]["tokens_per_s"]
+    )
+    assert "4 in flight over 1" in capsys.readouterr().out
+    assert out.with_suffix(".md").exists()
+
+
 def test_threads_bench_neighbours_spin_and_stop() -> None:
     import multiprocessing
 
