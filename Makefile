@@ -28,7 +28,7 @@ test-gpu:
 
 # Serial vs static vs continuous on the toy pair, issue 6's three target workloads side by side.
 bench: setup
-	$(PY) -m bench.load --targets --plot
+	$(PY) -m bench.load --targets --rounds 2 --plot
 
 lint: setup
 	$(VENV)/bin/ruff check .
