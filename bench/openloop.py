@@ -71,6 +71,25 @@ async def open_loop(url: str, workload: Workload, arrivals: list[float]) -> list
         return await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
 
 
+async def one_at_a_time(url: str, workload: Workload, indices: list[int]) -> list[RequestRecord]:
+    """These requests sent one after another to the idle server: each alone in its steps, the
+    fastest the server serves them, so the floor of their latency under any load."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await wait_idle(client)
+        return [await send(client, workload.request(i)) for i in indices]
+
+
+def short_indices(workload: Workload, count: int, short: int) -> list[int]:
+    """The first `count` requests of the workload with max_new_tokens <= short."""
+    found: list[int] = []
+    index = 0
+    while len(found) < count:
+        if workload.request(index).body["max_new_tokens"] <= short:
+            found.append(index)
+        index += 1
+    return found
+
+
 def latencies_by_kind(
     records: list[RequestRecord], workload: Workload, short: int
 ) -> dict[str, list[float]]:
@@ -105,15 +124,18 @@ def round_order(modes: list[str], round_index: int) -> list[str]:
 
 def run_rounds(
     urls: dict[str, str], workload: Workload, rate_per_s: float, duration_s: float,
-    rounds: int, short: int,
-) -> tuple[dict[str, dict[str, list[float]]], list[dict]]:  # fmt: skip
+    rounds: int, short: int, alone: int = 0,
+) -> tuple[dict[str, dict[str, list[float]]], list[dict], list[float]]:  # fmt: skip
     """Each round draws its own arrivals and requests (the seed plus the round) and runs every
-    mode on them. Returns each mode's latencies pooled over the rounds, and per round the
-    arrivals and the short requests' median ratio (the first mode over the second)."""
+    mode on them, then sends `alone` of its short requests one at a time to the first mode's
+    server. Returns each mode's latencies pooled over the rounds, per round the arrivals and
+    the short requests' median ratio (the first mode over the second), and the latencies of
+    the short requests sent alone."""
     pooled: dict[str, dict[str, list[float]]] = {
         mode: {"all": [], "short": [], "errors": []} for mode in urls
     }
     per_round = []
+    alone_latencies: list[float] = []
     for round_index in range(rounds):
         arrivals = arrival_times(rate_per_s, duration_s, workload.seed + round_index)
         round_workload = replace(workload, seed=workload.seed + round_index)
@@ -127,6 +149,15 @@ def run_rounds(
                 pooled[mode][kind] += values
             medians[mode] = latency_stats(found["short"])["p50_s"]
         first, second = list(urls)[:2]
+        if alone:
+            print(f"round {round_index + 1} of {rounds}: {alone} short requests alone on "
+                  f"{first}", file=sys.stderr)  # fmt: skip
+            records = asyncio.run(
+                one_at_a_time(
+                    urls[first], round_workload, short_indices(round_workload, alone, short)
+                )
+            )
+            alone_latencies += [r.latency_s for r in records if r.status == 200]
         per_round.append({
             "round": round_index,
             "order": round_order(list(urls), round_index),
@@ -134,7 +165,7 @@ def run_rounds(
             "short_p50_s": medians,
             "short_p50_ratio": ratio(medians[first], medians[second]),
         })  # fmt: skip
-    return pooled, per_round
+    return pooled, per_round, alone_latencies
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="arrivals and requests (0)")
     parser.add_argument(
+        "--alone", type=int, default=20,
+        help="short requests per round also sent one at a time to the idle continuous "
+        "server: the floor of their latency, and so of the ratio (20; 0: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--rounds", type=int, default=2,
         help="rounds of --duration-s, each with its own arrivals; every other round runs "
         "static first, so a drifting host favours neither mode; latencies are pooled (2)",
@@ -160,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     add_server_options(parser, "torch threads per server")
     add_output_option(parser, "openloop-toy-cpu.json")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be >= 1")
+    if args.rounds < 1 or args.alone < 0:
+        parser.error("--rounds must be >= 1 and --alone >= 0")
     low, _, high = args.max_new_tokens.partition("-")
     workload = Workload(
         name="open-loop",
@@ -182,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         offset = 1_000_000  # fresh request indices, after the capacity run's
         open_workload = replace(workload, seed=args.seed + offset)
         urls = {mode: servers[mode].url for mode in modes}
-        pooled, per_round = run_rounds(
-            urls, open_workload, rate, args.duration_s, args.rounds, args.short_tokens
-        )
+        pooled, per_round, alone = run_rounds(
+            urls, open_workload, rate, args.duration_s, args.rounds, args.short_tokens,
+            args.alone,
+        )  # fmt: skip
     results = {
         mode: {
             "errors": len(found["errors"]),
@@ -207,6 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         results["continuous"]["short"]["p50_s"], results["static"]["short"]["p50_s"]
     )
     num_arrivals = sum(r["num_arrivals"] for r in per_round)
+    alone_stats = latency_stats(alone)
+    static_short = results["static"]["short"]["p50_s"]
+    floor = ratio(alone_stats["p50_s"], static_short)
+    floor_text = (
+        f"\n\nThe same kind of short requests sent one at a time to the idle continuous server "
+        f"(n={alone_stats['n']}, each alone in its steps): p50 {fmt_s(alone_stats['p50_s'])} s, "
+        f"so no load on that server could bring the ratio under {fmt_ratio(floor)} against "
+        f"static's median above."
+        if alone_stats["n"]
+        else ""
+    )
     errors = {mode: results[mode]["errors"] for mode in modes}
     round_rows = [
         [str(r["round"] + 1), " then ".join(r["order"]), str(r["num_arrivals"]),
@@ -228,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         + "Per round (each its own arrivals; every other round static first):\n\n"
         + table(ROUND_HEADER, round_rows)
         + f"\n\nshort requests' median latency, continuous / static: {fmt_ratio(short_ratio)} "
-        "(issue 20's target: <= 0.25)\n"
+        "(issue 20's target: <= 0.25)" + floor_text + "\n"
     )
     print(text)
     report = {
@@ -245,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "per_round": per_round,
         "short_p50_ratio": short_ratio,
+        "alone": alone_stats,
+        "short_p50_ratio_floor": floor,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_report(args.output, report, text)

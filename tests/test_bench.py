@@ -8,6 +8,7 @@ import itertools
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -363,10 +364,25 @@ def test_open_loop_rounds_draw_their_own_arrivals_and_alternate_the_order(
         ]
         return [*records, RequestRecord(len(arrivals), 1, 0.5, 503)]
 
+    alone_calls: list[tuple[str, list[int]]] = []
+
+    async def fake_one_at_a_time(url: str, workload: Workload, indices: list[int]) -> list:
+        alone_calls.append((url, indices))
+        return [RequestRecord(i, 1, 0.05, 200) for i in indices]
+
     monkeypatch.setattr(bench.openloop, "open_loop", fake_open_loop)
+    monkeypatch.setattr(bench.openloop, "one_at_a_time", fake_one_at_a_time)
     urls = {"continuous": "http://continuous", "static": "http://static"}
     workload = Workload("w", (32,), IntRange(16, 128), Mix(0.0, IntRange(1, 1)), seed=7)
-    pooled, per_round = bench.openloop.run_rounds(urls, workload, 20.0, 5.0, 3, short=32)
+    pooled, per_round, alone = bench.openloop.run_rounds(
+        urls, workload, 20.0, 5.0, 3, short=32, alone=4
+    )
+    # Each round also sends 4 of its short requests, one at a time, to the continuous server.
+    assert [url for url, _ in alone_calls] == [urls["continuous"]] * 3 and alone == [0.05] * 12
+    for round_index, (_, indices) in enumerate(alone_calls):
+        round_workload = replace(workload, seed=workload.seed + round_index)
+        assert len(indices) == 4
+        assert all(round_workload.request(i).body["max_new_tokens"] <= 32 for i in indices)
     order = ["continuous", "static", "static", "continuous", "continuous", "static"]
     assert [c[0] for c in calls] == [urls[m] for m in order]
     assert [r["order"] for r in per_round] == [
