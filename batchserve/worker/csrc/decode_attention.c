@@ -36,14 +36,10 @@ static inline void prefetch_row(const float *row, int64_t floats) {
     for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(row + i, 0, 3);
 }
 
-/* One row. `dim` is a constant wherever the dispatcher below calls it with one, so the
- * compiler unrolls the dot products and the multiply-adds at the model's head size. */
-static inline __attribute__((always_inline)) void decode_row(
-    const float *q, const float *key_store, const float *value_store, const int64_t *table,
-    int64_t first, int64_t n, float *o, int64_t heads, const int64_t *kv_of, int64_t slot_width,
-    int64_t block_size, float scale, float *scores, int64_t *slots, const int64_t dim) {
-    /* The row's store slots, walked block by block (an int64 division per key costs more
-     * than its dot product). */
+/* The store slots of a row's keys first..first+n-1, walked block by block (an int64 division
+ * per key costs more than its dot product). */
+static inline void row_slots(const int64_t *table, int64_t first, int64_t n, int64_t block_size,
+                             int64_t *slots) {
     int64_t block = first / block_size, offset = first % block_size;
     for (int64_t t = 0; t < n; ++t) {
         slots[t] = table[block] * block_size + offset;
@@ -52,6 +48,15 @@ static inline __attribute__((always_inline)) void decode_row(
             ++block;
         }
     }
+}
+
+/* One row. `dim` is a constant wherever the dispatcher below calls it with one, so the
+ * compiler unrolls the dot products and the multiply-adds at the model's head size. */
+static inline __attribute__((always_inline)) void decode_row(
+    const float *q, const float *key_store, const float *value_store, const int64_t *table,
+    int64_t first, int64_t n, float *o, int64_t heads, const int64_t *kv_of, int64_t slot_width,
+    int64_t block_size, float scale, float *scores, int64_t *slots, const int64_t dim) {
+    row_slots(table, first, n, block_size, slots);
     for (int64_t t = 0; t < n; ++t) { /* scores [heads, n]: each store row read once */
         const float *key = key_store + slots[t] * slot_width;
         if (t + PREFETCH_AHEAD < n) {
@@ -167,14 +172,7 @@ static inline __attribute__((always_inline)) void decode_row_avx512(
     const int64_t dim) {
     enum { V = 16 };
     const int64_t vecs = dim / V;
-    int64_t block = first / block_size, offset = first % block_size;
-    for (int64_t t = 0; t < n; ++t) {
-        slots[t] = table[block] * block_size + offset;
-        if (++offset == block_size) {
-            offset = 0;
-            ++block;
-        }
-    }
+    row_slots(table, first, n, block_size, slots);
     const __m512 vscale = _mm512_set1_ps(scale);
     /* 1. scores, 16 keys at a time, asking for as many keys ahead. */
     for (int64_t t0 = 0; t0 < n; t0 += V) {
