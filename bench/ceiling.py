@@ -137,6 +137,8 @@ def fit_step_cost(runs: list[LevelRun]) -> tuple[float, float]:
     ys = [p.step_ms for p in points.values()]
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
     spread = sum((x - mean_x) ** 2 for x in xs)
+    if spread == 0:
+        raise ValueError("every level carried the same tokens per step: no cost per token to fit")
     per_token = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
     return mean_y - per_token * mean_x, per_token
 
@@ -173,12 +175,26 @@ def fixed_cost_for(target: float, low: LevelRun, high: LevelRun, per_token: floa
     )
 
 
+def per_token_cost_for(target: float, low: LevelRun, high: LevelRun, fixed: float) -> float | None:
+    """The cost per token (ms) at or under which `high` makes `target` x `low`'s tokens/s at
+    this fixed cost per step; None where no cost per token can (as in `fixed_cost_for`)."""
+    drawn_low, drawn_high = low.drawn_per_step, high.drawn_per_step
+    if drawn_high <= target * drawn_low or fixed <= 0:
+        return None
+    # drawn_high / (fixed + c t_high) = target * drawn_low / (fixed + c t_low), solved for c
+    return (fixed * (target * drawn_low - drawn_high)) / (
+        drawn_high * low.tokens_per_step - target * drawn_low * high.tokens_per_step
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("ceiling", __doc__.split("\n\n")[0])
     parser.add_argument("--after", default="toy", help="after model (default: the toy pair)")
     parser.add_argument("--before", default=None, help="before model (optional with toy)")
     parser.add_argument("--levels", default="1,32", help="requests in flight (1,32)")
-    parser.add_argument("--duration-s", type=float, default=10.0, help="per level and round")
+    parser.add_argument(
+        "--duration-s", type=float, default=10.0, help="seconds per level and round (10)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternations (2)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="per request (64)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1, as served)")
@@ -192,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     add_output_option(parser, "ceiling-toy-cpu.json")
     args = parser.parse_args(argv)
-    levels = sorted({int(x) for x in args.levels.split(",") if x.strip()})
+    try:
+        levels = sorted({int(x) for x in args.levels.split(",") if x.strip()})
+    except ValueError:
+        parser.error(f"--levels must be comma-separated counts, not {args.levels!r}")
     if not levels or levels[0] < 1 or len(levels) < 2:
         parser.error("--levels needs two or more positive counts")
     if args.rounds < 1 or args.duration_s <= 0:
         parser.error("--rounds must be >= 1 and --duration-s > 0")
+    if args.target <= 1:
+        parser.error("--target must be > 1: a ratio of the top level over the first")
     torch.set_num_threads(args.threads)
     pair = load_pair(args.after, args.before, device="cpu", dtype="float32")
     core = build_engine_core(
@@ -223,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     low, high = means[levels[0]], means[levels[-1]]
     measured = ratio(high.tokens_per_s, low.tokens_per_s)
     needed = fixed_cost_for(args.target, low, high, per_token)
+    per_token_needed = per_token_cost_for(args.target, low, high, fixed)
     rows = [
         [str(m.level), f"{m.tokens_per_s:,.0f}", f"{m.step_ms:.2f}", f"{m.tokens_per_step:.1f}",
          f"{ratio(m.tokens_per_s, low.tokens_per_s):.2f}x"]
@@ -237,9 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         needed_text = f"{goal} at any fixed cost"
     else:
         needed_text = (
-            f"{goal} only if every step paid a fixed cost of at least **{needed:.2f} ms** "
-            f"({needed / fixed:.1f}x the fixed cost measured)"
+            f"{goal} only if every step paid a fixed cost of at least **{needed:.2f} ms**"
+            + (f" ({needed / fixed:.1f}x the fixed cost measured)" if fixed > 0 else "")
         )
+        if per_token_needed is not None and per_token_needed > 0:
+            needed_text += (
+                f"; or, at the fixed cost measured, with a cost per token of at most "
+                f"**{per_token_needed * 1e3:.0f} us** ({per_token * 1e3:.0f} now)"
+            )
     text = (
         f"# Batching ceiling: the engine alone, closed loop ({time.strftime('%Y-%m-%d %H:%M:%S %z')})"
         f"\n\n- host: {host_description()}; pair: {pair.after_id}; torch threads {args.threads}; "
@@ -250,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{command}`\n\n"
         + table(header, rows)
         + f"\n\n{levels[-1]} in flight over {levels[0]}: **{measured:.2f}x**, with no HTTP "
-        f"(bench.load's continuous / serial at {levels[-1]} clients cannot exceed it by much)."
+        f"(bench.load's continuous / serial at {levels[-1]} clients reads about as much: a "
+        "serial server's per-request overhead can lift it a little above)."
         f"\n\nStep time fit: {fixed:.2f} ms fixed + {per_token * 1e3:.0f} us per token the "
         f"step carries. At that per-token cost, {needed_text}.\n"
     )
@@ -268,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_token_ms": per_token,
         "target": args.target,
         "fixed_ms_for_target": needed,
+        "per_token_ms_for_target": per_token_needed,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_report(args.output, report, text)

@@ -8,7 +8,6 @@ import itertools
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -364,10 +363,10 @@ def test_open_loop_rounds_draw_their_own_arrivals_and_alternate_the_order(
         ]
         return [*records, RequestRecord(len(arrivals), 1, 0.5, 503)]
 
-    alone_calls: list[tuple[str, list[int]]] = []
+    alone_calls: list[tuple[str, Workload, list[int]]] = []
 
     async def fake_one_at_a_time(url: str, workload: Workload, indices: list[int]) -> list:
-        alone_calls.append((url, indices))
+        alone_calls.append((url, workload, indices))
         return [RequestRecord(i, 1, 0.05, 200) for i in indices]
 
     monkeypatch.setattr(bench.openloop, "open_loop", fake_open_loop)
@@ -378,11 +377,16 @@ def test_open_loop_rounds_draw_their_own_arrivals_and_alternate_the_order(
         urls, workload, 20.0, 5.0, 3, short=32, alone=4
     )
     # Each round also sends 4 of its short requests, one at a time, to the continuous server.
-    assert [url for url, _ in alone_calls] == [urls["continuous"]] * 3 and alone == [0.05] * 12
-    for round_index, (_, indices) in enumerate(alone_calls):
-        round_workload = replace(workload, seed=workload.seed + round_index)
+    assert [c[0] for c in alone_calls] == [urls["continuous"]] * 3 and alone == [0.05] * 12
+    for _, alone_workload, indices in alone_calls:
+        # Short requests of their own: the round's would hit the prefix cache they filled.
+        assert alone_workload.seed not in {seed for _, seed, _ in calls}
         assert len(indices) == 4
-        assert all(round_workload.request(i).body["max_new_tokens"] <= 32 for i in indices)
+        assert all(alone_workload.request(i).body["max_new_tokens"] <= 32 for i in indices)
+    fixed = Workload("w", (32,), IntRange(64, 64), Mix(0.0, IntRange(1, 1)))
+    assert bench.openloop.short_indices(fixed, 3, 32, search=1_000) == []  # none: no hang
+    with pytest.raises(SystemExit):
+        bench.openloop.main(["--max-new-tokens", "64", "--short-tokens", "32"])
     order = ["continuous", "static", "static", "continuous", "continuous", "static"]
     assert [c[0] for c in calls] == [urls[m] for m in order]
     assert [r["order"] for r in per_round] == [
@@ -405,7 +409,14 @@ def test_open_loop_rounds_draw_their_own_arrivals_and_alternate_the_order(
 
 
 def test_ceiling_fit_and_the_fixed_cost_a_ratio_needs() -> None:
-    from bench.ceiling import LevelRun, fit_step_cost, fixed_cost_for, level_order, mean_by_level
+    from bench.ceiling import (
+        LevelRun,
+        fit_step_cost,
+        fixed_cost_for,
+        level_order,
+        mean_by_level,
+        per_token_cost_for,
+    )
 
     def run(level: int, round_index: int, fixed: float, tokens: float, drawn: float) -> LevelRun:
         step_ms = fixed + 0.1 * tokens  # 100 us a token
@@ -424,6 +435,11 @@ def test_ceiling_fit_and_the_fixed_cost_a_ratio_needs() -> None:
     ratio_at = (high.level / (needed + 5.0)) / (1 / (needed + 0.2))
     assert ratio_at == pytest.approx(12.0)
     assert fixed_cost_for(40.0, low, high, per_token) is None  # over 32 rows: never
+    # Or at the fixed cost measured (1.2 ms), the cost per token that gives 12x back:
+    c = per_token_cost_for(12.0, low, high, fixed)
+    assert c is not None and 0 < c < per_token
+    assert (32 / (1.2 + 50 * c)) / (1 / (1.2 + 2 * c)) == pytest.approx(12.0)
+    assert per_token_cost_for(40.0, low, high, fixed) is None
     assert level_order([1, 8, 32], 0) == [1, 8, 32] and level_order([1, 8, 32], 1) == [32, 8, 1]
 
 

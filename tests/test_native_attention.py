@@ -3,8 +3,12 @@ every head layout, window and row length, and the runner keeps torch's where ask
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import os
+import shlex
+import shutil
 
 import pytest
 import torch
@@ -51,8 +55,8 @@ def torch_reference(query, keys, values, tables, positions, window) -> torch.Ten
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim"),
-    [(4, 4, 32), (8, 2, 64), (6, 3, 24), (2, 1, 128)],
-    ids=["mha-32", "gqa-64", "odd-24", "mqa-128"],
+    [(4, 4, 32), (8, 2, 64), (6, 3, 24), (2, 1, 128), (4, 2, 256)],
+    ids=["mha-32", "gqa-64", "odd-24", "mqa-128", "gqa-256"],
 )
 @pytest.mark.parametrize("window", [0, 7])
 def test_the_c_kernel_matches_torch_attention(heads, kv_heads, dim, window) -> None:
@@ -62,6 +66,24 @@ def test_the_c_kernel_matches_torch_attention(heads, kv_heads, dim, window) -> N
     )
     want = torch_reference(query, keys, values, tables, positions, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_portable_loop_matches_torch_attention_too(tmp_path, monkeypatch) -> None:
+    """Where the CPU has AVX-512 the kernel takes its vector path for head sizes 32-256; a
+    build without it (as on a CPU that lacks it) takes the portable loop: both must hold."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "gcc"]
+    path = native._build([*compiler, "-mno-avx512f"], "decode_attention")
+    portable = ctypes.CDLL(str(path)).batchserve_decode_attention
+    portable.restype = ctypes.c_int
+    portable.argtypes = native._kernel().argtypes
+    monkeypatch.setattr(native, "_kernel", lambda: portable)
+    for heads, kv_heads, dim in [(4, 4, 32), (8, 2, 64), (2, 1, 128), (4, 2, 256)]:
+        for window in (0, 7):
+            case = paged_case(9, heads, kv_heads, dim, seed=dim + window)
+            got = torch.ops.batchserve.native_decode_attention(*case, BLOCK, dim**-0.5, window)
+            want = torch_reference(*case, window)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_non_finite_key_spoils_its_own_row_only() -> None:
