@@ -33,7 +33,7 @@ from prometheus_client import generate_latest
 from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import EngineRow, RunnerConfig, SamplingParams
 from batchserve.engine import EngineCore, build_engine_core
-from batchserve.frontend import format_prompt
+from batchserve.frontend import Frontend
 from batchserve.worker.models import ModelPair, load_pair
 from bench.load import IntRange, Mix, Workload, host_description
 from bench.report import (
@@ -42,6 +42,7 @@ from bench.report import (
     command_line,
     parse_prometheus,
     ratio,
+    round_order,
     table,
     write_report,
 )
@@ -62,13 +63,15 @@ class ClosedLoop:
     """bench.load's request sequence, fed to one engine core at a fixed number in flight."""
 
     def __init__(self, pair: ModelPair, workload: Workload, core: EngineCore) -> None:
-        self.pair, self.workload, self.core = pair, workload, core
+        self.workload, self.core = workload, core
+        # The server's own formatting and tokenizing, so the prompts are the served ones.
+        self.frontend = Frontend(pair.tokenizer, max_row_tokens=core.runner.max_row_tokens)
         self.next_index = 0
 
     def _add_next(self) -> None:
         spec = self.workload.request(self.next_index)
         body = spec.body
-        ids = self.pair.tokenizer.encode(format_prompt(body["prompt"]), add_special_tokens=True)
+        ids = self.frontend.encode(self.frontend.format(body["prompt"]))
         params = SamplingParams(
             alpha=body["alpha"], temperature=body["temperature"], top_p=body["top_p"],
             max_new_tokens=body["max_new_tokens"], ignore_eos=body["ignore_eos"],
@@ -123,10 +126,6 @@ class ClosedLoop:
             drawn_per_step=tokens / max(1, num_steps),
             steps=num_steps,
         )
-
-
-def level_order(levels: list[int], round_index: int) -> list[int]:
-    return levels[::-1] if round_index % 2 else list(levels)
 
 
 def fit_step_cost(runs: list[LevelRun]) -> tuple[float, float]:
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = ClosedLoop(pair, workload, core)
     runs: list[LevelRun] = []
     for round_index in range(args.rounds):
-        for level in level_order(levels, round_index):
+        for level in round_order(levels, round_index):
             run = loop.run(level, args.duration_s, round_index)
             print(f"round {round_index + 1} of {args.rounds}, {level} in flight: "
                   f"{run.tokens_per_s:,.0f} tokens/s, {run.step_ms:.2f} ms a step of "

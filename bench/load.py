@@ -53,6 +53,7 @@ from bench.report import (
     ratios,
     ratios_table,
     results_path,
+    round_order,
     runs_table,
     targets_table,
 )
@@ -391,8 +392,7 @@ async def run_workload(
     to `runs` as soon as it is done."""
     for level in workload.concurrency:
         for round_index in range(rounds):
-            order = list(urls.items())
-            for mode, url in order[::-1] if round_index % 2 else order:
+            for mode, url in round_order(list(urls.items()), round_index):
                 log(f"[{workload.name}] {mode} x{level} clients: {describe_bound(workload)}")
                 run = await run_level(url, mode, workload, level, request_timeout_s)
                 run["round"] = round_index

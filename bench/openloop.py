@@ -40,6 +40,7 @@ from bench.report import (
     bench_parser,
     command_line,
     ratio,
+    round_order,
     table,
     write_report,
 )
@@ -110,11 +111,6 @@ ROUND_HEADER = [
     "round", "order", "arrivals", "short p50 continuous s", "short p50 static s",
     "continuous / static",
 ]  # fmt: skip
-
-
-def round_order(modes: list[str], round_index: int) -> list[str]:
-    """Every other round runs the modes in reverse order, so a drifting host favours none."""
-    return modes[::-1] if round_index % 2 else list(modes)
 
 
 def run_rounds(

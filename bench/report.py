@@ -9,7 +9,9 @@ import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -76,6 +78,12 @@ def write_report(path: Path, report: dict[str, Any], markdown: str) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown)
     print(f"wrote {path} and its .md", file=sys.stderr)
+
+
+def round_order(items: Sequence[T], round_index: int) -> list[T]:
+    """`items` in the order round `round_index` runs them: every other round in reverse, so a
+    host's drift over minutes favours none of them."""
+    return list(items[::-1] if round_index % 2 else items)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

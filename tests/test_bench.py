@@ -16,7 +16,7 @@ import pytest
 from bench import engine as bench_engine
 from bench import prefix as bench_prefix
 from bench.load import IntRange, Mix, Workload, build_parser, output_path
-from bench.report import RESULTS_DIR, parse_prometheus, percentile, ratios
+from bench.report import RESULTS_DIR, parse_prometheus, percentile, ratios, round_order
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -413,7 +413,6 @@ def test_ceiling_fit_and_the_fixed_cost_a_ratio_needs() -> None:
         LevelRun,
         fit_step_cost,
         fixed_cost_for,
-        level_order,
         mean_by_level,
         per_token_cost_for,
     )
@@ -440,7 +439,7 @@ def test_ceiling_fit_and_the_fixed_cost_a_ratio_needs() -> None:
     assert c is not None and 0 < c < per_token
     assert (32 / (1.2 + 50 * c)) / (1 / (1.2 + 2 * c)) == pytest.approx(12.0)
     assert per_token_cost_for(40.0, low, high, fixed) is None
-    assert level_order([1, 8, 32], 0) == [1, 8, 32] and level_order([1, 8, 32], 1) == [32, 8, 1]
+    assert round_order([1, 8, 32], 0) == [1, 8, 32] and round_order([1, 8, 32], 1) == [32, 8, 1]
 
 
 def test_ceiling_bench_runs_the_levels_in_alternating_rounds(tmp_path: Path, capsys) -> None:
