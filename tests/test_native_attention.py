@@ -6,9 +6,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
-import os
-import shlex
-import shutil
 
 import pytest
 import torch
@@ -72,8 +69,7 @@ def test_the_portable_loop_matches_torch_attention_too(tmp_path, monkeypatch) ->
     """Where the CPU has AVX-512 the kernel takes its vector path for head sizes 32-256; a
     build without it (as on a CPU that lacks it) takes the portable loop: both must hold."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "gcc"]
-    path = native._build([*compiler, "-mno-avx512f"], "decode_attention")
+    path = native._build([*native.compiler(), "-mno-avx512f"], "decode_attention")
     portable = ctypes.CDLL(str(path)).batchserve_decode_attention
     portable.restype = ctypes.c_int
     portable.argtypes = native._kernel().argtypes

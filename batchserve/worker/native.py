@@ -99,15 +99,20 @@ def _build(compiler: list[str], name: str = "decode_attention") -> Path:
     return target
 
 
-@functools.cache
-def _library(name: str) -> ctypes.CDLL | None:
-    compiler = shlex.split(os.environ.get("CC", "")) or [
+def compiler() -> list[str]:
+    """$CC (split as a shell would), else cc or gcc from the PATH; [] where none is."""
+    return shlex.split(os.environ.get("CC", "")) or [
         c for c in (shutil.which("cc") or shutil.which("gcc"),) if c
     ]
+
+
+@functools.cache
+def _library(name: str) -> ctypes.CDLL | None:
+    compiler_command = compiler()
     try:
-        if not compiler:
+        if not compiler_command:
             raise RuntimeError("no C compiler (cc, gcc or $CC) on the PATH")
-        return ctypes.CDLL(str(_build(compiler, name)))
+        return ctypes.CDLL(str(_build(compiler_command, name)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("the C %s is unavailable (%s); using torch's", _WHAT[name], err)
         return None
