@@ -696,7 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="JSON path (a bare name goes to bench/results/); the markdown goes next to it as "
         ".md (default: bench/results/load-{targets,sweep}-<pair>-<device>.json, e.g. "
-        "load-targets-toy-cpu.json: a rerun replaces the current report)",
+        "load-targets-toy-cpu.json: a rerun replaces the current report; with --url, "
+        "./load-{targets,sweep}-server.json in the current directory: a server of yours is "
+        "none of the project's committed reports)",
     )
     out.add_argument("--plot", action="store_true", help="also write PNGs next to the JSON")
     return parser
@@ -759,7 +761,9 @@ def default_output_name(args: argparse.Namespace) -> str:
 
 def output_path(args: argparse.Namespace) -> Path:
     if args.output is None:
-        return RESULTS_DIR / default_output_name(args)
+        # A running server's numbers are the user's, not a report bench/results/ keeps.
+        folder = Path.cwd() if args.url else RESULTS_DIR
+        return folder / default_output_name(args)
     return results_path(args.output)
 
 

