@@ -20,7 +20,9 @@ ALPHAS=${DEMO_ALPHAS:-0 1 2 4}
 MAX_NEW_TOKENS=${DEMO_MAX_NEW_TOKENS:-150}
 # 16 requests of 8 rows keep the server's running batch (64 rows) full while requests turn over.
 CONCURRENCY=${DEMO_CONCURRENCY:-16}
-HEALTH_TIMEOUT_S=${DEMO_HEALTH_TIMEOUT_S:-180}
+# The server compiles its step before it is healthy: ~1 min uncached on a quiet 2-core machine,
+# three times that seen on a busy one.
+HEALTH_TIMEOUT_S=${DEMO_HEALTH_TIMEOUT_S:-300}
 PORT=${DEMO_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 URL="http://127.0.0.1:$PORT"
 SERVER_LOG=$(mktemp -t batchserve-demo-server.XXXXXX.log)
