@@ -60,6 +60,7 @@ from batchserve.worker.host import upload
 from batchserve.worker.lora import BASE
 from batchserve.worker.models import ModelPair
 from batchserve.worker.sampling import sample_step
+from batchserve.worker.step_compile import compile_default, compile_step, cpp_wrapper_default
 from batchserve.worker.step_sampler import StepSampler
 
 log = logging.getLogger(__name__)
@@ -135,20 +136,18 @@ class ModelRunner:
         self.native_attention = self._native_attention(probes)
         self.native_sampler = self._native_sampler()
         self.is_compiled = (
-            self._compile_default() if self.config.compile is None else self.config.compile
+            compile_default(self.device, _env_switch("COMPILE"))
+            if self.config.compile is None
+            else self.config.compile
         )
-        self.cpp_wrapper = self.is_compiled and self._cpp_wrapper_default()
+        self.cpp_wrapper = self.is_compiled and cpp_wrapper_default(
+            self.device, _env_switch("CPP_WRAPPER")
+        )
         self.compile_s: float | None = None
         self._is_warm = False  # compiled and warmed up: guards may be skipped
         self._forward = self._forward_eager
         if self.is_compiled:
-            # Sizes that happen to be equal at the first call are distinct dimensions, and
-            # Python floats (the attention scale) are constants, not symbols: without these
-            # the first compile is thrown away and redone (measured: 15 s of 30).
-            torch.fx.experimental._config.use_duck_shape = False
-            torch._dynamo.config.specialize_float = True
-            options = {"cpp_wrapper": True} if self.cpp_wrapper else None
-            self._forward = torch.compile(self._forward_eager, dynamic=True, options=options)
+            self._forward = compile_step(self._forward_eager, self.cpp_wrapper)
         log.info(
             "KV store: %d tokens in %d blocks of %d (%.1f MiB for both models)%s",
             capacity, self._num_blocks - 1, bs, self.kv_bytes / 2**20,
@@ -207,22 +206,19 @@ class ModelRunner:
 
     # --- set-up -----------------------------------------------------------------------------
 
-    def _compile_default(self) -> bool:
-        """BATCHSERVE_COMPILE=0/1 where set (the CLI's --compile reads it too); else compiled on
-        the CPU, where bench.engine measured the compiled step ~2x faster (README, "Compiled
-        steps"); eager on CUDA, where the decode steps replay as CUDA graphs instead and
-        compiling has not been measured (no GPU lent yet)."""
-        setting = _env_switch("COMPILE")
-        return self.device.type == "cpu" if setting is None else setting
-
-    def _cpp_wrapper_default(self) -> bool:
-        """BATCHSERVE_CPP_WRAPPER=0/1 where set; else on the CPU. The compiled step's Python
-        wrapper (buffer views, size checks: ~320 calls a step) was a fifth of a lone row's
-        step; inductor's C++ wrapper made a lone 64-token request ~8% faster through the
-        server and left 32 rows in flight unchanged (1.01x), for ~8 s more of a first compile
-        (README, "The compiled step")."""
-        setting = _env_switch("CPP_WRAPPER")
-        return self.device.type == "cpu" if setting is None else setting
+    def _compile_failed(self, error: Exception) -> None:
+        """A step that would not compile (no C++ compiler, headers missing): the Python
+        wrapper where the C++ one failed, then eager, unless compiling was asked for."""
+        if self.cpp_wrapper:
+            log.warning("the step's C++ wrapper did not build (%s); trying the Python one", error)
+            self.cpp_wrapper = False
+            self._forward = compile_step(self._forward_eager, cpp_wrapper=False)
+        elif self.config.compile or _env_switch("COMPILE"):
+            raise RuntimeError(f"the step was asked to compile and could not: {error}") from error
+        else:
+            log.warning("the step did not compile (%s); it runs eagerly (slower)", error)
+            self.is_compiled = False
+            self._forward = self._forward_eager
 
     def _step_graphs(self, capture: Capture | None) -> StepGraphs | None:
         """Decode steps replayed as graphs: by default on CUDA (not yet for a LoRA pair, whose
@@ -335,8 +331,13 @@ class ModelRunner:
         started = time.perf_counter()
         # The two graphs: steps whose queries all go through the decode attention (most),
         # and steps with prompt chunks attended per chunk.
-        self.execute(StepPlan(tuple(decoding)))
-        self.execute(StepPlan((*decoding, chunk)))
+        while True:
+            try:
+                self.execute(StepPlan(tuple(decoding)))
+                self.execute(StepPlan((*decoding, chunk)))
+                break
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                self._compile_failed(error)
         self.compile_s = time.perf_counter() - started
         self._is_warm = True
         self.num_steps = 0
