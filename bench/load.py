@@ -694,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         default=None,
-        help="JSON path (a bare name goes to bench/results/); the markdown goes next to it as "
+        help="JSON path (a bare name goes to bench/results/, with --url to the current "
+        "directory); the markdown goes next to it as "
         ".md (default: bench/results/load-{targets,sweep}-<pair>-<device>.json, e.g. "
         "load-targets-toy-cpu.json: a rerun replaces the current report; with --url, "
         "./load-{targets,sweep}-server.json in the current directory: a server of yours is "
@@ -760,10 +761,11 @@ def default_output_name(args: argparse.Namespace) -> str:
 
 
 def output_path(args: argparse.Namespace) -> Path:
-    if args.output is None:
+    if args.url:
         # A running server's numbers are the user's, not a report bench/results/ keeps.
-        folder = Path.cwd() if args.url else RESULTS_DIR
-        return folder / default_output_name(args)
+        return args.output or Path.cwd() / default_output_name(args)
+    if args.output is None:
+        return RESULTS_DIR / default_output_name(args)
     return results_path(args.output)
 
 

@@ -120,6 +120,8 @@ def test_a_running_servers_report_goes_to_the_current_directory(
     monkeypatch.chdir(tmp_path)
     argv = ["--url", "http://127.0.0.1:8000", "--targets"]
     assert output_path(build_parser().parse_args(argv)) == tmp_path / "load-targets-server.json"
+    mine = build_parser().parse_args([*argv, "--output", "mine.json"])
+    assert output_path(mine).resolve() == tmp_path / "mine.json"
 
 
 def test_every_file_in_results_belongs_to_a_report_the_readme_describes() -> None:

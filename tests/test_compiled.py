@@ -140,7 +140,7 @@ def test_a_step_that_will_not_build_steps_down_to_the_python_wrapper_then_eager(
     pair = build_pair("llama")
     runner = ModelRunner(pair, RunnerConfig(max_batch_size=8, compile=None))
     assert failing_builds == [True, False]  # the C++ wrapper, the Python one, then eager
-    assert not runner.is_compiled and not runner.cpp_wrapper
+    assert not runner.is_compiled and not runner.cpp_wrapper and runner.compile_s is None
     assert runner.info()["compiled"] is False and runner.info()["cpp_wrapper"] is False
     assert "C++ wrapper did not build" in caplog.text and "runs eagerly" in caplog.text
     # And it serves: the same tokens as an eager runner's.

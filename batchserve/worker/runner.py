@@ -338,11 +338,11 @@ class ModelRunner:
                 break
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 self._compile_failed(error)
-        self.compile_s = time.perf_counter() - started
-        self._is_warm = True
-        self.num_steps = 0
-        log.info("step compiled in %.1f s", self.compile_s)
-        return self.compile_s
+        elapsed = time.perf_counter() - started
+        self.compile_s = elapsed if self.is_compiled else None  # None: it fell back to eager
+        self._is_warm, self.num_steps = True, 0
+        log.info("step %s in %.1f s", "compiled" if self.is_compiled else "run eagerly", elapsed)
+        return elapsed
 
     # --- one step ---------------------------------------------------------------------------
 

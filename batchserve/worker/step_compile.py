@@ -27,7 +27,7 @@ def cpp_wrapper_default(device: torch.device, setting: bool | None) -> bool:
     """`setting` (BATCHSERVE_CPP_WRAPPER) where given; else on the CPU. The compiled step's
     Python wrapper (buffer views, size checks: ~320 calls a step) was a fifth of a lone row's
     step; inductor's C++ wrapper made a lone 64-token request ~8% faster through the server and
-    left 32 rows in flight unchanged (1.01x), for ~8 s more of a first compile (README, "The
+    left 32 rows in flight unchanged (1.01x), for ~9 s more of a first compile (README, "The
     compiled step"). On CUDA not measured, so off."""
     return device.type == "cpu" if setting is None else setting
 
