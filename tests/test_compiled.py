@@ -53,6 +53,13 @@ def eager(pair, **scheduler: object) -> Driver:
     return Driver(pair, runner=RunnerConfig(max_batch_size=32, compile=False), **scheduler)
 
 
+def run_all(driver: Driver, rows: list) -> Driver:
+    """`rows` added at once and run to the end."""
+    driver.add(rows)
+    driver.run()
+    return driver
+
+
 def test_compiled_rows_match_single_prompt_logits_alone_batched_and_admitted_mid_run(
     compiled,
 ) -> None:
@@ -77,13 +84,8 @@ def test_compiled_chunked_prefill_matches_one_piece(compiled) -> None:
     pair, runner, models = compiled
     params = dataclasses.replace(GREEDY, logprobs=True)
     rows = rows_for(pair, [" ".join([PROMPTS[2]] * 4), PROMPTS[0]], params)
-    chunked = driver_over(runner, max_num_batched_tokens=7, max_batch_size=2)
-    chunked.add(rows)
-    chunked.run()
-    whole = driver_over(runner)
-    whole.add(rows)
-    whole.run()
-    assert chunked.tokens == whole.tokens
+    chunked = run_all(driver_over(runner, max_num_batched_tokens=7, max_batch_size=2), rows)
+    assert chunked.tokens == run_all(driver_over(runner), rows).tokens
     assert_matches_reference(chunked, models, rows, pair.vocab_limit)
 
 
@@ -114,47 +116,3 @@ def test_a_steady_stream_of_steps_never_recompiles(compiled) -> None:
                 driver.step()
         driver.run()
     assert all(len(driver.tokens[i]) == 12 for i in range(40))
-
-
-@pytest.fixture
-def failing_builds(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """inductor's build fails (as with no C++ compiler or headers): records, per attempt,
-    whether it asked for the C++ wrapper."""
-    import torch._inductor.compile_fx as compile_fx
-
-    attempts: list[bool] = []
-
-    def fail(model, inputs, config_patches=None, **kwargs):  # noqa: ANN001, ANN202
-        attempts.append(bool((config_patches or {}).get("cpp_wrapper")))
-        raise RuntimeError("no C++ compiler here (a test)")
-
-    monkeypatch.setattr(compile_fx, "compile_fx", fail)
-    monkeypatch.delenv("BATCHSERVE_COMPILE", raising=False)
-    monkeypatch.delenv("BATCHSERVE_CPP_WRAPPER", raising=False)
-    return attempts
-
-
-def test_a_step_that_will_not_build_steps_down_to_the_python_wrapper_then_eager(
-    failing_builds: list[bool], caplog: pytest.LogCaptureFixture
-) -> None:
-    pair = build_pair("llama")
-    runner = ModelRunner(pair, RunnerConfig(max_batch_size=8, compile=None))
-    assert failing_builds == [True, False]  # the C++ wrapper, the Python one, then eager
-    assert not runner.is_compiled and not runner.cpp_wrapper and runner.compile_s is None
-    assert runner.info()["compiled"] is False and runner.info()["cpp_wrapper"] is False
-    assert "C++ wrapper did not build" in caplog.text and "runs eagerly" in caplog.text
-    # And it serves: the same tokens as an eager runner's.
-    driver = driver_over(runner)
-    rows = rows_for(pair, PROMPTS[:2], GREEDY)
-    driver.add(rows)
-    driver.run()
-    reference = eager(pair)
-    reference.add(rows)
-    reference.run()
-    assert driver.tokens == reference.tokens
-
-
-def test_a_step_asked_to_compile_that_will_not_build_says_so(failing_builds: list[bool]) -> None:
-    with pytest.raises(RuntimeError, match="asked to compile and could not"):
-        ModelRunner(build_pair("llama"), RunnerConfig(max_batch_size=8, compile=True))
-    assert failing_builds == [True, False]  # the C++ wrapper first, then the Python one

@@ -1,17 +1,22 @@
 """The compile defaults: a setting (BATCHSERVE_COMPILE, BATCHSERVE_CPP_WRAPPER) wins, else the
-device decides; the runner reads the switches and reports the choice."""
+device decides; the runner reads the switches, reports the choice, and steps down where a build
+fails. `compile_step` is stood in for: no test here compiles (tests/test_compiled.py does)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from engine_driver import Driver, rows_for
 from tiny_models import build_pair
 
-from batchserve.core.types import RunnerConfig
+from batchserve.core.scheduler import SchedulerConfig
+from batchserve.core.types import RunnerConfig, SamplingParams
+from batchserve.engine import EngineCore
 from batchserve.worker.runner import ModelRunner
 from batchserve.worker.step_compile import compile_default, cpp_wrapper_default
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+GREEDY = SamplingParams(alpha=1.5, temperature=0.0, max_new_tokens=6, ignore_eos=True)
 
 
 @pytest.mark.parametrize("default", [compile_default, cpp_wrapper_default])
@@ -52,3 +57,64 @@ def test_the_switch_sets_the_wrapper_a_compiled_runner_asks_for(
             monkeypatch.setenv("BATCHSERVE_CPP_WRAPPER", switch)
         runner = ModelRunner(build_pair("llama"), RunnerConfig(max_batch_size=4, compile=True))
         assert runner.cpp_wrapper is expected and asked[-1] is expected
+
+
+class BuildFailed(torch._dynamo.exc.BackendCompilerFailed):
+    """What dynamo raises where inductor's build fails (no C++ compiler, no headers: checked by
+    hand with CXX=/nonexistent, README "The compiled step")."""
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "no C++ compiler here (a test)")
+
+
+@pytest.fixture
+def failing_builds(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Every compiled step fails its build at its first call; records, per attempt, whether
+    the C++ wrapper was asked for."""
+    import batchserve.worker.runner as runner_module
+
+    attempts: list[bool] = []
+
+    def compile_step(forward, cpp_wrapper: bool):  # noqa: ANN001, ANN202
+        attempts.append(cpp_wrapper)
+
+        def fails(*args: object, **kwargs: object) -> None:
+            raise BuildFailed
+
+        return fails
+
+    monkeypatch.setattr(runner_module, "compile_step", compile_step)
+    monkeypatch.delenv("BATCHSERVE_COMPILE", raising=False)
+    monkeypatch.delenv("BATCHSERVE_CPP_WRAPPER", raising=False)
+    return attempts
+
+
+def tokens_of(runner: ModelRunner, prompts: list[str]) -> dict:
+    pair = runner.pair
+    config = SchedulerConfig(max_batch_size=8)
+    core = EngineCore(runner, config, eos_token_ids=sorted(pair.eos_token_ids))
+    driver = Driver(pair, core=core)
+    driver.add(rows_for(pair, prompts, GREEDY))
+    driver.run()
+    return driver.tokens
+
+
+def test_a_step_that_will_not_build_steps_down_to_the_python_wrapper_then_eager(
+    failing_builds: list[bool], caplog: pytest.LogCaptureFixture
+) -> None:
+    pair = build_pair("llama")
+    runner = ModelRunner(pair, RunnerConfig(max_batch_size=8, compile=None))
+    assert failing_builds == [True, False]  # the C++ wrapper, the Python one, then eager
+    assert not runner.is_compiled and not runner.cpp_wrapper and runner.compile_s is None
+    assert runner.info()["compiled"] is False and runner.info()["cpp_wrapper"] is False
+    assert "C++ wrapper did not build" in caplog.text and "runs eagerly" in caplog.text
+    # And it serves: the same tokens as a runner that never tried to compile.
+    eager = ModelRunner(pair, RunnerConfig(max_batch_size=8, compile=False))
+    prompts = ["hello", "the cat sat on the mat"]
+    assert tokens_of(runner, prompts) == tokens_of(eager, prompts)
+
+
+def test_a_step_asked_to_compile_that_will_not_build_says_so(failing_builds: list[bool]) -> None:
+    with pytest.raises(RuntimeError, match="asked to compile and could not"):
+        ModelRunner(build_pair("llama"), RunnerConfig(max_batch_size=8, compile=True))
+    assert failing_builds == [True, False]  # the C++ wrapper first, then the Python one
