@@ -14,6 +14,7 @@ from batchserve.core.types import EngineRow, RunnerConfig, SamplingParams
 from batchserve.engine import EngineCore, build_engine_core
 from batchserve.frontend import format_prompt
 from batchserve.worker.models import ModelPair
+from batchserve.worker.runner import ModelRunner as Runner
 
 
 def encode(pair: ModelPair, prompt: str) -> tuple[int, ...]:
@@ -48,6 +49,14 @@ class Driver:
         self.finish: dict[int, str] = {}
         self.errors: dict[int, str] = {}
         self._next_request = 0
+
+    @classmethod
+    def over(cls, runner: Runner, **scheduler: object) -> Driver:
+        """A driver over a runner already built (compiled, graphed): its own engine core."""
+        scheduler.setdefault("max_batch_size", 32)
+        config = SchedulerConfig(**scheduler)  # type: ignore[arg-type]
+        eos = sorted(runner.pair.eos_token_ids)
+        return cls(runner.pair, core=EngineCore(runner, config, eos_token_ids=eos))
 
     @property
     def scheduler(self):

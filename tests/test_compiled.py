@@ -10,9 +10,7 @@ import torch
 from engine_driver import Driver, assert_matches_reference, rows_for
 from tiny_models import SAMPLE_WORDS, build_pair, reference_models
 
-from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import RunnerConfig, SamplingParams
-from batchserve.engine import EngineCore
 from batchserve.worker import native
 from batchserve.worker.runner import ModelRunner
 
@@ -43,10 +41,7 @@ def compiled(request) -> tuple:
 
 
 def driver_over(runner: ModelRunner, **scheduler: object) -> Driver:
-    scheduler.setdefault("max_batch_size", 32)
-    config = SchedulerConfig(**scheduler)  # type: ignore[arg-type]
-    core = EngineCore(runner, config, eos_token_ids=sorted(runner.pair.eos_token_ids))
-    return Driver(runner.pair, core=core)
+    return Driver.over(runner, **scheduler)
 
 
 def eager(pair, **scheduler: object) -> Driver:

@@ -22,9 +22,7 @@ from test_compiled import PROMPTS as COMPILED_PROMPTS
 from tiny_models import build_pair, reference_models
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import RunnerConfig, SamplingParams, ScheduledRow, StepPlan
-from batchserve.engine import EngineCore
 from batchserve.worker import native
 from batchserve.worker.cuda_graphs import GraphKey, StepGraphs, replay_by_call
 from batchserve.worker.models import load_pair, pair_from_models
@@ -66,9 +64,7 @@ def runner(pair, kind: str = "torch", capture=replay_by_call, **config) -> Model
 
 def driver_over(model_runner: ModelRunner, **scheduler: object) -> Driver:
     scheduler.setdefault("max_batch_size", 8)
-    config = SchedulerConfig(**scheduler)  # type: ignore[arg-type]
-    eos = sorted(model_runner.pair.eos_token_ids)
-    return Driver(model_runner.pair, core=EngineCore(model_runner, config, eos_token_ids=eos))
+    return Driver.over(model_runner, **scheduler)
 
 
 def staggered(model_runner: ModelRunner, params: list[SamplingParams]) -> tuple[Driver, list]:

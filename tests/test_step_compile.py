@@ -9,14 +9,20 @@ import torch
 from engine_driver import Driver, rows_for
 from tiny_models import build_pair
 
-from batchserve.core.scheduler import SchedulerConfig
 from batchserve.core.types import RunnerConfig, SamplingParams
-from batchserve.engine import EngineCore
 from batchserve.worker.runner import ModelRunner
 from batchserve.worker.step_compile import compile_default, cpp_wrapper_default
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 GREEDY = SamplingParams(alpha=1.5, temperature=0.0, max_new_tokens=6, ignore_eos=True)
+
+
+def set_switch(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
+    """BATCHSERVE_CPP_WRAPPER set to `value`, or unset (None)."""
+    if value is None:
+        monkeypatch.delenv("BATCHSERVE_CPP_WRAPPER", raising=False)
+    else:
+        monkeypatch.setenv("BATCHSERVE_CPP_WRAPPER", value)
 
 
 @pytest.mark.parametrize("default", [compile_default, cpp_wrapper_default])
@@ -29,10 +35,7 @@ def test_a_setting_wins_else_on_the_cpu_only(default) -> None:  # noqa: ANN001
 def test_an_eager_runner_has_no_cpp_wrapper_whatever_the_switch(
     switch: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if switch is None:
-        monkeypatch.delenv("BATCHSERVE_CPP_WRAPPER", raising=False)
-    else:
-        monkeypatch.setenv("BATCHSERVE_CPP_WRAPPER", switch)
+    set_switch(monkeypatch, switch)
     runner = ModelRunner(build_pair("llama"), RunnerConfig(max_batch_size=4, compile=False))
     assert runner.cpp_wrapper is False and runner.info()["cpp_wrapper"] is False
 
@@ -51,10 +54,7 @@ def test_the_switch_sets_the_wrapper_a_compiled_runner_asks_for(
 
     monkeypatch.setattr(runner_module, "compile_step", stand_in)
     for switch, expected in (("0", False), ("1", True), (None, True)):
-        if switch is None:
-            monkeypatch.delenv("BATCHSERVE_CPP_WRAPPER", raising=False)
-        else:
-            monkeypatch.setenv("BATCHSERVE_CPP_WRAPPER", switch)
+        set_switch(monkeypatch, switch)
         runner = ModelRunner(build_pair("llama"), RunnerConfig(max_batch_size=4, compile=True))
         assert runner.cpp_wrapper is expected and asked[-1] is expected
 
@@ -85,16 +85,13 @@ def failing_builds(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
     monkeypatch.setattr(runner_module, "compile_step", compile_step)
     monkeypatch.delenv("BATCHSERVE_COMPILE", raising=False)
-    monkeypatch.delenv("BATCHSERVE_CPP_WRAPPER", raising=False)
+    set_switch(monkeypatch, None)
     return attempts
 
 
 def tokens_of(runner: ModelRunner, prompts: list[str]) -> dict:
-    pair = runner.pair
-    config = SchedulerConfig(max_batch_size=8)
-    core = EngineCore(runner, config, eos_token_ids=sorted(pair.eos_token_ids))
-    driver = Driver(pair, core=core)
-    driver.add(rows_for(pair, prompts, GREEDY))
+    driver = Driver.over(runner, max_batch_size=8)
+    driver.add(rows_for(runner.pair, prompts, GREEDY))
     driver.run()
     return driver.tokens
 
