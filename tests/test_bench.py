@@ -4,8 +4,11 @@ timings on a shared CI machine say nothing, so only the report's shape is checke
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +135,39 @@ def test_every_file_in_results_belongs_to_a_report_the_readme_describes() -> Non
     # A report's JSON and PNGs share its name (bench.load writes <stem>-<workload>-*.png).
     strays = [f for f in files if f"`{f}`" not in readme and not f.startswith(tuple(described))]
     assert strays == []
+
+
+def gpu_script_commands() -> list[tuple[str, list[str]]]:
+    """The bench commands bench/gpu.sh runs, (module, argv), at each value of its shape loop."""
+    text = (REPO / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
+    shapes = re.search(r"for shape in ([\w\- ]+);", text)
+    assert shapes is not None
+    commands = []
+    for line in text.splitlines():
+        found = re.search(r'"\$PY" -m (bench\.\w+) (.*)', line)
+        if found is None:
+            continue
+        for shape in shapes.group(1).split() if "$shape" in line else [None]:
+            filled = found.group(2).replace("$OUT", "out").replace("$card", "NVIDIA-H200")
+            argv = shlex.split(filled.replace("$shape", shape or ""))
+            ends = [i for i, word in enumerate(argv) if word in ("|", "2>&1")]
+            commands.append((found.group(1), argv[: ends[0]] if ends else argv))
+    return commands
+
+
+def test_the_gpu_scripts_bench_commands_parse() -> None:
+    """bench/gpu.sh runs only on a lent GPU, minutes at a time: an option renamed since it was
+    written would spend them on a usage error."""
+    commands = gpu_script_commands()
+    assert sorted({module for module, _ in commands}) == ["bench.engine", "bench.load"]
+    shapes = set()
+    for module, argv in commands:
+        args = importlib.import_module(module).build_parser().parse_args(argv)
+        shapes.add(args.shape)
+        if module == "bench.engine":
+            assert (args.device, args.dtype, args.graphs_ab) == ("cuda", "bfloat16", True)
+    assert shapes == {"llama-7b", "llama-1b"}
+    assert (REPO / "tests" / "test_gpu.py").is_file()
 
 
 def test_detok_bench_shows_flat_work_per_token_against_a_growing_re_decode(
