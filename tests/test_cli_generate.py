@@ -115,6 +115,42 @@ def test_bad_prompt_rows_name_the_line_and_field(
 
 
 @pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--max-new-tokens", "-3"], "--max-new-tokens"),
+        (["--n", "0"], "--n"),
+        (["--top-p", "3"], "--top-p"),
+        (["--alpha", "nan"], "--alpha"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_bad_sampling_options_are_refused_before_any_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: list[str], named: str
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr("batchserve.worker.models.load_pair", no_loading)
+    with pytest.raises(SystemExit, match=rf"^error: {named}: "):
+        main(["generate", "--prompts", str(prompts), *options])
+
+
+def test_a_prompt_too_long_is_named_and_leaves_no_output_file(
+    tmp_path: Path, pair_dirs: tuple[str, str]
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n" + "word " * 2000 + "\nlast prompt\n")
+    output = tmp_path / "out.jsonl"
+    argv = generate_argv(pair_dirs, prompts, "--output", str(output), "--no-progress")
+    with pytest.raises(SystemExit, match=r"prompts.txt: prompt 2 of 3 has \d+ tokens"):
+        main(argv)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
     "field",
     [
         {"alpha": 1e6},

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -92,6 +92,26 @@ class PromptRow(BaseModel):
     system_prompt: str | None = None
 
 
+_DEFAULT_FIELDS = ("seed", "alpha", "temperature", "top_p", "top_k", "max_new_tokens", "n")
+
+
+def _problems(err: ValidationError, name: Callable[[str], str] = str) -> str:
+    return "; ".join(
+        f"{'.'.join(name(str(part)) for part in e['loc']) or 'line'}: {e['msg']}"
+        for e in err.errors(include_url=False)
+    )
+
+
+def check_sampling_options(args: argparse.Namespace) -> None:
+    """The command line's sampling defaults pass the rules a .jsonl row's own values do, before
+    any model loads (a bad --max-new-tokens stopped the run only after the step compiled)."""
+    try:
+        PromptRow(prompt="-", **{field: getattr(args, field) for field in _DEFAULT_FIELDS})
+    except ValidationError as err:
+        problems = _problems(err, lambda field: "--" + field.replace("_", "-"))
+        raise SystemExit(f"error: {problems}") from None
+
+
 def read_prompt_rows(path: Path) -> list[PromptRow]:
     if not path.exists():
         raise SystemExit(f"error: prompts file {path} does not exist")
@@ -104,11 +124,7 @@ def read_prompt_rows(path: Path) -> list[PromptRow]:
             try:
                 rows.append(PromptRow.model_validate_json(line))
             except ValidationError as err:
-                problems = "; ".join(
-                    f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}"
-                    for e in err.errors(include_url=False)
-                )
-                raise SystemExit(f"error: {path}:{number}: {problems}") from None
+                raise SystemExit(f"error: {path}:{number}: {_problems(err)}") from None
     else:
         rows = [PromptRow(prompt=line) for line in lines if line.strip()]
     if not rows:
@@ -129,11 +145,13 @@ def _score_alphas(values: Sequence[float]) -> tuple[float, ...]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from batchserve.core.scheduler import PromptTooLongError
     from batchserve.core.seeds import prompt_seed
     from batchserve.core.types import GenerationRequest, SamplingParams
     from batchserve.engine import iter_generate
     from batchserve.worker.models import IncompatibleTokenizersError, load_options, load_pair
 
+    check_sampling_options(args)
     rows = read_prompt_rows(args.prompts)
     defaults = config_from_args(SamplingParams, args, score_alphas=_score_alphas(args.score_alphas))
     requests = []
@@ -162,7 +180,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pair = load_pair(args.after or "toy:after", args.before, **load_options(args))
     except (IncompatibleTokenizersError, ValueError, FileNotFoundError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
-    out: TextIO = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    # Opened with the first result: a file that cannot run (a prompt too long) leaves none.
+    out: TextIO | None = None if args.output else sys.stdout
     # Rows finish out of order; hold each until those before it are written, so the file is
     # in input order and a crash loses only rows not yet reachable in order.
     request_of_row = [i for i, r in enumerate(requests) for _ in range(r.n)]
@@ -189,11 +208,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "top_p": request.params.top_p,
                 }
                 bar.update(1)
+                if out is None:
+                    out = args.output.open("w", encoding="utf-8")
                 while next_to_write in held:
                     out.write(json.dumps(held.pop(next_to_write), ensure_ascii=False) + "\n")
                     next_to_write += 1
                 out.flush()
+    except PromptTooLongError as err:  # raised before any row runs
+        where = f"prompt {err.index + 1} of {len(rows)}"
+        text = str(err).replace(f"prompt {err.index} ", f"{where} ", 1)
+        raise SystemExit(f"error: {args.prompts}: {text}") from None
     finally:
-        if out is not sys.stdout:
+        if out is not None and out is not sys.stdout:
             out.close()
     return 0
