@@ -84,6 +84,23 @@ def test_hub_ids_pass_through_and_toy_names_resolve() -> None:
     assert resolve_model_path("toy:before").endswith("before")
 
 
+@pytest.mark.parametrize("missing", ["/tmp/no-such-model-here", "./no/such", "a/b/c"])
+def test_a_missing_model_folder_is_named_before_anything_else_is_asked(missing: str) -> None:
+    # Not "before model not given", nor the hub's "Repo id must be in the form ...".
+    with pytest.raises(FileNotFoundError, match=f"{missing}: no such folder"):
+        load_pair(missing, device="cpu")
+    with pytest.raises(FileNotFoundError, match=f"{missing}: no such folder"):
+        load_pair("toy:after", missing, device="cpu")
+
+
+def test_a_model_folder_given_from_home_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    assert resolve_model_path("~/m") == str(tmp_path / "m")
+
+
 def test_prompt_formats() -> None:
     assert format_prompt("Hi") == "### Instruction:\nHi\n\n### Response:\n"
     assert format_prompt("Hi", system_prompt="Be kind") == (

@@ -114,9 +114,15 @@ class ModelPair:
         return names[0], names[1]
 
 
+def _is_local_path(name: str) -> bool:
+    """A hub id is `name` or `namespace/name`; anything rooted, relative or deeper is a folder."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
 def resolve_model_path(name: str) -> str:
     """Map `toy`, `toy:after`, `toy:before`, `toy:lora`, `toy:rare`, `toy:rare-before` to the
-    packaged models; anything else passes through."""
+    packaged models; a folder that is missing is named as missing (the hub's loader would call
+    it a malformed repo id); anything else passes through."""
     if name in TOY_NAMES:
         path = TOY_DIR / TOY_NAMES[name]
         marker = "adapter_config.json" if name == "toy:lora" else "config.json"
@@ -124,6 +130,14 @@ def resolve_model_path(name: str) -> str:
             raise FileNotFoundError(
                 f"the embedded toy pair is missing at {path}; "
                 "build it with `python -m toy_training.train --out batchserve/toy`"
+            )
+        return str(path)
+    if _is_local_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{name}: no such folder (a model is a local folder or a hub id such as "
+                "namespace/name)"
             )
         return str(path)
     return name
