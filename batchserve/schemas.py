@@ -205,9 +205,15 @@ class StreamDelta(_Response):
 
 
 class ModelOutput(_Response):
+    """One model's row of /generate: the original server's three fields, then what every other
+    route reports of a row (so a /generate sample can be replayed from its seed too)."""
+
     model_id: str
     completion: str
     text: str
+    tokens_generated: int = 0
+    finish_reason: FinishReason | None = None
+    seed: int | None = None
 
 
 class GenerateResponse(_Response):

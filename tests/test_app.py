@@ -95,6 +95,20 @@ async def test_generate_returns_both_models_plain_samples(llama_pair: ModelPair)
                 )
             ).json()
             assert lda["completion"] == plain[key]["completion"]
+            assert plain[key]["finish_reason"] == lda["finish_reason"]
+            assert plain[key]["tokens_generated"] == lda["tokens_generated"]
+
+
+async def test_generate_reports_each_rows_seed_and_replays_from_it(llama_pair: ModelPair) -> None:
+    async with serving(llama_pair) as client:
+        body = {"prompt": "tell me a story", "max_new_tokens": 6, "temperature": 1.5}
+        plain = (await client.post("/generate", json=body)).json()
+        for alpha, key in ((0.0, "model_1"), (-1.0, "model_2")):
+            row = plain[key]
+            assert isinstance(row["seed"], int) and row["finish_reason"] in ("length", "eos", "stop")
+            again = {"alpha": alpha, "seed": row["seed"], "ignore_eos": False}
+            lda = (await client.post("/generate_lda", json=body | again)).json()
+            assert lda["completion"] == row["completion"]
 
 
 async def test_info_health_compatibility_and_metrics(llama_pair: ModelPair) -> None:

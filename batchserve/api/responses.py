@@ -107,14 +107,19 @@ def generate_response(
     model_before: str,
 ) -> schemas.GenerateResponse:
     """/generate: each model alone (model_1 is the after model, model_2 the before)."""
+
+    def output(model_id: str, result: GenerationResult) -> schemas.ModelOutput:
+        return schemas.ModelOutput(
+            model_id=model_id,
+            completion=result.completion,
+            text=result.text,
+            tokens_generated=result.tokens_generated,
+            finish_reason=result.finish_reason,
+            seed=result.seed,
+        )
+
     return schemas.GenerateResponse(
-        prompt=prompt,
-        model_1=schemas.ModelOutput(
-            model_id=model_after, completion=after.completion, text=after.text
-        ),
-        model_2=schemas.ModelOutput(
-            model_id=model_before, completion=before.completion, text=before.text
-        ),
+        prompt=prompt, model_1=output(model_after, after), model_2=output(model_before, before)
     )
 
 
