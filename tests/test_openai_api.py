@@ -145,7 +145,7 @@ def test_stop_ends_a_choice_with_finish_reason_stop(client: openai.OpenAI) -> No
         ({"extra_body": {"alpah": 2}}, 400, "alpah", None),
         ({"extra_body": {"alpha": "big"}}, 400, "alpha", None),
         ({"max_tokens": 10**6}, 400, "max_tokens", None),
-        ({"presence_penalty": 0.5}, 400, None, None),
+        ({"presence_penalty": 0.5}, 400, "presence_penalty", None),
     ],
 )
 def test_errors_use_openai_error_shape(
@@ -168,6 +168,31 @@ def test_a_long_prompt_is_refused_with_context_length_exceeded(server: str) -> N
     )
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "context_length_exceeded"
+    # A chat without max_tokens gets what the context leaves: none left is said as such.
+    chat = httpx.post(
+        server + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hello " * 600}]},
+    )
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "context_length_exceeded"
+    assert "no room is left for even one new token" in chat.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"stop": [3]}, "stop.0", "Input should be a valid string"),
+        ({"presence_penalty": 1}, "presence_penalty", "presence_penalty is not supported"),
+    ],
+)
+def test_a_bad_field_is_named_as_the_client_wrote_it(
+    server: str, body: dict, field: str, message: str
+) -> None:
+    resp = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "hi"} | body)
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and error["param"] == field.split(".")[0]
+    assert error["message"].startswith("invalid request: ")
+    assert f"{field}: {message}" in error["message"]
+    assert "constrained" not in error["message"] and "Value error" not in error["message"]
 
 
 @pytest.mark.parametrize("prompt", [[], [[]], "", [""], ["a question", ""]])
@@ -382,3 +407,13 @@ def test_unsupported_logprobs_requests_are_refused_clearly(
     error = resp.json()["error"]
     assert error["param"] == param
     assert "logprobs" in error["message"]
+
+
+def test_errors_before_a_route_runs_take_the_routes_shape(server: str) -> None:
+    unknown = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": "hi"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Not Found"
+    wrong_type = httpx.post(server + "/v1/completions", content="{}")  # no Content-Type
+    assert wrong_type.status_code == 415
+    assert wrong_type.json()["error"]["type"] == "invalid_request_error"
+    native = httpx.get(server + "/nope")
+    assert native.status_code == 404 and native.json()["error"] == "Not Found"

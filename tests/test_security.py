@@ -99,6 +99,13 @@ async def test_api_key_is_required_on_every_route_but_health(llama_pair: ModelPa
                 assert resp.headers["www-authenticate"] == "Bearer"
         for path in ("/info", "/metrics", "/tokenizer_compatibility", "/nope"):
             assert (await client.get(path)).status_code == 401, path
+        # Under /v1/ the refusal is in OpenAI's shape, which an OpenAI SDK reads.
+        for path in ("/v1/completions", "/v1/models"):
+            resp = await client.request("POST" if "compl" in path else "GET", path, json={})
+            assert resp.status_code == 401
+            error = resp.json()["error"]
+            assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+            assert error["message"].startswith("missing or invalid API key")
         assert (await client.get("/health")).json() == {"status": "ok"}
         ok = await client.post(
             "/generate_lda", json=body, headers={"authorization": f"Bearer {KEY}"}

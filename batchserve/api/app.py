@@ -34,11 +34,11 @@ from batchserve.api.bodies import (
 )
 from batchserve.api.responses import (
     compatibility,
-    error_response,
     generate_response,
     json_response,
     lda_batch_response,
     lda_response,
+    route_error,
 )
 from batchserve.api.security import LOOPBACK_HOSTS, guard_middleware
 from batchserve.api.streaming import (
@@ -423,23 +423,23 @@ def _loaded_pair(request: Request) -> ModelPair:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return error_response(exc.status, exc.error, exc.detail, exc.headers)
+    return route_error(request.url.path, exc.status, exc.error, exc.detail, exc.headers)
 
 
 async def refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Refused)
-    return error_response(exc.status, exc.message, None, exc.headers)
+    return route_error(request.url.path, exc.status, exc.message, None, exc.headers)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, exc.detail, None, exc.headers)
+    return route_error(request.url.path, exc.status_code, exc.detail, None, exc.headers)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
     request.app.state.metrics.errors.labels(kind="internal").inc()
-    return error_response(500, "internal server error", str(exc))
+    return route_error(request.url.path, 500, "internal server error", str(exc))
 
 
 # --- app --------------------------------------------------------------------------------------

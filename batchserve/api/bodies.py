@@ -96,16 +96,33 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     return data
 
 
+# Pydantic names each member of a union it tried in the location (`stop.constrained-str`,
+# `stop.list[constrained-str].0`); a client knows the field by its own name.
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and (
+        part in _UNION_TAGS or "[" in part or part.startswith(("constrained-", "function-"))
+    )
+
+
 def validation_problems(err: ValidationError) -> list[dict[str, str]]:
-    """Each problem with its dotted field path ("body" for the whole body)."""
-    return [
-        {
-            "field": ".".join(str(p) for p in e["loc"]) or "body",
-            "message": e["msg"],
+    """Each problem with its dotted field path ("body" for the whole body), once: the messages
+    of our own validators without pydantic's "Value error, " in front."""
+    problems: list[dict[str, str]] = []
+    for e in err.errors(include_url=False, include_input=False):
+        message = e["msg"]
+        if e["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        problem = {
+            "field": ".".join(str(p) for p in e["loc"] if not _is_union_tag(p)) or "body",
+            "message": message,
             "type": e["type"],
         }
-        for e in err.errors(include_url=False, include_input=False)
-    ]
+        if problem not in problems:
+            problems.append(problem)
+    return problems
 
 
 def summarize(problems: list[dict[str, str]]) -> str:

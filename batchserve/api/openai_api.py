@@ -47,6 +47,7 @@ from batchserve.api.bodies import (
     summarize,
     validation_problems,
 )
+from batchserve.api.responses import openai_error_body
 from batchserve.api.streaming import (
     Delta,
     Refused,
@@ -104,14 +105,7 @@ class OpenAIError(Exception):
         self.param, self.code, self.headers = param, code, headers
 
     def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return openai_error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
 # --- request bodies -----------------------------------------------------------------------
@@ -147,12 +141,12 @@ class _OpenAIFields(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
 
-    @model_validator(mode="after")
-    def _neutral_only(self) -> _OpenAIFields:
-        for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported by LDA sampling; leave it out")
-        return self
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    @classmethod
+    def _neutral_only(cls, value: object, info: ValidationInfo) -> object:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by LDA sampling; leave it out")
+        return value
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1)]
@@ -311,16 +305,27 @@ def _params(
 
 
 def _check_prompt(
-    frontend: Frontend, pair: ModelPair, prompt_ids: tuple[int, ...], max_tokens: int, param: str
+    frontend: Frontend,
+    pair: ModelPair,
+    prompt_ids: tuple[int, ...],
+    max_tokens: int,
+    param: str,
+    *,
+    is_max_tokens_given: bool = True,
 ) -> None:
     if not prompt_ids:
         raise OpenAIError(400, "the prompt is empty", param=param)
     limit = frontend.max_row_tokens  # the models' context, and what the KV store holds
     if len(prompt_ids) + max_tokens > limit:
+        wanted = (
+            f"max_tokens is {max_tokens}"
+            if is_max_tokens_given
+            else "no room is left for even one new token"
+        )
         raise OpenAIError(
             400,
             f"a row holds at most {limit} tokens here; the prompt has {len(prompt_ids)} and "
-            f"max_tokens is {max_tokens}",
+            f"{wanted}",
             param=param,
             code="context_length_exceeded",
         )
@@ -618,10 +623,11 @@ async def chat_completions(request: Request) -> Response:
     _check_chars(pair, len(text), "messages")
     ids = tuple(await asyncio.to_thread(frontend.encode, text, fmt))
     max_tokens = body.max_completion_tokens or body.max_tokens
+    is_given = max_tokens is not None
     if max_tokens is None:  # OpenAI's default: as much as the context leaves
         room = frontend.max_row_tokens - len(ids)
         max_tokens = max(1, min(request.app.state.config.max_new_tokens_limit, room))
-    _check_prompt(frontend, pair, ids, max_tokens, "messages")
+    _check_prompt(frontend, pair, ids, max_tokens, "messages", is_max_tokens_given=is_given)
     params = _params(request, body, max_tokens, models)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     requests = [

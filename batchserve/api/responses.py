@@ -36,6 +36,40 @@ def error_response(
     return json_response(schemas.ErrorResponse(error=error, detail=detail), status_code, headers)
 
 
+OPENAI_PREFIX = "/v1/"
+
+
+def openai_error_body(
+    message: str,
+    *,
+    type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def route_error(
+    path: str,
+    status_code: int,
+    error: str,
+    detail: Any = None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    code: str | None = None,
+) -> JSONResponse:
+    """An error in the shape the route's clients parse: OpenAI's under /v1/ (an OpenAI SDK
+    reads `error.message`), the native one elsewhere. For the refusals that come before a
+    route runs: a missing API key, a bad Host, a body too large, an unknown path."""
+    if not path.startswith(OPENAI_PREFIX):
+        return error_response(status_code, error, detail, headers)
+    message = f"{error} ({detail})" if isinstance(detail, str) and detail else error
+    kind = "server_error" if status_code >= 500 else "invalid_request_error"
+    return JSONResponse(
+        openai_error_body(message, type=kind, code=code), status_code=status_code, headers=headers
+    )
+
+
 def row_logprobs(logprobs: TokenLogprobs, token_ids: Sequence[int]) -> schemas.RowLogprobs:
     return schemas.RowLogprobs(
         token_ids=list(token_ids),

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchserve.api.responses import error_response
+from batchserve.api.responses import route_error
 
 LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1", "[::1]")
 # Routes served without the API key: the readiness probe (container healthchecks carry no
@@ -141,7 +141,8 @@ class AllowedHostsMiddleware(HTTPMiddleware):
             await self.app(scope, receive, send)
             return
         shown = repr(host) if host else "missing"
-        response = error_response(
+        response = route_error(
+            scope["path"],
             400,
             f"Host header {shown} is not a name this server answers to",
             "the server's --allowed-hosts (BATCHSERVE_ALLOWED_HOSTS) lists the names it accepts",
@@ -172,11 +173,13 @@ class ApiKeyMiddleware(HTTPMiddleware):
                 break
         # Constant-time: the comparison's duration must not say how much of a guess was right.
         if not hmac.compare_digest(token.strip(), self.expected):
-            response = error_response(
+            response = route_error(
+                scope["path"],
                 401,
                 "missing or invalid API key",
                 "send the header 'Authorization: Bearer <key>' (the server's --api-key)",
                 _unread_body_headers(scope, {"WWW-Authenticate": "Bearer"}),
+                code="invalid_api_key",
             )
             await response(scope, receive, send)
             return
@@ -212,7 +215,8 @@ class RequestBodyMiddleware(HTTPMiddleware):
             media_type = content_type.split(";")[0].strip().lower()
             if media_type != JSON_MEDIA_TYPE and not media_type.endswith("+json"):
                 shown = repr(media_type) if media_type else "none"
-                await error_response(
+                await route_error(
+                    scope["path"],
                     415,
                     f"Content-Type must be application/json, not {shown} "
                     "(with curl: -H 'Content-Type: application/json')",
@@ -225,9 +229,9 @@ class RequestBodyMiddleware(HTTPMiddleware):
             try:
                 declared_bytes = int(declared)
             except ValueError:
-                await error_response(400, "invalid Content-Length", None, {"Connection": "close"})(
-                    scope, receive, send
-                )
+                await route_error(
+                    scope["path"], 400, "invalid Content-Length", None, {"Connection": "close"}
+                )(scope, receive, send)
                 return
             if declared_bytes > self.max_body_bytes:
                 await self._refuse(scope, receive, send, self._too_large(declared_bytes))
@@ -276,7 +280,7 @@ class RequestBodyMiddleware(HTTPMiddleware):
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, err: _BodyRefusedError
     ) -> None:
-        await error_response(err.status, err.error, None, {"Connection": "close"})(
+        await route_error(scope["path"], err.status, err.error, None, {"Connection": "close"})(
             scope, receive, send
         )
 
@@ -303,7 +307,8 @@ class ShutdownCancelMiddleware(HTTPMiddleware):
             app = scope.get("app")
             if is_started or not getattr(getattr(app, "state", None), "is_draining", False):
                 raise
-            await error_response(
+            await route_error(
+                scope["path"],
                 503,
                 "server shut down before the request finished",
                 None,
