@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -129,6 +130,21 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_zero(pair_dirs: tuple
         assert result["resp"].status_code == 200
         assert result["resp"].json()["tokens_generated"] == 300
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_port_in_use_is_said_before_any_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "batchserve.api.cli", "serve", "--port", str(port),
+             "--after", str(tmp_path / "no-model-here")],  # would fail if it were loaded
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr
+    assert "no such folder" not in proc.stderr + proc.stdout
 
 
 def test_an_incompatible_pair_stops_the_server_with_a_clear_message(

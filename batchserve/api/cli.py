@@ -46,7 +46,7 @@ def page_url(host: str, port: int) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from batchserve.api.app import create_app
     from batchserve.api.security import startup_warnings
-    from batchserve.api.server import ConnectionLimits, build_server
+    from batchserve.api.server import ConnectionLimits, build_server, check_can_listen
     from batchserve.worker.models import load_options, load_pair
     from batchserve.worker.simulated import load_simulated_pair
 
@@ -75,6 +75,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve_on_ray(args, config)
     if args.replicas != 1 or args.ray_address:
         raise SystemExit("error: --replicas and --ray-address need --ray")
+    try:
+        check_can_listen(args.host, args.port)
+    except OSError as err:
+        raise SystemExit(
+            f"error: cannot listen on {args.host}:{args.port}: {err.strerror or err} "
+            "(another server there? --port chooses another)"
+        ) from None
     configure_threads(args.threads, args.device)
     after = args.after or "toy:after"
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,20 @@ class AcceptErrorFilter(logging.Filter):
             record.msg = f"{record.msg}\n({self.num_suppressed} more since the last report)"
         self.last_report, self.num_suppressed = now, 0
         return True
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind (and release) the address the server will listen on, so that a port in use is
+    said at once: uvicorn binds only after start-up, while the models load, and a 7B pair
+    would load for minutes before its 'address already in use'. Raises OSError."""
+    if port == 0:
+        return  # any free port
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        probe.bind(address)
 
 
 def raise_open_files_limit() -> None:
