@@ -99,6 +99,8 @@ def test_a_model_folder_given_from_home_is_found(
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "m").mkdir()
     assert resolve_model_path("~/m") == str(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        resolve_model_path("~no-such-user-here/m")
 
 
 def test_prompt_formats() -> None:

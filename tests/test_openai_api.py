@@ -182,6 +182,9 @@ def test_a_long_prompt_is_refused_with_context_length_exceeded(server: str) -> N
     [
         ({"stop": [3]}, "stop.0", "Input should be a valid string"),
         ({"presence_penalty": 1}, "presence_penalty", "presence_penalty is not supported"),
+        # An unknown key is named even where it looks like one of pydantic's union tags.
+        ({"stop[]": "x"}, "stop[]", "Extra inputs are not permitted"),
+        ({"int": 1}, "int", "Extra inputs are not permitted"),
     ],
 )
 def test_a_bad_field_is_named_as_the_client_wrote_it(
@@ -415,5 +418,7 @@ def test_errors_before_a_route_runs_take_the_routes_shape(server: str) -> None:
     wrong_type = httpx.post(server + "/v1/completions", content="{}")  # no Content-Type
     assert wrong_type.status_code == 415
     assert wrong_type.json()["error"]["type"] == "invalid_request_error"
+    bare = httpx.get(server + "/v1")
+    assert bare.status_code == 404 and bare.json()["error"]["message"] == "Not Found"
     native = httpx.get(server + "/nope")
     assert native.status_code == 404 and native.json()["error"] == "Not Found"

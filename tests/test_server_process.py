@@ -16,6 +16,8 @@ import pytest
 from servers import running_server
 from tiny_models import make_tokenizer, save_tiny_pair
 
+from batchserve.api.server import check_can_listen
+
 
 @pytest.fixture(scope="module")
 def pair_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
@@ -145,6 +147,22 @@ def test_a_port_in_use_is_said_before_any_model_loads(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr
     assert "no such folder" not in proc.stderr + proc.stdout
+
+
+def test_the_listen_check_binds_as_uvicorn_does() -> None:
+    assert check_can_listen("127.0.0.1", 0) is None  # any free port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            check_can_listen("127.0.0.1", port)
+        if socket.has_ipv6:  # "::" is v6-only under asyncio, so an IPv4 listener is no clash
+            try:
+                check_can_listen("::1", 0)
+            except OSError:
+                return  # no IPv6 on this kernel
+            check_can_listen("::", port)
 
 
 def test_an_incompatible_pair_stops_the_server_with_a_clear_message(

@@ -115,8 +115,12 @@ def validation_problems(err: ValidationError) -> list[dict[str, str]]:
         message = e["msg"]
         if e["type"] == "value_error":
             message = message.removeprefix("Value error, ")
+        loc = e["loc"]
+        # An unknown or missing key's own name ends the location, whatever it looks like.
+        named = loc[-1:] if e["type"] in ("extra_forbidden", "missing") else ()
+        parts = [p for p in loc[: len(loc) - len(named)] if not _is_union_tag(p)] + list(named)
         problem = {
-            "field": ".".join(str(p) for p in e["loc"] if not _is_union_tag(p)) or "body",
+            "field": ".".join(str(p) for p in parts) or "body",
             "message": message,
             "type": e["type"],
         }

@@ -36,7 +36,7 @@ def error_response(
     return json_response(schemas.ErrorResponse(error=error, detail=detail), status_code, headers)
 
 
-OPENAI_PREFIX = "/v1/"
+OPENAI_PREFIX = "/v1"
 
 
 def openai_error_body(
@@ -61,7 +61,7 @@ def route_error(
     """An error in the shape the route's clients parse: OpenAI's under /v1/ (an OpenAI SDK
     reads `error.message`), the native one elsewhere. For the refusals that come before a
     route runs: a missing API key, a bad Host, a body too large, an unknown path."""
-    if not path.startswith(OPENAI_PREFIX):
+    if path != OPENAI_PREFIX and not path.startswith(OPENAI_PREFIX + "/"):
         return error_response(status_code, error, detail, headers)
     message = f"{error} ({detail})" if isinstance(detail, str) and detail else error
     kind = "server_error" if status_code >= 500 else "invalid_request_error"

@@ -120,15 +120,27 @@ class AcceptErrorFilter(logging.Filter):
 def check_can_listen(host: str, port: int) -> None:
     """Bind (and release) the address the server will listen on, so that a port in use is
     said at once: uvicorn binds only after start-up, while the models load, and a 7B pair
-    would load for minutes before its 'address already in use'. Raises OSError."""
+    would load for minutes before its 'address already in use'. Binds as asyncio's
+    create_server (which uvicorn calls) does: every address the host resolves to, IPv6 ones
+    v6-only, skipping a family this kernel lacks. Raises OSError."""
     if port == 0:
         return  # any free port
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        probe.bind(address)
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    probes = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                probe = socket.socket(family, kind, proto)
+            except OSError:
+                continue  # e.g. ::1 on a kernel without IPv6, as create_server skips it
+            probes.append(probe)  # held until every address is bound: no false clash
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def raise_open_files_limit() -> None:

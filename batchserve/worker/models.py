@@ -133,7 +133,10 @@ def resolve_model_path(name: str) -> str:
             )
         return str(path)
     if _is_local_path(name):
-        path = Path(name).expanduser()
+        try:
+            path = Path(name).expanduser()
+        except RuntimeError:  # ~user where there is no such user
+            path = Path(name)
         if not path.exists():
             raise FileNotFoundError(
                 f"{name}: no such folder (a model is a local folder or a hub id such as "
