@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -77,6 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("error: --replicas and --ray-address need --ray")
     try:
         check_can_listen(args.host, args.port)
+    except socket.gaierror as err:
+        raise SystemExit(f"error: --host {args.host}: {err.strerror or err}") from None
     except OSError as err:
         raise SystemExit(
             f"error: cannot listen on {args.host}:{args.port}: {err.strerror or err} "
