@@ -47,7 +47,7 @@ from batchserve.api.bodies import (
     summarize,
     validation_problems,
 )
-from batchserve.api.responses import openai_error_body
+from batchserve.api.responses import openai_error_body, openai_error_type
 from batchserve.api.streaming import (
     Delta,
     Refused,
@@ -348,9 +348,12 @@ def _check_chars(pair: ModelPair, num_chars: int, param: str) -> None:
 
 def _openai_error(refused: Refused) -> OpenAIError:
     """The statuses every route shares (streaming.refusal), in OpenAI's error shape."""
-    kind = "server_error" if refused.status >= 500 else "invalid_request_error"
     return OpenAIError(
-        refused.status, refused.message, type=kind, code=refused.code, headers=refused.headers
+        refused.status,
+        refused.message,
+        type=openai_error_type(refused.status),
+        code=refused.code,
+        headers=refused.headers,
     )
 
 

@@ -39,6 +39,11 @@ def error_response(
 OPENAI_PREFIX = "/v1"
 
 
+def openai_error_type(status_code: int) -> str:
+    """OpenAI's `type` for a status: the client's fault below 500, the server's from it."""
+    return "server_error" if status_code >= 500 else "invalid_request_error"
+
+
 def openai_error_body(
     message: str,
     *,
@@ -64,9 +69,10 @@ def route_error(
     if path != OPENAI_PREFIX and not path.startswith(OPENAI_PREFIX + "/"):
         return error_response(status_code, error, detail, headers)
     message = f"{error} ({detail})" if isinstance(detail, str) and detail else error
-    kind = "server_error" if status_code >= 500 else "invalid_request_error"
     return JSONResponse(
-        openai_error_body(message, type=kind, code=code), status_code=status_code, headers=headers
+        openai_error_body(message, type=openai_error_type(status_code), code=code),
+        status_code=status_code,
+        headers=headers,
     )
 
 
